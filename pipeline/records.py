@@ -1,0 +1,220 @@
+"""Frozen records that cross layer boundaries.
+
+Data flows one way (spec → items → engine → backend → outputs → manifest); what moves
+between those layers is one of these dataclasses, never a live object. They hold no
+secrets: the API key lives only inside the backend that sends it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipeline.errors import ErrorKind
+
+__all__ = [
+    "ErrorInfo",
+    "GeneratedImage",
+    "Generation",
+    "InputImage",
+    "InputKind",
+    "ItemRecord",
+    "ItemStatus",
+    "OutputFile",
+    "RateLimitHint",
+    "WorkItem",
+    "request_body",
+]
+
+InputKind = Literal["file", "id", "url"]
+ItemStatus = Literal["ok", "failed", "generated"]
+
+
+@dataclass(frozen=True, slots=True)
+class InputImage:
+    """The input image of an item.
+
+    `kind` is ``file`` (a local image: `value` is its absolute path, `sha256` the hex
+    digest of its bytes), ``id`` (a Roboflow image id) or ``url``. The bytes of a file are
+    read only when its request is about to start.
+    """
+
+    kind: InputKind
+    value: str
+    sha256: str | None = None
+
+    def key_value(self) -> str:
+        """The value that stands for this input in the item key (machine independent)."""
+        if self.kind == "file":
+            return f"sha256:{self.sha256}"
+        return self.value
+
+    def to_json(self) -> dict[str, Any]:
+        """Manifest form of the input."""
+        out: dict[str, Any] = {"kind": self.kind, "value": self.value}
+        if self.sha256 is not None:
+            out["sha256"] = self.sha256
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One API request to make: the unit of scheduling, checkpointing and resume.
+
+    `params` holds the OpenAI/Roboflow request parameters (model, n, quality, size,
+    style, and the optional booleans); `vars` the template values that made `prompt`,
+    in template order; `index` the item's position within its source.
+    """
+
+    key: str
+    source: str
+    prompt: str
+    project_url: str
+    params: Mapping[str, Any]
+    vars: Mapping[str, str] = field(default_factory=dict)
+    repeat: int = 0
+    input: InputImage | None = None
+    index: int = 0
+
+    @property
+    def n(self) -> int:
+        """Images this request asks for (costs `n` image-rate tokens)."""
+        return int(self.params.get("n", 1))
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitHint:
+    """What `x-ratelimit-*` headers said: remaining requests and seconds until reset."""
+
+    remaining: int | None = None
+    reset_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    """One image in an API answer: a URL to download, or the bytes already decoded."""
+
+    url: str | None = None
+    data: bytes | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """A successful API answer.
+
+    `response` is the JSON answer with image bytes (``b64_json``) elided, kept in the
+    manifest because the answer's shape is undocumented.
+    """
+
+    images: tuple[GeneratedImage, ...]
+    response: Any
+    status: int = 200
+    rate_limit: RateLimitHint | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFile:
+    """An image stored under OUT, verified by a full Pillow decode."""
+
+    path: str  # relative to OUT, with forward slashes
+    sha256: str
+    width: int
+    height: int
+    url: str | None = None
+    id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Manifest form of the output."""
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "width": self.width,
+            "height": self.height,
+            "url": self.url,
+            "id": self.id,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> OutputFile:
+        """Read the manifest form back."""
+        return cls(
+            path=str(data["path"]),
+            sha256=str(data["sha256"]),
+            width=int(data.get("width", 0)),
+            height=int(data.get("height", 0)),
+            url=data.get("url"),
+            id=data.get("id"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """Why an item failed, as the manifest records it."""
+
+    kind: ErrorKind
+    status: int | None
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Manifest form of the error."""
+        return {"kind": self.kind, "status": self.status, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRecord:
+    """One manifest line: the state of one item after an attempt at it."""
+
+    key: str
+    status: ItemStatus
+    source: str
+    vars: Mapping[str, str]
+    repeat: int
+    input: InputImage | None
+    prompt: str
+    params: Mapping[str, Any]
+    outputs: tuple[OutputFile, ...] = ()
+    attempts: int = 0
+    error: ErrorInfo | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    elapsed_s: float | None = None
+    response: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest line as a JSON-ready dict, in the contract's field order."""
+        out: dict[str, Any] = {
+            "key": self.key,
+            "status": self.status,
+            "source": self.source,
+            "vars": dict(self.vars),
+            "repeat": self.repeat,
+            "input": self.input.to_json() if self.input else None,
+            "prompt": self.prompt,
+            "params": dict(self.params),
+            "outputs": [o.to_json() for o in self.outputs],
+            "attempts": self.attempts,
+            "error": self.error.to_json() if self.error else None,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "elapsed_s": self.elapsed_s,
+        }
+        if self.response is not None:
+            out["response"] = self.response
+        return out
+
+
+def request_body(item: WorkItem, image: str | None) -> dict[str, Any]:
+    """The JSON body of `POST /synthetic-image` for `item`.
+
+    `image` is what goes in the ``image`` field: the base64 of a local file when sending,
+    ``sha256:<hex>`` when computing the key, the id or URL otherwise. One function for both
+    uses, so the key always describes exactly what is sent.
+    """
+    body: dict[str, Any] = {"project_url": item.project_url, "prompt": item.prompt}
+    body.update(item.params)
+    if item.input is not None:
+        body["image"] = image
+        body["image_type"] = {"file": "base64", "id": "id", "url": "url"}[item.input.kind]
+    return body
