@@ -1,0 +1,282 @@
+"""The backend interface and the answer/error parsing every HTTP backend shares.
+
+A backend turns one `WorkItem` into one `Generation` and downloads its images; it never
+touches files. The helpers here are pure functions so that the undocumented answer
+shapes, the HTTP status mapping and the rate-limit headers can be tested without a
+network, and so that every backend classifies failures the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import math
+import re
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from pipeline.errors import (
+    BackendError,
+    FatalError,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+)
+from pipeline.records import GeneratedImage, Generation, RateLimitHint, WorkItem
+
+__all__ = [
+    "EXCERPT_CHARS",
+    "Backend",
+    "classify_http",
+    "elide_images",
+    "encode_image",
+    "excerpt",
+    "parse_duration",
+    "parse_images",
+    "parse_rate_limit",
+    "parse_retry_after",
+    "redact",
+]
+
+EXCERPT_CHARS = 200
+"""At most this much of an answer's body goes into an error message."""
+
+_LIST_KEYS = ("images", "data", "results")
+_URL_KEYS = ("url", "image_url")
+_ID_KEYS = ("id", "image_id")
+_REFUSAL = re.compile(r"content_policy_violation|safety system|content policy", re.IGNORECASE)
+_QUERY_KEY = re.compile(r"(api_key=)[^&\s#'\"<>]+", re.IGNORECASE)
+_JSON_KEY = re.compile(r"(['\"]api_key['\"]\s*:\s*['\"])[^'\"]*", re.IGNORECASE)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
+
+
+class Backend(Protocol):
+    """What the engine needs from an image API: generate, download, close."""
+
+    async def generate(self, item: WorkItem, image: str | None) -> Generation:
+        """Send the request for `item`; `image` is the body's ``image`` field value."""
+        ...
+
+    async def download(self, image: GeneratedImage) -> bytes:
+        """The bytes of one generated image (fetched, or decoded from the answer)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; the backend is unusable afterwards."""
+        ...
+
+
+def encode_image(data: bytes) -> str:
+    """Base64 of a local file's bytes, as the ``image`` field of a ``base64`` request."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every ``api_key=`` parameter (or JSON field) replaced by ***."""
+    return _JSON_KEY.sub(r"\1***", _QUERY_KEY.sub(r"\1***", text))
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """A short, single-line, redacted piece of an answer body for an error message."""
+    flat = " ".join(redact(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def parse_images(payload: Any) -> tuple[GeneratedImage, ...]:
+    """The generated images in an API answer, whatever documented-compatible shape it has.
+
+    Raises `TransientError` (``bad_response``) for any other shape, since a garbled answer
+    is usually transient, and ``bad_image`` for base64 that does not decode.
+    """
+    elements = _image_list(payload)
+    if not elements:
+        raise TransientError(
+            f"the API answered without images: {excerpt(repr(payload))}", kind="bad_response"
+        )
+    return tuple(_parse_element(element) for element in elements)
+
+
+def _image_list(payload: Any) -> list[Any] | None:
+    if isinstance(payload, list):
+        return payload
+    if isinstance(payload, dict):
+        for key in _LIST_KEYS:
+            value = payload.get(key)
+            if isinstance(value, list):
+                return value
+    return None
+
+
+def _parse_element(element: Any) -> GeneratedImage:
+    if isinstance(element, str):
+        return _from_reference(element, None)
+    if isinstance(element, dict):
+        image_id = next((str(element[k]) for k in _ID_KEYS if element.get(k) is not None), None)
+        for key in _URL_KEYS:
+            if isinstance(element.get(key), str):
+                return _from_reference(element[key], image_id)
+        if isinstance(element.get("image"), str):
+            return _from_reference(element["image"], image_id)
+        if isinstance(element.get("b64_json"), str):
+            return GeneratedImage(data=_decode_b64(element["b64_json"]), id=image_id)
+    raise TransientError(
+        f"unexpected image entry in the API answer: {excerpt(repr(element))}",
+        kind="bad_response",
+    )
+
+
+def _from_reference(value: str, image_id: str | None) -> GeneratedImage:
+    """A URL, a data: URI or (in the ``image`` field) bare base64."""
+    if value.startswith("data:"):
+        _, _, encoded = value.partition(",")
+        return GeneratedImage(data=_decode_b64(encoded), id=image_id)
+    if "://" in value:
+        return GeneratedImage(url=value, id=image_id)
+    return GeneratedImage(data=_decode_b64(value), id=image_id)
+
+
+def _decode_b64(value: str) -> bytes:
+    try:
+        data = base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        data = b""
+    if not data:
+        raise TransientError("the API answered with invalid base64 image data", kind="bad_image")
+    return data
+
+
+def elide_images(payload: Any) -> Any:
+    """A copy of an answer with inline image data replaced by ``"<elided N bytes>"``.
+
+    The manifest keeps the answer because its shape is undocumented; megabytes of base64
+    would make every line unreadable, so only the size of inline images stays.
+    """
+    if isinstance(payload, list):
+        return [elide_images(value) for value in payload]
+    if isinstance(payload, dict):
+        return {key: _elide_field(key, value) for key, value in payload.items()}
+    if isinstance(payload, str) and payload.startswith("data:"):
+        return _elided(payload.partition(",")[2])
+    return payload
+
+
+def _elide_field(key: Any, value: Any) -> Any:
+    is_inline = key == "b64_json" or (key == "image" and "://" not in str(value))
+    if isinstance(value, str) and is_inline:
+        return _elided(value.partition(",")[2] if value.startswith("data:") else value)
+    return elide_images(value)
+
+
+def _elided(encoded: str) -> str:
+    size = len(encoded.strip()) * 3 // 4 - encoded.strip().count("=")
+    return f"<elided {max(size, 0)} bytes>"
+
+
+def classify_http(
+    status: int, text: str, headers: Mapping[str, str], *, now: datetime
+) -> BackendError:
+    """The error for a non-2xx answer: what the engine should do is in its class.
+
+    `text` must already be free of the key; it is redacted and shortened again anyway.
+    """
+    detail = f"HTTP {status}: {excerpt(text)}" if text.strip() else f"HTTP {status}"
+    if status in (401, 403):
+        return FatalError(
+            f"{detail} — the API refused the key: check the API key variable "
+            "(backend.api_key_env) and that the key has access to the project",
+            kind="http_status",
+            status=status,
+        )
+    if status == 404:
+        return FatalError(
+            f"{detail} — unknown project or endpoint: check project_url and backend.base_url",
+            kind="http_status",
+            status=status,
+        )
+    if status == 429:
+        retry_after = parse_retry_after(_header(headers, "retry-after"), now)
+        return RateLimitedError(f"{detail} — rate limited", retry_after=retry_after)
+    if status in (408, 425) or status >= 500:
+        return TransientError(detail, kind="http_status", status=status)
+    if status == 400 and _REFUSAL.search(text):
+        return PermanentError(
+            f"{detail} — refused by the content policy", kind="refused", status=status
+        )
+    return PermanentError(detail, kind="http_status", status=status)
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (seconds or HTTP date), None if garbage."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        return _seconds_until_date(text, now)
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
+
+
+def _seconds_until_date(text: str, now: datetime) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=timezone.utc)
+    return max((when - now).total_seconds(), 0.0)
+
+
+def parse_rate_limit(headers: Mapping[str, str]) -> RateLimitHint | None:
+    """Remaining requests and seconds to reset from ``x-ratelimit-*`` headers, if sent."""
+    remaining_text = _header(headers, "x-ratelimit-remaining-requests") or _header(
+        headers, "x-ratelimit-remaining"
+    )
+    reset_text = _header(headers, "x-ratelimit-reset-requests") or _header(
+        headers, "x-ratelimit-reset"
+    )
+    remaining = _parse_count(remaining_text)
+    reset_s = parse_duration(reset_text) if reset_text is not None else None
+    if remaining is None and reset_s is None:
+        return None
+    return RateLimitHint(remaining=remaining, reset_s=reset_s)
+
+
+def _parse_count(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return max(int(float(text.strip())), 0)
+    except (ValueError, OverflowError):
+        return None
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in ``6m0s`` / ``1.5s`` / ``20ms`` / ``2h`` / plain-seconds form, None if garbage."""
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return None
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """Case-insensitive lookup that works for plain dicts as well as aiohttp's headers."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    for key, candidate in headers.items():
+        if key.lower() == name:
+            return candidate
+    return None

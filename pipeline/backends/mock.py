@@ -1,0 +1,601 @@
+"""The embedded mock of Roboflow's ``POST /synthetic-image`` (aiohttp.web).
+
+It answers with placeholder images drawn by Pillow (deterministic from prompt and input,
+served by URL from the same server), and can inject the faults a nightly job meets:
+429 with Retry-After, 5xx, dropped connections, slow and malformed answers, corrupt
+images, an enforced rate limit. `MockStats` counts what a client did to it (duplicate
+generations, starts during an announced pause, peak concurrency) so tests and benchmarks
+can prove the client's behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import hmac
+import io
+import json
+import math
+import random
+import textwrap
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import MappingProxyType, TracebackType
+from typing import Any, Literal
+
+from aiohttp import web
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    "DEFAULT_FAULT_WEIGHTS",
+    "FAULT_KINDS",
+    "MockConfig",
+    "MockServer",
+    "MockStats",
+    "draw_image",
+    "mock_color",
+    "run_mock_server",
+]
+
+FaultKind = Literal[
+    "429",
+    "500",
+    "502",
+    "503",
+    "504",
+    "drop",
+    "malformed",
+    "wrong_shape",
+    "corrupt_image",
+    "truncated_image",
+    "slow",
+    "image_404_once",
+]
+FAULT_KINDS: tuple[str, ...] = (
+    "429",
+    "500",
+    "502",
+    "503",
+    "504",
+    "drop",
+    "malformed",
+    "wrong_shape",
+    "corrupt_image",
+    "truncated_image",
+    "slow",
+    "image_404_once",
+)
+DEFAULT_FAULT_WEIGHTS: Mapping[str, float] = MappingProxyType(
+    {
+        "429": 4.0,
+        "500": 2.0,
+        "502": 1.0,
+        "503": 2.0,
+        "504": 1.0,
+        "drop": 1.0,
+        "malformed": 1.0,
+        "wrong_shape": 1.0,
+        "corrupt_image": 1.0,
+        "truncated_image": 1.0,
+        "slow": 1.0,
+        "image_404_once": 1.0,
+    }
+)
+ResponseShape = Literal["data", "array", "images", "results", "b64_json"]
+RetryAfterForm = Literal["seconds", "date", "none"]
+
+PAUSE_GRACE_S = 0.05
+"""Requests arriving this soon after a 429 were already in flight: not a pause violation."""
+MAX_TOKENS = 50_000
+"""Image URLs remembered (least recently used dropped first)."""
+MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_SIZE = (1024, 1024)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class MockConfig:
+    """How the mock behaves: latency, injected faults, rate limit, auth and answer shape.
+
+    `error_rate` is the share of requests that get a fault drawn from `faults` (name →
+    weight) with `random.Random(seed)`; `rate_limit` (requests/s, token bucket of
+    `burst`) is enforced with 429s independently of it.
+    """
+
+    latency_s: float = 0.0
+    error_rate: float = 0.0
+    faults: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_FAULT_WEIGHTS))
+    retry_after_s: float = 1.0
+    retry_after_form: RetryAfterForm = "seconds"
+    rate_limit: float | None = None
+    burst: int = 1
+    seed: int | None = 0
+    api_key: str | None = None
+    projects: frozenset[str] | None = None
+    refuse_word: str = "REFUSE"
+    response_shape: ResponseShape = "data"
+    max_px: int = 256
+    send_rate_limit_headers: bool = False
+    slow_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"unknown fault {name!r} (known: {', '.join(FAULT_KINDS)})"
+            for name in self.faults
+            if name not in FAULT_KINDS
+        ]
+        if any(weight < 0 for weight in self.faults.values()):
+            problems.append("fault weights must be >= 0")
+        if not 0.0 <= self.error_rate <= 1.0:
+            problems.append(f"error_rate must be within 0..1, got {self.error_rate}")
+        if self.error_rate > 0 and sum(self.faults.values()) <= 0:
+            problems.append("error_rate > 0 needs a fault with a positive weight")
+        if self.rate_limit is not None and self.rate_limit <= 0:
+            problems.append(f"rate_limit must be > 0, got {self.rate_limit}")
+        if self.burst < 1 or self.max_px < 1:
+            problems.append("burst and max_px must be >= 1")
+        if min(self.latency_s, self.retry_after_s, self.slow_s) < 0:
+            problems.append("latency_s, retry_after_s and slow_s must be >= 0")
+        if self.retry_after_form not in ("seconds", "date", "none"):
+            problems.append(f"unknown retry_after_form {self.retry_after_form!r}")
+        if self.response_shape not in ("data", "array", "images", "results", "b64_json"):
+            problems.append(f"unknown response_shape {self.response_shape!r}")
+        if problems:
+            raise ValueError("invalid mock config: " + "; ".join(problems))
+
+
+@dataclass
+class MockStats:
+    """What clients did to the mock; also served as JSON at ``GET /_stats``."""
+
+    requests: int = 0
+    generations: int = 0
+    images: int = 0
+    generations_by_body: dict[str, int] = field(default_factory=dict)
+    rate_limited: int = 0
+    starts_during_pause: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+    unauthorized: int = 0
+    unknown_project: int = 0
+    refused: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    downloads: int = 0
+
+    @property
+    def duplicates(self) -> int:
+        """Generations beyond the first of an identical request body (paid twice)."""
+        return sum(count - 1 for count in self.generations_by_body.values() if count > 1)
+
+    def to_json(self) -> dict[str, Any]:
+        """The stats as a JSON-ready dict (without the per-body table's keys)."""
+        return {
+            "requests": self.requests,
+            "generations": self.generations,
+            "images": self.images,
+            "unique_bodies": len(self.generations_by_body),
+            "duplicates": self.duplicates,
+            "rate_limited": self.rate_limited,
+            "starts_during_pause": self.starts_during_pause,
+            "faults": dict(self.faults),
+            "unauthorized": self.unauthorized,
+            "unknown_project": self.unknown_project,
+            "refused": self.refused,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "downloads": self.downloads,
+        }
+
+
+def mock_color(prompt: str, image: str | None) -> tuple[int, int, int]:
+    """The fill colour of the mock's images for a prompt and input: tests check it."""
+    digest = hashlib.sha256((prompt + "\0" + (image or "")).encode("utf-8")).digest()
+    return digest[0], digest[1], digest[2]
+
+
+def draw_image(prompt: str, image: str | None, *, index: int, width: int, height: int) -> bytes:
+    """A PNG filled with `mock_color`, the prompt in the top third and ``#index`` in a corner.
+
+    The middle third stays pure colour, so a contact sheet's cells can be checked by
+    their centre pixel.
+    """
+    color = mock_color(prompt, image)
+    luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+    ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
+    canvas = Image.new("RGB", (width, height), color)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()  # cheap; a shared font is not thread-safe
+    line_h = draw.textbbox((0, 0), "Ag", font=font)[3] + 2
+    y = 2
+    for line in textwrap.wrap(prompt, width=max(4, (width - 4) // 6)):
+        if y + line_h > height // 3:
+            break
+        draw.text((2, y), line, fill=ink, font=font)
+        y += line_h
+    label = f"#{index}"
+    right, bottom = draw.textbbox((0, 0), label, font=font)[2:]
+    if bottom + 2 < height // 3 and right + 2 < width // 3:
+        draw.text((width - right - 2, height - bottom - 2), label, fill=ink, font=font)
+    out = io.BytesIO()
+    canvas.save(out, format="PNG")
+    return out.getvalue()
+
+
+@dataclass
+class _ImageSpec:
+    """What to draw (lazily) for one image URL, and which fault it carries."""
+
+    prompt: str
+    image: str | None
+    index: int
+    width: int
+    height: int
+    fault: str | None = None
+    missed: bool = False
+
+
+class _MockApi:
+    """Request handlers and their state; one per `MockServer`."""
+
+    def __init__(self, config: MockConfig, stats: MockStats) -> None:
+        self.config = config
+        self.stats = stats
+        self.closing = asyncio.Event()
+        self._rng = random.Random(config.seed)
+        self._tokens: OrderedDict[str, _ImageSpec] = OrderedDict()
+        self._minted = 0
+        self._bucket = float(config.burst)
+        self._bucket_at = asyncio.get_running_loop().time()
+        self._pause_from = -math.inf
+        self._pause_until = -math.inf
+
+    def app(self) -> web.Application:
+        """The aiohttp application serving the API, the images and the stats."""
+        application = web.Application(client_max_size=MAX_BODY_BYTES)
+        application.router.add_post("/synthetic-image", self.generate)
+        application.router.add_get("/images/{token}.png", self.serve_image)
+        application.router.add_get("/_stats", self.serve_stats)
+        return application
+
+    async def serve_stats(self, request: web.Request) -> web.Response:
+        """``GET /_stats``."""
+        return web.json_response(self.stats.to_json())
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """``POST /synthetic-image``: counts the start, then answers or injects a fault."""
+        now = asyncio.get_running_loop().time()
+        self.stats.requests += 1
+        if self._pause_from + PAUSE_GRACE_S < now < self._pause_until:
+            self.stats.starts_during_pause += 1
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        try:
+            return await self._answer(request, now)
+        finally:
+            self.stats.in_flight -= 1
+
+    async def _answer(self, request: web.Request, now: float) -> web.StreamResponse:
+        expected = self.config.api_key
+        given = request.query.get("api_key", "")
+        if expected is not None and not hmac.compare_digest(given.encode(), expected.encode()):
+            self.stats.unauthorized += 1
+            return _error(401, "unauthorized", "Invalid API key.")
+        body = _load_body(await request.read())
+        if body is None:
+            return _error(400, "invalid_request", "Body must be a JSON object with a prompt.")
+        projects = self.config.projects
+        if projects is not None and body.get("project_url") not in projects:
+            self.stats.unknown_project += 1
+            return _error(404, "not_found", "Project not found.")
+        if not self._take_token(now):
+            return self._rate_limited(self._seconds_to_token(), now)
+        headers = self._rate_limit_headers()
+        if self.config.refuse_word and self.config.refuse_word in body["prompt"]:
+            self.stats.refused += 1
+            return _error(
+                400,
+                "content_policy_violation",
+                "Your request was rejected as a result of our safety system.",
+            )
+        fault = self._draw_fault()
+        await self._pause(self.config.latency_s)
+        return await self._respond(request, body, fault, headers)
+
+    async def _respond(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        fault: str | None,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        if fault == "429":
+            return self._rate_limited(self.config.retry_after_s, asyncio.get_running_loop().time())
+        if fault in ("500", "502", "503", "504"):
+            return _error(int(fault), "server_error", "The server had an error, try again.")
+        if fault == "malformed":
+            return web.Response(text='{"data": [{"url": ', content_type="application/json")
+        if fault == "wrong_shape":
+            return web.json_response({"status": "queued", "message": "no images here"})
+        self._count_generation(body)
+        if fault == "drop":
+            _drop_connection(request)
+            return web.Response(status=500)
+        if fault == "slow":
+            await self._pause(self.config.slow_s)
+        payload = await self._payload(request, body, fault)
+        return web.json_response(payload, headers=headers)
+
+    async def serve_image(self, request: web.Request) -> web.Response:
+        """``GET /images/<token>.png``: draw lazily, off the event loop."""
+        self.stats.downloads += 1
+        spec = self._tokens.get(request.match_info["token"])
+        if spec is None:
+            return _error(404, "not_found", "Unknown or expired image.")
+        self._tokens.move_to_end(request.match_info["token"])
+        if spec.fault == "image_404_once" and not spec.missed:
+            spec.missed = True
+            return _error(404, "not_found", "Image not ready yet.")
+        data = await asyncio.to_thread(_render, spec)
+        return web.Response(body=data, content_type="image/png")
+
+    async def _payload(
+        self, request: web.Request, body: dict[str, Any], fault: str | None
+    ) -> Any:
+        specs = self._specs(body, fault)
+        tokens = [self._mint(spec) for spec in specs]
+        shape = self.config.response_shape
+        if shape == "b64_json":
+            blobs = [await asyncio.to_thread(_render, spec) for spec in specs]
+            return {
+                "data": [
+                    {"b64_json": _b64(blob), "id": token}
+                    for blob, token in zip(blobs, tokens, strict=True)
+                ]
+            }
+        origin = str(request.url.origin())
+        urls = [f"{origin}/images/{token}.png" for token in tokens]
+        pairs = list(zip(urls, tokens, strict=True))
+        if shape == "array":
+            return urls
+        if shape == "images":
+            return {"images": [{"image_url": url, "image_id": token} for url, token in pairs]}
+        if shape == "results":
+            return {"results": [{"image": url, "id": token} for url, token in pairs]}
+        return {"data": [{"url": url, "id": token} for url, token in pairs]}
+
+    def _specs(self, body: dict[str, Any], fault: str | None) -> list[_ImageSpec]:
+        width, height = _scaled_size(body.get("size"), self.config.max_px)
+        image = body.get("image") if isinstance(body.get("image"), str) else None
+        count = _count(body.get("n"))
+        self.stats.images += count
+        return [
+            _ImageSpec(body["prompt"], image, index, width, height, fault)
+            for index in range(count)
+        ]
+
+    def _mint(self, spec: _ImageSpec) -> str:
+        self._minted += 1
+        token = hashlib.sha256(f"{self._minted}\0{spec.prompt}".encode()).hexdigest()[:32]
+        self._tokens[token] = spec
+        while len(self._tokens) > MAX_TOKENS:
+            self._tokens.popitem(last=False)
+        return token
+
+    def _count_generation(self, body: dict[str, Any]) -> None:
+        digest = hashlib.sha256(
+            json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
+        self.stats.generations += 1
+        self.stats.generations_by_body[digest] = self.stats.generations_by_body.get(digest, 0) + 1
+
+    def _draw_fault(self) -> str | None:
+        config = self.config
+        if config.error_rate <= 0 or self._rng.random() >= config.error_rate:
+            return None
+        names = [name for name, weight in config.faults.items() if weight > 0]
+        fault = self._rng.choices(names, weights=[config.faults[n] for n in names])[0]
+        self.stats.faults[fault] = self.stats.faults.get(fault, 0) + 1
+        return fault
+
+    def _take_token(self, now: float) -> bool:
+        rate = self.config.rate_limit
+        if rate is None:
+            return True
+        self._bucket = min(
+            float(self.config.burst), self._bucket + (now - self._bucket_at) * rate
+        )
+        self._bucket_at = now
+        if self._bucket >= 1.0:
+            self._bucket -= 1.0
+            return True
+        return False
+
+    def _seconds_to_token(self) -> float:
+        rate = self.config.rate_limit or 1.0
+        return max(1.0 - self._bucket, 0.0) / rate
+
+    def _rate_limit_headers(self) -> dict[str, str]:
+        rate = self.config.rate_limit
+        if not self.config.send_rate_limit_headers or rate is None:
+            return {}
+        reset_s = (self.config.burst - self._bucket) / rate
+        return {
+            "x-ratelimit-limit-requests": str(self.config.burst),
+            "x-ratelimit-remaining-requests": str(int(self._bucket)),
+            "x-ratelimit-reset-requests": _format_duration(reset_s),
+        }
+
+    def _rate_limited(self, retry_after_s: float, now: float) -> web.Response:
+        """A 429 whose Retry-After opens a window in which new starts are counted."""
+        self.stats.rate_limited += 1
+        headers = self._rate_limit_headers()
+        form = self.config.retry_after_form
+        if form == "seconds":
+            headers["Retry-After"] = _format_seconds(retry_after_s)
+            self._announce_pause(now, now + retry_after_s)
+        elif form == "date":
+            wall = math.ceil(time.time() + retry_after_s)
+            when = datetime.fromtimestamp(wall, timezone.utc)
+            headers["Retry-After"] = email.utils.format_datetime(when, usegmt=True)
+            self._announce_pause(now, now + (wall - time.time()))
+        return _error(429, "rate_limit_exceeded", "Rate limit reached, slow down.", headers)
+
+    def _announce_pause(self, now: float, until: float) -> None:
+        if now >= self._pause_until:
+            self._pause_from = now
+        self._pause_until = max(self._pause_until, until)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the server shuts down."""
+        if seconds <= 0:
+            return
+        try:
+            await asyncio.wait_for(self.closing.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            return
+
+
+class MockServer:
+    """The mock API on a loopback port: ``async with MockServer(config) as server``."""
+
+    def __init__(
+        self, config: MockConfig | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.config = config if config is not None else MockConfig()
+        self.stats = MockStats()
+        self._host = host
+        self._port = port
+        self._api: _MockApi | None = None
+        self._runner: web.AppRunner | None = None
+        self._base_url: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port`` of the running server (the backend's ``base_url``)."""
+        if self._base_url is None:
+            raise RuntimeError("MockServer is not started")
+        return self._base_url
+
+    async def start(self) -> None:
+        """Bind and serve; with port 0 a free port is chosen."""
+        self._api = _MockApi(self.config, self.stats)
+        self._runner = web.AppRunner(
+            self._api.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self._host, self._port).start()
+        port = self._runner.addresses[0][1]
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self._base_url = f"http://{host}:{port}"
+
+    async def close(self) -> None:
+        """Wake sleeping handlers and stop serving."""
+        if self._api is not None:
+            self._api.closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> MockServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def run_mock_server(config: MockConfig, host: str = "127.0.0.1", port: int = 8377) -> None:
+    """Serve until Ctrl-C (``synthaug mock-server``), printing the URL to use."""
+
+    async def serve() -> None:
+        async with MockServer(config, host, port) as server:
+            print(f"synthaug mock API on {server.base_url} (Ctrl-C to stop)", flush=True)
+            await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        print("mock API stopped", flush=True)
+
+
+def _render(spec: _ImageSpec) -> bytes:
+    data = draw_image(
+        spec.prompt, spec.image, index=spec.index, width=spec.width, height=spec.height
+    )
+    if spec.fault == "corrupt_image":
+        junk = hashlib.sha256(data).digest() * (len(data) // 32 + 1)
+        return _PNG_SIGNATURE + junk[: len(data)]
+    if spec.fault == "truncated_image":
+        return data[: len(data) // 2]
+    return data
+
+
+def _drop_connection(request: web.Request) -> None:
+    """Close the socket with no answer: the client cannot know the image was generated."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+def _load_body(raw: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        return None
+    return body
+
+
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    payload = {"error": {"code": code, "message": message}}
+    return web.json_response(payload, status=status, headers=headers)
+
+
+def _scaled_size(size: Any, max_px: int) -> tuple[int, int]:
+    """The requested ``WxH`` scaled down to fit `max_px`, keeping the aspect ratio."""
+    width, height = DEFAULT_SIZE
+    if isinstance(size, str):
+        w_text, sep, h_text = size.lower().partition("x")
+        if sep and w_text.isdigit() and h_text.isdigit() and int(w_text) and int(h_text):
+            width, height = int(w_text), int(h_text)
+    scale = min(1.0, max_px / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _count(n: Any) -> int:
+    try:
+        return min(max(int(n), 1), 10)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def _format_seconds(seconds: float) -> str:
+    """Retry-After seconds: an integer when whole, else up to millisecond precision."""
+    if seconds == int(seconds):
+        return str(int(seconds))
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
+
+
+def _format_duration(seconds: float) -> str:
+    """OpenAI-style reset duration: ``20ms`` below a second, else ``1.5s``."""
+    if seconds < 1.0:
+        return f"{max(round(seconds * 1000), 0)}ms"
+    return _format_seconds(round(seconds, 3)) + "s"

@@ -1,0 +1,285 @@
+"""The `synthaug` command: argument parsing, progress, logging and exit codes.
+
+Wiring only: every behaviour lives in the module named after it. A `PipelineError`
+becomes one line on stderr and its exit code; a traceback appears only with
+``--log-level DEBUG``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pipeline import __version__
+from pipeline.errors import EXIT_OK, EXIT_USAGE, PipelineError, UsageError
+from pipeline.spec import Spec
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("pipeline")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 2 with one line naming the fix."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command line; README's CLI reference is generated from its --help."""
+    parser = _Parser(
+        prog="synthaug",
+        description=(
+            "Grow image datasets with generated images: expand a YAML job spec into "
+            "requests to Roboflow's synthetic-image API, rate-limited, retried, verified "
+            "and checkpointed so an interrupted run resumes without paying twice."
+        ),
+        epilog="Exit codes: 0 all ok, 1 some items failed, 2 bad spec or usage, "
+        "3 aborted (fatal API answer, too many failures), 4 budget reached, "
+        "130/143 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"synthaug {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run (or resume) a job", description=(
+        "Run the job in SPEC. If its output dir already has a manifest, resume: items "
+        "already ok are skipped, failed ones retried (unless --no-retry-failed)."))
+    run.add_argument("spec", type=Path, metavar="SPEC.yaml")
+    run.add_argument("--backend", choices=["roboflow", "openai", "mock"],
+                     help="override backend.kind")
+    run.add_argument("--concurrency", type=int, metavar="N", help="requests in flight at most")
+    run.add_argument("--rate", metavar="R", help="request starts: N/s, N/min, N/h or per second")
+    run.add_argument("--max-attempts", type=int, metavar="N", help="tries per item")
+    run.add_argument("--max-images", type=int, metavar="N", help="image budget for this run")
+    run.add_argument("--out", type=Path, metavar="DIR", help="output dir (default from spec)")
+    run.add_argument("--no-retry-failed", action="store_true",
+                     help="on resume, leave items whose last attempt failed")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-grid", action="store_true",
+                     help="skip drawing contact sheets and index.html at the end")
+    _add_log_level(run)
+
+    plan = sub.add_parser("plan", help="expand and validate a spec: no network, no spend",
+                          description="Show per source how many requests and images the "
+                          "job makes, how many are done, its cost and ETA. Sends nothing.")
+    plan.add_argument("spec", type=Path, metavar="SPEC.yaml")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_log_level(plan)
+
+    status = sub.add_parser("status", help="what a run's manifest says: ok / failed / pending")
+    status.add_argument("out", type=Path, metavar="OUT_DIR")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_log_level(status)
+
+    grid = sub.add_parser("grid", help="(re)draw contact sheets and index.html from a manifest")
+    grid.add_argument("out", type=Path, metavar="OUT_DIR")
+    grid.add_argument("--cell", type=int, default=256, metavar="PX", help="cell size in pixels")
+    _add_log_level(grid)
+
+    mock = sub.add_parser("mock-server", help="serve the embedded mock API (no key, no spend)")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8377)
+    mock.add_argument("--latency", type=float, default=0.0, metavar="S",
+                      help="seconds before each answer")
+    mock.add_argument("--error-rate", type=float, default=0.0, metavar="P",
+                      help="share of requests answered with an injected fault (0..1)")
+    mock.add_argument("--rate-limit", default=None, metavar="R",
+                      help="enforce this request rate with 429s (N/s, N/min, ...)")
+    mock.add_argument("--seed", type=int, default=0, help="seed of the fault sequence")
+    _add_log_level(mock)
+
+    schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
+    _add_log_level(schema)
+    return parser
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                        help="log detail on stderr (default WARNING); DEBUG adds tracebacks")
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the console script and `python -m pipeline`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = _COMMANDS[args.command]
+    try:
+        code = handler(args)
+    except PipelineError as exc:
+        if args.log_level == "DEBUG":
+            log.exception("details")
+        print(f"synthaug: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        print("synthaug: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def _load(path: Path) -> Spec:
+    from pipeline.spec import load_spec
+
+    if not path.exists():
+        raise UsageError(f"{path}: no such spec file")
+    return load_spec(path)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.items import check_max_items
+    from pipeline.manifest import MANIFEST_NAME, load_state
+    from pipeline.plan import build_plan, format_plan
+
+    spec = _load(args.spec)
+    check_max_items(spec)
+    state = load_state(spec.output_dir / MANIFEST_NAME)
+    plan = build_plan(spec, state)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.items import check_max_items
+    from pipeline.runner import run_job
+    from pipeline.spec import apply_overrides
+
+    spec = apply_overrides(
+        _load(args.spec),
+        backend=args.backend,
+        concurrency=args.concurrency,
+        rate_limit=args.rate,
+        max_attempts=args.max_attempts,
+        max_images=args.max_images,
+        output_dir=args.out,
+        retry_failed=False if args.no_retry_failed else None,
+    )
+    check_max_items(spec)
+    show = not args.no_progress and sys.stderr.isatty()
+    with _Progress(enabled=show) as progress:
+        result = asyncio.run(run_job(spec, spec_path=args.spec, on_progress=progress.update))
+    s = result.summary
+    print(
+        f"{spec.name}: {s['ok']} ok, {s['failed']} failed, {s['skipped_ok']} already done, "
+        f"{s['requests']} requests, {s['images']} images, ${s['cost_usd']:.2f} est. "
+        f"in {s['elapsed_s']:.1f}s -> {spec.output_dir}",
+        file=sys.stderr,
+    )
+    if result.message:
+        print(f"synthaug: {result.message}", file=sys.stderr)
+    if not args.no_grid and result.stop_reason not in ("sigint", "sigterm"):
+        _draw_views(spec.output_dir, cell_px=256)
+    return result.exit_code
+
+
+def _draw_views(out: Path, *, cell_px: int) -> list[Path]:
+    """Contact sheets and index.html; a failure here never changes the run's outcome."""
+    from pipeline.gallery import write_gallery
+    from pipeline.grid import draw_grids
+
+    try:
+        sheets = draw_grids(out, cell_px=cell_px)
+        page = write_gallery(out)
+    except Exception:
+        log.exception("could not draw contact sheets / index.html; "
+                      "the run itself is fine: try `synthaug grid %s`", out)
+        return []
+    return [*sheets, page]
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.report import format_status, status_report
+
+    report = status_report(args.out)
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return EXIT_OK
+
+
+def _cmd_grid(args: argparse.Namespace) -> int:
+    from pipeline.manifest import MANIFEST_NAME
+
+    if not (args.out / MANIFEST_NAME).exists():
+        raise UsageError(f"{args.out}: no {MANIFEST_NAME} here: run `synthaug run SPEC` first")
+    for path in _draw_views(args.out, cell_px=args.cell):
+        print(path)
+    return EXIT_OK
+
+
+def _cmd_mock_server(args: argparse.Namespace) -> int:
+    from pipeline.backends.mock import MockConfig, run_mock_server
+    from pipeline.spec import parse_rate
+
+    if not 0.0 <= args.error_rate <= 1.0:
+        raise UsageError(f"--error-rate must be between 0 and 1, got {args.error_rate}")
+    rate = parse_rate(args.rate_limit) if args.rate_limit else None
+    config = MockConfig(latency_s=args.latency, error_rate=args.error_rate, rate_limit=rate,
+                        seed=args.seed)
+    run_mock_server(config, args.host, args.port)
+    return EXIT_OK
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from pipeline.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "plan": _cmd_plan,
+    "status": _cmd_status,
+    "grid": _cmd_grid,
+    "mock-server": _cmd_mock_server,
+    "schema": _cmd_schema,
+}
+
+
+class _Progress:
+    """tqdm on stderr, refreshed at most 10 times a second; a no-op when disabled."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self._enabled = enabled
+        self._bar: Any = None
+        self._last = 0.0
+
+    def __enter__(self) -> _Progress:
+        if self._enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=None, unit="item", file=sys.stderr, dynamic_ncols=True)
+        return self
+
+    def update(self, stats: Any) -> None:
+        if self._bar is None:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1 and stats.in_flight:
+            return
+        self._last = now
+        elapsed = max(now - stats.started, 1e-9) if stats.started else 0.0
+        self._bar.total = stats.expected or None
+        self._bar.n = stats.done
+        self._bar.set_postfix(
+            ok=stats.ok, failed=stats.failed, retrying=stats.retries,
+            req_s=f"{stats.requests / elapsed:.2f}" if elapsed else "-",
+            refresh=False,
+        )
+        self._bar.refresh()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,525 @@
+"""The worker pool: the only place that awaits a backend.
+
+Items stream in lazily from a producer (in chunks decided in a worker thread, so hashing
+files for the resume check never blocks the loop) through a bounded queue to
+`concurrency` workers. Each worker takes an item through the limiter, the backend and
+the outputs, then appends its manifest line: a ``generated`` line as soon as the API
+answers with URLs, the ``ok`` line once its files are in place.
+
+Stopping is cooperative: a budget, a fatal answer, too many consecutive failures or a
+signal set `stop_reason`; nothing new starts after that, in-flight items get
+`grace_period_s` to finish, then are cancelled. A cancelled item simply has no line (or
+only its ``generated`` line) and runs again on resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from itertools import islice
+from pathlib import Path
+from typing import Literal
+
+from pipeline import outputs
+from pipeline.backends.base import Backend
+from pipeline.errors import (
+    BackendError,
+    FatalError,
+    OutputError,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+)
+from pipeline.limiter import Limiter
+from pipeline.manifest import Entry, ManifestState, ManifestWriter
+from pipeline.records import (
+    ErrorInfo,
+    GeneratedImage,
+    Generation,
+    ItemRecord,
+    OutputFile,
+    WorkItem,
+)
+from pipeline.retry import RetryPolicy, retrying
+from pipeline.sources import read_input_bytes
+
+__all__ = ["Engine", "EngineSettings", "RunStats", "StopReason"]
+
+log = logging.getLogger(__name__)
+
+StopReason = Literal["budget", "fatal", "aborted", "sigint", "sigterm", "disk"]
+
+CHUNK_SIZE = 256  # items decided per trip to the worker thread
+DOWNLOAD_ATTEMPTS = 3  # tries of one image URL before the item regenerates
+LARGE_INPUT_BYTES = 256 * 1024  # base64 in a thread above this
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """What the engine needs from the spec's `run` section and the command line."""
+
+    out_dir: Path
+    concurrency: int
+    max_attempts: int = 6
+    retry_failed: bool = True
+    retry_ambiguous: bool = True
+    max_images: int | None = None
+    max_cost_usd: float | None = None
+    max_consecutive_failures: int = 20
+    grace_period_s: float = 10.0
+    verify_hashes: bool = True
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Counters of one run, for progress, the summary and the exit code."""
+
+    expected: int = 0  # items in the job, counted up front (for progress)
+    total: int = 0  # items the producer has looked at so far
+    ok: int = 0
+    failed: int = 0
+    skipped_ok: int = 0
+    skipped_failed: int = 0
+    resumed_downloads: int = 0
+    requests: int = 0
+    images: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    ambiguous_retries: int = 0
+    in_flight: int = 0
+    retrying: int = 0
+    cost_usd: float = 0.0
+    errors: Counter[str] = field(default_factory=Counter)
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def done(self) -> int:
+        """Items settled in this run or before it."""
+        return self.ok + self.failed + self.skipped_ok + self.skipped_failed
+
+
+class _Stopped(Exception):
+    """The run is stopping: leave this item unrecorded so it runs again on resume."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Todo:
+    """An item that needs work, with what the manifest already knows of it."""
+
+    item: WorkItem
+    entry: Entry | None
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp with a Z, as manifest lines carry."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Engine:
+    """Runs the items of one job through a backend; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        *,
+        items: Iterable[WorkItem],
+        backend: Backend,
+        limiter: Limiter,
+        state: ManifestState,
+        writer: ManifestWriter,
+        price: Callable[[WorkItem], float | None] = lambda _item: None,
+        expected: int = 0,
+        on_progress: Callable[[RunStats], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings
+        self._items = iter(items)
+        self._backend = backend
+        self._limiter = limiter
+        self._state = state
+        self._writer = writer
+        self._price = price
+        self._on_progress = on_progress or (lambda _stats: None)
+        self._clock = clock
+        self._policy = RetryPolicy(
+            max_attempts=settings.max_attempts, retry_ambiguous=settings.retry_ambiguous
+        )
+        self._rng = rng or random.Random()
+        self.stats = RunStats(expected=expected)
+        self.stop_reason: StopReason | None = None
+        self._stopping = asyncio.Event()
+        self._reserved_images = 0
+        self._reserved_cost = 0.0
+        self._consecutive_failures = 0
+        self.fatal_error: FatalError | None = None
+        self.output_error: OutputError | None = None
+
+    # ----------------------------------------------------------------- control
+
+    def stop(self, reason: StopReason) -> None:
+        """Stop starting new requests; the first reason given is the one reported."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.info("stopping: %s", reason)
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once nothing new may start."""
+        return self._stopping.is_set()
+
+    async def run(self) -> RunStats:
+        """Process every item; return when all are settled or the run was stopped."""
+        self.stats.started = self._clock()
+        queue: asyncio.Queue[_Todo | None] = asyncio.Queue(maxsize=self._settings.concurrency * 2)
+        producer = asyncio.create_task(self._produce(queue), name="producer")
+        workers = [
+            asyncio.create_task(self._worker(queue), name=f"worker-{i}")
+            for i in range(self._settings.concurrency)
+        ]
+        try:
+            await self._wait_until_done([producer, *workers])
+        finally:
+            for task in [producer, *workers]:
+                task.cancel()
+            await asyncio.gather(producer, *workers, return_exceptions=True)
+            self.stats.finished = self._clock()
+            self._writer.sync()
+            self._on_progress(self.stats)
+        return self.stats
+
+    async def _wait_until_done(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Wait for the pool to drain; after a stop, in-flight items get a grace period.
+
+        A budget stop waits for everything already reserved: those items fit the budget.
+        """
+        everything = asyncio.gather(*tasks)
+        stop_wait = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({everything, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not everything.done():
+                grace = None if self.stop_reason == "budget" else self._settings.grace_period_s
+                done, _ = await asyncio.wait({everything}, timeout=grace)
+                if not done:
+                    log.warning("grace period over: cancelling %d in-flight items",
+                                self.stats.in_flight)
+            if everything.done() and not everything.cancelled():
+                everything.result()  # re-raise a bug in a worker
+        finally:
+            stop_wait.cancel()
+            if not everything.done():
+                everything.cancel()
+            await asyncio.gather(everything, stop_wait, return_exceptions=True)
+
+    # ---------------------------------------------------------------- producer
+
+    async def _produce(self, queue: asyncio.Queue[_Todo | None]) -> None:
+        """Feed the queue lazily, then one end marker per worker."""
+        await self._feed(queue)
+        for _ in range(self._settings.concurrency):
+            await queue.put(None)
+
+    async def _feed(self, queue: asyncio.Queue[_Todo | None]) -> None:
+        while not self.stopping:
+            chunk = await asyncio.to_thread(self._decide_chunk)
+            if chunk is None:
+                return
+            for todo in chunk:
+                if self.stopping or not self._reserve_budget(todo.item):
+                    return
+                await queue.put(todo)
+
+    def _decide_chunk(self) -> list[_Todo] | None:
+        """Pull up to CHUNK_SIZE items and drop the ones the manifest says are done.
+
+        Runs in a worker thread: it may hash output files to verify an `ok` entry.
+        """
+        chunk = list(islice(self._items, CHUNK_SIZE))
+        if not chunk:
+            return None
+        todos: list[_Todo] = []
+        for item in chunk:
+            self.stats.total += 1
+            entry = self._state.get(item.key)
+            if entry is not None and entry.status == "ok":
+                if outputs.outputs_intact(
+                    self._settings.out_dir, entry.outputs, check_hash=self._settings.verify_hashes
+                ):
+                    self.stats.skipped_ok += 1
+                    continue
+                log.info("%s: recorded ok but its files are missing or changed; redoing", item.key)
+                entry = None
+            elif entry is not None and entry.status == "failed" and not self._settings.retry_failed:
+                self.stats.skipped_failed += 1
+                continue
+            todos.append(_Todo(item, entry))
+        return todos
+
+    def _item_cost(self, item: WorkItem) -> float:
+        price = self._price(item)
+        return 0.0 if price is None else price * item.n
+
+    def _reserve_budget(self, item: WorkItem) -> bool:
+        """Reserve the item's images and cost against the budgets; False stops the run.
+
+        Reserving before the start is what keeps a run from overshooting its budget by
+        more than the items in flight.
+        """
+        s = self._settings
+        images = self._reserved_images + item.n
+        cost = self._reserved_cost + self._item_cost(item)
+        over_images = s.max_images is not None and images > s.max_images
+        over_cost = s.max_cost_usd is not None and cost > s.max_cost_usd + 1e-9
+        if over_images or over_cost:
+            self.stop("budget")
+            return False
+        self._reserved_images, self._reserved_cost = images, cost
+        return True
+
+    def _release_budget(self, item: WorkItem) -> None:
+        self._reserved_images -= item.n
+        self._reserved_cost -= self._item_cost(item)
+
+    async def _backoff_sleep(self, seconds: float) -> None:
+        """Sleep between attempts, cut short by a stop (the next attempt then stands down)."""
+        if self.stop_reason == "budget":
+            await asyncio.sleep(seconds)
+            return
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # ----------------------------------------------------------------- workers
+
+    async def _worker(self, queue: asyncio.Queue[_Todo | None]) -> None:
+        while (todo := await queue.get()) is not None:
+            if self.stopping and self.stop_reason != "budget":
+                self._release_budget(todo.item)
+                continue  # drain without starting: the producer is waiting to finish
+            self.stats.in_flight += 1
+            try:
+                await self._process(todo)
+            finally:
+                self.stats.in_flight -= 1
+                self._on_progress(self.stats)
+
+    async def _process(self, todo: _Todo) -> None:
+        """One item from first attempt to its manifest line (or none, when stopped)."""
+        item = todo.item
+        started_at, t0 = utc_now(), self._clock()
+        resumed = todo.entry is not None and todo.entry.status == "generated"
+        pending = todo.entry.pending if todo.entry is not None and resumed else ()
+        attempts = todo.entry.attempts if todo.entry is not None and resumed else 0
+        response: object = None
+        try:
+            async for attempt in retrying(
+                self._policy, sleep=self._backoff_sleep, on_retry=self._count_retry, rng=self._rng
+            ):
+                with attempt:
+                    if self.stopping and self.stop_reason != "budget":
+                        raise _Stopped
+                    if pending:
+                        stored = await self._resume_download(item, pending)
+                        pending = ()
+                        self.stats.resumed_downloads += 1
+                    else:
+                        attempts += 1
+                        generation = await self._generate(item)
+                        response = generation.response
+                        if any(img.url for img in generation.images):
+                            self._append_generated(
+                                item, generation.images, response, attempts, started_at
+                            )
+                        stored = await self._fetch_and_store(item, generation.images)
+            self._finish_ok(item, stored, attempts, response, started_at, t0)
+        except _Stopped:
+            self._release_budget(item)
+        except FatalError as exc:
+            self._release_budget(item)
+            self.fatal_error = exc
+            self.stop("fatal")
+        except BackendError as exc:
+            self._release_budget(item)
+            self._finish_failed(item, exc, attempts, started_at, t0)
+        except OutputError as exc:
+            self._release_budget(item)
+            self.output_error = exc
+            self.stop("disk")
+
+    async def _resume_download(
+        self, item: WorkItem, pending: tuple[GeneratedImage, ...]
+    ) -> tuple[OutputFile, ...]:
+        """Fetch the images a killed run was answered with; on failure generate anew."""
+        try:
+            return await self._fetch_and_store(item, pending)
+        except TransientError:
+            log.info("%s: recorded URLs no longer serve; generating again", item.key[:16])
+            raise
+
+    def _count_retry(self, exc: BackendError, attempt: int, wait: float) -> None:
+        self.stats.retries += 1
+        if exc.ambiguous:
+            self.stats.ambiguous_retries += 1
+        log.info("retry %d after %s (%s) in %.1fs", attempt, exc.kind, exc.status, wait)
+
+    async def _generate(self, item: WorkItem) -> Generation:
+        """One paid request, through the limiter; teaches the limiter what the API said."""
+        image = await self._input_for_body(item)
+        async with self._limiter.slot(item.n):
+            self.stats.requests += 1
+            try:
+                generation = await self._backend.generate(item, image)
+            except RateLimitedError as exc:
+                self.stats.rate_limited += 1
+                self._limiter.pause(exc.retry_after)
+                raise
+        self._limiter.observe(generation.rate_limit)
+        self._limiter.record_success()
+        return generation
+
+    async def _input_for_body(self, item: WorkItem) -> str | None:
+        """The body's `image` value, read and encoded just before the request starts."""
+        if item.input is None:
+            return None
+        if item.input.kind != "file":
+            return item.input.value
+        data = await asyncio.to_thread(read_input_bytes, Path(item.input.value), item.input.sha256)
+        if len(data) > LARGE_INPUT_BYTES:
+            return await asyncio.to_thread(_b64, data)
+        return _b64(data)
+
+    async def _fetch_and_store(
+        self, item: WorkItem, images: tuple[GeneratedImage, ...]
+    ) -> tuple[OutputFile, ...]:
+        """Download every image of an answer and store it verified, atomically."""
+        stored: list[OutputFile] = []
+        for index, image in enumerate(images):
+            stored.append(await self._fetch_one(item, index, image))
+        return tuple(stored)
+
+    async def _fetch_one(self, item: WorkItem, index: int, image: GeneratedImage) -> OutputFile:
+        last: BackendError | None = None
+        for _ in range(DOWNLOAD_ATTEMPTS):
+            try:
+                data = await self._backend.download(image)
+                return await asyncio.to_thread(
+                    outputs.store_image,
+                    self._settings.out_dir,
+                    source=item.source,
+                    key=item.key,
+                    index=index,
+                    data=data,
+                    url=image.url,
+                    id=image.id,
+                )
+            except TransientError as exc:
+                last = exc
+                if image.url is None:
+                    break  # bytes came inline: downloading again gives the same bytes
+        assert last is not None
+        raise last
+
+    # ---------------------------------------------------------------- manifest
+
+    def _append_generated(
+        self,
+        item: WorkItem,
+        images: tuple[GeneratedImage, ...],
+        response: object,
+        attempts: int,
+        started_at: str,
+    ) -> None:
+        record = _record(item, "generated", attempts=attempts, started_at=started_at)
+        line = record.to_json()
+        line["response"] = response
+        line["pending"] = [{"url": img.url, "id": img.id} for img in images]
+        self._writer.append(line)
+
+    def _finish_ok(
+        self,
+        item: WorkItem,
+        stored: tuple[OutputFile, ...],
+        attempts: int,
+        response: object,
+        started_at: str,
+        t0: float,
+    ) -> None:
+        record = _record(
+            item,
+            "ok",
+            attempts=attempts,
+            started_at=started_at,
+            outputs=stored,
+            response=response,
+            elapsed=self._clock() - t0,
+        )
+        self._writer.append(record)
+        self.stats.ok += 1
+        self.stats.images += len(stored)
+        self.stats.cost_usd += self._item_cost(item)
+        self._consecutive_failures = 0
+
+    def _finish_failed(
+        self, item: WorkItem, exc: BackendError, attempts: int, started_at: str, t0: float
+    ) -> None:
+        record = _record(
+            item,
+            "failed",
+            attempts=attempts,
+            started_at=started_at,
+            error=ErrorInfo(kind=exc.kind, status=exc.status, message=exc.message),
+            elapsed=self._clock() - t0,
+        )
+        self._writer.append(record)
+        self.stats.failed += 1
+        self.stats.errors[exc.kind] += 1
+        log.warning("%s failed for good: %s", item.key[:16], exc.message)
+        if exc.kind == "refused" or isinstance(exc, PermanentError):
+            return  # about this prompt, not about the API's health
+        self._consecutive_failures += 1
+        if self._consecutive_failures >= self._settings.max_consecutive_failures:
+            self.stop("aborted")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _record(
+    item: WorkItem,
+    status: Literal["ok", "failed", "generated"],
+    *,
+    attempts: int,
+    started_at: str,
+    outputs: tuple[OutputFile, ...] = (),
+    error: ErrorInfo | None = None,
+    response: object = None,
+    elapsed: float | None = None,
+) -> ItemRecord:
+    return ItemRecord(
+        key=item.key,
+        status=status,
+        source=item.source,
+        vars=item.vars,
+        repeat=item.repeat,
+        input=item.input,
+        prompt=item.prompt,
+        params=item.params,
+        outputs=outputs,
+        attempts=attempts,
+        error=error,
+        started_at=started_at,
+        finished_at=utc_now() if status != "generated" else None,
+        elapsed_s=round(elapsed, 3) if elapsed is not None else None,
+        response=response,
+    )

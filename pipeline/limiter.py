@@ -1,0 +1,290 @@
+"""Pace request starts: concurrency cap, evenly spaced starts, image budget, shared 429 pause.
+
+One `Limiter` guards every request of a run. ``async with limiter.slot(n):`` waits until
+
+* fewer than `concurrency` requests are in flight,
+* no 429 pause is active,
+* the request schedule allows a start (at most `rate` starts per second), and
+* the image schedule allows `n` images (at most `image_rate` images per second),
+
+then counts the start. Both schedules are GCRA ("virtual scheduling") with a capacity of
+one: starts are evenly spaced, the first one is immediate, and idle time earns no burst,
+because the server enforces the same limits and a burst only earns 429s. A request of `n`
+images pushes the image schedule `n / image_rate` seconds ahead.
+
+Feedback from the API adjusts the pace (AIMD):
+
+* `pause(retry_after)`: a 429 stops every start until its deadline (a later deadline wins)
+  and halves the effective rates, once per pause, down to `min_rate_fraction` of the
+  configured ones. With ``rate=None`` the request rate stays unlimited and only the pause
+  applies.
+* `record_success()`: the effective rates climb back by 5 % of the configured ones.
+* `observe(hint)`: ``x-ratelimit-*`` headers pace the remaining requests over the time left
+  until the reset, so the pace slows before a 429 happens.
+
+Waiters start in arrival order (FIFO), so a request for many images is never starved by
+small ones. Only the head of the queue watches the clock: it sleeps exactly until its
+computed start time, and is woken early only by what can make it earlier (a release, a
+success, a hint); the others wait on a future until they reach the head. Idle CPU is
+near zero and the number of sleeps grows with the number of waiters, never with time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from pipeline.records import RateLimitHint
+
+__all__ = [
+    "DEFAULT_MIN_RATE_FRACTION",
+    "DEFAULT_PAUSE_S",
+    "RECOVERY_STEP",
+    "Limiter",
+    "LimiterStats",
+]
+
+DEFAULT_PAUSE_S = 5.0
+DEFAULT_MIN_RATE_FRACTION = 1 / 16
+RECOVERY_STEP = 0.05  # share of the configured rate regained per success
+# A sleep may end a hair before its deadline (float rounding, clock resolution); treat
+# that as on time instead of sleeping again for a nanosecond.
+_EPSILON_S = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterStats:
+    """A snapshot of the limiter, for progress lines and the run summary."""
+
+    starts: int
+    pauses: int
+    effective_rate: float | None  # request starts per second now; None = unlimited
+    effective_image_rate: float | None
+    in_flight: int
+    max_in_flight: int
+    waiting: int
+
+
+class _Waiter:
+    """One `slot()` call waiting in the queue; `wake` is set to make it look again."""
+
+    __slots__ = ("n", "wake")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.wake: asyncio.Future[None] | None = None
+
+
+class Limiter:
+    """Admit request starts under a rate, an image rate, a concurrency cap and 429 pauses.
+
+    `clock` defaults to the running event loop's clock, which is what the default `sleep`
+    (`asyncio.sleep`) measures; pass both to run on fake time.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate: float | None,
+        image_rate: float | None,
+        concurrency: int,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        default_pause_s: float = DEFAULT_PAUSE_S,
+        min_rate_fraction: float = DEFAULT_MIN_RATE_FRACTION,
+    ) -> None:
+        _check_rate("rate", rate)
+        _check_rate("image_rate", image_rate)
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if default_pause_s < 0:
+            raise ValueError(f"default_pause_s must not be negative, got {default_pause_s}")
+        if not 0 < min_rate_fraction <= 1:
+            raise ValueError(f"min_rate_fraction must be in (0, 1], got {min_rate_fraction}")
+        self._rate = rate
+        self._image_rate = image_rate
+        self._concurrency = concurrency
+        self._clock = clock
+        self._sleep = sleep
+        self._default_pause_s = default_pause_s
+        self._min_factor = min_rate_fraction
+        self._factor = 1.0  # effective rate / configured rate
+        self._last_start: float | None = None
+        self._last_n = 0
+        self._pause_until = float("-inf")
+        self._hint_interval = 0.0
+        self._hint_until = float("-inf")
+        self._queue: deque[_Waiter] = deque()
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._starts = 0
+        self._pauses = 0
+
+    @asynccontextmanager
+    async def slot(self, n_images: int = 1) -> AsyncIterator[None]:
+        """Wait for a start of a request of `n_images` images; hold a concurrency slot inside."""
+        if n_images < 1:
+            raise ValueError(f"n_images must be at least 1, got {n_images}")
+        await self._acquire(n_images)
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == self._concurrency - 1:
+                # Only a head blocked on the cap cares; one sleeping on time would only
+                # wake up to compute the same start time again.
+                self._wake_head()
+
+    def pause(self, retry_after: float | None) -> None:
+        """A 429 arrived: no start before now + `retry_after`, and halve the pace.
+
+        ``None`` means the API gave no Retry-After: `default_pause_s` applies. A later
+        deadline wins, an earlier one never shortens the pause. 429s that arrive while a
+        pause is active (the other requests in flight when the limit was hit) extend it
+        but do not halve the rate again. The queue head is not woken: a pause only moves
+        start times later, and the head recomputes when its sleep ends.
+        """
+        now = self._now()
+        wait = self._default_pause_s if retry_after is None else max(0.0, retry_after)
+        if now >= self._pause_until:
+            self._factor = max(self._factor / 2, self._min_factor)
+        self._pause_until = max(self._pause_until, now + wait)
+        self._pauses += 1
+
+    def record_success(self) -> None:
+        """A request succeeded: the effective rates climb back towards the configured ones."""
+        if self._factor < 1.0:
+            self._factor = min(1.0, self._factor + RECOVERY_STEP)
+            self._wake_head()
+
+    def observe(self, hint: RateLimitHint | None) -> None:
+        """Pace by what ``x-ratelimit-*`` headers said, before a 429 happens.
+
+        With `remaining` requests left until the window resets in `reset_s` seconds, starts
+        are spaced at least ``reset_s / remaining`` apart until the reset; with none left,
+        every start waits for the reset. A hint without both fields is ignored.
+        """
+        if hint is None or hint.remaining is None or hint.reset_s is None:
+            return
+        now = self._now()
+        reset_s = max(0.0, hint.reset_s)
+        if hint.remaining <= 0:
+            self._pause_until = max(self._pause_until, now + reset_s)
+            return
+        self._hint_interval = reset_s / hint.remaining
+        self._hint_until = now + reset_s
+        self._wake_head()  # the new hint may allow an earlier start than the old one
+
+    def stats(self) -> LimiterStats:
+        """A frozen snapshot of counters and the current effective rates."""
+        return LimiterStats(
+            starts=self._starts,
+            pauses=self._pauses,
+            effective_rate=None if self._rate is None else self._rate * self._factor,
+            effective_image_rate=(
+                None if self._image_rate is None else self._image_rate * self._factor
+            ),
+            in_flight=self._in_flight,
+            max_in_flight=self._max_in_flight,
+            waiting=len(self._queue),
+        )
+
+    async def _acquire(self, n: int) -> None:
+        """Queue up, wait until at the head and admitted, then count the start."""
+        waiter = _Waiter(n)
+        self._queue.append(waiter)
+        try:
+            while True:
+                if self._queue[0] is not waiter:
+                    await self._wait(waiter, None)
+                    continue
+                ready_at = self._ready_at()
+                if ready_at is None:  # concurrency cap: a release wakes us
+                    await self._wait(waiter, None)
+                    continue
+                delay = ready_at - self._now()
+                if delay <= _EPSILON_S:
+                    break
+                await self._wait(waiter, delay)
+        except BaseException:
+            # Cancelled (or the sleep failed) while queued: leave no trace, let the next go.
+            was_head = self._queue[0] is waiter
+            self._queue.remove(waiter)
+            if was_head:
+                self._wake_head()
+            raise
+        self._queue.popleft()
+        self._start(n, ready_at)
+        self._wake_head()
+
+    async def _wait(self, waiter: _Waiter, delay: float | None) -> None:
+        """Sleep `delay` seconds (forever when None), or less if `waiter.wake` is set."""
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter.wake = wake
+        try:
+            if delay is None:
+                await wake
+                return
+            timer = asyncio.ensure_future(self._sleep(delay))
+            try:
+                await asyncio.wait({wake, timer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if timer.done():
+                    timer.result()  # surface a failing sleep instead of hiding it
+                else:
+                    timer.cancel()
+        finally:
+            waiter.wake = None
+
+    def _wake_head(self) -> None:
+        """Make the queue head recompute its start time."""
+        if self._queue:
+            wake = self._queue[0].wake
+            if wake is not None and not wake.done():
+                wake.set_result(None)
+
+    def _ready_at(self) -> float | None:
+        """When the head may start; None while the concurrency cap is reached."""
+        if self._in_flight >= self._concurrency:
+            return None
+        now = self._now()
+        ready_at = max(now, self._pause_until)
+        if self._last_start is not None:
+            ready_at = max(ready_at, self._last_start + self._interval(now))
+        return ready_at
+
+    def _interval(self, now: float) -> float:
+        """Seconds the last start keeps the next one waiting, under every schedule."""
+        interval = 0.0
+        if self._rate is not None:
+            interval = 1.0 / (self._rate * self._factor)
+        if self._image_rate is not None:
+            interval = max(interval, self._last_n / (self._image_rate * self._factor))
+        if now < self._hint_until:
+            interval = max(interval, self._hint_interval)
+        return interval
+
+    def _start(self, n: int, scheduled: float) -> None:
+        """Count a start; schedule from the planned time so a slightly early wake drifts not."""
+        self._last_start = max(self._now(), scheduled)
+        self._last_n = n
+        self._starts += 1
+        self._in_flight += 1
+        self._max_in_flight = max(self._max_in_flight, self._in_flight)
+
+    def _now(self) -> float:
+        if self._clock is not None:
+            return self._clock()
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:  # pause()/observe() called outside a loop
+            return time.monotonic()
+
+
+def _check_rate(name: str, rate: float | None) -> None:
+    if rate is not None and not rate > 0:
+        raise ValueError(f"{name} must be positive or None, got {rate}")

@@ -1,0 +1,184 @@
+"""One run per output directory at a time.
+
+Two runs appending to one manifest would pay twice for the same items, so a run holds
+``OUT/.synthaug.lock`` for its whole life. The lock is an `fcntl.flock` on that file:
+the kernel drops it when its process dies, even by SIGKILL, so a stale lock never
+blocks the next run. The file also records who holds it (pid, host, start time) for the
+error message. Where a filesystem cannot `flock` (some network mounts), the recorded pid
+is the lock instead: it is taken over when that process is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import OutputError
+
+__all__ = ["LOCK_NAME", "RunLock", "acquire_lock"]
+
+LOCK_NAME = ".synthaug.lock"
+# A holder that releases between our open() and flock() leaves us an unlinked file;
+# retry a few times on the path's new file rather than give up.
+_MAX_TRIES = 5
+_FLOCK_UNSUPPORTED = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+
+log = logging.getLogger(__name__)
+
+
+class RunLock:
+    """The held lock on one OUT; release it (or leave the `with` block) when the run ends."""
+
+    def __init__(self, path: Path, fd: int, *, flocked: bool) -> None:
+        self._path = path
+        self._fd: int | None = fd
+        self._flocked = flocked
+
+    @property
+    def path(self) -> Path:
+        """The lock file."""
+        return self._path
+
+    @property
+    def held(self) -> bool:
+        """True until `release` is called."""
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock; safe to call twice."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if _same_file(fd, self._path):
+                self._path.unlink(missing_ok=True)  # while still locked: no window for a thief
+        finally:
+            if self._flocked:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def acquire_lock(
+    out_dir: Path, *, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+) -> RunLock:
+    """Lock `out_dir` for this process, or raise `OutputError` naming the live holder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_NAME
+    started = now()
+    for _ in range(_MAX_TRIES):
+        lock = _try_lock(out_dir, path, started)
+        if lock is not None:
+            return lock
+    raise OutputError(f"could not lock {path}: another run keeps replacing it; try again")
+
+
+def _try_lock(out_dir: Path, path: Path, started: datetime) -> RunLock | None:
+    """One attempt: the lock, None when the file changed under us, or raise if held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        flocked = _flock(fd)
+        if flocked is False:
+            raise _in_use(out_dir, _read_holder(fd))
+        if flocked is None:
+            _check_pid_holder(out_dir, path, _read_holder(fd))
+        if not _same_file(fd, path):
+            os.close(fd)  # the previous holder removed it as we opened it: try the new one
+            return None
+        stale = _read_holder(fd)
+        if stale:
+            log.info("taking over a stale lock on %s left by pid %s", out_dir, stale.get("pid"))
+        _write_holder(fd, started)
+    except BaseException:
+        os.close(fd)  # closing also drops the flock
+        raise
+    return RunLock(path, fd, flocked=bool(flocked))
+
+
+def _flock(fd: int) -> bool | None:
+    """True when locked, False when another process holds it, None when unsupported here."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in _FLOCK_UNSUPPORTED:
+            return None
+        raise
+    return True
+
+
+def _check_pid_holder(out_dir: Path, path: Path, holder: dict[str, Any]) -> None:
+    """Without flock, a recorded holder blocks us unless it is a dead process on this host."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return
+    if holder.get("host") != socket.gethostname():
+        raise _in_use(out_dir, holder, hint=f"; if that run is gone, delete {path}")
+    if _pid_alive(pid):
+        raise _in_use(out_dir, holder)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _in_use(out_dir: Path, holder: dict[str, Any], *, hint: str = "") -> OutputError:
+    if holder:
+        who = (
+            f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+            f"started {holder.get('started_at', '?')}"
+        )
+    else:
+        who = "holder still starting"
+    return OutputError(
+        f"{out_dir} is in use by another synthaug run ({who}): wait for it or stop it{hint}"
+    )
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """The holder's record, or {} when empty or unreadable (a holder mid-write)."""
+    try:
+        raw = os.pread(fd, 4096, 0)
+        data = json.loads(raw) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_holder(fd: int, started: datetime) -> None:
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started_at": started.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)

@@ -1,0 +1,167 @@
+"""What an output directory holds: the `synthaug status` report.
+
+Built from the manifest alone (last line per key wins; a torn last line is ignored), plus
+``job.json`` (what the last run was asked to do) for pending counts and ``summary.json``
+(how the last run ended) when they exist. Neither file is required: a manifest is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UsageError
+from pipeline.manifest import MANIFEST_NAME, load_state
+
+__all__ = ["JOB_NAME", "SUMMARY_NAME", "format_status", "status_report"]
+
+JOB_NAME = "job.json"
+SUMMARY_NAME = "summary.json"
+_UNKNOWN_KIND = "unknown"
+
+log = logging.getLogger(__name__)
+
+
+def status_report(out_dir: Path) -> dict[str, Any]:
+    """The ``status --json`` object for `out_dir`.
+
+    Contract fields: ``ok``, ``failed``, ``images``, ``by_source`` ({name: {ok, failed}}),
+    ``errors`` ({kind: count}). Extra: ``generated`` (answered, not downloaded yet),
+    ``items`` (keys seen), per-source ``generated`` and ``images``; with ``job.json``
+    also ``name``, ``pending`` (total and per source: the job's items minus ok); with
+    ``summary.json`` the last run's summary under ``last_run``.
+    """
+    manifest = out_dir / MANIFEST_NAME
+    if not manifest.is_file():
+        raise UsageError(f"no manifest in {out_dir}: run `synthaug run SPEC` first")
+    job = _read_json(out_dir / JOB_NAME)
+    by_source: dict[str, dict[str, int]] = {}
+    for name, _ in _job_sources(job):
+        by_source[name] = _empty_counts()
+    errors: Counter[str] = Counter()
+    for entry in load_state(manifest).entries.values():
+        counts = by_source.get(entry.source)
+        if counts is None:
+            counts = by_source[entry.source] = _empty_counts()
+        counts[entry.status] += 1
+        if entry.status == "ok":
+            counts["images"] += len(entry.outputs)
+        elif entry.status == "failed":
+            errors[entry.error_kind or _UNKNOWN_KIND] += 1
+    report: dict[str, Any] = {
+        "ok": _total(by_source, "ok"),
+        "failed": _total(by_source, "failed"),
+        "images": _total(by_source, "images"),
+        "by_source": by_source,
+        "errors": dict(errors.most_common()),
+        "generated": _total(by_source, "generated"),
+        "items": sum(c["ok"] + c["failed"] + c["generated"] for c in by_source.values()),
+    }
+    if job is not None:
+        _add_pending(report, job)
+    summary = _read_json(out_dir / SUMMARY_NAME)
+    if summary is not None:
+        report["last_run"] = summary
+    return report
+
+
+def _empty_counts() -> dict[str, int]:
+    return {"ok": 0, "failed": 0, "generated": 0, "images": 0}
+
+
+def _total(by_source: Mapping[str, Mapping[str, int]], field: str) -> int:
+    return sum(counts[field] for counts in by_source.values())
+
+
+def _add_pending(report: dict[str, Any], job: Mapping[str, Any]) -> None:
+    """Pending = items the job asks for minus those already ok (failed ones still count)."""
+    if isinstance(job.get("name"), str):
+        report["name"] = job["name"]
+    total = 0
+    for name, items in _job_sources(job):
+        counts = report["by_source"][name]
+        counts["pending"] = max(0, items - counts["ok"])
+        total += counts["pending"]
+    report["pending"] = total
+
+
+def _job_sources(job: Mapping[str, Any] | None) -> list[tuple[str, int]]:
+    """(name, items) of each well-formed source in job.json, in spec order."""
+    if job is None or not isinstance(job.get("sources"), list):
+        return []
+    found: list[tuple[str, int]] = []
+    for source in job["sources"]:
+        if not isinstance(source, dict):
+            continue
+        name, items = source.get("name"), source.get("items")
+        if isinstance(name, str) and isinstance(items, int) and not isinstance(items, bool):
+            found.append((name, items))
+    return found
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """An optional JSON object file; None (with a warning if it is broken) when unusable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+    if not isinstance(data, dict):
+        log.warning("ignoring %s: not a JSON object", path)
+        return None
+    return data
+
+
+def format_status(report: Mapping[str, Any]) -> str:
+    """`status_report` as an aligned table for people: one row per source, then totals."""
+    has_pending = "pending" in report
+    header = ["source", "ok", "failed", "generated", *(["pending"] if has_pending else [])]
+    rows = [header]
+    for name, counts in report["by_source"].items():
+        rows.append(_row(name, counts, has_pending))
+    rows.append(_row("total", report, has_pending))
+    lines = _align(rows)
+    if "name" in report:
+        lines.insert(0, f"job: {report['name']}")
+    lines.append("")
+    lines.append(f"images: {report['images']}  items seen: {report.get('items', 0)}")
+    errors: Mapping[str, int] = report.get("errors") or {}
+    kinds = ", ".join(f"{kind} {count}" for kind, count in errors.items())
+    lines.append(f"errors: {kinds or 'none'}")
+    last_run = report.get("last_run")
+    if isinstance(last_run, Mapping):
+        lines.append(f"last run: {_format_scalars(last_run) or 'see summary.json'}")
+    return "\n".join(lines)
+
+
+def _row(name: str, counts: Mapping[str, Any], has_pending: bool) -> list[str]:
+    cells = [name, str(counts["ok"]), str(counts["failed"]), str(counts.get("generated", 0))]
+    if has_pending:
+        cells.append(str(counts["pending"]) if "pending" in counts else "-")
+    return cells
+
+
+def _align(rows: list[list[str]]) -> list[str]:
+    """Name column left-aligned, number columns right-aligned, two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])]
+        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _format_scalars(data: Mapping[str, Any]) -> str:
+    """The summary's top-level scalar fields as ``key=value``; nested parts stay in the file."""
+    return "  ".join(
+        f"{key}={value}"
+        for key, value in data.items()
+        if isinstance(value, str | int | float | bool) or value is None
+    )

@@ -1,0 +1,291 @@
+"""One `synthaug run`: wires a validated spec to an engine and leaves OUT consistent.
+
+Order matters here, because every image costs money: the key and the output folder are
+checked and the folder locked before anything is sent; the manifest is read for resume;
+`job.json` records what the job is; then the engine runs under signal handlers; finally
+`summary.json` is written, whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import items as items_mod
+from pipeline import outputs
+from pipeline.backends.base import Backend
+from pipeline.backends.mock import MockConfig, MockServer
+from pipeline.backends.roboflow import RoboflowBackend
+from pipeline.credentials import read_api_key
+from pipeline.engine import Engine, EngineSettings, RunStats, StopReason, utc_now
+from pipeline.errors import (
+    EXIT_BUDGET,
+    EXIT_FATAL,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_SOME_FAILED,
+    UsageError,
+)
+from pipeline.limiter import Limiter
+from pipeline.lock import acquire_lock
+from pipeline.manifest import MANIFEST_NAME, ManifestWriter, load_state
+from pipeline.pricing import price_per_image
+from pipeline.records import WorkItem
+from pipeline.spec import Spec
+
+__all__ = ["JobResult", "run_job"]
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.json"
+JOB_NAME = "job.json"
+
+_EXIT_BY_REASON: dict[StopReason, int] = {
+    "sigint": EXIT_SIGINT,
+    "sigterm": EXIT_SIGTERM,
+    "fatal": EXIT_FATAL,
+    "aborted": EXIT_FATAL,
+    "disk": EXIT_FATAL,
+    "budget": EXIT_BUDGET,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """How a run ended: its exit code, why it stopped, and its summary (as written)."""
+
+    exit_code: int
+    stop_reason: StopReason | None
+    summary: dict[str, Any]
+    message: str | None = None
+
+
+async def run_job(
+    spec: Spec,
+    *,
+    spec_path: Path,
+    on_progress: Callable[[RunStats], None] | None = None,
+    install_signals: bool = True,
+    backend: Backend | None = None,
+) -> JobResult:
+    """Run (or resume) the job of `spec`; see the module docstring for the order of steps."""
+    api_key = read_api_key(spec.backend)
+    out = spec.output_dir
+    await asyncio.to_thread(outputs.check_writable, out)
+    with acquire_lock(out):
+        swept = await asyncio.to_thread(outputs.sweep_temp_files, out)
+        if swept:
+            log.info("removed %d half-written temp files left by a killed run", swept)
+        state = await asyncio.to_thread(load_state, out / MANIFEST_NAME)
+        await asyncio.to_thread(_write_job_json, spec, spec_path)
+        async with _open_backend(spec, api_key, backend) as live_backend:
+            return await _run_engine(spec, spec_path, state, live_backend, on_progress,
+                                     install_signals)
+
+
+async def _run_engine(
+    spec: Spec,
+    spec_path: Path,
+    state: Any,
+    backend: Backend,
+    on_progress: Callable[[RunStats], None] | None,
+    install_signals: bool,
+) -> JobResult:
+    run = spec.run
+    settings = EngineSettings(
+        out_dir=spec.output_dir,
+        concurrency=run.concurrency,
+        max_attempts=run.max_attempts,
+        retry_failed=run.retry_failed,
+        retry_ambiguous=run.retry_ambiguous,
+        max_images=run.max_images,
+        max_cost_usd=run.max_cost_usd,
+        max_consecutive_failures=run.max_consecutive_failures,
+        grace_period_s=run.grace_period_s,
+    )
+    limiter = Limiter(
+        rate=run.rate_limit, image_rate=run.image_rate_limit, concurrency=run.concurrency
+    )
+    started_at, t0 = utc_now(), time.monotonic()
+    with ManifestWriter(
+        spec.output_dir / MANIFEST_NAME, fsync_interval_s=run.fsync_interval_s
+    ) as writer:
+        engine = Engine(
+            settings,
+            items=items_mod.expand_items(spec),
+            backend=backend,
+            limiter=limiter,
+            state=state,
+            writer=writer,
+            price=lambda item: _price(spec, item),
+            expected=sum(items_mod.count_items(spec).values()),
+            on_progress=on_progress,
+        )
+        try:
+            async with _signal_handlers(engine, enabled=install_signals):
+                await engine.run()
+        except asyncio.CancelledError:
+            if engine.stop_reason not in ("sigint", "sigterm"):
+                raise
+            # our own second-signal cancel: the workers are down, finish the checkpoint
+        finally:
+            summary = _summary(spec, spec_path, engine, started_at, time.monotonic() - t0)
+            await asyncio.to_thread(
+                outputs.write_json_atomic, spec.output_dir / SUMMARY_NAME, summary
+            )
+    return JobResult(
+        exit_code=summary["exit_code"],
+        stop_reason=engine.stop_reason,
+        summary=summary,
+        message=_stop_message(engine),
+    )
+
+
+def _price(spec: Spec, item: WorkItem) -> float | None:
+    return price_per_image(item.params, spec.run.price_per_image)
+
+
+def _exit_code(engine: Engine) -> int:
+    if engine.stop_reason is not None:
+        return _EXIT_BY_REASON[engine.stop_reason]
+    if engine.stats.failed or engine.stats.skipped_failed:
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def _stop_message(engine: Engine) -> str | None:
+    reason = engine.stop_reason
+    if reason == "fatal" and engine.fatal_error is not None:
+        return f"aborted: {engine.fatal_error.message}"
+    if reason == "disk" and engine.output_error is not None:
+        return f"aborted: {engine.output_error}"
+    if reason == "aborted":
+        return (
+            "aborted: too many consecutive failures (run.max_consecutive_failures); "
+            "check the API's status and run the same command again to resume"
+        )
+    if reason == "budget":
+        return "stopped by the budget (run.max_images / run.max_cost_usd): run again to go on"
+    if reason in ("sigint", "sigterm"):
+        return "interrupted: the manifest is consistent; run the same command again to resume"
+    return None
+
+
+def _summary(
+    spec: Spec, spec_path: Path, engine: Engine, started_at: str, elapsed: float
+) -> dict[str, Any]:
+    stats = engine.stats
+    return {
+        "name": spec.name,
+        "spec": str(spec_path),
+        "backend": spec.backend.kind,
+        "started_at": started_at,
+        "finished_at": utc_now(),
+        "elapsed_s": round(elapsed, 3),
+        "exit_code": _exit_code(engine),
+        "stop_reason": engine.stop_reason,
+        "items_seen": stats.total,
+        "ok": stats.ok,
+        "failed": stats.failed,
+        "skipped_ok": stats.skipped_ok,
+        "skipped_failed": stats.skipped_failed,
+        "resumed_downloads": stats.resumed_downloads,
+        "requests": stats.requests,
+        "images": stats.images,
+        "retries": stats.retries,
+        "rate_limited_429": stats.rate_limited,
+        "ambiguous_retries": stats.ambiguous_retries,
+        "errors": dict(stats.errors),
+        "cost_usd": round(stats.cost_usd, 4),
+        "achieved_requests_per_s": round(stats.requests / elapsed, 3) if elapsed > 0 else None,
+        "limiter": engine_limiter_stats(engine),
+    }
+
+
+def engine_limiter_stats(engine: Engine) -> dict[str, Any] | None:
+    """The limiter's counters, when it exposes them."""
+    limiter = getattr(engine, "_limiter", None)
+    snapshot = getattr(limiter, "stats", None)
+    if callable(snapshot):
+        snapshot = snapshot()
+    if snapshot is None:
+        return None
+    fields = getattr(snapshot, "__dataclass_fields__", None)
+    if fields is None:
+        return None
+    return {name: getattr(snapshot, name) for name in fields}
+
+
+def _write_job_json(spec: Spec, spec_path: Path) -> None:
+    counts = items_mod.count_items(spec)
+    sources = items_mod.describe_sources(spec)
+    for source in sources:
+        source["items"] = counts.get(source["name"], 0)
+    job = {
+        "name": spec.name,
+        "spec": str(spec_path.resolve()),
+        "backend": spec.backend.kind,
+        "host": socket.gethostname(),
+        "sources": sources,
+    }
+    outputs.write_json_atomic(spec.output_dir / JOB_NAME, job)
+
+
+@contextlib.asynccontextmanager
+async def _open_backend(
+    spec: Spec, api_key: str, given: Backend | None
+) -> AsyncIterator[Backend]:
+    """The backend for the spec's kind; `mock` starts the mock API on a loopback port."""
+    if given is not None:
+        yield given
+        return
+    kind = spec.backend.kind
+    if kind == "openai":
+        raise UsageError(
+            "backend.kind 'openai' is not available yet: use 'roboflow' (or 'mock' to rehearse)"
+        )
+    settings = dict(concurrency=spec.run.concurrency, timeout_s=spec.backend.timeout_s)
+    if kind == "mock":
+        async with MockServer(MockConfig()) as server:
+            async with RoboflowBackend(server.base_url, "mock", **settings) as backend:
+                yield backend
+        return
+    async with RoboflowBackend(spec.backend.base_url, api_key, **settings) as backend:
+        yield backend
+
+
+@contextlib.asynccontextmanager
+async def _signal_handlers(engine: Engine, *, enabled: bool) -> AsyncIterator[None]:
+    """First SIGINT/SIGTERM: stop starting, let in-flight finish; second: cancel at once."""
+    if not enabled:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def on_signal(reason: StopReason) -> None:
+        if engine.stopping and engine.stop_reason in ("sigint", "sigterm"):
+            log.warning("second signal: cancelling in-flight requests now")
+            task.cancel()
+            return
+        log.warning("%s received: finishing in-flight requests (again to cancel them)",
+                    reason.upper())
+        engine.stop(reason)
+
+    loop.add_signal_handler(signal.SIGINT, on_signal, "sigint")
+    loop.add_signal_handler(signal.SIGTERM, on_signal, "sigterm")
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)

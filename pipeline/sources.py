@@ -1,0 +1,209 @@
+"""Local input images: list them deterministically, check them, hash them, read them.
+
+Listings are sorted per directory and never follow a directory symlink, so a symlink
+loop cannot hang a walk and the same tree lists in the same order on every machine
+(item order, and therefore the work queue, depends on it). Names starting with a dot
+are skipped: they are hidden files or macOS ``._`` resource forks, never images.
+
+A file's key value is the SHA-256 of its bytes; `HashCache` hashes each file once per
+process, and `read_input_bytes` re-checks the hash right before sending, because a file
+edited after planning would otherwise be sent under a key that describes other bytes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.errors import PipelineError
+
+__all__ = [
+    "DEFAULT_EXTENSIONS",
+    "MAX_INPUT_BYTES",
+    "HashCache",
+    "InputChangedError",
+    "InputError",
+    "check_image_file",
+    "file_sha256",
+    "iter_folder",
+    "list_globs",
+    "read_input_bytes",
+]
+
+DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+MAX_INPUT_BYTES = 25 * 1024 * 1024
+_CHUNK = 1024 * 1024
+_MAGIC = frozenset("*?[")
+
+
+class InputError(ValueError):
+    """A local input is unusable (missing, not an image, too large).
+
+    The spec layer turns it into a `SpecError` naming the file, key path and line.
+    """
+
+
+class InputChangedError(PipelineError):
+    """An input file vanished or changed between planning and sending its request."""
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def list_globs(patterns: Sequence[str], base_dir: Path) -> list[Path]:
+    """Files matching any of `patterns` (relative to `base_dir`), sorted, each once.
+
+    Supports ``*``, ``?``, ``[...]`` and ``**`` (any number of directories). Directory
+    symlinks below the pattern's fixed prefix are not followed.
+    """
+    found: set[Path] = set()
+    for pattern in patterns:
+        found.update(_glob_one(pattern, base_dir))
+    return sorted(found)
+
+
+def _glob_one(pattern: str, base_dir: Path) -> Iterator[Path]:
+    """Files matching one pattern; see `list_globs`."""
+    parts = (base_dir / Path(pattern).expanduser()).parts
+    first_magic = next((i for i, p in enumerate(parts) if _MAGIC & set(p)), len(parts))
+    root = Path(*parts[:first_magic])
+    rest = parts[first_magic:]
+    if not rest:
+        if root.is_file():
+            yield root
+        return
+    if root.is_dir():
+        yield from _match(root, rest)
+
+
+def _match(directory: Path, parts: tuple[str, ...]) -> Iterator[Path]:
+    head, tail = parts[0], parts[1:]
+    if head == "**":
+        yield from _match_any_depth(directory, tail)
+        return
+    for entry in _scan(directory):
+        if not _name_matches(entry.name, head):
+            continue
+        if tail:
+            if entry.is_dir(follow_symlinks=False):
+                yield from _match(Path(entry.path), tail)
+        elif entry.is_file():
+            yield Path(entry.path)
+
+
+def _match_any_depth(directory: Path, tail: tuple[str, ...]) -> Iterator[Path]:
+    """``**``: `tail` matched in `directory` and in every real subdirectory below it."""
+    if tail:
+        yield from _match(directory, tail)
+    for entry in _scan(directory):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            yield from _match_any_depth(Path(entry.path), tail)
+        elif not tail and entry.is_file():
+            yield Path(entry.path)
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+    if name.startswith(".") and not pattern.startswith("."):
+        return False  # like shell globs: '*' does not match hidden names
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _scan(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError:
+        return []  # unreadable or vanished: nothing to list
+
+
+def iter_folder(folder: Path, *, recursive: bool, extensions: Collection[str]) -> Iterator[Path]:
+    """Image files in `folder` (and below when `recursive`), lazily, sorted by name.
+
+    `extensions` are matched case-insensitively (``.JPG`` counts as ``.jpg``).
+    """
+    wanted = {e.lower() for e in extensions}
+    for entry in _scan(folder):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            if recursive:
+                yield from iter_folder(Path(entry.path), recursive=True, extensions=wanted)
+        elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in wanted:
+            yield Path(entry.path)
+
+
+def check_image_file(path: Path) -> None:
+    """Raise `InputError` unless `path` is a readable image of at most 25 MB.
+
+    Only the header is read (Pillow opens lazily), so checking a large folder is cheap.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    if size > MAX_INPUT_BYTES:
+        mb = size / (1024 * 1024)
+        raise InputError(f"{path} is {mb:.1f} MB; the API takes images up to 25 MB")
+    try:
+        with Image.open(path) as img:
+            img_format = img.format
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise InputError(f"{path} is not an image Pillow can read") from None
+    if img_format is None:  # pragma: no cover - Pillow always names a format it opened
+        raise InputError(f"{path} is not an image Pillow can read")
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of the file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class HashCache:
+    """Hashes each file once per instance; a changed size or mtime hashes it again."""
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[int, int, str]] = {}
+
+    def sha256(self, path: Path) -> str:
+        """Hex SHA-256 of `path`'s bytes."""
+        stat = path.stat()
+        known = self._known.get(path)
+        if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
+            return known[2]
+        digest = file_sha256(path)
+        self._known[path] = (stat.st_size, stat.st_mtime_ns, digest)
+        return digest
+
+
+def read_input_bytes(path: Path | str, expected_sha256: str) -> bytes:
+    """The bytes of an input file, checked against the hash its item key was built from.
+
+    Called in a worker thread right before the request starts, so only the files of
+    requests in flight are in memory. Raises `InputChangedError` when the file
+    vanished or changed since the plan.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputChangedError(
+            f"input {path} can no longer be read ({exc.strerror}); run plan again", path=path
+        ) from None
+    if hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise InputChangedError(
+            f"input {path} changed since its item was planned; run again to plan it anew",
+            path=path,
+        )
+    return data

@@ -1,0 +1,318 @@
+"""Verified atomic image files, temp-file sweeping and OUT writability checks."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import random
+import struct
+import zlib
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageFile
+
+from pipeline import outputs
+from pipeline.errors import OutputError, TransientError
+from pipeline.outputs import (
+    ImageInfo,
+    check_writable,
+    output_path,
+    outputs_intact,
+    store_image,
+    sweep_temp_files,
+    verify_image,
+    write_json_atomic,
+)
+from pipeline.records import OutputFile
+
+KEY = "3f2a" * 16
+
+
+def _image(fmt: str = "PNG", size: tuple[int, int] = (32, 24), *, noisy: bool = False) -> bytes:
+    """A small image; `noisy` makes it incompressible so truncation hits pixel data."""
+    if noisy:
+        image = Image.frombytes("RGB", size, random.Random(0).randbytes(size[0] * size[1] * 3))
+    else:
+        image = Image.new("RGB", size, (200, 90, 30))
+    buf = BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a size in its header without the pixels: a decompression bomb."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 16)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", idat)
+        + _chunk(b"IEND", b"")
+    )
+
+
+def _truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _flip_middle_byte(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "ext"),
+    [
+        pytest.param("PNG", "png", id="png"),
+        pytest.param("JPEG", "jpg", id="jpeg"),
+        pytest.param("WEBP", "webp", id="webp"),
+    ],
+)
+def test_verify_image_reports_format_and_size(fmt: str, ext: str) -> None:
+    """A sound PNG, JPEG or WebP is accepted with its file extension and size."""
+    assert verify_image(_image(fmt, (40, 30))) == ImageInfo(format=ext, width=40, height=30)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"<html>503 Service Unavailable</html>", id="not-an-image"),
+        pytest.param(_truncated(_image("PNG", (64, 64), noisy=True)), id="truncated-png"),
+        pytest.param(_truncated(_image("JPEG", (64, 64), noisy=True)), id="truncated-jpeg"),
+        pytest.param(_flip_middle_byte(_image("PNG", (64, 64), noisy=True)), id="corrupt-png"),
+        pytest.param(_image("GIF"), id="unsupported-gif"),
+        pytest.param(_png_header_only(100_000, 100_000), id="bomb-over-pillow-limit"),
+        pytest.param(_png_header_only(10_000, 10_000), id="bomb-near-pillow-limit"),
+    ],
+)
+def test_verify_image_refuses_bad_bytes_as_retryable_bad_image(data: bytes) -> None:
+    """Empty, truncated, corrupt, unsupported or bomb images are a retryable bad_image error."""
+    with pytest.raises(TransientError) as caught:
+        verify_image(data)
+    assert caught.value.kind == "bad_image"
+
+
+def test_verify_image_refuses_more_pixels_than_allowed() -> None:
+    """An image larger than the pixel limit is refused before its pixels are decoded."""
+    with pytest.raises(TransientError, match="pixel limit") as caught:
+        verify_image(_image("PNG", (20, 20)), max_pixels=399)
+    assert caught.value.kind == "bad_image"
+
+
+def test_verify_image_leaves_pillow_settings_alone() -> None:
+    """Checking images never loosens Pillow's global truncation or bomb settings."""
+    before = (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS)
+    with pytest.raises(TransientError):
+        verify_image(_truncated(_image("PNG", (64, 64), noisy=True)))
+    verify_image(_image())
+    assert (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS) == before
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_output_path_follows_the_contract_layout(tmp_path: Path) -> None:
+    """Images go to OUT/images/<source>/<key16>-<index>.<ext>."""
+    path = output_path(tmp_path, "maple-grid", KEY, 2, "png")
+    assert path == tmp_path / "images" / "maple-grid" / f"{KEY[:16]}-2.png"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        pytest.param("..", id="dotdot"),
+        pytest.param(".", id="dot"),
+        pytest.param("../elsewhere", id="parent-path"),
+        pytest.param("a/b", id="slash"),
+        pytest.param("/etc", id="absolute"),
+        pytest.param("", id="empty"),
+    ],
+)
+def test_output_path_refuses_source_names_that_escape_out(tmp_path: Path, source: str) -> None:
+    """A source name that is not a plain folder name never places a file outside OUT."""
+    with pytest.raises(OutputError, match="cannot name a folder"):
+        output_path(tmp_path, source, KEY, 0, "png")
+
+
+def _leftovers(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.name.endswith(".tmp"))
+
+
+def test_store_image_writes_verified_file_and_describes_it(tmp_path: Path) -> None:
+    """A stored image lands at its contract path with its hash, size, url and id recorded."""
+    data = _image("PNG", (48, 32))
+    out = store_image(
+        tmp_path, source="maple-grid", key=KEY, index=0, data=data, url="https://x/1", id="i1"
+    )
+    assert out == OutputFile(
+        path=f"images/maple-grid/{KEY[:16]}-0.png",
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=48,
+        height=32,
+        url="https://x/1",
+        id="i1",
+    )
+    assert (tmp_path / out.path).read_bytes() == data
+    assert _leftovers(tmp_path) == []
+
+
+def test_store_image_uses_the_decoded_format_for_the_extension(tmp_path: Path) -> None:
+    """A JPEG is stored as .jpg whatever the caller expected."""
+    out = store_image(tmp_path, source="s", key=KEY, index=1, data=_image("JPEG"))
+    assert out.path.endswith("-1.jpg")
+
+
+def test_store_image_refuses_bad_bytes_without_writing(tmp_path: Path) -> None:
+    """Bytes that do not decode raise bad_image for the item and leave no file behind."""
+    with pytest.raises(TransientError) as caught:
+        store_image(tmp_path, source="s", key=KEY, index=0, data=b"\x89PNG\r\n\x1a\nbroken")
+    assert (caught.value.kind, caught.value.item_key) == ("bad_image", KEY)
+    assert list(tmp_path.rglob("*")) == []
+
+
+@pytest.mark.parametrize(
+    "code", [pytest.param(errno.ENOSPC, id="enospc"), pytest.param(errno.EDQUOT, id="edquot")]
+)
+def test_store_image_disk_full_tells_the_user_to_free_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """A full disk mid-write leaves neither a temp nor a partial file and says how to resume."""
+    real_write_all = outputs._write_all
+
+    def half_then_full(fd: int, data: bytes) -> None:
+        real_write_all(fd, data[: len(data) // 2])
+        raise OSError(code, "No space left on device")
+
+    monkeypatch.setattr(outputs, "_write_all", half_then_full)
+    with pytest.raises(OutputError, match="disk full writing .*run the same command again"):
+        store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_store_image_failed_rename_keeps_previous_file_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure before the rename keeps the old final file whole and removes the temp."""
+    old = store_image(tmp_path, source="s", key=KEY, index=0, data=_image("PNG", (10, 10)))
+
+    def broken_replace(src: object, dst: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(outputs.os, "replace", broken_replace)
+    with pytest.raises(OutputError, match="cannot write"):
+        store_image(tmp_path, source="s", key=KEY, index=0, data=_image("PNG", (20, 20)))
+    assert outputs_intact(tmp_path, [old])
+    assert _leftovers(tmp_path) == []
+
+
+def test_store_image_replaces_a_damaged_file(tmp_path: Path) -> None:
+    """Storing again over a damaged file leaves the new, intact image in place."""
+    first = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
+    (tmp_path / first.path).write_bytes(b"garbage")
+    second = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
+    assert outputs_intact(tmp_path, [second])
+
+
+def test_outputs_intact_accepts_files_as_recorded(tmp_path: Path) -> None:
+    """Files that exist with their recorded hash are intact."""
+    stored = [
+        store_image(tmp_path, source="s", key=KEY, index=i, data=_image("PNG", (8 + i, 8)))
+        for i in range(2)
+    ]
+    assert outputs_intact(tmp_path, stored)
+
+
+def test_outputs_intact_detects_missing_file(tmp_path: Path) -> None:
+    """A deleted output makes its item run again on resume."""
+    out = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
+    (tmp_path / out.path).unlink()
+    assert not outputs_intact(tmp_path, [out])
+    assert not outputs_intact(tmp_path, [out], check_hash=False)
+
+
+def test_outputs_intact_detects_changed_bytes_only_when_hashing(tmp_path: Path) -> None:
+    """An output whose bytes changed fails the hash check; existence alone can skip it."""
+    out = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
+    (tmp_path / out.path).write_bytes(_image("PNG", (5, 5)))
+    assert not outputs_intact(tmp_path, [out])
+    assert outputs_intact(tmp_path, [out], check_hash=False)
+
+
+def test_outputs_intact_refuses_paths_outside_out(tmp_path: Path) -> None:
+    """A manifest path pointing outside OUT is never trusted as an output."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(b"x")
+    digest = hashlib.sha256(b"x").hexdigest()
+    record = OutputFile(path="../elsewhere.png", sha256=digest, width=1, height=1)
+    assert not outputs_intact(out_dir, [record])
+
+
+def test_sweep_temp_files_removes_only_leftover_temps(tmp_path: Path) -> None:
+    """Temp files from killed runs are deleted and counted; real files stay."""
+    folder = tmp_path / "images" / "s"
+    folder.mkdir(parents=True)
+    keep = [folder / "abc-0.png", folder / "notes.tmp", tmp_path / "manifest.jsonl"]
+    temps = [folder / ".abc-0.png.1a2b3c4d.tmp", tmp_path / ".summary.json.5e6f7a8b.tmp"]
+    for path in keep + temps:
+        path.write_bytes(b"x")
+    assert sweep_temp_files(tmp_path) == 2
+    assert all(p.exists() for p in keep)
+    assert not any(p.exists() for p in temps)
+
+
+def test_sweep_temp_files_on_fresh_out_is_zero(tmp_path: Path) -> None:
+    """A new OUT without images has nothing to sweep."""
+    assert sweep_temp_files(tmp_path / "new") == 0
+
+
+def test_write_json_atomic_replaces_content(tmp_path: Path) -> None:
+    """summary.json is replaced whole, readable as JSON, with no temp file left."""
+    path = tmp_path / "summary.json"
+    path.write_text("old, not json")
+    write_json_atomic(path, {"ok": 3, "name": "fall-leaves é"})
+    assert json.loads(path.read_text(encoding="utf-8")) == {"ok": 3, "name": "fall-leaves é"}
+    assert _leftovers(tmp_path) == []
+
+
+def test_check_writable_creates_missing_out(tmp_path: Path) -> None:
+    """A missing OUT (and its parents) is created, and the probe file is cleaned up."""
+    out_dir = tmp_path / "runs" / "nightly"
+    check_writable(out_dir)
+    assert out_dir.is_dir()
+    assert list(out_dir.iterdir()) == []
+
+
+def test_check_writable_refuses_a_file(tmp_path: Path) -> None:
+    """An OUT that is a regular file is refused with what to do."""
+    out_dir = tmp_path / "out"
+    out_dir.write_text("x")
+    with pytest.raises(OutputError, match="is not a directory: pass another --out"):
+        check_writable(out_dir)
+
+
+def test_check_writable_refuses_a_path_under_a_file(tmp_path: Path) -> None:
+    """An OUT that cannot be created is refused with what to do."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot write to output dir .*pass another --out"):
+        check_writable(tmp_path / "file" / "out")
+
+
+def test_check_writable_refuses_read_only_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OUT where files cannot be created is refused before anything is spent."""
+
+    def denied(out_dir: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(outputs, "_probe_write", denied)
+    with pytest.raises(OutputError, match=r"\(Permission denied\): fix its permissions"):
+        check_writable(tmp_path)
