@@ -202,7 +202,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
                 f"disk full writing {path}: free space and run the same command again to resume"
             ) from exc
         reason = exc.strerror or type(exc).__name__
-        raise OutputError(f"cannot write {path} ({reason}): fix the output dir and run again") from exc
+        raise OutputError(
+            f"cannot write {path} ({reason}): fix the output dir and run again"
+        ) from exc
     finally:
         tmp.unlink(missing_ok=True)  # after a successful rename there is nothing to remove
 

@@ -10,18 +10,22 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from pipeline.errors import UsageError
-from pipeline.manifest import MANIFEST_NAME, load_state
+from pipeline.manifest import MANIFEST_NAME, read_lines
+from pipeline.records import ItemStatus
 
 __all__ = ["JOB_NAME", "SUMMARY_NAME", "format_status", "status_report"]
 
 JOB_NAME = "job.json"
 SUMMARY_NAME = "summary.json"
 _UNKNOWN_KIND = "unknown"
+
+# (status, source, images, error kind) of one key
+_Tally: TypeAlias = tuple[ItemStatus, str, int, str | None]
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +47,20 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     for name, _ in _job_sources(job):
         by_source[name] = _empty_counts()
     errors: Counter[str] = Counter()
-    for entry in load_state(manifest).entries.values():
-        counts = by_source.get(entry.source)
+    for status, source, images, kind in _latest_per_key(manifest):
+        counts = by_source.get(source)
         if counts is None:
-            counts = by_source[entry.source] = _empty_counts()
-        counts[entry.status] += 1
-        if entry.status == "ok":
-            counts["images"] += len(entry.outputs)
-        elif entry.status == "failed":
-            errors[entry.error_kind or _UNKNOWN_KIND] += 1
+            counts = by_source[source] = _empty_counts()
+        counts[status] += 1
+        counts["images"] += images
+        if status == "failed":
+            errors[kind or _UNKNOWN_KIND] += 1
     report: dict[str, Any] = {
         "ok": _total(by_source, "ok"),
         "failed": _total(by_source, "failed"),
         "images": _total(by_source, "images"),
         "by_source": by_source,
-        "errors": dict(errors.most_common()),
+        "errors": dict(sorted(errors.items(), key=lambda kv: (-kv[1], kv[0]))),
         "generated": _total(by_source, "generated"),
         "items": sum(c["ok"] + c["failed"] + c["generated"] for c in by_source.values()),
     }
@@ -67,6 +70,25 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     if summary is not None:
         report["last_run"] = summary
     return report
+
+
+def _latest_per_key(manifest: Path) -> Iterable[_Tally]:
+    """The last line of each key, reduced to what status needs as it streams.
+
+    Cheaper than `load_state` (no output records are built): memory grows with keys,
+    not lines, at one small tuple per key.
+    """
+    latest: dict[str, _Tally] = {}
+    interned: dict[str, str] = {}  # 1M lines share a handful of source names
+    for record in read_lines(manifest):
+        source = str(record.get("source", ""))
+        source = interned.setdefault(source, source)
+        status: ItemStatus = record["status"]
+        images = len(record.get("outputs") or ()) if status == "ok" else 0
+        error = record.get("error")
+        kind = error.get("kind") if status == "failed" and isinstance(error, dict) else None
+        latest[record["key"]] = (status, source, images, kind if isinstance(kind, str) else None)
+    return latest.values()
 
 
 def _empty_counts() -> dict[str, int]:
@@ -153,7 +175,7 @@ def _align(rows: list[list[str]]) -> list[str]:
     lines = []
     for row in rows:
         cells = [row[0].ljust(widths[0])]
-        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
         lines.append("  ".join(cells).rstrip())
     return lines
 

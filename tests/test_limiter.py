@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import selectors
 from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any, TypeVar
 
 import pytest
@@ -15,7 +16,7 @@ from pipeline.records import RateLimitHint
 T = TypeVar("T")
 
 
-class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _VirtualSelector(selectors.DefaultSelector):
     """Never blocks: when nothing is ready, the virtual clock jumps to the next timer."""
 
     def __init__(self) -> None:
@@ -171,29 +172,33 @@ def test_pause_blocks_every_start_until_retry_after() -> None:
     assert run(main()) == pytest.approx([0.5, 11.0, 11.0, 11.0, 12.0])
 
 
-@pytest.mark.parametrize(
-    ("second_at", "second_retry_after", "first_start"),
-    [
-        pytest.param(5.0, 30.0, 35.0, id="later-deadline-extends"),
-        pytest.param(5.0, 1.0, 10.0, id="earlier-deadline-never-shortens"),
-    ],
-)
-def test_later_pause_deadline_wins(
-    second_at: float, second_retry_after: float, first_start: float
-) -> None:
-    """Two 429s: starts wait for the later of the two deadlines."""
+def test_later_429_extends_the_pause() -> None:
+    """A second 429 with a later deadline holds back a waiter already sleeping on the first."""
+
+    async def main() -> list[float]:
+        lim = limiter()
+        lim.pause(10.0)
+        rec = Recorder(lim)
+        await asyncio.gather(rec.request("waiting-since-0"), at(5.0, lambda: lim.pause(30.0)))
+        return rec.times()
+
+    assert run(main()) == pytest.approx([35.0])
+
+
+def test_earlier_429_deadline_never_shortens_the_pause() -> None:
+    """A 429 whose Retry-After ends before the current pause leaves the pause as it was."""
 
     async def main() -> list[float]:
         lim = limiter()
         lim.pause(10.0)
         rec = Recorder(lim)
         await asyncio.gather(
-            rec.request("waiting-from-0"),
-            at(second_at, lambda: lim.pause(second_retry_after)),
+            at(5.0, lambda: lim.pause(1.0)),
+            at(7.0, partial(rec.request, "arriving-after-the-second-429")),
         )
         return rec.times()
 
-    assert run(main()) == pytest.approx([first_start])
+    assert run(main()) == pytest.approx([10.0])
 
 
 def test_pause_without_retry_after_uses_the_default() -> None:
@@ -288,18 +293,23 @@ def test_429s_during_one_pause_halve_the_rate_once() -> None:
 
 
 def test_waiters_start_in_arrival_order() -> None:
-    """FIFO: a big request queued first is not overtaken by small ones that would fit sooner."""
+    """FIFO: a big request waiting for a slot is not overtaken by a small one arriving later."""
 
-    async def main() -> list[str]:
-        rec = Recorder(limiter(image_rate=1.0))
-        await rec.request("warm-up", 2)  # image schedule busy until t=2
-        arrivals = [("big", 5), ("s1", 1), ("s2", 1), ("s3", 1)]
-        await asyncio.gather(
-            *(at(0.1 * i, lambda n=n, s=s: rec.request(s, n)) for i, (s, n) in enumerate(arrivals))
-        )
-        return rec.names()
+    async def main() -> list[tuple[str, float]]:
+        rec = Recorder(limiter(image_rate=1.0, concurrency=1))
 
-    assert run(main()) == ["warm-up", "big", "s1", "s2", "s3"]
+        async def holder_then_barger() -> None:
+            await rec.request("holder", hold=5.0)
+            await rec.request("barger")  # asks the moment the slot frees, before "big" runs
+
+        await asyncio.gather(holder_then_barger(), at(1.0, partial(rec.request, "big", 5)))
+        return rec.starts
+
+    assert run(main()) == [
+        ("holder", 0.0),
+        ("big", pytest.approx(5.0)),
+        ("barger", pytest.approx(10.0)),  # big's 5 images hold the image schedule until then
+    ]
 
 
 def test_cancelled_waiter_frees_its_place() -> None:
@@ -466,7 +476,9 @@ def test_fake_clock_and_sleep_can_be_injected() -> None:
         await asyncio.sleep(0)
 
     async def main() -> None:
-        lim = Limiter(rate=0.5, image_rate=None, concurrency=1, clock=lambda: now[0], sleep=fake_sleep)
+        lim = Limiter(
+            rate=0.5, image_rate=None, concurrency=1, clock=lambda: now[0], sleep=fake_sleep
+        )
         for _ in range(3):
             async with lim.slot(1):
                 pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import lock as lock_module
 from pipeline.errors import OutputError
 from pipeline.lock import LOCK_NAME, acquire_lock
 
@@ -131,7 +131,7 @@ def no_flock(monkeypatch: pytest.MonkeyPatch) -> None:
     def unsupported(fd: int, operation: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(lock_module.fcntl, "flock", unsupported)
+    monkeypatch.setattr(fcntl, "flock", unsupported)
 
 
 @pytest.mark.usefixtures("no_flock")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import random
 import struct
 import zlib
@@ -51,10 +52,7 @@ def _png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 16)
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", ihdr)
-        + _chunk(b"IDAT", idat)
-        + _chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
     )
 
 
@@ -113,7 +111,7 @@ def test_verify_image_leaves_pillow_settings_alone() -> None:
     with pytest.raises(TransientError):
         verify_image(_truncated(_image("PNG", (64, 64), noisy=True)))
     verify_image(_image())
-    assert (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS) == before
+    assert before == (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
@@ -190,7 +188,7 @@ def test_store_image_disk_full_tells_the_user_to_free_space(
         raise OSError(code, "No space left on device")
 
     monkeypatch.setattr(outputs, "_write_all", half_then_full)
-    with pytest.raises(OutputError, match="disk full writing .*run the same command again"):
+    with pytest.raises(OutputError, match=r"disk full writing .*run the same command again"):
         store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
@@ -204,7 +202,7 @@ def test_store_image_failed_rename_keeps_previous_file_intact(
     def broken_replace(src: object, dst: object) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(outputs.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OutputError, match="cannot write"):
         store_image(tmp_path, source="s", key=KEY, index=0, data=_image("PNG", (20, 20)))
     assert outputs_intact(tmp_path, [old])
@@ -301,7 +299,7 @@ def test_check_writable_refuses_a_file(tmp_path: Path) -> None:
 def test_check_writable_refuses_a_path_under_a_file(tmp_path: Path) -> None:
     """An OUT that cannot be created is refused with what to do."""
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError, match="cannot write to output dir .*pass another --out"):
+    with pytest.raises(OutputError, match=r"cannot write to output dir .*pass another --out"):
         check_writable(tmp_path / "file" / "out")
 
 

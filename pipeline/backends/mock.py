@@ -11,6 +11,7 @@ can prove the client's behaviour.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import hashlib
 import hmac
@@ -32,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "DEFAULT_FAULT_WEIGHTS",
+    "DEFAULT_PAUSE_GRACE_S",
     "FAULT_KINDS",
     "MockConfig",
     "MockServer",
@@ -41,20 +43,6 @@ __all__ = [
     "run_mock_server",
 ]
 
-FaultKind = Literal[
-    "429",
-    "500",
-    "502",
-    "503",
-    "504",
-    "drop",
-    "malformed",
-    "wrong_shape",
-    "corrupt_image",
-    "truncated_image",
-    "slow",
-    "image_404_once",
-]
 FAULT_KINDS: tuple[str, ...] = (
     "429",
     "500",
@@ -88,7 +76,7 @@ DEFAULT_FAULT_WEIGHTS: Mapping[str, float] = MappingProxyType(
 ResponseShape = Literal["data", "array", "images", "results", "b64_json"]
 RetryAfterForm = Literal["seconds", "date", "none"]
 
-PAUSE_GRACE_S = 0.05
+DEFAULT_PAUSE_GRACE_S = 0.05
 """Requests arriving this soon after a 429 were already in flight: not a pause violation."""
 MAX_TOKENS = 50_000
 """Image URLs remembered (least recently used dropped first)."""
@@ -121,6 +109,7 @@ class MockConfig:
     max_px: int = 256
     send_rate_limit_headers: bool = False
     slow_s: float = 3.0
+    pause_grace_s: float = DEFAULT_PAUSE_GRACE_S
 
     def __post_init__(self) -> None:
         problems = [
@@ -138,8 +127,8 @@ class MockConfig:
             problems.append(f"rate_limit must be > 0, got {self.rate_limit}")
         if self.burst < 1 or self.max_px < 1:
             problems.append("burst and max_px must be >= 1")
-        if min(self.latency_s, self.retry_after_s, self.slow_s) < 0:
-            problems.append("latency_s, retry_after_s and slow_s must be >= 0")
+        if min(self.latency_s, self.retry_after_s, self.slow_s, self.pause_grace_s) < 0:
+            problems.append("latency_s, retry_after_s, slow_s and pause_grace_s must be >= 0")
         if self.retry_after_form not in ("seconds", "date", "none"):
             problems.append(f"unknown retry_after_form {self.retry_after_form!r}")
         if self.response_shape not in ("data", "array", "images", "results", "b64_json"):
@@ -209,7 +198,7 @@ def draw_image(prompt: str, image: str | None, *, index: int, width: int, height
     canvas = Image.new("RGB", (width, height), color)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()  # cheap; a shared font is not thread-safe
-    line_h = draw.textbbox((0, 0), "Ag", font=font)[3] + 2
+    line_h = math.ceil(draw.textbbox((0, 0), "Ag", font=font)[3]) + 2
     y = 2
     for line in textwrap.wrap(prompt, width=max(4, (width - 4) // 6)):
         if y + line_h > height // 3:
@@ -217,7 +206,7 @@ def draw_image(prompt: str, image: str | None, *, index: int, width: int, height
         draw.text((2, y), line, fill=ink, font=font)
         y += line_h
     label = f"#{index}"
-    right, bottom = draw.textbbox((0, 0), label, font=font)[2:]
+    right, bottom = (math.ceil(v) for v in draw.textbbox((0, 0), label, font=font)[2:])
     if bottom + 2 < height // 3 and right + 2 < width // 3:
         draw.text((width - right - 2, height - bottom - 2), label, fill=ink, font=font)
     out = io.BytesIO()
@@ -269,7 +258,7 @@ class _MockApi:
         """``POST /synthetic-image``: counts the start, then answers or injects a fault."""
         now = asyncio.get_running_loop().time()
         self.stats.requests += 1
-        if self._pause_from + PAUSE_GRACE_S < now < self._pause_until:
+        if self._pause_from + self.config.pause_grace_s < now < self._pause_until:
             self.stats.starts_during_pause += 1
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
@@ -342,9 +331,7 @@ class _MockApi:
         data = await asyncio.to_thread(_render, spec)
         return web.Response(body=data, content_type="image/png")
 
-    async def _payload(
-        self, request: web.Request, body: dict[str, Any], fault: str | None
-    ) -> Any:
+    async def _payload(self, request: web.Request, body: dict[str, Any], fault: str | None) -> Any:
         specs = self._specs(body, fault)
         tokens = [self._mint(spec) for spec in specs]
         shape = self.config.response_shape
@@ -371,10 +358,8 @@ class _MockApi:
         width, height = _scaled_size(body.get("size"), self.config.max_px)
         image = body.get("image") if isinstance(body.get("image"), str) else None
         count = _count(body.get("n"))
-        self.stats.images += count
         return [
-            _ImageSpec(body["prompt"], image, index, width, height, fault)
-            for index in range(count)
+            _ImageSpec(body["prompt"], image, index, width, height, fault) for index in range(count)
         ]
 
     def _mint(self, spec: _ImageSpec) -> str:
@@ -390,6 +375,7 @@ class _MockApi:
             json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
         ).hexdigest()
         self.stats.generations += 1
+        self.stats.images += _count(body.get("n"))
         self.stats.generations_by_body[digest] = self.stats.generations_by_body.get(digest, 0) + 1
 
     def _draw_fault(self) -> str | None:
@@ -405,9 +391,7 @@ class _MockApi:
         rate = self.config.rate_limit
         if rate is None:
             return True
-        self._bucket = min(
-            float(self.config.burst), self._bucket + (now - self._bucket_at) * rate
-        )
+        self._bucket = min(float(self.config.burst), self._bucket + (now - self._bucket_at) * rate)
         self._bucket_at = now
         if self._bucket >= 1.0:
             self._bucket -= 1.0
@@ -582,8 +566,6 @@ def _count(n: Any) -> int:
 
 
 def _b64(data: bytes) -> str:
-    import base64
-
     return base64.b64encode(data).decode("ascii")
 
 

@@ -94,6 +94,8 @@ class RoboflowBackend:
             return self._generation(status, raw, headers)
         except BackendError as error:
             error.item_key = item.key
+            error.message = self._scrub(error.message)
+            error.args = (error.message,)
             raise
 
     async def download(self, image: GeneratedImage) -> bytes:
@@ -180,7 +182,7 @@ class RoboflowBackend:
         _log.debug("%s answered HTTP %d (%d bytes)", self._endpoint, status, len(raw))
         if not 200 <= status < 300:
             raise classify_http(status, text, headers, now=self._clock())
-        payload = _load_json(raw)
+        payload = _load_json(text)  # scrubbed: the manifest keeps this answer
         if payload is _INVALID:
             raise TransientError(
                 f"HTTP {status} with invalid JSON: {excerpt(text)}",
@@ -200,9 +202,9 @@ class RoboflowBackend:
         return text.replace(self._api_key, "***") if self._api_key else text
 
 
-def _load_json(raw: bytes) -> Any:
+def _load_json(text: str) -> Any:
     """The parsed answer, or `_INVALID` (returned, not raised, to keep no exception context)."""
     try:
-        return json.loads(raw)
+        return json.loads(text)
     except ValueError:
         return _INVALID

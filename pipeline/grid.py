@@ -1,0 +1,697 @@
+"""Contact sheets for prompt-variation sources, drawn from OUT alone (manifest + image files).
+
+Layout of ``OUT/grids/<source>.png``, an X/Y plot:
+
+* the first template variable runs across (a column per value), the second runs down (a
+  row per value); a source with one variable is a single row;
+* each further variable makes separate sheets, one per combination of its values, named
+  ``<source>--<var>=<value>[--<var>=<value>...].png``: characters outside
+  ``[A-Za-z0-9._=-]`` become ``_``, and a name that would collide with another or run past
+  120 characters ends in ``~`` and 8 hex digits of the exact values;
+* repeats, input images and the ``n`` images of one request are sub-rows of each row,
+  labelled with the input's file name, ``repeat k`` and ``image j``;
+* a sheet never exceeds ``max_sheet_px`` on either side: larger grids are split evenly into
+  pages, the first keeps the name, the next are ``<name>-2.png``, ``<name>-3.png``, ...
+  (row blocks first, then column blocks);
+* a cell without an image is a hatched placeholder saying why: ``FAILED: <error kind>``,
+  ``PENDING`` (not run yet, or answered but not downloaded), ``MISSING FILE``, ``UNREADABLE``
+  or, without ``OUT/job.json``, ``NO RECORD``; a combination the job never asks for
+  (``combine: zip`` or ``sample``) is a plain ``not in job`` cell.
+
+Each sheet explains itself later through PNG iTXt metadata: ``synthaug.spec``,
+``synthaug.source``, ``synthaug.template``, ``synthaug.vars`` (JSON, all variables),
+``synthaug.slice`` (JSON, the further variables' values on this sheet) and
+``synthaug.page`` (``"2/4"``).
+
+Text uses the font that ships inside Pillow, so a sheet looks the same on every machine.
+That font holds ASCII glyphs only: other characters are drawn as their closest ASCII
+(``é`` → ``e``, ``ß`` → ``ss``) or ``?``; the exact text is in the metadata and index.html.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+from pipeline.manifest import MANIFEST_NAME, read_latest
+
+__all__ = ["DEFAULT_CELL_PX", "DEFAULT_MAX_SHEET_PX", "GRIDS_DIR", "META_SOURCE", "draw_grids"]
+
+DEFAULT_CELL_PX = 256
+DEFAULT_MAX_SHEET_PX = 8192
+GRIDS_DIR = "grids"
+JOB_NAME = "job.json"
+META_SOURCE = "synthaug.source"  # every sheet we write has it; stale ones are found by it
+MAX_STEM_CHARS = 120
+MIN_CELL_PX = 32
+MIN_PAGE_WIDTH_PX = 480  # room for the title even when a page holds one narrow column
+
+log = logging.getLogger(__name__)
+
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+Tone = Literal["image", "failed", "pending", "absent"]
+Sample = tuple[str | None, int, int]  # (input value, repeat, output index)
+
+WHITE = (255, 255, 255)
+INK = (30, 30, 30)
+MUTED = (110, 110, 110)
+CELL_BG = (238, 238, 238)
+# (background, hatch, text) per placeholder tone: greys and a dull red, never image-like
+TONES: dict[
+    Tone, tuple[tuple[int, int, int], tuple[int, int, int] | None, tuple[int, int, int]]
+] = {
+    "failed": ((236, 222, 222), (214, 178, 178), (165, 25, 25)),
+    "pending": ((226, 226, 226), (204, 204, 204), (70, 70, 70)),
+    "absent": ((250, 250, 250), None, (165, 165, 165)),
+}
+# letters with no Unicode decomposition to ASCII
+ASCII_FALLBACK = {
+    "ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE", "ð": "d",
+    "Ð": "D", "þ": "th", "Þ": "Th", "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ı": "i",
+    "×": "x", "÷": "/", "«": '"', "»": '"', "¡": "!", "¿": "?", "·": ".", "°": "o",
+    "µ": "u", "¢": "c", "£": "GBP", "€": "EUR", "¥": "JPY", "©": "(c)", "®": "(R)",
+    "§": "S", "¶": "P", "¬": "-", "¦": "|", "±": "+/-", "⁄": "/", "‘": "'", "’": "'",
+    "“": '"', "”": '"', "–": "-", "—": "-", "…": "...", "→": "->", "\t": " ",
+}  # fmt: skip
+
+
+def draw_grids(
+    out_dir: Path, *, cell_px: int = DEFAULT_CELL_PX, max_sheet_px: int = DEFAULT_MAX_SHEET_PX
+) -> list[Path]:
+    """Draw a contact sheet for every source with template variables; return the files.
+
+    Sheets go to ``OUT/grids/<source>.png``; further variables, pages and the file names
+    they get are described in this module's docstring. Works on a partial or resumed run:
+    only the manifest and the image files are read (``OUT/job.json`` when present).
+    Sheets of an earlier drawing that no longer apply are removed. CPU-bound and sync:
+    async callers run it in a thread.
+    """
+    if cell_px < MIN_CELL_PX:
+        raise ValueError(f"cell_px must be at least {MIN_CELL_PX}, got {cell_px}")
+    style = _Style.for_cell(cell_px)
+    job = read_job(out_dir)
+    records = read_latest(out_dir / MANIFEST_NAME)
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for record in records.values():
+        by_source.setdefault(str(record.get("source", "")), []).append(record)
+    grids_dir = out_dir / GRIDS_DIR
+    written: list[Path] = []
+    for source in _sources(job, by_source):
+        if not source.vars:
+            continue
+        grid = _Grid.build(source, by_source.get(source.name, []), out_dir)
+        for sheet_name, image, info in _sheets(grid, style, max_sheet_px, job):
+            grids_dir.mkdir(parents=True, exist_ok=True)
+            path = grids_dir / sheet_name
+            _save_png(image, path, info)
+            written.append(path)
+    _remove_stale(grids_dir, set(written))
+    return written
+
+
+def read_job(out_dir: Path) -> dict[str, Any]:
+    """``OUT/job.json`` as a dict, or ``{}`` when it is absent or unreadable (never required)."""
+    try:
+        data = json.loads((out_dir / JOB_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", out_dir / JOB_NAME, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# --- what to draw ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """A source as far as the grid cares: from job.json, completed from the manifest."""
+
+    name: str
+    template: str | None
+    vars: dict[str, list[str]]
+    combine: str | None  # None: OUT/job.json missing, so which cells to expect is unknown
+    repeats: int = 1
+    n: int = 1
+    no_input: bool = False
+
+
+def _sources(
+    job: Mapping[str, Any], by_source: Mapping[str, list[dict[str, Any]]]
+) -> list[_Source]:
+    """Sources in job.json order, then those only the manifest knows, in order of appearance."""
+    declared = {str(s.get("name")): s for s in job.get("sources") or () if isinstance(s, dict)}
+    out = []
+    for name in [*declared, *(n for n in by_source if n not in declared)]:
+        spec = declared.get(name, {})
+        names: dict[str, list[str]] = {
+            str(k): [str(v) for v in vs] for k, vs in (spec.get("vars") or {}).items()
+        }
+        for record in by_source.get(name, ()):
+            for key, value in (record.get("vars") or {}).items():
+                values = names.setdefault(str(key), [])
+                if str(value) not in values:
+                    values.append(str(value))
+        out.append(
+            _Source(
+                name=name,
+                template=spec.get("prompt"),
+                vars=names,
+                combine=str(spec["combine"]) if "combine" in spec else None,
+                repeats=max(1, int(spec.get("repeats") or 1)),
+                n=max(1, int(spec.get("n") or 1)),
+                no_input=spec.get("input") == "none",
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Cell:
+    """What one cell shows: an image file, or a placeholder tone with its text."""
+
+    tone: Tone
+    image: Path | None = None
+    lines: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class _Grid:
+    """One source's cells, indexed by (variable values, input, repeat)."""
+
+    source: _Source
+    out_dir: Path
+    samples: list[Sample]
+    records: dict[tuple[tuple[str, ...], str | None, int], dict[str, Any]]
+    expected: Callable[[tuple[str, ...]], bool | None]
+    slices: list[tuple[str, ...]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, source: _Source, records: Sequence[dict[str, Any]], out_dir: Path) -> _Grid:
+        """Index the manifest lines of `source` and work out rows, slices and expectations."""
+        names = list(source.vars)
+        indexed = {
+            (_values(r, names), _input_value(r), int(r.get("repeat") or 0)): r for r in records
+        }
+        seen = _unique(values for values, _, _ in indexed)
+        expected = _expectation(source, seen)
+        slices = _unique([*(c[2:] for c in _expected_combos(source)), *(v[2:] for v in seen)])
+        if len(names) <= 2:
+            slices = [()]
+        return cls(source, out_dir, _samples(source, records), indexed, expected, slices)
+
+    def sample_label(self, sample: Sample) -> str:
+        """How a sub-row is named: input file, repeat and image number, where they vary."""
+        parts = []
+        if sample[0] is not None:
+            parts.append(sample[0].split("?")[0].rstrip("/").rsplit("/", 1)[-1] or sample[0])
+        if len({s[1] for s in self.samples}) > 1:
+            parts.append(f"repeat {sample[1] + 1}")
+        if any(s[2] for s in self.samples):
+            parts.append(f"image {sample[2] + 1}")
+        return ", ".join(parts)
+
+    def cell(self, values: tuple[str, ...], sample: Sample) -> _Cell:
+        """The cell for a full tuple of variable values and one sample (sub-row)."""
+        record = self.records.get((values, sample[0], sample[1]))
+        if record is None:
+            verdict = self.expected(values)
+            if verdict is False:
+                return _Cell("absent", lines=("not in job",))
+            return _Cell("pending", lines=("PENDING",) if verdict else ("NO RECORD",))
+        status = record.get("status")
+        if status == "failed":
+            error = record.get("error") or {}
+            detail = f"HTTP {error['status']}" if error.get("status") else ""
+            message = str(error.get("message") or "")
+            return _Cell("failed", lines=(f"FAILED: {error.get('kind', '?')}", detail, message))
+        if status != "ok":
+            return _Cell("pending", lines=("PENDING", "answered, not downloaded"))
+        outputs = record.get("outputs") or []
+        if sample[2] >= len(outputs):
+            return _Cell("absent", lines=("no image",))
+        path = _inside(self.out_dir, str(outputs[sample[2]].get("path", "")))
+        if path is None or not path.is_file():
+            return _Cell("failed", lines=("MISSING FILE", str(outputs[sample[2]].get("path"))))
+        return _Cell("image", image=path)
+
+
+def _values(record: Mapping[str, Any], names: Sequence[str]) -> tuple[str, ...]:
+    found = record.get("vars") or {}
+    return tuple(str(found.get(name, "")) for name in names)
+
+
+def _input_value(record: Mapping[str, Any]) -> str | None:
+    found = record.get("input")
+    return str(found.get("value")) if isinstance(found, dict) else None
+
+
+def _expected_combos(source: _Source) -> Iterable[tuple[str, ...]]:
+    if source.combine == "product":
+        return itertools.product(*source.vars.values())
+    if source.combine == "zip":
+        return zip(*source.vars.values(), strict=False)  # equal lengths: the spec checks
+    return ()
+
+
+def _expectation(
+    source: _Source, seen: Iterable[tuple[str, ...]]
+) -> Callable[[tuple[str, ...]], bool | None]:
+    """Is a combination without a record part of the job? True, False, or None (unknown)."""
+    if source.combine == "product":
+        return lambda values: True
+    if source.combine is None:
+        return lambda values: None
+    wanted = {*_expected_combos(source), *seen}  # zip: its tuples; sample: what ran
+    return lambda values: values in wanted
+
+
+def _samples(source: _Source, records: Sequence[Mapping[str, Any]]) -> list[Sample]:
+    """Sub-rows: every (input, repeat, output index) the job asks for or the manifest shows."""
+    found: dict[Sample, None] = {}
+    if source.no_input:
+        for repeat, index in itertools.product(range(source.repeats), range(source.n)):
+            found[(None, repeat, index)] = None
+    for record in records:
+        outputs = record.get("outputs") or ()
+        count = len(outputs) if record.get("status") == "ok" else source.n
+        for index in range(max(count, 1)):
+            found[(_input_value(record), int(record.get("repeat") or 0), index)] = None
+    inputs = _unique(s[0] for s in found)
+    ordered = sorted(found, key=lambda s: (inputs.index(s[0]), s[1], s[2]))
+    return ordered or [(None, 0, 0)]
+
+
+def _unique(items: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(items))
+
+
+def _inside(out_dir: Path, relative: str) -> Path | None:
+    """`relative` under OUT, or None when it is absolute or climbs out (a hand-edited line)."""
+    pure = PurePosixPath(relative)
+    if not relative or pure.is_absolute() or ".." in pure.parts:
+        return None
+    return out_dir.joinpath(*pure.parts)
+
+
+# --- sheets and pages -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Style:
+    """Sizes derived from the cell size, and the fonts to draw with."""
+
+    cell: int
+    gap: int
+    margin: int
+    pad: int
+    row_header: int
+    label: Font
+    small: Font
+    title: Font
+    glyphs: dict[str, bool] = field(default_factory=dict)  # per-drawing cache: has glyph?
+
+    @classmethod
+    def for_cell(cls, cell: int) -> _Style:
+        """Fonts and spacing proportionate to `cell`, readable from 32 px cells up."""
+        size = min(20, max(11, round(cell * 0.07)))
+        return cls(
+            cell=cell,
+            gap=max(2, cell // 64),
+            margin=max(8, cell // 16),
+            pad=max(3, cell // 40),
+            row_header=min(280, max(120, cell)),
+            label=_font(size),
+            small=_font(max(10, size - 3)),
+            title=_font(round(size * 1.5)),
+        )
+
+    def line_height(self, font: Font) -> int:
+        """Height of one line of `font`, with a little leading."""
+        return math.ceil(_bbox(font, "Ag|")[3] * 1.25)
+
+    def col_header(self) -> int:
+        """Height of the band holding the column values (two lines)."""
+        return 3 * self.pad + 2 * self.line_height(self.label)
+
+    def printable(self, text: str, font: Font) -> str:
+        """`text` with every character the font lacks replaced by its closest ASCII, or '?'."""
+        return "".join(self._glyph(ch, font) for ch in text)
+
+    def _glyph(self, ch: str, font: Font) -> str:
+        if self._has(ch, font):
+            return ch
+        folded = ASCII_FALLBACK.get(ch)
+        if folded is None:
+            base = unicodedata.normalize("NFKD", ch)
+            folded = "".join(c for c in base if not unicodedata.combining(c))
+            folded = "".join(ASCII_FALLBACK.get(c, c) for c in folded)
+        if folded and all(self._has(c, font) for c in folded):
+            return folded
+        return "?"
+
+    def _has(self, ch: str, font: Font) -> bool:
+        if ch == " ":
+            return True
+        known = self.glyphs.get(ch)
+        if known is None:
+            known = self.glyphs[ch] = _mask(font, ch) not in (None, _mask(font, "\uffff"))
+        return known
+
+    def wrap(self, text: str, font: Font, width: int, max_lines: int) -> list[str]:
+        """Word-wrap `text` into `width` px; the last allowed line ends in '...' if cut."""
+        text = self.printable(" ".join(text.split()), font)
+        lines: list[str] = []
+        words = text.split(" ")
+        while words and len(lines) < max_lines:
+            line = words.pop(0)
+            while _width(font, line) > width:  # one word wider than the line: break it
+                cut = _fit_chars(font, line, width)
+                lines.append(line[:cut])
+                line = line[cut:]
+            while words and _width(font, f"{line} {words[0]}") <= width:
+                line = f"{line} {words.pop(0)}"
+            lines.append(line)
+        if len(lines) > max_lines or words:
+            last = lines[max_lines - 1]
+            while last and _width(font, last + "...") > width:
+                last = last[:-1]
+            lines = [*lines[: max_lines - 1], last.rstrip() + "..."]
+        return lines
+
+
+def _font(size: int) -> Font:
+    """Pillow's bundled font at `size`; BASIC layout so no system library changes the look."""
+    font = ImageFont.load_default(size=size)
+    if isinstance(font, ImageFont.FreeTypeFont):
+        return font.font_variant(layout_engine=ImageFont.Layout.BASIC)
+    return font  # Pillow built without FreeType: the fixed-size bitmap font
+
+
+def _bbox(font: Font, text: str) -> tuple[float, float, float, float]:
+    return font.getbbox(text) if text else (0, 0, 0, 0)
+
+
+def _width(font: Font, text: str) -> float:
+    return font.getlength(text)
+
+
+def _mask(font: Font, ch: str) -> tuple[tuple[int, int], bytes] | None:
+    try:
+        mask = font.getmask(ch)
+    except UnicodeEncodeError:  # the bitmap font only knows Latin-1
+        return None
+    return mask.size, bytes(mask)
+
+
+def _fit_chars(font: Font, word: str, width: int) -> int:
+    cut = len(word)
+    while cut > 1 and _width(font, word[:cut]) > width:
+        cut -= 1
+    return cut
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    """One sheet image: a block of rows × a block of columns of one slice."""
+
+    rows: Sequence[tuple[str, Sample]]
+    cols: Sequence[str]
+    number: int
+    total: int
+    title_h: int  # the same on every page of a slice: fixed by the narrowest page
+
+
+def _sheets(
+    grid: _Grid, style: _Style, max_px: int, job: Mapping[str, Any]
+) -> Iterable[tuple[str, Image.Image, PngInfo]]:
+    """Every (file name, image, metadata) of `grid`: its slices, each in pages."""
+    source = grid.source
+    names = list(source.vars)
+    y_values = source.vars[names[1]] if len(names) > 1 else [""]
+    rows = [(y, s) for y in y_values for s in grid.samples]
+    for slice_values, stem in zip(
+        grid.slices, _stems(source.name, names[2:], grid.slices), strict=True
+    ):
+        parts = _title_parts(source, names, slice_values)
+        for page in _paginate(rows, source.vars[names[0]], style, max_px, parts):
+            if page.total > 1:
+                parts[0] = f"{source.name}  (page {page.number} of {page.total})"
+            image = _render(grid, page, slice_values, parts, style, max_px)
+            suffix = "" if page.number == 1 else f"-{page.number}"
+            yield f"{stem}{suffix}.png", image, _metadata(job, source, slice_values, page)
+
+
+def _stems(source: str, z_names: Sequence[str], slices: Sequence[tuple[str, ...]]) -> list[str]:
+    """File stems per slice, filesystem-safe and unique (see the module docstring)."""
+    if not z_names:
+        return [source]
+    raw = ["--".join(f"{k}={v}" for k, v in zip(z_names, vs, strict=True)) for vs in slices]
+    safe = [re.sub(r"[^A-Za-z0-9._=-]", "_", r) for r in raw]
+    stems = []
+    for r, s in zip(raw, safe, strict=True):
+        if safe.count(s) > 1 or len(source) + len(s) + 2 > MAX_STEM_CHARS:
+            digest = hashlib.sha256(r.encode("utf-8")).hexdigest()[:8]
+            s = f"{s[: max(0, MAX_STEM_CHARS - len(source) - 11)]}~{digest}"
+        stems.append(f"{source}--{s}")
+    return stems
+
+
+def _paginate(
+    rows: Sequence[tuple[str, Sample]],
+    cols: Sequence[str],
+    style: _Style,
+    max_px: int,
+    title: Sequence[str],
+) -> Iterable[_Page]:
+    """Split rows and columns evenly into as few pages as keep each side ≤ `max_px`."""
+    step = style.cell + style.gap
+    col_room = (max_px - 2 * style.margin - style.row_header) // step
+    if col_room < 1:
+        raise ValueError(f"max_sheet_px={max_px} is too small for one {style.cell} px cell")
+    col_blocks = _split(len(cols), col_room)
+    narrowest = _page_width(len(min(col_blocks, key=len)), style, max_px)
+    title_h = _title_height(style, title, narrowest)
+    row_room = (max_px - 2 * style.margin - title_h - style.col_header()) // step
+    if row_room < 1:
+        raise ValueError(f"max_sheet_px={max_px} is too small for the title and one row")
+    row_blocks = _split(len(rows), row_room)
+    total = len(row_blocks) * len(col_blocks)
+    for number, (rb, cb) in enumerate(itertools.product(row_blocks, col_blocks), start=1):
+        yield _Page([rows[i] for i in rb], [cols[i] for i in cb], number, total, title_h)
+
+
+def _split(count: int, room: int) -> list[range]:
+    """`count` indices in the fewest blocks of at most `room`, sizes as even as possible."""
+    size = math.ceil(count / math.ceil(count / room)) if count else 1
+    return [range(i, min(i + size, count)) for i in range(0, count, size)] or [range(0)]
+
+
+def _page_width(cols: int, style: _Style, max_px: int) -> int:
+    grid_w = 2 * style.margin + style.row_header + cols * (style.cell + style.gap)
+    return max(grid_w, min(MIN_PAGE_WIDTH_PX, max_px))
+
+
+def _title_parts(source: _Source, names: Sequence[str], slice_values: Sequence[str]) -> list[str]:
+    """Heading, prompt template and, on a slice, the further variables' values."""
+    template = source.template if source.template is not None else "(unknown: no OUT/job.json)"
+    parts = [source.name, f"prompt: {template}"]
+    if slice_values:
+        parts.append("; ".join(f"{k} = {v}" for k, v in zip(names[2:], slice_values, strict=True)))
+    return parts
+
+
+def _title_lines(style: _Style, parts: Sequence[str], width: int) -> list[tuple[str, Font]]:
+    room = width - 2 * style.margin
+    lines = [(line, style.title) for line in style.wrap(parts[0], style.title, room, 1)]
+    for text, max_lines in zip(parts[1:], (3, 2), strict=False):
+        lines += [(line, style.label) for line in style.wrap(text, style.label, room, max_lines)]
+    return lines
+
+
+def _title_height(style: _Style, parts: Sequence[str], width: int) -> int:
+    return _lines_height(style, _title_lines(style, parts, width)) + style.pad
+
+
+def _render(
+    grid: _Grid,
+    page: _Page,
+    slice_values: tuple[str, ...],
+    title: Sequence[str],
+    style: _Style,
+    max_px: int,
+) -> Image.Image:
+    """Draw one page: title, headers, then every cell."""
+    step = style.cell + style.gap
+    width = _page_width(len(page.cols), style, max_px)
+    x0 = style.margin + style.row_header
+    y0 = style.margin + page.title_h + style.col_header()
+    sheet = Image.new("RGB", (width, y0 + len(page.rows) * step + style.margin), WHITE)
+    draw = ImageDraw.Draw(sheet)
+    y = style.margin
+    for text, font in _title_lines(style, title, width):
+        draw.text((style.margin, y), text, font=font, fill=INK if font is style.title else MUTED)
+        y += style.line_height(font)
+    _draw_headers(draw, grid, page, style, (x0, y0))
+    for ri, (y_value, sample) in enumerate(page.rows):
+        for ci, x_value in enumerate(page.cols):
+            values = (x_value, y_value)[: min(2, len(grid.source.vars))] + slice_values
+            sheet.paste(_tile(grid.cell(values, sample), style), (x0 + ci * step, y0 + ri * step))
+    return sheet
+
+
+def _draw_headers(
+    draw: ImageDraw.ImageDraw, grid: _Grid, page: _Page, style: _Style, origin: tuple[int, int]
+) -> None:
+    """Axis names in the corner, x values above the columns, y values left of the rows."""
+    x0, y0 = origin
+    step, pad = style.cell + style.gap, style.pad
+    names = list(grid.source.vars)
+    label_h, small_h = style.line_height(style.label), style.line_height(style.small)
+    top = y0 - style.col_header() + pad
+    corner = [f"across: {names[0]}", *([f"down: {names[1]}"] if len(names) > 1 else [])]
+    for i, text in enumerate(corner):
+        line = style.wrap(text, style.small, style.row_header - 2 * pad, 1)[0]
+        draw.text((style.margin, top + i * label_h), line, font=style.small, fill=MUTED)
+    for ci, value in enumerate(page.cols):
+        lines = style.wrap(value, style.label, style.cell - 2 * pad, 2)
+        y = y0 - pad - len(lines) * label_h  # bottom-aligned: each value sits on its column
+        for line in lines:
+            x = x0 + ci * step + (style.cell - _width(style.label, line)) / 2
+            draw.text((x, y), line, font=style.label, fill=INK)
+            y += label_h
+    for ri, (y_value, sample) in enumerate(page.rows):
+        y = y0 + ri * step + pad
+        room = style.row_header - 3 * pad
+        max_lines = max(1, (style.cell - 2 * pad - small_h) // label_h)
+        for line in style.wrap(y_value, style.label, room, max_lines) if y_value else ():
+            draw.text((style.margin, y), line, font=style.label, fill=INK)
+            y += label_h
+        for line in style.wrap(grid.sample_label(sample), style.small, room, 2):
+            draw.text((style.margin, y), line, font=style.small, fill=MUTED)
+            y += small_h
+
+
+def _tile(cell: _Cell, style: _Style) -> Image.Image:
+    """A cell-sized image: the thumbnail centred on grey, or a placeholder."""
+    if cell.image is not None:
+        thumb = _thumbnail(cell.image, style.cell)
+        if thumb is None:
+            return _placeholder(_Cell("failed", lines=("UNREADABLE", cell.image.name)), style)
+        tile = Image.new("RGB", (style.cell, style.cell), CELL_BG)
+        offset = ((style.cell - thumb.width) // 2, (style.cell - thumb.height) // 2)
+        tile.paste(thumb, offset, thumb if thumb.mode == "RGBA" else None)
+        return tile
+    return _placeholder(cell, style)
+
+
+def _thumbnail(path: Path, size: int) -> Image.Image | None:
+    """The image at `path` scaled to fit `size`² keeping its aspect, or None if unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (size, size))  # JPEG: decode at a fraction of the size
+            alpha = "A" in image.getbands() or "transparency" in image.info
+            converted = image.convert("RGBA" if alpha else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        log.warning("cannot draw %s: %s", path, exc)
+        return None
+    return ImageOps.contain(converted, (size, size), Image.Resampling.LANCZOS)
+
+
+def _placeholder(cell: _Cell, style: _Style) -> Image.Image:
+    """Hatched grey (or plain, for 'not in job') with the reason in a box in the middle."""
+    background, hatch, ink = TONES["failed" if cell.tone == "image" else cell.tone]
+    tile = Image.new("RGB", (style.cell, style.cell), background)
+    draw = ImageDraw.Draw(tile)
+    if hatch is not None:
+        for k in range(-style.cell, style.cell, max(8, style.cell // 16)):
+            draw.line([(k, 0), (k + style.cell, style.cell)], fill=hatch, width=2)
+    room = style.cell - 4 * style.pad
+    lines: list[tuple[str, Font]] = []
+    texts = [t for t in cell.lines if t]
+    for i, text in enumerate(texts):
+        font = style.label if i == 0 else style.small
+        lines += [(line, font) for line in style.wrap(text, font, room, 2 if i == 0 else 3)]
+    while len(lines) > 1 and _lines_height(style, lines) > style.cell - 4 * style.pad:
+        lines.pop()  # small cells keep the reason, lose the message
+    height = _lines_height(style, lines)
+    width = max(_width(font, line) for line, font in lines) if lines else 0
+    top = (style.cell - height) // 2
+    if hatch is not None and lines:
+        box = ((style.cell - width) / 2 - style.pad, top - style.pad)
+        draw.rectangle([box, (style.cell - box[0], top + height + style.pad)], fill=WHITE)
+    for line, font in lines:
+        x = (style.cell - _width(font, line)) / 2
+        draw.text((x, top), line, font=font, fill=ink if font is style.label else MUTED)
+        top += style.line_height(font)
+    return tile
+
+
+def _lines_height(style: _Style, lines: Sequence[tuple[str, Font]]) -> int:
+    return sum(style.line_height(font) for _, font in lines)
+
+
+def _metadata(
+    job: Mapping[str, Any], source: _Source, slice_values: Sequence[str], page: _Page
+) -> PngInfo:
+    """iTXt chunks (UTF-8) that let a sheet explain itself once it is copied elsewhere."""
+    z_names = list(source.vars)[2:]
+    fields = {
+        "synthaug.spec": str(job.get("spec") or ""),
+        "synthaug.job": str(job.get("name") or ""),
+        META_SOURCE: source.name,
+        "synthaug.template": source.template or "",
+        "synthaug.vars": json.dumps(source.vars, ensure_ascii=False),
+        "synthaug.slice": json.dumps(
+            dict(zip(z_names, slice_values, strict=True)), ensure_ascii=False
+        ),
+        "synthaug.page": f"{page.number}/{page.total}",
+        "Software": "synthaug",
+    }
+    info = PngInfo()
+    for key, value in fields.items():
+        info.add_itxt(key, value)
+    return info
+
+
+def _save_png(image: Image.Image, path: Path, info: PngInfo) -> None:
+    """Write to a temporary name beside `path`, then rename: no reader sees half a sheet."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _remove_stale(grids_dir: Path, keep: set[Path]) -> None:
+    """Delete sheets we drew earlier that this drawing did not rewrite (fewer pages, ...)."""
+    if not grids_dir.is_dir():
+        return
+    for path in grids_dir.glob("*.png"):
+        if path in keep:
+            continue
+        try:
+            with Image.open(path) as image:
+                ours = META_SOURCE in image.info
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        if ours:
+            path.unlink(missing_ok=True)

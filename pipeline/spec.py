@@ -1,0 +1,742 @@
+"""The YAML job spec: read once into frozen settings objects, or fail with one clear line.
+
+Every user mistake becomes a single `SpecError` naming the file, the key path and the
+line (``spec.yaml:14 sources[2].folder: no images in data/leaves``) before anything is
+sent: the YAML node tree is composed first so that pydantic's error locations can be
+mapped back to lines, and pydantic's messages are rewritten in plain words.
+
+Beyond the model itself, `load_spec` checks what only the disk can tell: that globs
+match, folders hold images, files are images, and every template placeholder has values.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import ipaddress
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from pipeline.errors import SpecError, UsageError
+from pipeline.sources import DEFAULT_EXTENSIONS, InputError, check_image_file, iter_folder
+from pipeline.sources import list_globs
+from pipeline.template import TemplateError, count_variants, parse_template, resolve_values
+
+__all__ = [
+    "BACKEND_KINDS",
+    "DEFAULT_API_KEY_ENV",
+    "DEFAULT_BASE_URL",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_RATE_LIMIT",
+    "INPUT_KINDS",
+    "BackendSettings",
+    "InputKindName",
+    "Params",
+    "RunSettings",
+    "SourceParams",
+    "SourceSpec",
+    "Spec",
+    "apply_overrides",
+    "json_schema",
+    "load_spec",
+    "parse_rate",
+]
+
+BackendKind = Literal["roboflow", "openai", "mock"]
+BACKEND_KINDS: tuple[BackendKind, ...] = ("roboflow", "openai", "mock")
+InputKindName = Literal["none", "images", "folder", "roboflow_ids", "urls"]
+INPUT_KINDS: tuple[str, ...] = ("images", "folder", "roboflow_ids", "urls")
+DEFAULT_BASE_URL = "https://api.roboflow.com"
+DEFAULT_API_KEY_ENV = "ROBOFLOW_API_KEY"
+DEFAULT_CONCURRENCY = 4
+DEFAULT_RATE_LIMIT = "5/min"  # OpenAI's Tier-1 image limit: safe for a first real run
+
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SIZE = re.compile(r"[1-9][0-9]*x[1-9][0-9]*")
+_RATE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*([A-Za-z]+))?\s*")
+_PER = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hr": 3600, "hour": 3600}
+
+
+def parse_rate(text: str | float) -> float:
+    """Requests per second from ``N/s``, ``N/min``, ``N/h`` or a bare number (per second)."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ValueError(f"expected a rate like 5/min, got {_show(text)}")
+    if isinstance(text, str):
+        match = _RATE.fullmatch(text)
+        unit = match.group(2) if match else None
+        if match is None or (unit is not None and unit.lower() not in _PER):
+            raise ValueError(f"expected a rate like 5/min, 2/s, 100/h or 0.5, got {_show(text)}")
+        rate = float(match.group(1)) / _PER[unit.lower() if unit else "s"]
+    else:
+        rate = float(text)
+    if not math.isfinite(rate) or rate <= 0:
+        raise ValueError(f"a rate must be greater than 0, got {_show(text)}")
+    return rate
+
+
+def _rate_or_none(value: object) -> float | None:
+    return None if value is None else parse_rate(value)  # type: ignore[arg-type]
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"{_show(value)} is not a safe name: use letters, digits, '.', '_', '-'")
+    return value
+
+
+def _check_size(value: str) -> str:
+    if not _SIZE.fullmatch(value):
+        raise ValueError(f"expected WIDTHxHEIGHT like 1024x1024, got {_show(value)}")
+    return value
+
+
+def _check_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http(s) URL, got {_show(value)}")
+    return value
+
+
+def _check_nonblank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _var_values(value: object) -> tuple[str, ...]:
+    """A list of strings or numbers, non-empty, no repeats, as strings."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a list of values, got {_show(value)}")
+    if not value:
+        raise ValueError("needs at least one value")
+    out: list[str] = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise ValueError(f"values must be strings or numbers, got {_show(item)} (quote it)")
+        text = str(item)
+        if text in out:
+            raise ValueError(f"value {_show(text)} appears twice")
+        out.append(text)
+    return tuple(out)
+
+
+def _extension(value: str) -> str:
+    value = value.strip().lower()
+    return value if value.startswith(".") else f".{value}"
+
+
+_RATE_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "pattern": r"^\s*[0-9.eE+-]+\s*(/\s*[A-Za-z]+)?\s*$"},
+        {"type": "number", "exclusiveMinimum": 0},
+        {"type": "null"},
+    ]
+}
+Rate = Annotated[float | None, BeforeValidator(_rate_or_none), WithJsonSchema(_RATE_SCHEMA)]
+Name = Annotated[str, AfterValidator(_check_name)]
+Size = Annotated[str, AfterValidator(_check_size)]
+Url = Annotated[str, AfterValidator(_check_url)]
+NonBlank = Annotated[str, AfterValidator(_check_nonblank)]
+VarValues = Annotated[
+    tuple[str, ...],
+    BeforeValidator(_var_values),
+    WithJsonSchema({"type": "array", "items": {"type": ["string", "number"]}, "minItems": 1}),
+]
+Extension = Annotated[str, AfterValidator(_extension)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BackendSettings(_Model):
+    """Which API to call and how; the key itself comes from the environment."""
+
+    kind: BackendKind = Field("roboflow", description="roboflow | openai | mock")
+    base_url: str = Field(DEFAULT_BASE_URL, description="API root URL")
+    api_key_env: str = Field(DEFAULT_API_KEY_ENV, description="env var holding the API key")
+    timeout_s: float = Field(180.0, gt=0, description="seconds to wait for one answer")
+    allow_insecure_http: bool = Field(
+        False, description="allow a plain http:// base_url that is not loopback"
+    )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not _ENV_NAME.fullmatch(value):
+            raise ValueError(f"{_show(value)} is not an environment variable name")
+        return value
+
+
+class Params(_Model):
+    """OpenAI image parameters sent with every request (Roboflow's defaults)."""
+
+    model: NonBlank = "dall-e-3"
+    n: int = Field(1, ge=1, description="images per request")
+    quality: NonBlank = "hd"
+    size: Size = "1024x1024"
+    style: NonBlank = "natural"
+    force_caption_regenerate: bool | None = Field(None, description="roboflow_ids sources only")
+    unmodified_prompt: bool | None = Field(None, description="turn off the photorealism suffix")
+
+    def request_params(self) -> dict[str, Any]:
+        """The parameters to send: every field that has a value."""
+        return self.model_dump(exclude_none=True)
+
+
+class SourceParams(_Model):
+    """Per-source overrides of `Params`; unset fields keep the global value."""
+
+    model: NonBlank | None = None
+    n: int | None = Field(None, ge=1)
+    quality: NonBlank | None = None
+    size: Size | None = None
+    style: NonBlank | None = None
+    force_caption_regenerate: bool | None = None
+    unmodified_prompt: bool | None = None
+
+
+class RunSettings(_Model):
+    """How hard to push the API and when to stop."""
+
+    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="requests in flight")
+    rate_limit: Rate = Field(
+        None, description="request starts: N/s, N/min, N/h or N per second (default 5/min; none for mock)"
+    )
+    image_rate_limit: Rate = Field(None, description="images (requests x n) per period")
+    max_attempts: int = Field(6, ge=1)
+    max_images: int | None = Field(None, ge=1, description="image budget for this run")
+    max_cost_usd: float | None = Field(None, gt=0, description="cost budget for this run")
+    max_items: int = Field(10_000, ge=1, description="refuse a spec that expands to more")
+    retry_failed: bool = True
+    retry_ambiguous: bool = Field(True, description="retry requests that may have been paid")
+    price_per_image: float | None = Field(None, ge=0, description="USD; overrides the table")
+    max_consecutive_failures: int = Field(20, ge=1)
+    grace_period_s: float = Field(10.0, ge=0)
+    fsync_interval_s: float = Field(0.5, ge=0)
+
+
+class SourceSpec(_Model):
+    """One source of work items: a prompt template and at most one kind of input."""
+
+    name: Name = Field(description="[A-Za-z0-9._-]+, unique; names the output folder")
+    prompt: str
+    vars: dict[str, VarValues] = Field(default_factory=dict)
+    combine: Literal["product", "zip", "sample"] = "product"
+    samples: int | None = Field(None, ge=1, description="with combine: sample")
+    seed: int | None = Field(None, description="with combine: sample (default 0)")
+    repeats: int = Field(1, ge=1)
+    params: SourceParams = SourceParams()
+    images: tuple[NonBlank, ...] | None = Field(
+        None, min_length=1, description="globs relative to the spec file"
+    )
+    folder: NonBlank | None = Field(None, description="relative to the spec file")
+    recursive: bool | None = None
+    extensions: tuple[Extension, ...] | None = Field(None, min_length=1)
+    roboflow_ids: tuple[NonBlank, ...] | None = Field(None, min_length=1)
+    urls: tuple[Url, ...] | None = Field(None, min_length=1)
+
+    @property
+    def input_kind(self) -> InputKindName:
+        """Which input this source has: ``none`` for a prompt-only source."""
+        for kind in INPUT_KINDS:
+            if getattr(self, kind) is not None:
+                return kind  # type: ignore[return-value]
+        return "none"
+
+    def iter_files(self, spec_dir: Path) -> Iterator[Path]:
+        """The local input files, sorted (nothing for non-file sources)."""
+        if self.images is not None:
+            yield from list_globs(self.images, spec_dir)
+        elif self.folder is not None:
+            extensions = self.extensions or DEFAULT_EXTENSIONS
+            yield from iter_folder(
+                spec_dir / self.folder, recursive=bool(self.recursive), extensions=extensions
+            )
+
+
+class Spec(_Model):
+    """A whole job spec, version 1."""
+
+    model_config = ConfigDict(
+        title="synthaug job spec",
+        json_schema_extra={"description": "A synthaug batch augmentation job (version 1)."},
+    )
+
+    version: int
+    name: Name
+    output_dir: Path = Field(description="relative to the spec file's folder; default runs/<name>")
+    backend: BackendSettings = BackendSettings()
+    project_url: str | None = Field(None, description="Roboflow project receiving the images")
+    params: Params = Params()
+    run: RunSettings = RunSettings()
+    sources: tuple[SourceSpec, ...] = Field(min_length=1)
+
+    _spec_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _spec_file: str = PrivateAttr(default="<spec>")
+    _lines: Mapping[str, int] = PrivateAttr(default_factory=dict)
+    _raw: Mapping[str, Any] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any) -> None:
+        """Keep where the spec came from: relative paths resolve against its folder."""
+        if isinstance(context, dict):
+            self._spec_dir = context["spec_dir"]
+            self._spec_file = context["spec_file"]
+            self._lines = context["lines"]
+            self._raw = context["raw"]
+
+    @property
+    def spec_dir(self) -> Path:
+        """The absolute folder of the spec file (base of globs, folders and wildcards)."""
+        return self._spec_dir
+
+    @property
+    def spec_file(self) -> str:
+        """The spec path as the user gave it (for messages)."""
+        return self._spec_file
+
+    def source_params(self, source: SourceSpec) -> dict[str, Any]:
+        """The request parameters of `source`: global params, then its overrides.
+
+        A global ``force_caption_regenerate`` only reaches sources with roboflow_ids,
+        the only kind the API applies it to.
+        """
+        params = self.params.request_params()
+        params.update(source.params.model_dump(exclude_none=True))
+        if source.roboflow_ids is None:
+            params.pop("force_caption_regenerate", None)
+        return params
+
+    def error(self, key_path: str, message: str, value: object = None) -> SpecError:
+        """A `SpecError` about `key_path` of this spec, with its line when known."""
+        line = _line_for(self._lines, key_path)
+        return SpecError(message, file=self._spec_file, key_path=key_path, line=line, value=value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults(cls, data: Any) -> Any:
+        """Defaults that depend on other keys: output_dir on name, rate limit on backend."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for section in ("backend", "params", "run"):
+            if section in data and data[section] is None:
+                data[section] = {}  # a section whose lines are all commented out
+        backend, run = data.get("backend", {}), data.get("run", {})
+        kind = backend.get("kind", "roboflow") if isinstance(backend, dict) else "roboflow"
+        if isinstance(run, dict) and "rate_limit" not in run and kind != "mock":
+            data["run"] = {**run, "rate_limit": DEFAULT_RATE_LIMIT}
+        if "output_dir" not in data and isinstance(data.get("name"), str):
+            data["output_dir"] = f"runs/{data['name']}"
+        return data
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(f"unsupported version {value}: this synthaug reads version 1")
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _resolve_output_dir(cls, value: Path, info: Any) -> Path:
+        base = info.context["spec_dir"] if isinstance(info.context, dict) else Path.cwd()
+        return Path(base, value.expanduser()).absolute()
+
+
+class _Problem(Exception):
+    """A spec problem found after validation, at `key_path`."""
+
+    def __init__(self, key_path: str, message: str, value: object = None) -> None:
+        super().__init__(message)
+        self.key_path, self.message, self.value = key_path, message, value
+
+
+def load_spec(path: Path | str) -> Spec:
+    """Read, validate and check the spec at `path`; raise one `SpecError` for any mistake."""
+    shown = str(path)
+    text = _read_text(Path(path), shown)
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            lines = _line_map(node, shown) if node is not None else {}
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()  # type: ignore[no-untyped-call]
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise SpecError(f"invalid YAML: {exc.problem or exc.context}", file=shown, line=line) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"invalid YAML: {exc}", file=shown) from None
+    if data is None:
+        raise SpecError("the spec is empty; start from examples/quickstart.yaml", file=shown)
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"the top level must be a mapping (version: 1, name: ..., sources: ...), "
+            f"got {_type_name(data)}",
+            file=shown,
+            line=1,
+        )
+    spec = _build(data, Path(path).absolute().parent, shown, lines)
+    try:
+        _check_inputs(spec)
+    except _Problem as exc:
+        raise spec.error(exc.key_path, exc.message, exc.value) from None
+    return spec
+
+
+def _read_text(path: Path, shown: str) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"cannot read the spec: {exc.strerror}", file=shown) from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SpecError(
+            f"not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8",
+            file=shown,
+            line=line,
+        ) from None
+
+
+def _line_map(root: yaml.Node, shown: str) -> dict[str, int]:
+    """Key path -> 1-based line of every key and list item; duplicate keys are errors."""
+    lines: dict[str, int] = {"": root.start_mark.line + 1}
+    stack: list[tuple[str, yaml.Node]] = [("", root)]
+    while stack:
+        prefix, node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                path = f"{prefix}.{key}" if prefix else key
+                if path in lines:
+                    raise SpecError(
+                        f"duplicate key '{key}'",
+                        file=shown,
+                        key_path=path,
+                        line=key_node.start_mark.line + 1,
+                    )
+                lines[path] = key_node.start_mark.line + 1
+                stack.append((path, value_node))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                path = f"{prefix}[{index}]"
+                lines[path] = item.start_mark.line + 1
+                stack.append((path, item))
+    return lines
+
+
+def _line_for(lines: Mapping[str, int], key_path: str) -> int | None:
+    """The line of `key_path`, or of its nearest ancestor (a missing key's parent)."""
+    path = key_path
+    while path:
+        if path in lines:
+            return lines[path]
+        path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
+    return lines.get("")
+
+
+def _build(data: Mapping[str, Any], spec_dir: Path, shown: str, lines: Mapping[str, int]) -> Spec:
+    """Validate `data` into a `Spec` and run the checks that span several keys."""
+    context = {"spec_dir": spec_dir, "spec_file": shown, "lines": lines, "raw": data}
+    try:
+        spec = Spec.model_validate(data, context=context)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        key_path, message = _describe(errors[0])
+        if len(errors) > 1:
+            more = len(errors) - 1
+            message += f" (and {more} more problem{'s' if more > 1 else ''})"
+        line = _line_for(lines, key_path)
+        raise SpecError(
+            message, file=shown, key_path=key_path, line=line, value=errors[0].get("input")
+        ) from None
+    try:
+        _check_semantics(spec)
+    except _Problem as exc:
+        raise spec.error(exc.key_path, exc.message, exc.value) from None
+    return spec
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "tuple": "a list",
+    "dict": "a mapping",
+    "model": "a mapping",
+    "model_attributes": "a mapping",
+}
+
+
+def _describe(error: ErrorDetails) -> tuple[str, str]:
+    """Key path and a plain-English message for one pydantic error."""
+    loc, kind, ctx = tuple(error["loc"]), error["type"], error.get("ctx") or {}
+    got = _show(error.get("input"))
+    key_path = _key_path(loc)
+    if kind == "missing":
+        return key_path, "required key is missing"
+    if kind == "extra_forbidden":
+        return key_path, _unknown_key(loc)
+    if kind == "value_error":
+        return key_path, str(ctx.get("error", error["msg"]))
+    base = re.sub(r"_(type|parsing|from_float)$", "", kind)
+    if base in _TYPE_WORDS:
+        return key_path, f"expected {_TYPE_WORDS[base]}, got {got}"
+    if kind == "literal_error":
+        return key_path, f"expected {ctx.get('expected')}, got {got}"
+    if kind == "greater_than_equal":
+        return key_path, f"must be at least {ctx.get('ge')}, got {got}"
+    if kind == "greater_than":
+        return key_path, f"must be greater than {ctx.get('gt')}, got {got}"
+    if kind == "too_short":
+        return key_path, "must not be empty"
+    return key_path, f"{error['msg'][:1].lower()}{error['msg'][1:]} (got {got})"
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    key = str(loc[-1])
+    model: Any = Spec
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        model = _model_of(field.annotation) if field else None
+    allowed = list(model.model_fields) if isinstance(model, type) else []
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown key '{key}'{hint}"
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The model class inside an annotation like ``tuple[SourceSpec, ...]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_semantics(spec: Spec) -> None:
+    """Rules spanning several keys; raise `_Problem` at the key to fix."""
+    _check_base_url(spec.backend)
+    if spec.backend.kind == "roboflow" and not spec.project_url:
+        raise _Problem("project_url", "required for backend roboflow (the project to add images to)")
+    seen: dict[str, int] = {}
+    for index, source in enumerate(spec.sources):
+        at = f"sources[{index}]"
+        if source.name in seen:
+            raise _Problem(
+                f"{at}.name", f"duplicate source name '{source.name}' (see sources[{seen[source.name]}])"
+            )
+        seen[source.name] = index
+        _check_source_keys(source, at)
+
+
+def _check_base_url(backend: BackendSettings) -> None:
+    parts = urlsplit(backend.base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Problem("backend.base_url", f"expected an http(s) URL, got {_show(backend.base_url)}")
+    if parts.scheme == "http" and not backend.allow_insecure_http and not _is_loopback(parts.hostname):
+        raise _Problem(
+            "backend.base_url",
+            "plain http would send the API key in clear; use https "
+            "(or set backend.allow_insecure_http: true)",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_source_keys(source: SourceSpec, at: str) -> None:
+    given = [kind for kind in INPUT_KINDS if getattr(source, kind) is not None]
+    if len(given) > 1:
+        raise _Problem(f"{at}.{given[1]}", f"a source takes one input kind, found {' and '.join(given)}")
+    for key in ("recursive", "extensions"):
+        if source.folder is None and getattr(source, key) is not None:
+            raise _Problem(f"{at}.{key}", "only applies to a folder source")
+    if source.combine == "sample" and source.samples is None:
+        raise _Problem(f"{at}.samples", "required with combine: sample")
+    for key in ("samples", "seed"):
+        if source.combine != "sample" and getattr(source, key) is not None:
+            raise _Problem(f"{at}.{key}", "only applies with combine: sample")
+    if source.params.force_caption_regenerate is not None and source.roboflow_ids is None:
+        raise _Problem(f"{at}.params.force_caption_regenerate", "only applies to roboflow_ids")
+
+
+def _check_inputs(spec: Spec) -> None:
+    """What only the disk can tell: templates resolve, globs match, files are images."""
+    for index, source in enumerate(spec.sources):
+        at = f"sources[{index}]"
+        _check_prompt(spec, source, at)
+        if source.images is not None:
+            for number, pattern in enumerate(source.images):
+                files = list_globs([pattern], spec.spec_dir)
+                if not files:
+                    raise _Problem(f"{at}.images[{number}]", f"no files match {pattern}", pattern)
+                _check_files(files, f"{at}.images[{number}]")
+        elif source.folder is not None:
+            _check_folder(spec, source, at)
+
+
+def _check_prompt(spec: Spec, source: SourceSpec, at: str) -> None:
+    try:
+        template = parse_template(source.prompt)
+    except TemplateError as exc:
+        raise _Problem(f"{at}.prompt", str(exc), source.prompt) from None
+    try:
+        values = resolve_values(template, source.vars, spec.spec_dir)
+    except TemplateError as exc:
+        if exc.var in source.vars:
+            raise _Problem(f"{at}.vars.{exc.var}", str(exc)) from None
+        close = difflib.get_close_matches(exc.var or "", list(source.vars), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise _Problem(f"{at}.prompt", f"{exc}{hint}", source.prompt) from None
+    try:
+        count_variants(values, source.combine, source.samples)
+    except TemplateError as exc:
+        key = "samples" if source.combine == "sample" else "vars"
+        raise _Problem(f"{at}.{key}", str(exc)) from None
+
+
+def _check_folder(spec: Spec, source: SourceSpec, at: str) -> None:
+    folder = spec.spec_dir / str(source.folder)
+    if not folder.is_dir():
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise _Problem(f"{at}.folder", f"{source.folder} {state}", source.folder)
+    if not _check_files(source.iter_files(spec.spec_dir), f"{at}.folder"):
+        extensions = ", ".join(source.extensions or DEFAULT_EXTENSIONS)
+        recursive = ", recursive" if source.recursive else ""
+        raise _Problem(
+            f"{at}.folder", f"no images in {source.folder} (extensions {extensions}{recursive})"
+        )
+
+
+def _check_files(files: Iterator[Path] | list[Path], key_path: str) -> int:
+    count = 0
+    for path in files:
+        try:
+            check_image_file(path)
+        except InputError as exc:
+            raise _Problem(key_path, str(exc), str(path)) from None
+        count += 1
+    return count
+
+
+def apply_overrides(
+    spec: Spec,
+    *,
+    backend: str | None = None,
+    concurrency: int | None = None,
+    rate_limit: str | None = None,
+    max_attempts: int | None = None,
+    max_images: int | None = None,
+    output_dir: Path | str | None = None,
+    retry_failed: bool | None = None,
+) -> Spec:
+    """`spec` with command-line flags applied, validated like the YAML values.
+
+    A flag value that is wrong raises `UsageError`; a combination the new values make
+    invalid (``--backend roboflow`` on a spec without project_url) raises `SpecError`.
+    `output_dir` is relative to the current directory, like any path on a command line.
+    """
+    raw: dict[str, Any] = copy.deepcopy(dict(spec._raw))
+    sections = {key: dict(raw.get(key) or {}) for key in ("backend", "run")}
+    if backend is not None:
+        if backend not in BACKEND_KINDS:
+            raise UsageError(f"--backend: expected one of {', '.join(BACKEND_KINDS)}, got {backend!r}")
+        sections["backend"]["kind"] = backend
+    for flag, key, value in (
+        ("--concurrency", "concurrency", concurrency),
+        ("--max-attempts", "max_attempts", max_attempts),
+        ("--max-images", "max_images", max_images),
+    ):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{flag}: must be a whole number of at least 1, got {value!r}")
+            sections["run"][key] = value
+    if rate_limit is not None:
+        try:
+            sections["run"]["rate_limit"] = parse_rate(rate_limit)
+        except ValueError as exc:
+            raise UsageError(f"--rate: {exc}") from None
+    if retry_failed is not None:
+        sections["run"]["retry_failed"] = retry_failed
+    if output_dir is not None:
+        raw["output_dir"] = str(Path(output_dir).expanduser().absolute())
+    raw.update({key: value for key, value in sections.items() if value or key in raw})
+    return _build(raw, spec.spec_dir, spec.spec_file, spec._lines)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of a job spec (``configs/schema.json``), for editors and CI."""
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def _show(value: object) -> str:
+    """A value the way the user wrote it in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (dict, list, tuple)):
+        return _type_name(value)
+    return str(value)
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return _show(value)
+
+
+if __name__ == "__main__":  # python -m pipeline.spec > configs/schema.json
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")

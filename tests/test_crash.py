@@ -1,0 +1,192 @@
+"""Kill a real `synthaug run` subprocess and resume it: nothing lost, nothing paid twice.
+
+The mock API runs in its own subprocess so its counters survive the client's death.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from checks import assert_outputs_valid
+
+from pipeline.manifest import read_lines
+
+KEY = "sk-crash-UNIQUE-5be1d0c4"
+CONCURRENCY = 4
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def mock_api(tmp_path: Path) -> Iterator[str]:
+    """`synthaug mock-server` in a subprocess; yields its base URL."""
+    port = free_port()
+    log = (tmp_path / "mock.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "mock-server", "--port", str(port),
+         "--latency", "0.15"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(base), what="mock server to listen")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def _answers(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/_stats", timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def stats(base: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{base}/_stats", timeout=5) as resp:
+        return dict(json.load(resp))
+
+
+def wait_until(predicate: Any, *, what: str, limit_s: float = 60.0) -> None:
+    """Poll a condition (not a timing assertion: the limit only stops a hung test)."""
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+def write_spec(tmp_path: Path, base: str, prompts: int) -> Path:
+    spec = {
+        "version": 1,
+        "name": "crash",
+        "output_dir": "out",
+        "backend": {"kind": "roboflow", "base_url": base, "timeout_s": 10},
+        "project_url": "crash",
+        "params": {"size": "64x64"},
+        "run": {"concurrency": CONCURRENCY, "max_attempts": 6},
+        "sources": [{"name": "grid", "prompt": "item {i}",
+                     "vars": {"i": [str(i) for i in range(prompts)]}}],
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def start_run(spec: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "ROBOFLOW_API_KEY": KEY}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(spec), "--no-progress", "--no-grid",
+         *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def manifest_lines(out: Path) -> int:
+    path = out / "manifest.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_sigkill_at_several_points_then_resume_completes_exactly_once(
+    tmp_path: Path, mock_api: str
+) -> None:
+    """Killed with SIGKILL three times mid-run, then resumed: every item ok exactly once,
+    every file valid, at most `concurrency` paid duplicates per kill."""
+    prompts = 40
+    spec = write_spec(tmp_path, mock_api, prompts)
+    out = tmp_path / "out"
+    kills = 0
+    for threshold in (6, 25, 50):
+        proc = start_run(spec)
+        wait_until(lambda t=threshold, p=proc: manifest_lines(out) >= t or p.poll() is not None,
+                   what=f"{threshold} manifest lines")
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=30)
+    final = start_run(spec)
+    _, err = final.communicate(timeout=120)
+    assert final.returncode == 0, err.decode()
+
+    records = list(read_lines(out / "manifest.jsonl"))
+    ok_per_key = Counter(r["key"] for r in records if r["status"] == "ok")
+    assert len(ok_per_key) == prompts
+    assert set(ok_per_key.values()) == {1}
+    assert_outputs_valid(out)
+    assert kills >= 1
+    assert stats(mock_api)["duplicates"] <= CONCURRENCY * kills
+
+
+def test_sigint_exits_130_with_a_parseable_manifest(tmp_path: Path, mock_api: str) -> None:
+    """One SIGINT stops new starts, lets in-flight finish and exits 130; resume completes."""
+    spec = write_spec(tmp_path, mock_api, 30)
+    out = tmp_path / "out"
+    proc = start_run(spec)
+    wait_until(lambda: manifest_lines(out) >= 4 or proc.poll() is not None,
+               what="4 manifest lines")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"resume" in err
+    raw = (out / "manifest.jsonl").read_bytes()
+    assert raw.endswith(b"\n")
+    for line in raw.splitlines():
+        json.loads(line)
+    final = start_run(spec)
+    final.communicate(timeout=120)
+    assert final.returncode == 0
+    assert stats(mock_api)["duplicates"] == 0
+
+
+def test_sigterm_exits_143(tmp_path: Path, mock_api: str) -> None:
+    """SIGTERM (what cron and Kubernetes send) gives exit 143 after a clean checkpoint."""
+    spec = write_spec(tmp_path, mock_api, 30)
+    out = tmp_path / "out"
+    proc = start_run(spec)
+    wait_until(lambda: manifest_lines(out) >= 2 or proc.poll() is not None,
+               what="2 manifest lines")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert json.loads((out / "summary.json").read_text())["stop_reason"] == "sigterm"
+
+
+def test_second_run_on_same_out_is_refused_while_first_holds_it(
+    tmp_path: Path, mock_api: str
+) -> None:
+    """Two runs on one OUT at once (overlapping cron nights): the second exits 2."""
+    spec = write_spec(tmp_path, mock_api, 30)
+    out = tmp_path / "out"
+    first = start_run(spec)
+    try:
+        wait_until(lambda: manifest_lines(out) >= 1 or first.poll() is not None,
+                   what="first manifest line")
+        second = start_run(spec)
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 2
+        assert b"in use" in err
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)

@@ -1,0 +1,78 @@
+"""The import layers of ../shared/STYLE.md hold: imports only go down.
+
+Adjusted where the code taught us: `template` and `sources` sit below `spec`, because
+the spec validates its templates and files at load time (so bad input fails before
+anything is sent).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
+
+LAYERS: dict[str, int] = {
+    "errors": 0,
+    "records": 1,
+    "template": 2, "sources": 2,
+    "spec": 3,
+    "credentials": 4, "pricing": 4,
+    # independent mechanisms: none imports another (backends/* may import backends/base)
+    "limiter": 5, "retry": 5, "outputs": 5, "lock": 5, "manifest": 5, "backends": 5,
+    "items": 6,
+    "engine": 7,
+    "runner": 8,
+    "plan": 9, "report": 9, "grid": 9, "gallery": 9,
+    "cli": 10, "__main__": 11,
+}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    return ".".join(rel.parts)
+
+
+def top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def pipeline_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "pipeline":
+                found.update(alias.name for alias in node.names)
+            elif node.module.startswith("pipeline."):
+                found.add(node.module.removeprefix("pipeline."))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("pipeline."):
+                    found.add(alias.name.removeprefix("pipeline."))
+    return found
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_imports_only_go_down(path: Path) -> None:
+    """A module imports only modules of lower layers (nothing imports the CLI)."""
+    me = module_name(path)
+    my_layer = LAYERS[top(me)]
+    for imported in pipeline_imports(path):
+        if imported == "__version__":
+            continue
+        other = LAYERS[top(imported)]
+        if top(me) == "backends" and top(imported) == "backends":
+            assert imported == "backends.base" or me == "backends.base", (me, imported)
+            continue
+        assert other < my_layer, f"{me} (layer {my_layer}) imports {imported} (layer {other})"
+
+
+def test_every_module_has_a_layer() -> None:
+    """A new module must be placed in a layer before it lands."""
+    assert {top(module_name(p)) for p in MODULES} <= set(LAYERS)

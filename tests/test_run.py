@@ -1,0 +1,262 @@
+"""End-to-end runs of the engine against the embedded mock API on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from checks import assert_outputs_valid
+
+from pipeline.backends.mock import MockConfig, MockServer
+from pipeline.manifest import read_latest, read_lines
+from pipeline.runner import JobResult, run_job
+from pipeline.spec import load_spec
+
+KEY = "sk-test-run-7f3a9c1d2e"
+
+SpecWriter = Callable[..., Path]
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SpecWriter:
+    """Write a roboflow-kind spec pointing at `base_url`, with overrides per section."""
+    monkeypatch.setenv("ROBOFLOW_API_KEY", KEY)
+
+    def write(base_url: str, *, prompts: int = 6, repeats: int = 1, **run: Any) -> Path:
+        spec = {
+            "version": 1,
+            "name": "e2e",
+            "output_dir": "out",
+            "backend": {"kind": "roboflow", "base_url": base_url, "timeout_s": 2},
+            "project_url": "e2e-project",
+            "params": {"size": "64x64", "n": run.pop("n", 1)},
+            "run": {"concurrency": 4, "max_attempts": 8, "grace_period_s": 5, **run},
+            "sources": [
+                {
+                    "name": "grid",
+                    "prompt": "a photo of {thing}",
+                    "vars": {"thing": [f"thing {i}" for i in range(prompts)]},
+                    "repeats": repeats,
+                }
+            ],
+        }
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return path
+
+    return write
+
+
+async def run(path: Path) -> JobResult:
+    return await run_job(load_spec(path), spec_path=path, install_signals=False)
+
+
+def ok_lines(out: Path) -> list[dict[str, Any]]:
+    return [r for r in read_lines(out / "manifest.jsonl") if r["status"] == "ok"]
+
+
+async def test_clean_run_stores_every_image_and_exits_0(write_spec: SpecWriter) -> None:
+    """A fault-free job ends with one ok line per item, valid files and exit 0."""
+    async with MockServer(MockConfig()) as server:
+        path = write_spec(server.base_url, prompts=5, repeats=2)
+        result = await run(path)
+    out = path.parent / "out"
+    assert result.exit_code == 0
+    assert len(ok_lines(out)) == 10
+    assert_outputs_valid(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] == 10
+    assert summary["requests"] == 10
+    assert server.stats.generations == 10
+
+
+async def test_resume_sends_nothing_for_done_items(write_spec: SpecWriter) -> None:
+    """Running the same spec again costs zero requests when everything is ok."""
+    async with MockServer(MockConfig()) as server:
+        path = write_spec(server.base_url)
+        await run(path)
+        before = server.stats.requests
+        result = await run(path)
+    assert result.exit_code == 0
+    assert server.stats.requests == before
+    assert result.summary["skipped_ok"] == 6
+
+
+async def test_missing_file_of_ok_item_runs_again(write_spec: SpecWriter) -> None:
+    """An ok key whose file was deleted is pending again on resume; the rest are not."""
+    async with MockServer(MockConfig()) as server:
+        path = write_spec(server.base_url)
+        await run(path)
+        out = path.parent / "out"
+        victim = ok_lines(out)[0]
+        (out / victim["outputs"][0]["path"]).unlink()
+        result = await run(path)
+    assert result.summary["requests"] == 1
+    assert result.summary["ok"] == 1
+    assert_outputs_valid(out)
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param({"500": 1, "502": 1, "503": 1, "504": 1}, id="5xx"),
+        pytest.param({"malformed": 1, "wrong_shape": 1}, id="bad-bodies"),
+        pytest.param({"corrupt_image": 1, "truncated_image": 1}, id="bad-images"),
+        pytest.param({"429": 1}, id="429"),
+        pytest.param({"image_404_once": 1}, id="404-image-once"),
+    ],
+)
+async def test_injected_faults_end_all_ok_without_paying_twice(
+    write_spec: SpecWriter, faults: dict[str, float]
+) -> None:
+    """Transient faults are retried until every item is ok; no body generated twice
+    except where an image could not be downloaded (the only way to get it is to ask again)."""
+    config = MockConfig(error_rate=0.4, faults=faults, seed=3, retry_after_s=0.05)
+    async with MockServer(config) as server:
+        path = write_spec(server.base_url, prompts=12, max_attempts=12)
+        result = await run(path)
+    out = path.parent / "out"
+    assert result.exit_code == 0, result.summary
+    assert len(ok_lines(out)) == 12
+    assert_outputs_valid(out)
+    image_faults = sum(server.stats.faults.get(k, 0) for k in ("corrupt_image", "truncated_image"))
+    assert server.stats.duplicates <= image_faults
+    assert server.stats.starts_during_pause == 0
+
+
+async def test_dropped_connections_are_the_only_paid_duplicates(write_spec: SpecWriter) -> None:
+    """A connection dropped after sending may have been paid: retried, and counted
+    as an ambiguous retry; duplicates never exceed the drops."""
+    config = MockConfig(error_rate=0.3, faults={"drop": 1}, seed=5)
+    async with MockServer(config) as server:
+        path = write_spec(server.base_url, prompts=12, max_attempts=12)
+        result = await run(path)
+    assert result.exit_code == 0
+    drops = server.stats.faults.get("drop", 0)
+    assert drops > 0
+    assert result.summary["ambiguous_retries"] == drops
+    assert server.stats.duplicates <= drops
+
+
+async def test_retry_ambiguous_false_records_failure_instead_of_paying_twice(
+    write_spec: SpecWriter,
+) -> None:
+    """With retry_ambiguous: false a dropped connection fails the item (connection)."""
+    config = MockConfig(error_rate=1.0, faults={"drop": 1})
+    async with MockServer(config) as server:
+        path = write_spec(server.base_url, prompts=2, retry_ambiguous=False)
+        result = await run(path)
+    assert result.exit_code == 1
+    assert server.stats.requests == 2
+    assert server.stats.duplicates == 0
+    errors = [r["error"]["kind"] for r in read_latest(path.parent / "out/manifest.jsonl").values()]
+    assert errors == ["connection", "connection"]
+
+
+async def test_429_storm_is_obeyed(write_spec: SpecWriter) -> None:
+    """A server enforcing a low rate answers 429s: no request arrives during a
+    Retry-After pause it announced, and every item still ends ok."""
+    config = MockConfig(rate_limit=40.0, retry_after_s=0.2)
+    async with MockServer(config) as server:
+        path = write_spec(server.base_url, prompts=16, concurrency=8, max_attempts=20)
+        result = await run(path)
+    assert result.exit_code == 0
+    assert server.stats.rate_limited > 0
+    assert server.stats.starts_during_pause == 0
+    assert result.summary["rate_limited_429"] == server.stats.rate_limited
+
+
+async def test_auth_failure_aborts_with_exit_3_after_few_requests(
+    write_spec: SpecWriter,
+) -> None:
+    """A 401 aborts the run (exit 3) after at most `concurrency` requests."""
+    async with MockServer(MockConfig(api_key="the-right-key")) as server:
+        path = write_spec(server.base_url, prompts=30, concurrency=4)
+        result = await run(path)
+    assert result.exit_code == 3
+    assert server.stats.requests <= 4
+    assert result.message is not None
+    assert "API key" in result.message or "api key" in result.message.lower()
+
+
+async def test_unknown_project_aborts_with_exit_3(write_spec: SpecWriter) -> None:
+    """A 404 for the project aborts the run: every other request would fail the same way."""
+    async with MockServer(MockConfig(projects=frozenset({"other"}))) as server:
+        path = write_spec(server.base_url, prompts=10, concurrency=2)
+        result = await run(path)
+    assert result.exit_code == 3
+    assert server.stats.requests <= 2
+
+
+async def test_refusal_fails_item_once_without_retry(write_spec: SpecWriter) -> None:
+    """A content-policy refusal is recorded as `refused` after exactly one request."""
+    async with MockServer(MockConfig(refuse_word="thing 1")) as server:
+        path = write_spec(server.base_url, prompts=3)
+        result = await run(path)
+    assert result.exit_code == 1
+    latest = read_latest(path.parent / "out/manifest.jsonl").values()
+    kinds = Counter(r["error"]["kind"] for r in latest if r["status"] == "failed")
+    assert kinds == {"refused": 1}
+    assert server.stats.requests == 3
+
+
+async def test_max_images_budget_stops_with_exit_4_and_resumes(write_spec: SpecWriter) -> None:
+    """max_images stops the run (exit 4) without overshooting; running again goes on."""
+    async with MockServer(MockConfig()) as server:
+        path = write_spec(server.base_url, prompts=10, max_images=4, n=2)
+        first = await run(path)
+        assert first.exit_code == 4
+        assert server.stats.images <= 4
+        for _ in range(4):
+            result = await run(path)
+            if result.exit_code == 0:
+                break
+    assert result.exit_code == 0
+    assert len(ok_lines(path.parent / "out")) == 10
+    assert server.stats.duplicates == 0
+
+
+async def test_generated_line_resumes_by_downloading(write_spec: SpecWriter) -> None:
+    """A run killed between the answer and the download resumes from the recorded URL
+    without generating again."""
+    async with MockServer(MockConfig()) as server:
+        path = write_spec(server.base_url, prompts=3)
+        await run(path)
+        out = path.parent / "out"
+        manifest = out / "manifest.jsonl"
+        lines = list(read_lines(manifest))
+        generated = [r for r in lines if r["status"] == "generated"]
+        assert len(generated) == 3
+        # Simulate the kill: keep only the generated lines and drop the files.
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in generated))
+        for record in lines:
+            for output in record.get("outputs") or []:
+                (out / output["path"]).unlink()
+        before = server.stats.generations
+        result = await run(path)
+    assert result.exit_code == 0
+    assert server.stats.generations == before
+    assert result.summary["resumed_downloads"] == 3
+    assert_outputs_valid(out)
+
+
+async def test_torn_manifest_line_is_ignored_and_run_completes(write_spec: SpecWriter) -> None:
+    """A manifest ending in half a line (kill mid-write) resumes cleanly."""
+    async with MockServer(MockConfig()) as server:
+        path = write_spec(server.base_url, prompts=4)
+        await run(path)
+        manifest = path.parent / "out/manifest.jsonl"
+        with manifest.open("ab") as fh:
+            fh.write(b'{"key": "abc", "status": "o')
+        result = await run(path)
+    assert result.exit_code == 0
+    assert result.summary["requests"] == 0
+    for line in manifest.read_bytes().splitlines()[:-1]:
+        if line.startswith(b'{"key": "abc"'):
+            continue
+        json.loads(line)
