@@ -21,7 +21,8 @@ Layout of ``OUT/grids/<source>.png``, an X/Y plot:
 Each sheet explains itself later through PNG iTXt metadata: ``synthaug.spec``,
 ``synthaug.source``, ``synthaug.template``, ``synthaug.vars`` (JSON, all variables),
 ``synthaug.slice`` (JSON, the further variables' values on this sheet) and
-``synthaug.page`` (``"2/4"``).
+``synthaug.page`` (``"2/4"``) and ``synthaug.layout`` (JSON: first cell's corner ``x0``,
+``y0``, ``cell`` size, ``step`` between cells, the ``columns`` and ``rows`` shown).
 
 Text uses the font that ships inside Pillow, so a sheet looks the same on every machine.
 That font holds ASCII glyphs only: other characters are drawn as their closest ASCII
@@ -37,7 +38,7 @@ import logging
 import math
 import os
 import re
-import tempfile
+import secrets
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ def draw_grids(
     if cell_px < MIN_CELL_PX:
         raise ValueError(f"cell_px must be at least {MIN_CELL_PX}, got {cell_px}")
     style = _Style.for_cell(cell_px)
-    job = read_job(out_dir)
+    job = _read_job(out_dir)
     records = read_latest(out_dir / MANIFEST_NAME)
     by_source: dict[str, list[dict[str, Any]]] = {}
     for record in records.values():
@@ -123,7 +124,7 @@ def draw_grids(
     return written
 
 
-def read_job(out_dir: Path) -> dict[str, Any]:
+def _read_job(out_dir: Path) -> dict[str, Any]:
     """``OUT/job.json`` as a dict, or ``{}`` when it is absent or unreadable (never required)."""
     try:
         data = json.loads((out_dir / JOB_NAME).read_text(encoding="utf-8"))
@@ -324,6 +325,7 @@ class _Style:
     label: Font
     small: Font
     title: Font
+    tiny: Font
     glyphs: dict[str, bool] = field(default_factory=dict)  # per-drawing cache: has glyph?
 
     @classmethod
@@ -339,6 +341,7 @@ class _Style:
             label=_font(size),
             small=_font(max(10, size - 3)),
             title=_font(round(size * 1.5)),
+            tiny=_font(8),
         )
 
     def line_height(self, font: Font) -> int:
@@ -454,7 +457,9 @@ def _sheets(
                 parts[0] = f"{source.name}  (page {page.number} of {page.total})"
             image = _render(grid, page, slice_values, parts, style, max_px)
             suffix = "" if page.number == 1 else f"-{page.number}"
-            yield f"{stem}{suffix}.png", image, _metadata(job, source, slice_values, page)
+            info = _metadata(job, source, slice_values, page)
+            info.add_itxt("synthaug.layout", json.dumps(_layout(grid, page, style)))
+            yield f"{stem}{suffix}.png", image, info
 
 
 def _stems(source: str, z_names: Sequence[str], slices: Sequence[tuple[str, ...]]) -> list[str]:
@@ -539,8 +544,7 @@ def _render(
     """Draw one page: title, headers, then every cell."""
     step = style.cell + style.gap
     width = _page_width(len(page.cols), style, max_px)
-    x0 = style.margin + style.row_header
-    y0 = style.margin + page.title_h + style.col_header()
+    x0, y0 = _origin(style, page)
     sheet = Image.new("RGB", (width, y0 + len(page.rows) * step + style.margin), WHITE)
     draw = ImageDraw.Draw(sheet)
     y = style.margin
@@ -553,6 +557,11 @@ def _render(
             values = (x_value, y_value)[: min(2, len(grid.source.vars))] + slice_values
             sheet.paste(_tile(grid.cell(values, sample), style), (x0 + ci * step, y0 + ri * step))
     return sheet
+
+
+def _origin(style: _Style, page: _Page) -> tuple[int, int]:
+    """Top-left corner of the first cell."""
+    return style.margin + style.row_header, style.margin + page.title_h + style.col_header()
 
 
 def _draw_headers(
@@ -621,29 +630,52 @@ def _placeholder(cell: _Cell, style: _Style) -> Image.Image:
     if hatch is not None:
         for k in range(-style.cell, style.cell, max(8, style.cell // 16)):
             draw.line([(k, 0), (k + style.cell, style.cell)], fill=hatch, width=2)
-    room = style.cell - 4 * style.pad
-    lines: list[tuple[str, Font]] = []
+    room = style.cell - 2 * style.pad
     texts = [t for t in cell.lines if t]
+    head = next(  # the largest font in which the reason's words need not be broken
+        (f for f in (style.label, style.small) if _words_fit(style, texts[:1], f, room)),
+        style.tiny,
+    )
+    body = style.tiny if head is style.tiny else style.small
+    lines: list[tuple[str, Font, tuple[int, int, int]]] = []
     for i, text in enumerate(texts):
-        font = style.label if i == 0 else style.small
-        lines += [(line, font) for line in style.wrap(text, font, room, 2 if i == 0 else 3)]
+        font, colour = (head, ink) if i == 0 else (body, MUTED)
+        lines += [(line, font, colour) for line in style.wrap(text, font, room, 2 if i == 0 else 3)]
     while len(lines) > 1 and _lines_height(style, lines) > style.cell - 4 * style.pad:
         lines.pop()  # small cells keep the reason, lose the message
     height = _lines_height(style, lines)
-    width = max(_width(font, line) for line, font in lines) if lines else 0
+    width = max(_width(font, line) for line, font, _ in lines) if lines else 0
     top = (style.cell - height) // 2
     if hatch is not None and lines:
         box = ((style.cell - width) / 2 - style.pad, top - style.pad)
         draw.rectangle([box, (style.cell - box[0], top + height + style.pad)], fill=WHITE)
-    for line, font in lines:
-        x = (style.cell - _width(font, line)) / 2
-        draw.text((x, top), line, font=font, fill=ink if font is style.label else MUTED)
+    for line, font, colour in lines:
+        draw.text(((style.cell - _width(font, line)) / 2, top), line, font=font, fill=colour)
         top += style.line_height(font)
     return tile
 
 
-def _lines_height(style: _Style, lines: Sequence[tuple[str, Font]]) -> int:
-    return sum(style.line_height(font) for _, font in lines)
+def _layout(grid: _Grid, page: _Page, style: _Style) -> dict[str, Any]:
+    """Where the cells are, so tools (and tests) can crop a cell without guessing."""
+    x0, y0 = _origin(style, page)
+    return {
+        "x0": x0,
+        "y0": y0,
+        "cell": style.cell,
+        "step": style.cell + style.gap,
+        "columns": list(page.cols),
+        "rows": [{"value": y, "sample": grid.sample_label(s)} for y, s in page.rows],
+    }
+
+
+def _lines_height(style: _Style, lines: Sequence[tuple[Any, ...]]) -> int:
+    """Height of (text, font, ...) lines stacked."""
+    return sum(style.line_height(line[1]) for line in lines)
+
+
+def _words_fit(style: _Style, texts: Sequence[str], font: Font, room: int) -> bool:
+    words = " ".join(texts).split()
+    return all(_width(font, style.printable(w, font)) <= room for w in words)
 
 
 def _metadata(
@@ -671,13 +703,13 @@ def _metadata(
 
 def _save_png(image: Image.Image, path: Path, info: PngInfo) -> None:
     """Write to a temporary name beside `path`, then rename: no reader sees half a sheet."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # umask applies
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with tmp.open("xb") as fh:
             image.save(fh, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -175,9 +175,12 @@ class Limiter:
         if hint.remaining <= 0:
             self._pause_until = max(self._pause_until, now + reset_s)
             return
-        self._hint_interval = reset_s / hint.remaining
+        interval = reset_s / hint.remaining
+        loosens = now < self._hint_until and interval < self._hint_interval
+        self._hint_interval = interval
         self._hint_until = now + reset_s
-        self._wake_head()  # the new hint may allow an earlier start than the old one
+        if loosens:  # the head may start earlier than the old hint allowed
+            self._wake_head()
 
     def stats(self) -> LimiterStats:
         """A frozen snapshot of counters and the current effective rates."""

@@ -159,7 +159,7 @@ def test_invalid_base64_is_bad_image(payload: Any) -> None:
 
 def test_elide_images_replaces_inline_data_with_its_size() -> None:
     """The manifest's copy of an answer keeps URLs but not megabytes of base64."""
-    payload = {
+    payload: dict[str, Any] = {
         "data": [{"b64_json": B64, "id": "1"}, {"url": IMAGE_URL}],
         "extra": [{"image": "data:image/png;base64," + B64}, {"image": IMAGE_URL}],
         "created": 1,
@@ -611,3 +611,14 @@ def test_only_400_refusals_are_refused(body: str) -> None:
     """A refusal is recognised only on a 400; a 500 mentioning it is still transient."""
     assert classify_http(400, body, {}, now=NOW).kind == "refused"
     assert isinstance(classify_http(500, body, {}, now=NOW), TransientError)
+
+
+async def test_recorded_response_never_holds_the_key(
+    backend: RoboflowBackend, mock_http: aioresponses
+) -> None:
+    """An answer that echoes the key is recorded (for the manifest) without it."""
+    payload = {"data": [{"url": IMAGE_URL}], "request": {"api_key": KEY, "echo": KEY}}
+    mock_http.post(ENDPOINT, payload=payload)
+    generation = await backend.generate(make_item(), None)
+    assert KEY not in repr(generation)
+    assert generation.images == (GeneratedImage(url=IMAGE_URL),)

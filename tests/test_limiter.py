@@ -419,6 +419,23 @@ def test_rate_limit_hint_expires_at_the_reset() -> None:
     assert run(main()) == pytest.approx([0.0, 20.0, 20.0])
 
 
+def test_looser_rate_limit_hint_lets_a_waiting_start_go() -> None:
+    """A fresh hint with more room releases the waiter that an older, tighter hint held back."""
+
+    async def main() -> list[float]:
+        lim = limiter()
+        lim.observe(RateLimitHint(remaining=1, reset_s=100.0))
+        rec = Recorder(lim)
+        await asyncio.gather(
+            rec.request("a"),
+            rec.request("b"),
+            at(10.0, partial(lim.observe, RateLimitHint(remaining=10, reset_s=10.0))),
+        )
+        return rec.times()
+
+    assert run(main()) == pytest.approx([0.0, 10.0])
+
+
 def test_waiting_does_not_busy_loop() -> None:
     """100 waiters behind a one-hour pause cost O(waiters) sleeps, each to a computed time."""
     sleeps: list[float] = []

@@ -189,8 +189,13 @@ class RoboflowBackend:
                 kind="bad_response",
                 status=status,
             )
+        try:
+            images = parse_images(payload)
+        except BackendError as error:
+            error.status = status
+            raise
         return Generation(
-            images=parse_images(payload),
+            images=images,
             response=elide_images(payload),
             status=status,
             rate_limit=parse_rate_limit(headers),

@@ -1,0 +1,332 @@
+"""``OUT/index.html``: one static page to look at a run, drawn from OUT alone.
+
+Per source: its contact sheets (``OUT/grids``, found by their PNG metadata), then every
+image with its prompt, variables, status and attempts, linking to the full file, then the
+failed and unfinished items with their errors. The page is self-contained (inline CSS, no
+script, no network) and every path in it is relative, so OUT can be zipped and shared.
+Small JPEG thumbnails go to ``OUT/thumbs/<sha256[:16]>.jpg`` (named by the image's hash,
+so they never go stale; unused ones are removed), keeping the page light for big runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from io import BytesIO
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+from PIL import Image, ImageOps
+
+from pipeline.manifest import MANIFEST_NAME, read_latest
+
+__all__ = ["INDEX_NAME", "THUMBS_DIR", "THUMB_PX", "write_gallery"]
+
+INDEX_NAME = "index.html"
+THUMBS_DIR = "thumbs"
+THUMB_PX = 320
+GRIDS_DIR = "grids"  # where pipeline.grid draws; sheets are recognised by META_SOURCE
+META_SOURCE = "synthaug.source"
+JOB_NAME = "job.json"
+
+log = logging.getLogger(__name__)
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1400px;padding:0 16px 48px;
+color:#222;background:#fafafa}
+h1{font-size:22px;margin:20px 0 4px}h2{font-size:18px;margin:0 0 4px}
+code{background:#eee;padding:1px 4px;border-radius:3px;word-break:break-word}
+.muted{color:#666}.counts span{margin-right:12px}
+nav ul{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:6px 16px}
+section{background:#fff;border:1px solid #ddd;border-radius:6px;padding:16px;margin:20px 0}
+.sheets{display:flex;flex-direction:column;gap:12px;margin:12px 0}
+.sheets img{max-width:100%;height:auto;border:1px solid #ddd}
+.items{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:12px;
+margin:12px 0}
+figure{margin:0;border:1px solid #e3e3e3;border-radius:4px;padding:8px;background:#fcfcfc}
+figure .thumbs{display:flex;flex-wrap:wrap;gap:4px}
+figure img{max-width:100%;height:auto;display:block;background:#eee}
+figcaption p{margin:4px 0;word-break:break-word}
+.var{display:inline-block;background:#eef2f7;border-radius:3px;padding:0 4px;margin:1px 2px 1px 0}
+.status{font-weight:600;text-transform:uppercase;font-size:12px}
+.ok{color:#1b7a36}.failed{color:#b3261e}.generated,.pending{color:#8a6d00}
+table{border-collapse:collapse;width:100%;margin:8px 0}
+th,td{border:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top;
+word-break:break-word}
+th{background:#f3f3f3}
+"""
+
+
+def write_gallery(out_dir: Path) -> Path:
+    """Write ``OUT/index.html`` (and thumbnails) from the manifest; return the page's path.
+
+    Works on a partial run and without ``OUT/job.json`` (sources then follow the order in
+    which the manifest first mentions them). CPU-bound (thumbnails) and sync.
+    """
+    job = _read_job(out_dir)
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for record in read_latest(out_dir / MANIFEST_NAME).values():
+        by_source.setdefault(str(record.get("source", "")), []).append(record)
+    declared = {str(s.get("name")): s for s in job.get("sources") or () if isinstance(s, dict)}
+    names = [*declared, *(n for n in by_source if n not in declared)]
+    sheets = _sheets(out_dir)
+    thumbs = _Thumbs(out_dir)
+    sections = [
+        _section(out_dir, name, declared.get(name, {}), by_source.get(name, []), sheets, thumbs)
+        for name in names
+    ]
+    page = _page(job, names, by_source, sections)
+    path = out_dir / INDEX_NAME
+    _write_atomic(path, page.encode("utf-8"))
+    thumbs.remove_unused()
+    return path
+
+
+def _read_job(out_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((out_dir / JOB_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", out_dir / JOB_NAME, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _href(relative: str) -> str:
+    return _e(quote(relative, safe="/"))
+
+
+def _inside(out_dir: Path, relative: str) -> Path | None:
+    """`relative` under OUT, or None when it is absolute or climbs out (a hand-edited line)."""
+    pure = PurePosixPath(relative)
+    if not relative or pure.is_absolute() or ".." in pure.parts:
+        return None
+    return out_dir.joinpath(*pure.parts)
+
+
+def _sheets(out_dir: Path) -> dict[str, list[str]]:
+    """Contact sheets per source, in page order, found by the metadata grid.py writes."""
+    found: dict[str, list[tuple[str, int, str]]] = {}
+    for path in (out_dir / GRIDS_DIR).glob("*.png"):
+        try:
+            with Image.open(path) as image:
+                source, page = image.info.get(META_SOURCE), str(image.info.get("synthaug.page"))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        if isinstance(source, str):
+            number = int(page.split("/")[0]) if page.split("/")[0].isdigit() else 1
+            stem = path.stem.removesuffix(f"-{number}") if number > 1 else path.stem
+            found.setdefault(source, []).append((stem, number, f"{GRIDS_DIR}/{path.name}"))
+    return {source: [rel for *_, rel in sorted(pages)] for source, pages in found.items()}
+
+
+class _Thumbs:
+    """Small JPEGs named by the image's hash; remembers which ones this page uses."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self._out = out_dir
+        self._dir = out_dir / THUMBS_DIR
+        self._used: set[str] = set()
+
+    def get(self, output: Mapping[str, Any]) -> tuple[str, int, int] | None:
+        """(relative path, width, height) of the thumbnail, or None if the image is unreadable."""
+        relative = str(output.get("path") or "")
+        source = _inside(self._out, relative)
+        if source is None or not source.is_file():
+            return None
+        digest = str(output.get("sha256") or hashlib.sha256(relative.encode()).hexdigest())
+        name = f"{digest[:16]}.jpg"
+        target = self._dir / name
+        try:
+            if not target.exists():
+                self._make(source, target)
+            with Image.open(target) as thumb:
+                size = thumb.size
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            log.warning("no thumbnail for %s: %s", source, exc)
+            return None
+        self._used.add(name)
+        return f"{THUMBS_DIR}/{name}", size[0], size[1]
+
+    def _make(self, source: Path, target: Path) -> None:
+        with Image.open(source) as image:
+            image.draft("RGB", (THUMB_PX, THUMB_PX))
+            rgba = image.convert("RGBA")
+        thumb = ImageOps.contain(rgba, (THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
+        flat = Image.new("RGB", thumb.size, (255, 255, 255))
+        flat.paste(thumb, (0, 0), thumb)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(target, _jpeg(flat))
+
+    def remove_unused(self) -> None:
+        """Delete thumbnails of images no longer in the manifest (only our own names)."""
+        if not self._dir.is_dir():
+            return
+        for path in self._dir.glob("*.jpg"):
+            if path.name not in self._used and len(path.stem) == 16:
+                path.unlink(missing_ok=True)
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def _page(
+    job: Mapping[str, Any],
+    names: Sequence[str],
+    by_source: Mapping[str, Sequence[Mapping[str, Any]]],
+    sections: Iterable[str],
+) -> str:
+    title = f"synthaug: {job.get('name') or 'run'}"
+    every = [r for records in by_source.values() for r in records]
+    facts = [
+        f"<code>{_e(job['spec'])}</code>" if job.get("spec") else "",
+        f"backend <code>{_e(job['backend'])}</code>" if job.get("backend") else "",
+    ]
+    nav = "".join(
+        f'<li><a href="#{_anchor(n)}">{_e(n)}</a> '
+        f'<span class="counts">{_counts(by_source.get(n, []))}</span></li>'
+        for n in names
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
+        f"<header><h1>{_e(title)}</h1><p class='muted'>{' · '.join(f for f in facts if f)}</p>"
+        f"<p class='counts'>{_counts(every)}</p><nav><ul>{nav}</ul></nav></header>"
+        f"{''.join(sections)}</body></html>\n"
+    )
+
+
+def _anchor(name: str) -> str:
+    return "src-" + quote(name, safe="")
+
+
+def _counts(records: Sequence[Mapping[str, Any]]) -> str:
+    statuses = [r.get("status") for r in records]
+    images = sum(len(r.get("outputs") or ()) for r in records if r.get("status") == "ok")
+    parts = [
+        ("ok", statuses.count("ok")),
+        ("failed", statuses.count("failed")),
+        ("generated", statuses.count("generated")),
+    ]
+    shown = "".join(f'<span class="{s}">{n} {s}</span>' for s, n in parts if n)
+    return f"{shown}<span class='muted'>{images} image{'s' * (images != 1)}</span>"
+
+
+def _section(
+    out_dir: Path,
+    name: str,
+    spec: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    sheets: Mapping[str, Sequence[str]],
+    thumbs: _Thumbs,
+) -> str:
+    template = spec.get("prompt")
+    head = (
+        f'<section id="{_e(_anchor(name))}"><h2>{_e(name)}</h2>'
+        + (f"<p>prompt: <code>{_e(template)}</code></p>" if template else "")
+        + f"<p class='counts'>{_counts(records)}</p>"
+    )
+    grid = "".join(
+        f'<a href="{_href(rel)}"><img src="{_href(rel)}" alt="contact sheet {_e(rel)}"></a>'
+        for rel in sheets.get(name, ())
+    )
+    items = "".join(_figure(r, thumbs) for r in records if r.get("status") == "ok")
+    failed = [r for r in records if r.get("status") == "failed"]
+    pending = [r for r in records if r.get("status") not in ("ok", "failed")]
+    return (
+        head
+        + (f'<div class="sheets">{grid}</div>' if grid else "")
+        + (f'<div class="items">{items}</div>' if items else "")
+        + (_failed_table(failed) if failed else "")
+        + (_pending_table(pending) if pending else "")
+        + "</section>"
+    )
+
+
+def _vars(record: Mapping[str, Any]) -> str:
+    found = record.get("vars") or {}
+    return "".join(f'<span class="var"><b>{_e(k)}</b> {_e(v)}</span>' for k, v in found.items())
+
+
+def _figure(record: Mapping[str, Any], thumbs: _Thumbs) -> str:
+    """One ok item: its images (thumbnail → full file) and what made them."""
+    images, links = [], []
+    for output in record.get("outputs") or ():
+        relative = str(output.get("path") or "")
+        thumb = thumbs.get(output)
+        name = PurePosixPath(relative).name
+        if thumb is None:
+            images.append(f'<p class="failed">missing file {_e(relative)}</p>')
+            continue
+        src, width, height = thumb
+        images.append(
+            f'<a href="{_href(relative)}"><img src="{_href(src)}" width="{width}" '
+            f'height="{height}" loading="lazy" alt="{_e(record.get("prompt", ""))}"></a>'
+        )
+        links.append(f'<a href="{_href(relative)}">{_e(name)}</a>')
+    attempts = int(record.get("attempts") or 0)
+    return (
+        f'<figure class="item"><div class="thumbs">{"".join(images)}</div><figcaption>'
+        f"<p>{_e(record.get('prompt', ''))}</p><p>{_vars(record)}</p>"
+        f'<p><span class="status ok">ok</span> · {attempts} attempt{"s" * (attempts != 1)}'
+        f" · {' '.join(links)}</p></figcaption></figure>"
+    )
+
+
+def _failed_table(records: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for record in records:
+        error = record.get("error") or {}
+        rows.append(
+            f'<tr class="failed-item"><td>{_vars(record)}</td>'
+            f"<td>{_e(record.get('prompt', ''))}</td>"
+            f'<td class="failed">{_e(error.get("kind", "?"))}</td>'
+            f"<td>{_e(error.get('status') or '')}</td><td>{_e(error.get('message', ''))}</td>"
+            f"<td>{_e(record.get('attempts', 0))}</td></tr>"
+        )
+    return (
+        f"<h3 class='failed'>Failed ({len(records)})</h3><table><thead><tr><th>vars</th>"
+        "<th>prompt</th><th>error</th><th>HTTP</th><th>message</th><th>attempts</th></tr>"
+        f"</thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _pending_table(records: Sequence[Mapping[str, Any]]) -> str:
+    rows = "".join(
+        f"<tr><td>{_vars(r)}</td><td>{_e(r.get('prompt', ''))}</td>"
+        '<td class="generated">answered, not downloaded</td>'
+        f"<td>{_e(r.get('attempts', 0))}</td></tr>"
+        for r in records
+    )
+    return (
+        f"<h3 class='generated'>Not finished ({len(records)})</h3><table><thead><tr>"
+        "<th>vars</th><th>prompt</th><th>status</th><th>attempts</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file in the same folder, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # umask applies
+    try:
+        with tmp.open("xb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,182 @@
+"""OUT/index.html: a static, self-contained page of sheets, images and failures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from pipeline.gallery import write_gallery
+from pipeline.grid import draw_grids
+from pipeline.manifest import ManifestWriter
+from pipeline.records import ErrorInfo, ItemRecord, OutputFile
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TREES = ["maple", "oak", "birch"]
+
+
+def record(
+    out: Path,
+    source: str,
+    variables: Mapping[str, str],
+    *,
+    status: str = "ok",
+    colour: tuple[int, int, int] = (200, 40, 40),
+) -> ItemRecord:
+    """A manifest line; an ok line gets a solid-colour image file under OUT/images."""
+    key = hashlib.sha256(repr((source, variables)).encode()).hexdigest()
+    prompt = f"A street with {' '.join(variables.values())} trees <b>&amp;</b>"
+    outputs: tuple[OutputFile, ...] = ()
+    if status == "ok":
+        rel = f"images/{source}/{key[:16]}-0.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), colour).save(out / rel)
+        digest = hashlib.sha256((out / rel).read_bytes()).hexdigest()
+        outputs = (OutputFile(rel, digest, 40, 30),)
+    error = ErrorInfo("refused", 400, "content policy <script>") if status == "failed" else None
+    return ItemRecord(
+        key=key,
+        status="ok" if status == "ok" else "failed" if status == "failed" else "generated",
+        source=source,
+        vars=dict(variables),
+        repeat=0,
+        input=None,
+        prompt=prompt,
+        params={"n": 1},
+        outputs=outputs,
+        attempts=2,
+        error=error,
+    )
+
+
+def write_manifest(out: Path, records: Sequence[ItemRecord]) -> None:
+    with ManifestWriter(out / "manifest.jsonl") as writer:
+        for item in records:
+            writer.append(item)
+
+
+def sample_out(out: Path, *, job: bool = True) -> None:
+    """Two sources: 'street' with vars (ok, failed, generated) and 'plain' without."""
+    if job:
+        sources: list[dict[str, Any]] = [
+            {"name": "street", "prompt": "A street with {tree} trees", "vars": {"tree": TREES},
+             "combine": "product", "repeats": 1, "input": "none", "items": 3, "n": 1},
+            {"name": "plain", "prompt": "Red leaves", "vars": {}, "input": "none", "items": 1},
+        ]  # fmt: skip
+        payload = {"name": "fall <night>", "spec": "/abs/spec.yaml", "backend": "mock"}
+        (out / "job.json").write_text(json.dumps({**payload, "sources": sources}), "utf-8")
+    write_manifest(
+        out,
+        [
+            record(out, "plain", {}, colour=(20, 90, 200)),
+            record(out, "street", {"tree": "maple"}),
+            record(out, "street", {"tree": "oak"}, status="failed"),
+            record(out, "street", {"tree": "birch"}, status="generated"),
+        ],
+    )
+    draw_grids(out, cell_px=48)
+
+
+def test_page_lists_images_sheets_and_failures(tmp_path: Path) -> None:
+    """Each source shows its sheet, its images linked to the full files, and its failures."""
+    sample_out(tmp_path)
+    page = write_gallery(tmp_path).read_text("utf-8")
+    sources = re.findall(r'<section id="src-([^"]+)"', page)
+    assert sources == ["street", "plain"]
+    assert 'src="grids/street.png"' in page
+    for line in (tmp_path / "manifest.jsonl").read_text("utf-8").splitlines():
+        for output in json.loads(line)["outputs"]:
+            assert f'href="{output["path"]}"' in page
+    assert "refused" in page
+    assert "content policy &lt;script&gt;" in page
+    assert "answered, not downloaded" in page
+
+
+def test_all_text_is_escaped(tmp_path: Path) -> None:
+    """Prompts, job names and error messages cannot inject markup into the page."""
+    sample_out(tmp_path)
+    page = write_gallery(tmp_path).read_text("utf-8")
+    assert "<script>" not in page
+    assert "<b>&amp;</b>" not in page
+    assert "&lt;b&gt;&amp;amp;&lt;/b&gt;" in page
+    assert "fall &lt;night&gt;" in page
+
+
+def test_every_reference_is_relative_and_inside_out(tmp_path: Path) -> None:
+    """Every src/href is a relative path to a file in OUT, so a zip of OUT still works."""
+    sample_out(tmp_path)
+    page = write_gallery(tmp_path).read_text("utf-8")
+    refs = re.findall(r'(?:src|href)="([^"#]+)"', page)
+    assert refs
+    for ref in refs:
+        assert "://" not in ref
+        assert not ref.startswith("/")
+        assert (tmp_path / ref).is_file(), ref
+
+
+def test_works_without_job_json(tmp_path: Path) -> None:
+    """Without OUT/job.json the sources follow the manifest's order of first appearance."""
+    sample_out(tmp_path, job=False)
+    page = write_gallery(tmp_path).read_text("utf-8")
+    assert re.findall(r'<section id="src-([^"]+)"', page) == ["plain", "street"]
+
+
+def test_missing_image_file_is_reported_not_linked_as_image(tmp_path: Path) -> None:
+    """An ok item whose file vanished says so instead of showing a broken image."""
+    sample_out(tmp_path)
+    manifest = [
+        json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text("utf-8").split("\n") if x
+    ]
+    gone = next(r for r in manifest if r["source"] == "plain")["outputs"][0]["path"]
+    (tmp_path / gone).unlink()
+    page = write_gallery(tmp_path).read_text("utf-8")
+    assert f"missing file {gone}" in page
+    assert len(list((tmp_path / "thumbs").glob("*.jpg"))) == 1
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium"
+)
+def test_page_renders_in_headless_chromium(tmp_path: Path) -> None:
+    """In a real browser every image loads, nothing leaves file://, and the failure shows."""
+    from playwright.sync_api import sync_playwright
+
+    out = tmp_path / "out"
+    out.mkdir()
+    sample_out(out)
+    index = write_gallery(out)
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(index.as_uri())
+            page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+            page.wait_for_function("[...document.images].every(i => i.complete)")
+            widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
+            failed = page.inner_text("tr.failed-item")
+            page.screenshot(path=str(tmp_path / "index.png"), full_page=True)
+        finally:
+            browser.close()
+    assert len(widths) == 3  # the sheet and two thumbnails
+    assert all(w > 0 for w in widths)
+    assert "refused" in failed
+    assert "content policy <script>" in failed
+    assert all(url.startswith("file://") for url in requests)
+    assert (tmp_path / "index.png").stat().st_size > 0
