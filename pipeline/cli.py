@@ -49,30 +49,46 @@ def build_parser() -> argparse.ArgumentParser:
         "130/143 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"synthaug {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
-    run = sub.add_parser("run", help="run (or resume) a job", description=(
-        "Run the job in SPEC. If its output dir already has a manifest, resume: items "
-        "already ok are skipped, failed ones retried (unless --no-retry-failed)."))
+    run = sub.add_parser(
+        "run",
+        help="run (or resume) a job",
+        description=(
+            "Run the job in SPEC. If its output dir already has a manifest, resume: items "
+            "already ok are skipped, failed ones retried (unless --no-retry-failed)."
+        ),
+    )
     run.add_argument("spec", type=Path, metavar="SPEC.yaml")
-    run.add_argument("--backend", choices=["roboflow", "openai", "mock"],
-                     help="override backend.kind")
+    run.add_argument(
+        "--backend", choices=["roboflow", "openai", "mock"], help="override backend.kind"
+    )
     run.add_argument("--concurrency", type=int, metavar="N", help="requests in flight at most")
     run.add_argument("--rate", metavar="R", help="request starts: N/s, N/min, N/h or per second")
     run.add_argument("--max-attempts", type=int, metavar="N", help="tries per item")
     run.add_argument("--max-images", type=int, metavar="N", help="image budget for this run")
     run.add_argument("--out", type=Path, metavar="DIR", help="output dir (default from spec)")
-    run.add_argument("--no-retry-failed", action="store_true",
-                     help="on resume, leave items whose last attempt failed")
+    run.add_argument(
+        "--no-retry-failed",
+        action="store_true",
+        help="on resume, leave items whose last attempt failed",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--no-grid", action="store_true",
-                     help="skip drawing contact sheets and index.html at the end")
+    run.add_argument(
+        "--no-grid",
+        action="store_true",
+        help="skip drawing contact sheets and index.html at the end",
+    )
     _add_log_level(run)
 
-    plan = sub.add_parser("plan", help="expand and validate a spec: no network, no spend",
-                          description="Show per source how many requests and images the "
-                          "job makes, how many are done, its cost and ETA. Sends nothing.")
+    plan = sub.add_parser(
+        "plan",
+        help="expand and validate a spec: no network, no spend",
+        description="Show per source how many requests and images the "
+        "job makes, how many are done, its cost and ETA. Sends nothing.",
+    )
     plan.add_argument("spec", type=Path, metavar="SPEC.yaml")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     _add_log_level(plan)
@@ -90,12 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
     mock = sub.add_parser("mock-server", help="serve the embedded mock API (no key, no spend)")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8377)
-    mock.add_argument("--latency", type=float, default=0.0, metavar="S",
-                      help="seconds before each answer")
-    mock.add_argument("--error-rate", type=float, default=0.0, metavar="P",
-                      help="share of requests answered with an injected fault (0..1)")
-    mock.add_argument("--rate-limit", default=None, metavar="R",
-                      help="enforce this request rate with 429s (N/s, N/min, ...)")
+    mock.add_argument(
+        "--latency", type=float, default=0.0, metavar="S", help="seconds before each answer"
+    )
+    mock.add_argument(
+        "--error-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of requests answered with an injected fault (0..1)",
+    )
+    mock.add_argument(
+        "--rate-limit",
+        default=None,
+        metavar="R",
+        help="enforce this request rate with 429s (N/s, N/min, ...)",
+    )
     mock.add_argument("--seed", type=int, default=0, help="seed of the fault sequence")
     _add_log_level(mock)
 
@@ -105,15 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_log_level(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
-                        help="log detail on stderr (default WARNING); DEBUG adds tracebacks")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="log detail on stderr (default WARNING); DEBUG adds tracebacks",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the console script and `python -m pipeline`."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     handler = _COMMANDS[args.command]
     try:
         code = handler(args)
@@ -194,8 +228,11 @@ def _draw_views(out: Path, *, cell_px: int) -> list[Path]:
         sheets = draw_grids(out, cell_px=cell_px)
         page = write_gallery(out)
     except Exception:
-        log.exception("could not draw contact sheets / index.html; "
-                      "the run itself is fine: try `synthaug grid %s`", out)
+        log.exception(
+            "could not draw contact sheets / index.html; "
+            "the run itself is fine: try `synthaug grid %s`",
+            out,
+        )
         return []
     return [*sheets, page]
 
@@ -225,8 +262,9 @@ def _cmd_mock_server(args: argparse.Namespace) -> int:
     if not 0.0 <= args.error_rate <= 1.0:
         raise UsageError(f"--error-rate must be between 0 and 1, got {args.error_rate}")
     rate = parse_rate(args.rate_limit) if args.rate_limit else None
-    config = MockConfig(latency_s=args.latency, error_rate=args.error_rate, rate_limit=rate,
-                        seed=args.seed)
+    config = MockConfig(
+        latency_s=args.latency, error_rate=args.error_rate, rate_limit=rate, seed=args.seed
+    )
     run_mock_server(config, args.host, args.port)
     return EXIT_OK
 
@@ -274,7 +312,9 @@ class _Progress:
         self._bar.total = stats.expected or None
         self._bar.n = stats.done
         self._bar.set_postfix(
-            ok=stats.ok, failed=stats.failed, retrying=stats.retries,
+            ok=stats.ok,
+            failed=stats.failed,
+            retrying=stats.retries,
             req_s=f"{stats.requests / elapsed:.2f}" if elapsed else "-",
             refresh=False,
         )

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline import outputs
 from pipeline.backends.base import Backend
@@ -202,16 +202,17 @@ class Engine:
 
         A budget stop waits for everything already reserved: those items fit the budget.
         """
-        everything = asyncio.gather(*tasks)
-        stop_wait = asyncio.create_task(self._stopping.wait())
+        everything: asyncio.Future[Any] = asyncio.gather(*tasks)
+        stop_wait: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait({everything, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([everything, stop_wait], return_when=asyncio.FIRST_COMPLETED)
             if not everything.done():
                 grace = None if self.stop_reason == "budget" else self._settings.grace_period_s
                 done, _ = await asyncio.wait({everything}, timeout=grace)
                 if not done:
-                    log.warning("grace period over: cancelling %d in-flight items",
-                                self.stats.in_flight)
+                    log.warning(
+                        "grace period over: cancelling %d in-flight items", self.stats.in_flight
+                    )
             if everything.done() and not everything.cancelled():
                 everything.result()  # re-raise a bug in a worker
         finally:
@@ -393,7 +394,9 @@ class Engine:
             return None
         if item.input.kind != "file":
             return item.input.value
-        data = await asyncio.to_thread(read_input_bytes, Path(item.input.value), item.input.sha256)
+        data = await asyncio.to_thread(
+            read_input_bytes, Path(item.input.value), item.input.sha256 or ""
+        )
         if len(data) > LARGE_INPUT_BYTES:
             return await asyncio.to_thread(_b64, data)
         return _b64(data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -88,8 +89,9 @@ async def run_job(
         state = await asyncio.to_thread(load_state, out / MANIFEST_NAME)
         await asyncio.to_thread(_write_job_json, spec, spec_path)
         async with _open_backend(spec, api_key, backend) as live_backend:
-            return await _run_engine(spec, spec_path, state, live_backend, on_progress,
-                                     install_signals)
+            return await _run_engine(
+                spec, spec_path, state, live_backend, on_progress, install_signals
+            )
 
 
 async def _run_engine(
@@ -138,7 +140,7 @@ async def _run_engine(
                 raise
             # our own second-signal cancel: the workers are down, finish the checkpoint
         finally:
-            summary = _summary(spec, spec_path, engine, started_at, time.monotonic() - t0)
+            summary = _summary(spec, spec_path, engine, limiter, started_at, time.monotonic() - t0)
             await asyncio.to_thread(
                 outputs.write_json_atomic, spec.output_dir / SUMMARY_NAME, summary
             )
@@ -181,7 +183,12 @@ def _stop_message(engine: Engine) -> str | None:
 
 
 def _summary(
-    spec: Spec, spec_path: Path, engine: Engine, started_at: str, elapsed: float
+    spec: Spec,
+    spec_path: Path,
+    engine: Engine,
+    limiter: Limiter,
+    started_at: str,
+    elapsed: float,
 ) -> dict[str, Any]:
     stats = engine.stats
     return {
@@ -207,22 +214,8 @@ def _summary(
         "errors": dict(stats.errors),
         "cost_usd": round(stats.cost_usd, 4),
         "achieved_requests_per_s": round(stats.requests / elapsed, 3) if elapsed > 0 else None,
-        "limiter": engine_limiter_stats(engine),
+        "limiter": dataclasses.asdict(limiter.stats()),
     }
-
-
-def engine_limiter_stats(engine: Engine) -> dict[str, Any] | None:
-    """The limiter's counters, when it exposes them."""
-    limiter = getattr(engine, "_limiter", None)
-    snapshot = getattr(limiter, "stats", None)
-    if callable(snapshot):
-        snapshot = snapshot()
-    if snapshot is None:
-        return None
-    fields = getattr(snapshot, "__dataclass_fields__", None)
-    if fields is None:
-        return None
-    return {name: getattr(snapshot, name) for name in fields}
 
 
 def _write_job_json(spec: Spec, spec_path: Path) -> None:
@@ -241,9 +234,7 @@ def _write_job_json(spec: Spec, spec_path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _open_backend(
-    spec: Spec, api_key: str, given: Backend | None
-) -> AsyncIterator[Backend]:
+async def _open_backend(spec: Spec, api_key: str, given: Backend | None) -> AsyncIterator[Backend]:
     """The backend for the spec's kind; `mock` starts the mock API on a loopback port."""
     if given is not None:
         yield given
@@ -253,13 +244,19 @@ async def _open_backend(
         raise UsageError(
             "backend.kind 'openai' is not available yet: use 'roboflow' (or 'mock' to rehearse)"
         )
-    settings = dict(concurrency=spec.run.concurrency, timeout_s=spec.backend.timeout_s)
+    concurrency, timeout_s = spec.run.concurrency, spec.backend.timeout_s
     if kind == "mock":
-        async with MockServer(MockConfig()) as server:
-            async with RoboflowBackend(server.base_url, "mock", **settings) as backend:
-                yield backend
+        async with (
+            MockServer(MockConfig()) as server,
+            RoboflowBackend(
+                server.base_url, "mock", concurrency=concurrency, timeout_s=timeout_s
+            ) as backend,
+        ):
+            yield backend
         return
-    async with RoboflowBackend(spec.backend.base_url, api_key, **settings) as backend:
+    async with RoboflowBackend(
+        spec.backend.base_url, api_key, concurrency=concurrency, timeout_s=timeout_s
+    ) as backend:
         yield backend
 
 
@@ -278,8 +275,9 @@ async def _signal_handlers(engine: Engine, *, enabled: bool) -> AsyncIterator[No
             log.warning("second signal: cancelling in-flight requests now")
             task.cancel()
             return
-        log.warning("%s received: finishing in-flight requests (again to cancel them)",
-                    reason.upper())
+        log.warning(
+            "%s received: finishing in-flight requests (again to cancel them)", reason.upper()
+        )
         engine.stop(reason)
 
     loop.add_signal_handler(signal.SIGINT, on_signal, "sigint")

@@ -457,7 +457,8 @@ def _line_for(lines: Mapping[str, int], key_path: str) -> int | None:
     while path:
         if path in lines:
             return lines[path]
-        path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
+        parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
+        path = "" if parent == path else parent
     return lines.get("")
 
 

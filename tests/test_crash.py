@@ -42,9 +42,9 @@ def mock_api(tmp_path: Path) -> Iterator[str]:
     port = free_port()
     log = (tmp_path / "mock.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "mock-server", "--port", str(port),
-         "--latency", "0.15"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "pipeline", "mock-server", "--port", str(port), "--latency", "0.15"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -87,8 +87,9 @@ def write_spec(tmp_path: Path, base: str, prompts: int) -> Path:
         "project_url": "crash",
         "params": {"size": "64x64"},
         "run": {"concurrency": CONCURRENCY, "max_attempts": 6},
-        "sources": [{"name": "grid", "prompt": "item {i}",
-                     "vars": {"i": [str(i) for i in range(prompts)]}}],
+        "sources": [
+            {"name": "grid", "prompt": "item {i}", "vars": {"i": [str(i) for i in range(prompts)]}}
+        ],
     }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -98,9 +99,10 @@ def write_spec(tmp_path: Path, base: str, prompts: int) -> Path:
 def start_run(spec: Path, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "ROBOFLOW_API_KEY": KEY}
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(spec), "--no-progress", "--no-grid",
-         *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "pipeline", "run", str(spec), "--no-progress", "--no-grid", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -120,8 +122,10 @@ def test_sigkill_at_several_points_then_resume_completes_exactly_once(
     kills = 0
     for threshold in (6, 25, 50):
         proc = start_run(spec)
-        wait_until(lambda t=threshold, p=proc: manifest_lines(out) >= t or p.poll() is not None,
-                   what=f"{threshold} manifest lines")
+        wait_until(
+            lambda t=threshold, p=proc: manifest_lines(out) >= t or p.poll() is not None,
+            what=f"{threshold} manifest lines",
+        )
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -144,8 +148,7 @@ def test_sigint_exits_130_with_a_parseable_manifest(tmp_path: Path, mock_api: st
     spec = write_spec(tmp_path, mock_api, 30)
     out = tmp_path / "out"
     proc = start_run(spec)
-    wait_until(lambda: manifest_lines(out) >= 4 or proc.poll() is not None,
-               what="4 manifest lines")
+    wait_until(lambda: manifest_lines(out) >= 4 or proc.poll() is not None, what="4 manifest lines")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()
@@ -165,8 +168,7 @@ def test_sigterm_exits_143(tmp_path: Path, mock_api: str) -> None:
     spec = write_spec(tmp_path, mock_api, 30)
     out = tmp_path / "out"
     proc = start_run(spec)
-    wait_until(lambda: manifest_lines(out) >= 2 or proc.poll() is not None,
-               what="2 manifest lines")
+    wait_until(lambda: manifest_lines(out) >= 2 or proc.poll() is not None, what="2 manifest lines")
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     assert proc.returncode == 143
@@ -181,8 +183,9 @@ def test_second_run_on_same_out_is_refused_while_first_holds_it(
     out = tmp_path / "out"
     first = start_run(spec)
     try:
-        wait_until(lambda: manifest_lines(out) >= 1 or first.poll() is not None,
-                   what="first manifest line")
+        wait_until(
+            lambda: manifest_lines(out) >= 1 or first.poll() is not None, what="first manifest line"
+        )
         second = start_run(spec)
         _, err = second.communicate(timeout=60)
         assert second.returncode == 2

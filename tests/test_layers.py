@@ -17,16 +17,27 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 LAYERS: dict[str, int] = {
     "errors": 0,
     "records": 1,
-    "template": 2, "sources": 2,
+    "template": 2,
+    "sources": 2,
     "spec": 3,
-    "credentials": 4, "pricing": 4,
+    "credentials": 4,
+    "pricing": 4,
     # independent mechanisms: none imports another (backends/* may import backends/base)
-    "limiter": 5, "retry": 5, "outputs": 5, "lock": 5, "manifest": 5, "backends": 5,
+    "limiter": 5,
+    "retry": 5,
+    "outputs": 5,
+    "lock": 5,
+    "manifest": 5,
+    "backends": 5,
     "items": 6,
     "engine": 7,
     "runner": 8,
-    "plan": 9, "report": 9, "grid": 9, "gallery": 9,
-    "cli": 10, "__main__": 11,
+    "plan": 9,
+    "report": 9,
+    "grid": 9,
+    "gallery": 9,
+    "cli": 10,
+    "__main__": 11,
 }
 
 

@@ -33,9 +33,20 @@ def run_cli(tmp_path: Path, base_url: str, **run: object) -> subprocess.Complete
     path.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "ROBOFLOW_API_KEY": SECRET}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(path), "--log-level", "DEBUG",
-         "--no-progress"],
-        env=env, capture_output=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            str(path),
+            "--log-level",
+            "DEBUG",
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
     )
 
 

@@ -1,0 +1,161 @@
+"""Spec × inputs × prompt variants × repeats → a lazy stream of keyed `WorkItem`s.
+
+An item's key is the SHA-256 of the canonical JSON of ``{"backend", "body", "repeat"}``,
+with a local file standing in the body as ``sha256:<hex of its bytes>``: the same spec
+over the same inputs yields the same keys on any machine and in any folder, which is
+what resume, idempotency and sharding stand on. Items are produced one at a time in a
+fixed order (sources in spec order, then inputs, prompt variants, repeats innermost), so
+a million-item job never sits in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from pipeline.records import InputImage, WorkItem, request_body
+from pipeline.sources import HashCache
+from pipeline.spec import SourceSpec, Spec
+from pipeline.template import count_variants, iter_variants, parse_template, resolve_values
+
+__all__ = [
+    "check_max_items",
+    "count_items",
+    "describe_sources",
+    "expand_items",
+    "item_key",
+    "iter_source_items",
+]
+
+DEFAULT_SEED = 0
+
+
+def item_key(backend_kind: str, body: Mapping[str, Any], repeat: int) -> str:
+    """The item key: SHA-256 hex of the canonical JSON of backend kind, body and repeat."""
+    canonical = json.dumps(
+        {"backend": backend_kind, "body": body, "repeat": repeat},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def expand_items(spec: Spec, *, hashes: HashCache | None = None) -> Iterator[WorkItem]:
+    """Every work item of `spec`, lazily, in the documented order.
+
+    Pass one `hashes` cache to several calls so that each local file is hashed once.
+    """
+    hashes = hashes or HashCache()
+    for source in spec.sources:
+        yield from iter_source_items(spec, source, hashes=hashes)
+
+
+def iter_source_items(
+    spec: Spec, source: SourceSpec, *, hashes: HashCache | None = None
+) -> Iterator[WorkItem]:
+    """The work items of one source, lazily; `index` counts from 0 within the source."""
+    hashes = hashes or HashCache()
+    template = parse_template(source.prompt)
+    values = resolve_values(template, source.vars, spec.spec_dir)
+    params = MappingProxyType(spec.source_params(source))  # shared by all items: read-only
+    seed = DEFAULT_SEED if source.seed is None else source.seed
+    kind, project_url = spec.backend.kind, spec.project_url or ""
+    index = 0
+    for input_image in _inputs(spec, source, hashes):
+        image = input_image.key_value() if input_image else None
+        variants = iter_variants(
+            template, values, source.combine, samples=source.samples, seed=seed
+        )
+        for variables, prompt in variants:
+            draft = WorkItem(
+                key="",
+                source=source.name,
+                prompt=prompt,
+                project_url=project_url,
+                params=params,
+                vars=variables,
+                input=input_image,
+            )
+            body = request_body(draft, image)  # the same for every repeat
+            for repeat in range(source.repeats):
+                key = item_key(kind, body, repeat)
+                yield dataclasses.replace(draft, key=key, repeat=repeat, index=index)
+                index += 1
+
+
+def _inputs(spec: Spec, source: SourceSpec, hashes: HashCache) -> Iterator[InputImage | None]:
+    if source.roboflow_ids is not None:
+        yield from (InputImage("id", value) for value in dict.fromkeys(source.roboflow_ids))
+    elif source.urls is not None:
+        yield from (InputImage("url", value) for value in dict.fromkeys(source.urls))
+    elif source.input_kind == "none":
+        yield None
+    else:
+        for path in source.iter_files(spec.spec_dir):
+            yield InputImage("file", str(path), hashes.sha256(path))
+
+
+def _count_inputs(spec: Spec, source: SourceSpec) -> int:
+    if source.roboflow_ids is not None:
+        return len(dict.fromkeys(source.roboflow_ids))
+    if source.urls is not None:
+        return len(dict.fromkeys(source.urls))
+    if source.input_kind == "none":
+        return 1
+    return sum(1 for _ in source.iter_files(spec.spec_dir))
+
+
+def count_items(spec: Spec) -> dict[str, int]:
+    """Items per source (inputs × variants × repeats), counted without expanding."""
+    counts: dict[str, int] = {}
+    for source in spec.sources:
+        template = parse_template(source.prompt)
+        values = resolve_values(template, source.vars, spec.spec_dir)
+        variants = count_variants(values, source.combine, source.samples)
+        counts[source.name] = _count_inputs(spec, source) * variants * source.repeats
+    return counts
+
+
+def check_max_items(spec: Spec, counts: Mapping[str, int] | None = None) -> None:
+    """Raise `SpecError` at ``run.max_items`` when the spec expands to more items.
+
+    A typo guard: a stray variable or a folder one level too high can turn a
+    100-image job into a bill for a million.
+    """
+    counts = count_items(spec) if counts is None else counts
+    limit, running = spec.run.max_items, 0
+    for name, count in counts.items():
+        running += count
+        if running > limit:
+            total = sum(counts.values())
+            raise spec.error(
+                "run.max_items",
+                f"the spec expands to {total:,} items, more than max_items {limit:,} "
+                f"(source '{name}' with {count:,} items crosses it); "
+                "raise run.max_items if that is intended",
+                value=total,
+            )
+
+
+def describe_sources(spec: Spec) -> list[dict[str, Any]]:
+    """Each source as OUT/job.json records it: template, variable values, input kind."""
+    out: list[dict[str, Any]] = []
+    for source in spec.sources:
+        template = parse_template(source.prompt)
+        values = resolve_values(template, source.vars, spec.spec_dir)
+        out.append(
+            {
+                "name": source.name,
+                "prompt": source.prompt,
+                "vars": {name: list(v) for name, v in values.items()},
+                "combine": source.combine,
+                "repeats": source.repeats,
+                "input": source.input_kind,
+            }
+        )
+    return out

@@ -1,0 +1,234 @@
+"""``synthaug plan``: what a run would do, what it would cost, how long it would take.
+
+Expands the spec, looks every key up in the manifest state and counts; nothing is
+sent and nothing is spent. Items stream through one at a time, so a million-item spec
+plans in flat memory. With an empty manifest no key is computed at all: counting is
+enough.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.items import check_max_items, count_items, iter_source_items
+from pipeline.manifest import ManifestState
+from pipeline.pricing import price_per_image
+from pipeline.sources import HashCache
+from pipeline.spec import SourceSpec, Spec
+
+__all__ = ["Plan", "SourcePlan", "build_plan", "format_plan"]
+
+
+@dataclass(frozen=True, slots=True)
+class SourcePlan:
+    """The figures of one source.
+
+    `pending` is items − done: failed items are among them, and a run retries them
+    unless ``--no-retry-failed`` (then `to_run` leaves them out). `cost_usd` is what
+    the `to_run` items would cost, less those already answered (``generated``) whose
+    images only need downloading; None when the price is unknown.
+    """
+
+    name: str
+    items: int
+    n: int
+    done: int
+    failed: int
+    generated: int
+    to_run: int
+    price_per_image: float | None
+
+    @property
+    def images(self) -> int:
+        """Images the whole source asks for (items × n)."""
+        return self.items * self.n
+
+    @property
+    def pending(self) -> int:
+        """Items not done yet (including failed ones)."""
+        return self.items - self.done
+
+    @property
+    def to_run_images(self) -> int:
+        """Images the next run would request."""
+        return self.to_run * self.n
+
+    @property
+    def cost_usd(self) -> float | None:
+        """USD the next run would spend on this source; None when the price is unknown."""
+        paid = max(self.to_run - self.generated, 0) * self.n
+        if paid == 0:
+            return 0.0
+        return None if self.price_per_image is None else paid * self.price_per_image
+
+    def to_json(self) -> dict[str, Any]:
+        """The source's entry in ``plan --json``."""
+        return {
+            "name": self.name,
+            "items": self.items,
+            "images": self.images,
+            "done": self.done,
+            "failed": self.failed,
+            "pending": self.pending,
+            "to_run": self.to_run,
+            "price_per_image": self.price_per_image,
+            "cost_usd": _round(self.cost_usd),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Figures per source, totals, the expected duration and budget stops."""
+
+    sources: tuple[SourcePlan, ...]
+    rate_limit: float | None
+    image_rate_limit: float | None
+    max_images: int | None
+    max_cost_usd: float | None
+
+    def total(self, field: str) -> int:
+        """Sum of an integer `field` over all sources."""
+        return sum(int(getattr(s, field)) for s in self.sources)
+
+    @property
+    def cost_usd(self) -> float | None:
+        """USD the next run would spend; None when any needed price is unknown."""
+        costs = [s.cost_usd for s in self.sources]
+        return None if None in costs else sum(c for c in costs if c is not None)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds the rate limits alone impose on the next run; None without a limit."""
+        bounds = []
+        if self.rate_limit:
+            bounds.append(self.total("to_run") / self.rate_limit)
+        if self.image_rate_limit:
+            bounds.append(self.total("to_run_images") / self.image_rate_limit)
+        return max(bounds) if bounds else None
+
+    @property
+    def stops_early(self) -> str | None:
+        """Why a budget would stop the next run before it is done, or None."""
+        images, cost = self.total("to_run_images"), self.cost_usd
+        if self.max_images is not None and images > self.max_images:
+            return (
+                f"max_images {self.max_images:,} stops the run after {self.max_images:,} "
+                f"of {images:,} images; run again to go on"
+            )
+        if self.max_cost_usd is not None and cost is not None and cost > self.max_cost_usd:
+            return (
+                f"max_cost_usd {self.max_cost_usd:g} stops the run at ${self.max_cost_usd:,.2f} "
+                f"of ${cost:,.2f}; run again to go on"
+            )
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``plan --json`` object of the design contract, plus extra fields."""
+        total: dict[str, Any] = {
+            key: self.total(key) for key in ("items", "images", "done", "failed", "pending")
+        }
+        total["to_run"] = self.total("to_run")
+        total["cost_usd"] = _round(self.cost_usd)
+        total["eta_s"] = None if self.eta_s is None else round(self.eta_s, 1)
+        return {
+            "sources": [s.to_json() for s in self.sources],
+            "total": total,
+            "stops_early": self.stops_early,
+            "limits": {
+                "rate_limit_per_s": self.rate_limit,
+                "image_rate_limit_per_s": self.image_rate_limit,
+                "max_images": self.max_images,
+                "max_cost_usd": self.max_cost_usd,
+            },
+        }
+
+
+def build_plan(spec: Spec, state: ManifestState, *, hashes: HashCache | None = None) -> Plan:
+    """Count items, images, done, failed and pending per source of `spec` against `state`.
+
+    Raises `SpecError` when the spec expands past ``run.max_items``.
+    """
+    counts = count_items(spec)
+    check_max_items(spec, counts)
+    hashes = hashes or HashCache()
+    plans = tuple(_plan_source(spec, s, state, counts[s.name], hashes) for s in spec.sources)
+    return Plan(
+        sources=plans,
+        rate_limit=spec.run.rate_limit,
+        image_rate_limit=spec.run.image_rate_limit,
+        max_images=spec.run.max_images,
+        max_cost_usd=spec.run.max_cost_usd,
+    )
+
+
+def _plan_source(
+    spec: Spec, source: SourceSpec, state: ManifestState, items: int, hashes: HashCache
+) -> SourcePlan:
+    params = spec.source_params(source)
+    status = {"ok": 0, "failed": 0, "generated": 0}
+    if len(state):  # an empty manifest needs no keys: skip hashing and expanding
+        entries: Mapping[str, Any] = state.entries
+        for item in iter_source_items(spec, source, hashes=hashes):
+            entry = entries.get(item.key)
+            if entry is not None:
+                status[entry.status] += 1
+    skipped = 0 if spec.run.retry_failed else status["failed"]
+    return SourcePlan(
+        name=source.name,
+        items=items,
+        n=int(params.get("n", 1)),
+        done=status["ok"],
+        failed=status["failed"],
+        generated=status["generated"],
+        to_run=items - status["ok"] - skipped,
+        price_per_image=price_per_image(params, spec.run.price_per_image),
+    )
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable table: one row per source, a total row, then ETA and budget notes."""
+    header = ("source", "items", "images", "done", "failed", "pending", "cost")
+    rows = [
+        (s.name, s.items, s.images, s.done, s.failed, s.pending, _money(s.cost_usd))
+        for s in plan.sources
+    ]
+    totals = [plan.total(k) for k in ("items", "images", "done", "failed", "pending")]
+    rows.append(("total", *totals, _money(plan.cost_usd)))
+    cells = [header, *[tuple(f"{c:,}" if isinstance(c, int) else c for c in r) for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [_row(cells[0], widths)]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(_row(r, widths) for r in cells[1:-1])
+    lines.append("  ".join("-" * w for w in widths))
+    lines.append(_row(cells[-1], widths))
+    lines.append(f"eta: {_duration(plan.eta_s)}")
+    if plan.stops_early:
+        lines.append(f"note: {plan.stops_early}")
+    return "\n".join(lines)
+
+
+def _row(cells: tuple[str, ...], widths: list[int]) -> str:
+    first = cells[0].ljust(widths[0])
+    rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:]))
+    return "  ".join((first, *rest)).rstrip()
+
+
+def _money(value: float | None) -> str:
+    return "unknown" if value is None else f"${value:,.2f}"
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "no rate limit: as fast as the API answers"
+    if seconds < 60:
+        return f"at least {seconds:.0f} s (rate limits)"
+    minutes = seconds / 60
+    if minutes < 120:
+        return f"at least {minutes:.0f} min (rate limits)"
+    return f"at least {minutes / 60:.1f} h (rate limits)"
