@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import random
 import time
@@ -295,10 +296,8 @@ class Engine:
         if self.stop_reason == "budget":
             await asyncio.sleep(seconds)
             return
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
 
     # ----------------------------------------------------------------- workers
 

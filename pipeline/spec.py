@@ -223,7 +223,8 @@ class RunSettings(_Model):
 
     concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="requests in flight")
     rate_limit: Rate = Field(
-        None, description="request starts: N/s, N/min, N/h or N per second (default 5/min; none for mock)"
+        None,
+        description="request starts: N/s, N/min, N/h or N per second (default 5/min; none for mock)",
     )
     image_rate_limit: Rate = Field(None, description="images (requests x n) per period")
     max_attempts: int = Field(6, ge=1)
@@ -388,7 +389,9 @@ def load_spec(path: Path | str) -> Spec:
             loader.dispose()  # type: ignore[no-untyped-call]
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
-        raise SpecError(f"invalid YAML: {exc.problem or exc.context}", file=shown, line=line) from None
+        raise SpecError(
+            f"invalid YAML: {exc.problem or exc.context}", file=shown, line=line
+        ) from None
     except yaml.YAMLError as exc:
         raise SpecError(f"invalid YAML: {exc}", file=shown) from None
     if data is None:
@@ -558,13 +561,16 @@ def _check_semantics(spec: Spec) -> None:
     """Rules spanning several keys; raise `_Problem` at the key to fix."""
     _check_base_url(spec.backend)
     if spec.backend.kind == "roboflow" and not spec.project_url:
-        raise _Problem("project_url", "required for backend roboflow (the project to add images to)")
+        raise _Problem(
+            "project_url", "required for backend roboflow (the project to add images to)"
+        )
     seen: dict[str, int] = {}
     for index, source in enumerate(spec.sources):
         at = f"sources[{index}]"
         if source.name in seen:
             raise _Problem(
-                f"{at}.name", f"duplicate source name '{source.name}' (see sources[{seen[source.name]}])"
+                f"{at}.name",
+                f"duplicate source name '{source.name}' (see sources[{seen[source.name]}])",
             )
         seen[source.name] = index
         _check_source_keys(source, at)
@@ -573,8 +579,14 @@ def _check_semantics(spec: Spec) -> None:
 def _check_base_url(backend: BackendSettings) -> None:
     parts = urlsplit(backend.base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _Problem("backend.base_url", f"expected an http(s) URL, got {_show(backend.base_url)}")
-    if parts.scheme == "http" and not backend.allow_insecure_http and not _is_loopback(parts.hostname):
+        raise _Problem(
+            "backend.base_url", f"expected an http(s) URL, got {_show(backend.base_url)}"
+        )
+    if (
+        parts.scheme == "http"
+        and not backend.allow_insecure_http
+        and not _is_loopback(parts.hostname)
+    ):
         raise _Problem(
             "backend.base_url",
             "plain http would send the API key in clear; use https "
@@ -594,7 +606,9 @@ def _is_loopback(host: str) -> bool:
 def _check_source_keys(source: SourceSpec, at: str) -> None:
     given = [kind for kind in INPUT_KINDS if getattr(source, kind) is not None]
     if len(given) > 1:
-        raise _Problem(f"{at}.{given[1]}", f"a source takes one input kind, found {' and '.join(given)}")
+        raise _Problem(
+            f"{at}.{given[1]}", f"a source takes one input kind, found {' and '.join(given)}"
+        )
     for key in ("recursive", "extensions"):
         if source.folder is None and getattr(source, key) is not None:
             raise _Problem(f"{at}.{key}", "only applies to a folder source")
@@ -687,7 +701,9 @@ def apply_overrides(
     sections = {key: dict(raw.get(key) or {}) for key in ("backend", "run")}
     if backend is not None:
         if backend not in BACKEND_KINDS:
-            raise UsageError(f"--backend: expected one of {', '.join(BACKEND_KINDS)}, got {backend!r}")
+            raise UsageError(
+                f"--backend: expected one of {', '.join(BACKEND_KINDS)}, got {backend!r}"
+            )
         sections["backend"]["kind"] = backend
     for flag, key, value in (
         ("--concurrency", "concurrency", concurrency),
