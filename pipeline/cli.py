@@ -29,7 +29,14 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors exit 2 with one line naming the fix."""
+    """argparse, but usage errors exit 2 with one line naming the fix.
+
+    Abbreviated flags are refused: in a cron line a typo must not silently match.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

@@ -69,6 +69,8 @@ class EngineSettings:
     out_dir: Path
     concurrency: int
     max_attempts: int = 6
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
     retry_failed: bool = True
     retry_ambiguous: bool = True
     max_images: int | None = None
@@ -152,7 +154,10 @@ class Engine:
         self._on_progress = on_progress or (lambda _stats: None)
         self._clock = clock
         self._policy = RetryPolicy(
-            max_attempts=settings.max_attempts, retry_ambiguous=settings.retry_ambiguous
+            max_attempts=settings.max_attempts,
+            base_s=settings.backoff_base_s,
+            cap_s=settings.backoff_max_s,
+            retry_ambiguous=settings.retry_ambiguous,
         )
         self._rng = rng or random.Random()
         self.stats = RunStats(expected=expected)

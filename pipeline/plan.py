@@ -190,13 +190,13 @@ def _plan_source(
 def format_plan(plan: Plan) -> str:
     """A readable table: one row per source, a total row, then ETA and budget notes."""
     header = ("source", "items", "images", "done", "failed", "pending", "cost")
-    rows = [
-        (s.name, s.items, s.images, s.done, s.failed, s.pending, _money(s.cost_usd))
-        for s in plan.sources
-    ]
-    totals = [plan.total(k) for k in ("items", "images", "done", "failed", "pending")]
-    rows.append(("total", *totals, _money(plan.cost_usd)))
-    cells = [header, *[tuple(f"{c:,}" if isinstance(c, int) else c for c in r) for r in rows]]
+    counts = ("items", "images", "done", "failed", "pending")
+    cells: list[tuple[str, ...]] = [header]
+    for s in plan.sources:
+        figures = (f"{getattr(s, k):,}" for k in counts)
+        cells.append((s.name, *figures, _money(s.cost_usd)))
+    totals = (f"{plan.total(k):,}" for k in counts)
+    cells.append(("total", *totals, _money(plan.cost_usd)))
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [_row(cells[0], widths)]
     lines.append("  ".join("-" * w for w in widths))
@@ -211,7 +211,7 @@ def format_plan(plan: Plan) -> str:
 
 def _row(cells: tuple[str, ...], widths: list[int]) -> str:
     first = cells[0].ljust(widths[0])
-    rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:]))
+    rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
     return "  ".join((first, *rest)).rstrip()
 
 

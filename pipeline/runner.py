@@ -107,6 +107,8 @@ async def _run_engine(
         out_dir=spec.output_dir,
         concurrency=run.concurrency,
         max_attempts=run.max_attempts,
+        backoff_base_s=run.backoff_base_s,
+        backoff_max_s=run.backoff_max_s,
         retry_failed=run.retry_failed,
         retry_ambiguous=run.retry_ambiguous,
         max_images=run.max_images,

@@ -39,8 +39,13 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from pipeline.errors import SpecError, UsageError
-from pipeline.sources import DEFAULT_EXTENSIONS, InputError, check_image_file, iter_folder
-from pipeline.sources import list_globs
+from pipeline.sources import (
+    DEFAULT_EXTENSIONS,
+    InputError,
+    check_image_file,
+    iter_folder,
+    list_globs,
+)
 from pipeline.template import TemplateError, count_variants, parse_template, resolve_values
 
 __all__ = [
@@ -81,8 +86,6 @@ _PER = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hr":
 
 def parse_rate(text: str | float) -> float:
     """Requests per second from ``N/s``, ``N/min``, ``N/h`` or a bare number (per second)."""
-    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-        raise ValueError(f"expected a rate like 5/min, got {_show(text)}")
     if isinstance(text, str):
         match = _RATE.fullmatch(text)
         unit = match.group(2) if match else None
@@ -97,7 +100,11 @@ def parse_rate(text: str | float) -> float:
 
 
 def _rate_or_none(value: object) -> float | None:
-    return None if value is None else parse_rate(value)  # type: ignore[arg-type]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"expected a rate like 5/min, got {_show(value)}")
+    return parse_rate(value)
 
 
 def _check_name(value: str) -> str:
@@ -174,12 +181,12 @@ class _Model(BaseModel):
 class BackendSettings(_Model):
     """Which API to call and how; the key itself comes from the environment."""
 
-    kind: BackendKind = Field("roboflow", description="roboflow | openai | mock")
-    base_url: str = Field(DEFAULT_BASE_URL, description="API root URL")
-    api_key_env: str = Field(DEFAULT_API_KEY_ENV, description="env var holding the API key")
-    timeout_s: float = Field(180.0, gt=0, description="seconds to wait for one answer")
+    kind: BackendKind = Field(default="roboflow", description="roboflow | openai | mock")
+    base_url: str = Field(default=DEFAULT_BASE_URL, description="API root URL")
+    api_key_env: str = Field(default=DEFAULT_API_KEY_ENV, description="env var holding the API key")
+    timeout_s: float = Field(default=180.0, gt=0, description="seconds to wait for one answer")
     allow_insecure_http: bool = Field(
-        False, description="allow a plain http:// base_url that is not loopback"
+        default=False, description="allow a plain http:// base_url that is not loopback"
     )
 
     @field_validator("api_key_env")
@@ -194,12 +201,16 @@ class Params(_Model):
     """OpenAI image parameters sent with every request (Roboflow's defaults)."""
 
     model: NonBlank = "dall-e-3"
-    n: int = Field(1, ge=1, description="images per request")
+    n: int = Field(default=1, ge=1, description="images per request")
     quality: NonBlank = "hd"
     size: Size = "1024x1024"
     style: NonBlank = "natural"
-    force_caption_regenerate: bool | None = Field(None, description="roboflow_ids sources only")
-    unmodified_prompt: bool | None = Field(None, description="turn off the photorealism suffix")
+    force_caption_regenerate: bool | None = Field(
+        default=None, description="roboflow_ids sources only"
+    )
+    unmodified_prompt: bool | None = Field(
+        default=None, description="turn off the photorealism suffix"
+    )
 
     def request_params(self) -> dict[str, Any]:
         """The parameters to send: every field that has a value."""
@@ -210,7 +221,7 @@ class SourceParams(_Model):
     """Per-source overrides of `Params`; unset fields keep the global value."""
 
     model: NonBlank | None = None
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(default=None, ge=1)
     quality: NonBlank | None = None
     size: Size | None = None
     style: NonBlank | None = None
@@ -221,22 +232,29 @@ class SourceParams(_Model):
 class RunSettings(_Model):
     """How hard to push the API and when to stop."""
 
-    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="requests in flight")
+    concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1, description="requests in flight")
     rate_limit: Rate = Field(
-        None,
-        description="request starts: N/s, N/min, N/h or N per second (default 5/min; none for mock)",
+        default=None, description="request starts per period (default 5/min; none for mock)"
     )
-    image_rate_limit: Rate = Field(None, description="images (requests x n) per period")
-    max_attempts: int = Field(6, ge=1)
-    max_images: int | None = Field(None, ge=1, description="image budget for this run")
-    max_cost_usd: float | None = Field(None, gt=0, description="cost budget for this run")
-    max_items: int = Field(10_000, ge=1, description="refuse a spec that expands to more")
+    image_rate_limit: Rate = Field(default=None, description="images (requests x n) per period")
+    max_attempts: int = Field(default=6, ge=1)
+    backoff_base_s: float = Field(
+        default=1.0, gt=0, description="first retry waits up to this (full jitter), doubling"
+    )
+    backoff_max_s: float = Field(default=60.0, gt=0, description="longest wait between attempts")
+    max_images: int | None = Field(default=None, ge=1, description="image budget for this run")
+    max_cost_usd: float | None = Field(default=None, gt=0, description="cost budget for this run")
+    max_items: int = Field(default=10_000, ge=1, description="refuse a spec that expands to more")
     retry_failed: bool = True
-    retry_ambiguous: bool = Field(True, description="retry requests that may have been paid")
-    price_per_image: float | None = Field(None, ge=0, description="USD; overrides the table")
-    max_consecutive_failures: int = Field(20, ge=1)
-    grace_period_s: float = Field(10.0, ge=0)
-    fsync_interval_s: float = Field(0.5, ge=0)
+    retry_ambiguous: bool = Field(
+        default=True, description="retry requests that may have been paid"
+    )
+    price_per_image: float | None = Field(
+        default=None, ge=0, description="USD; overrides the table"
+    )
+    max_consecutive_failures: int = Field(default=20, ge=1)
+    grace_period_s: float = Field(default=10.0, ge=0)
+    fsync_interval_s: float = Field(default=0.5, ge=0)
 
 
 class SourceSpec(_Model):
@@ -246,18 +264,18 @@ class SourceSpec(_Model):
     prompt: str
     vars: dict[str, VarValues] = Field(default_factory=dict)
     combine: Literal["product", "zip", "sample"] = "product"
-    samples: int | None = Field(None, ge=1, description="with combine: sample")
-    seed: int | None = Field(None, description="with combine: sample (default 0)")
-    repeats: int = Field(1, ge=1)
+    samples: int | None = Field(default=None, ge=1, description="with combine: sample")
+    seed: int | None = Field(default=None, description="with combine: sample (default 0)")
+    repeats: int = Field(default=1, ge=1)
     params: SourceParams = SourceParams()
     images: tuple[NonBlank, ...] | None = Field(
-        None, min_length=1, description="globs relative to the spec file"
+        default=None, min_length=1, description="globs relative to the spec file"
     )
-    folder: NonBlank | None = Field(None, description="relative to the spec file")
+    folder: NonBlank | None = Field(default=None, description="relative to the spec file")
     recursive: bool | None = None
-    extensions: tuple[Extension, ...] | None = Field(None, min_length=1)
-    roboflow_ids: tuple[NonBlank, ...] | None = Field(None, min_length=1)
-    urls: tuple[Url, ...] | None = Field(None, min_length=1)
+    extensions: tuple[Extension, ...] | None = Field(default=None, min_length=1)
+    roboflow_ids: tuple[NonBlank, ...] | None = Field(default=None, min_length=1)
+    urls: tuple[Url, ...] | None = Field(default=None, min_length=1)
 
     @property
     def input_kind(self) -> InputKindName:
@@ -290,7 +308,9 @@ class Spec(_Model):
     name: Name
     output_dir: Path = Field(description="relative to the spec file's folder; default runs/<name>")
     backend: BackendSettings = BackendSettings()
-    project_url: str | None = Field(None, description="Roboflow project receiving the images")
+    project_url: str | None = Field(
+        default=None, description="Roboflow project receiving the images"
+    )
     params: Params = Params()
     run: RunSettings = RunSettings()
     sources: tuple[SourceSpec, ...] = Field(min_length=1)
@@ -386,7 +406,7 @@ def load_spec(path: Path | str) -> Spec:
             lines = _line_map(node, shown) if node is not None else {}
             data = loader.construct_document(node) if node is not None else None
         finally:
-            loader.dispose()  # type: ignore[no-untyped-call]
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         raise SpecError(
@@ -431,8 +451,12 @@ def _line_map(root: yaml.Node, shown: str) -> dict[str, int]:
     """Key path -> 1-based line of every key and list item; duplicate keys are errors."""
     lines: dict[str, int] = {"": root.start_mark.line + 1}
     stack: list[tuple[str, yaml.Node]] = [("", root)]
+    seen: set[int] = set()  # an alias shares its node; a recursive one would loop forever
     while stack:
         prefix, node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = str(key_node.value)
@@ -471,7 +495,9 @@ def _build(data: Mapping[str, Any], spec_dir: Path, shown: str, lines: Mapping[s
     try:
         spec = Spec.model_validate(data, context=context)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
+        errors = _root_causes(exc.errors(include_url=False))
+        # Report the mistake that comes first in the file, as a reader would meet it.
+        errors.sort(key=lambda e: _line_for(lines, _key_path(tuple(e["loc"]))) or 0)
         key_path, message = _describe(errors[0])
         if len(errors) > 1:
             more = len(errors) - 1
@@ -485,6 +511,19 @@ def _build(data: Mapping[str, Any], spec_dir: Path, shown: str, lines: Mapping[s
     except _Problem as exc:
         raise spec.error(exc.key_path, exc.message, exc.value) from None
     return spec
+
+
+def _root_causes(errors: list[ErrorDetails]) -> list[ErrorDetails]:
+    """Drop errors that only echo another, such as a list too short because an item failed."""
+    locs = [tuple(e["loc"]) for e in errors]
+    out = []
+    for error, loc in zip(errors, locs, strict=True):
+        if any(other[: len(loc)] == loc and len(other) > len(loc) for other in locs):
+            continue
+        if loc == ("output_dir",) and error["type"] == "missing" and ("name",) in locs:
+            continue
+        out.append(error)
+    return out or errors
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
@@ -504,6 +543,7 @@ _TYPE_WORDS = {
     "dict": "a mapping",
     "model": "a mapping",
     "model_attributes": "a mapping",
+    "path": "a path",
 }
 
 
@@ -534,13 +574,13 @@ def _describe(error: ErrorDetails) -> tuple[str, str]:
 
 def _unknown_key(loc: tuple[int | str, ...]) -> str:
     key = str(loc[-1])
-    model: Any = Spec
+    model: type[BaseModel] | None = Spec
     for part in loc[:-1]:
-        if isinstance(part, int):
+        if isinstance(part, int) or model is None:
             continue
-        field = model.model_fields.get(part) if isinstance(model, type) else None
+        field = model.model_fields.get(part)
         model = _model_of(field.annotation) if field else None
-    allowed = list(model.model_fields) if isinstance(model, type) else []
+    allowed = list(model.model_fields) if model is not None else []
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"unknown key '{key}'{hint}"
@@ -730,6 +770,8 @@ def apply_overrides(
 def json_schema() -> dict[str, Any]:
     """The JSON schema of a job spec (``configs/schema.json``), for editors and CI."""
     schema = Spec.model_json_schema()
+    schema["required"] = [k for k in schema["required"] if k != "output_dir"]  # has a default
+    schema["properties"]["version"]["const"] = 1
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema
 

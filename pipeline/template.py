@@ -17,6 +17,7 @@ import itertools
 import math
 import random
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,7 +222,7 @@ def iter_variants(
     names = list(values)
     lists = [tuple(values[n]) for n in names]
     for combo in _combinations(lists, combine, total, seed):
-        chosen = dict(zip(names, combo))
+        chosen = dict(zip(names, combo, strict=True))
         yield chosen, template.render(chosen)
 
 
@@ -231,11 +232,25 @@ def _combinations(
     if combine == "product":
         return itertools.product(*lists)
     if combine == "zip":
-        return zip(*lists) if lists else iter([()])
-    # range() is a lazy sequence: sampling indices never builds the product.
-    population = range(math.prod(len(v) for v in lists))
-    picked = sorted(random.Random(seed).sample(population, total))
+        return zip(*lists, strict=True) if lists else iter([()])
+    population = math.prod(len(v) for v in lists)
+    picked = sorted(_sample_indices(population, total, random.Random(seed)))
     return (_decode(index, lists) for index in picked)
+
+
+def _sample_indices(population: int, k: int, rng: random.Random) -> list[int]:
+    """`k` distinct indices below `population`, without building the population."""
+    if population <= sys.maxsize:
+        return rng.sample(range(population), k)  # range is lazy; len() must fit a C size
+    # Astronomically large grids: rejection sampling; k is far below population.
+    seen: set[int] = set()
+    out: list[int] = []
+    while len(out) < k:
+        index = rng.randrange(population)
+        if index not in seen:
+            seen.add(index)
+            out.append(index)
+    return out
 
 
 def _decode(index: int, lists: list[tuple[str, ...]]) -> tuple[str, ...]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest.mock import Mock
 
 import pytest
+import yaml
 from aiohttp import ClientResponse
 from aioresponses import aioresponses
 
@@ -51,3 +52,29 @@ def mock_http() -> Iterator[aioresponses]:
     """aioresponses with the aiohttp 3.14 compatibility shim; loopback passes through."""
     with CompatAioresponses(passthrough=["http://127.0.0.1"]) as mocked:
         yield mocked
+
+
+@pytest.fixture
+def spec_factory(tmp_path: Path) -> Callable[..., Path]:
+    """Write a job spec into tmp_path and return its path.
+
+    With no text, a minimal valid mock spec (one prompt-only source) updated with the
+    keyword overrides is dumped as YAML; with text, that text is written as is.
+    """
+
+    def make(text: str | None = None, *, filename: str = "spec.yaml", **overrides: Any) -> Path:
+        path = tmp_path / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            data: dict[str, Any] = {
+                "version": 1,
+                "name": "job",
+                "backend": {"kind": "mock"},
+                "sources": [{"name": "cats", "prompt": "a cat"}],
+            }
+            data.update(overrides)
+            text = yaml.safe_dump(data, sort_keys=False)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return make

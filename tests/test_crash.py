@@ -86,7 +86,12 @@ def write_spec(tmp_path: Path, base: str, prompts: int) -> Path:
         "backend": {"kind": "roboflow", "base_url": base, "timeout_s": 10},
         "project_url": "crash",
         "params": {"size": "64x64"},
-        "run": {"concurrency": CONCURRENCY, "max_attempts": 6},
+        "run": {
+            "concurrency": CONCURRENCY,
+            "max_attempts": 6,
+            "backoff_base_s": 0.01,
+            "rate_limit": "100/s",
+        },
         "sources": [
             {"name": "grid", "prompt": "item {i}", "vars": {"i": [str(i) for i in range(prompts)]}}
         ],

@@ -35,7 +35,15 @@ def write_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SpecWriter:
             "backend": {"kind": "roboflow", "base_url": base_url, "timeout_s": 2},
             "project_url": "e2e-project",
             "params": {"size": "64x64", "n": run.pop("n", 1)},
-            "run": {"concurrency": 4, "max_attempts": 8, "grace_period_s": 5, **run},
+            "run": {
+                "concurrency": 4,
+                "max_attempts": 8,
+                "grace_period_s": 5,
+                "backoff_base_s": 0.01,
+                "backoff_max_s": 0.1,
+                "rate_limit": "1000/s",
+                **run,
+            },
             "sources": [
                 {
                     "name": "grid",

@@ -26,7 +26,13 @@ def run_cli(tmp_path: Path, base_url: str, **run: object) -> subprocess.Complete
         "backend": {"kind": "roboflow", "base_url": base_url, "timeout_s": 1},
         "project_url": "p",
         "params": {"size": "64x64"},
-        "run": {"concurrency": 2, "max_attempts": 3, **run},
+        "run": {
+            "concurrency": 2,
+            "max_attempts": 3,
+            "backoff_base_s": 0.01,
+            "rate_limit": "100/s",
+            **run,
+        },
         "sources": [{"name": "s", "prompt": "x {v}", "vars": {"v": ["a", "b", "c", "d"]}}],
     }
     path = tmp_path / "spec.yaml"

@@ -1,0 +1,177 @@
+"""synthaug plan: per-source figures against a manifest, cost, ETA and budget stops."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.errors import SpecError
+from pipeline.items import expand_items
+from pipeline.manifest import ManifestState, ManifestWriter, load_state
+from pipeline.plan import build_plan, format_plan
+from pipeline.pricing import price_per_image
+from pipeline.spec import Spec, load_spec
+
+GRID = {"name": "grid", "prompt": "{s} {t}", "vars": {"s": ["fall", "winter"], "t": ["oak", "elm"]}}
+PAIRS = {"name": "pairs", "prompt": "two cats", "repeats": 3, "params": {"n": 2}}
+
+
+def make_spec(spec_factory: Callable[..., Path], **run: Any) -> Spec:
+    return load_spec(spec_factory(sources=[GRID, PAIRS], run={"rate_limit": "6/min", **run}))
+
+
+def partial_state(spec: Spec, sandbox: Path) -> ManifestState:
+    """grid: 2 ok, 1 failed; pairs: 1 generated; plus a key the spec no longer has."""
+    items = list(expand_items(spec))
+    grid = [i for i in items if i.source == "grid"]
+    pairs = [i for i in items if i.source == "pairs"]
+    path = sandbox / "out" / "manifest.jsonl"
+    with ManifestWriter(path) as writer:
+        writer.append({"key": grid[0].key, "status": "failed", "source": "grid"})
+        writer.append({"key": grid[0].key, "status": "ok", "source": "grid"})  # last wins
+        writer.append({"key": grid[1].key, "status": "ok", "source": "grid"})
+        writer.append({"key": grid[2].key, "status": "failed", "source": "grid"})
+        writer.append({"key": pairs[0].key, "status": "generated", "source": "pairs"})
+        writer.append({"key": "f" * 64, "status": "ok", "source": "gone"})
+    return load_state(path)
+
+
+def test_plan_counts_against_a_partial_manifest(
+    spec_factory: Callable[..., Path], sandbox: Path
+) -> None:
+    """done/failed/pending per source and in total, with cost of what is left and ETA."""
+    spec = make_spec(spec_factory)
+    data = build_plan(spec, partial_state(spec, sandbox)).to_json()
+    grid, pairs = data["sources"]
+    assert {k: grid[k] for k in ("name", "items", "images", "done", "failed", "pending")} == {
+        "name": "grid",
+        "items": 4,
+        "images": 4,
+        "done": 2,
+        "failed": 1,
+        "pending": 2,
+    }
+    assert (pairs["items"], pairs["images"], pairs["done"], pairs["pending"]) == (3, 6, 0, 3)
+    assert grid["cost_usd"] == pytest.approx(2 * 0.08)
+    assert pairs["cost_usd"] == pytest.approx(2 * 2 * 0.08)  # the generated item is paid
+    total = data["total"]
+    assert {k: total[k] for k in ("items", "images", "done", "failed", "pending")} == {
+        "items": 7,
+        "images": 10,
+        "done": 2,
+        "failed": 1,
+        "pending": 5,
+    }
+    assert total["cost_usd"] == pytest.approx(0.48)
+    assert total["eta_s"] == pytest.approx(5 / 0.1)
+    assert data["stops_early"] is None
+    json.dumps(data)  # plain JSON all the way down
+
+
+def test_no_retry_failed_leaves_failed_items_out(
+    spec_factory: Callable[..., Path], sandbox: Path
+) -> None:
+    """With retry_failed off, failed items stay pending but are not run or paid."""
+    spec = make_spec(spec_factory, retry_failed=False)
+    data = build_plan(spec, partial_state(spec, sandbox)).to_json()
+    assert (data["sources"][0]["pending"], data["sources"][0]["to_run"]) == (2, 1)
+    assert data["sources"][0]["cost_usd"] == pytest.approx(0.08)
+
+
+def test_empty_manifest_plans_everything(spec_factory: Callable[..., Path]) -> None:
+    """A fresh run has everything pending and costs all of it."""
+    data = build_plan(make_spec(spec_factory), ManifestState()).to_json()
+    assert data["total"]["pending"] == data["total"]["items"] == 7
+    assert data["total"]["cost_usd"] == pytest.approx(10 * 0.08)
+
+
+@pytest.mark.parametrize(
+    ("run", "words"),
+    [
+        pytest.param(
+            {"max_images": 5}, "max_images 5 stops the run after 5 of 10 images", id="images"
+        ),
+        pytest.param(
+            {"max_cost_usd": 0.5}, "max_cost_usd 0.5 stops the run at $0.50 of $0.80", id="cost"
+        ),
+    ],
+)
+def test_budgets_that_stop_the_run_early_are_flagged(
+    spec_factory: Callable[..., Path], run: dict[str, Any], words: str
+) -> None:
+    """A budget smaller than what is left is reported, in JSON and in the table."""
+    plan = build_plan(make_spec(spec_factory, **run), ManifestState())
+    assert words in plan.to_json()["stops_early"]
+    assert words in format_plan(plan)
+
+
+def test_unknown_price_and_no_rate_limit(spec_factory: Callable[..., Path]) -> None:
+    """An unpriced model costs 'unknown'; without a rate limit there is no ETA."""
+    spec = load_spec(spec_factory(params={"model": "my-model"}))
+    plan = build_plan(spec, ManifestState())
+    assert plan.to_json()["total"]["cost_usd"] is None
+    assert plan.to_json()["total"]["eta_s"] is None
+    assert "unknown" in format_plan(plan)
+
+
+def test_image_rate_limit_can_bound_the_eta(spec_factory: Callable[..., Path]) -> None:
+    """The ETA is the slower of the request and the image limits."""
+    spec = make_spec(spec_factory, image_rate_limit="1/s")
+    assert build_plan(spec, ManifestState()).to_json()["total"]["eta_s"] == pytest.approx(70)
+
+
+def test_format_plan_is_an_aligned_table(spec_factory: Callable[..., Path], sandbox: Path) -> None:
+    """Every row of the text table has the same columns, and a total row."""
+    spec = make_spec(spec_factory)
+    lines = format_plan(build_plan(spec, partial_state(spec, sandbox))).splitlines()
+    table = lines[:6]
+    assert table[0].split() == ["source", "items", "images", "done", "failed", "pending", "cost"]
+    assert table[2].split() == ["grid", "4", "4", "2", "1", "2", "$0.16"]
+    assert table[5].split() == ["total", "7", "10", "2", "1", "5", "$0.48"]
+    assert len({len(line) for line in table}) == 1
+    assert lines[6].startswith("eta: at least 50 s")
+
+
+def test_plan_refuses_a_spec_past_max_items(spec_factory: Callable[..., Path]) -> None:
+    """build_plan applies the max_items typo guard."""
+    with pytest.raises(SpecError, match="expands to 7 items"):
+        build_plan(make_spec(spec_factory, max_items=5), ManifestState())
+
+
+@pytest.mark.parametrize(
+    ("params", "override", "price"),
+    [
+        pytest.param(
+            {"model": "dall-e-3", "size": "1024x1024", "quality": "hd"}, None, 0.08, id="dalle3-hd"
+        ),
+        pytest.param(
+            {"model": "dall-e-3", "size": "1792x1024", "quality": "standard"},
+            None,
+            0.08,
+            id="dalle3-wide",
+        ),
+        pytest.param(
+            {"model": "dall-e-2", "size": "512x512", "quality": "hd"},
+            None,
+            0.018,
+            id="dalle2-any-quality",
+        ),
+        pytest.param(
+            {"model": "gpt-image-1", "size": "1536x1024", "quality": "high"},
+            None,
+            0.25,
+            id="gpt-image-1",
+        ),
+        pytest.param(
+            {"model": "gpt-image-1", "size": "1024x1024", "quality": "hd"}, None, None, id="unknown"
+        ),
+        pytest.param({"model": "x"}, 0.5, 0.5, id="override"),
+    ],
+)
+def test_price_table(params: dict[str, str], override: float | None, price: float | None) -> None:
+    """Prices come from the built-in table unless run.price_per_image overrides them."""
+    assert price_per_image(params, override) == price
