@@ -101,14 +101,46 @@ def write_spec(tmp_path: Path, base: str, prompts: int) -> Path:
     return path
 
 
-def start_run(spec: Path, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "ROBOFLOW_API_KEY": KEY}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(spec), "--no-progress", "--no-grid", *extra],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+class Run:
+    """A `synthaug run` subprocess whose output goes to files (a pipe nobody reads
+    could fill and stall it)."""
+
+    def __init__(self, spec: Path, *extra: str) -> None:
+        env = {**os.environ, "ROBOFLOW_API_KEY": KEY}
+        self._err_path = spec.parent / f"run-{time.monotonic_ns()}.err"
+        with self._err_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "run",
+                    str(spec),
+                    "--no-progress",
+                    "--no-grid",
+                    *extra,
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 120) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    @property
+    def stderr(self) -> str:
+        return self._err_path.read_text()
+
+
+def start_run(spec: Path, *extra: str) -> Run:
+    return Run(spec, *extra)
 
 
 def manifest_lines(out: Path) -> int:
@@ -134,10 +166,9 @@ def test_sigkill_at_several_points_then_resume_completes_exactly_once(
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
-        proc.wait(timeout=30)
+        proc.wait()
     final = start_run(spec)
-    _, err = final.communicate(timeout=120)
-    assert final.returncode == 0, err.decode()
+    assert final.wait() == 0, final.stderr
 
     records = list(read_lines(out / "manifest.jsonl"))
     ok_per_key = Counter(r["key"] for r in records if r["status"] == "ok")
@@ -155,16 +186,14 @@ def test_sigint_exits_130_with_a_parseable_manifest(tmp_path: Path, mock_api: st
     proc = start_run(spec)
     wait_until(lambda: manifest_lines(out) >= 4 or proc.poll() is not None, what="4 manifest lines")
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err.decode()
-    assert b"resume" in err
+    assert proc.wait() == 130, proc.stderr
+    assert "resume" in proc.stderr
     raw = (out / "manifest.jsonl").read_bytes()
     assert raw.endswith(b"\n")
     for line in raw.splitlines():
         json.loads(line)
     final = start_run(spec)
-    final.communicate(timeout=120)
-    assert final.returncode == 0
+    assert final.wait() == 0, final.stderr
     assert stats(mock_api)["duplicates"] == 0
 
 
@@ -175,8 +204,7 @@ def test_sigterm_exits_143(tmp_path: Path, mock_api: str) -> None:
     proc = start_run(spec)
     wait_until(lambda: manifest_lines(out) >= 2 or proc.poll() is not None, what="2 manifest lines")
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode == 143
+    assert proc.wait() == 143, proc.stderr
     assert json.loads((out / "summary.json").read_text())["stop_reason"] == "sigterm"
 
 
@@ -192,9 +220,8 @@ def test_second_run_on_same_out_is_refused_while_first_holds_it(
             lambda: manifest_lines(out) >= 1 or first.poll() is not None, what="first manifest line"
         )
         second = start_run(spec)
-        _, err = second.communicate(timeout=60)
-        assert second.returncode == 2
-        assert b"in use" in err
+        assert second.wait() == 2, second.stderr
+        assert "in use" in second.stderr
     finally:
         first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
+        first.wait()
