@@ -169,6 +169,17 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.exit(code)
 
 
+def _setup_logging(level: str) -> None:
+    """Terse lines by default; timestamps and module names when asking for detail."""
+    detailed = level in ("DEBUG", "INFO")
+    fmt = (
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if detailed
+        else "synthaug: %(levelname)s: %(message)s"
+    )
+    logging.basicConfig(level=level, stream=sys.stderr, format=fmt)
+
+
 # ---------------------------------------------------------------------- commands
 
 
@@ -299,13 +310,18 @@ class _Progress:
     def __init__(self, *, enabled: bool) -> None:
         self._enabled = enabled
         self._bar: Any = None
+        self._redirect: Any = None
         self._last = 0.0
 
     def __enter__(self) -> _Progress:
         if self._enabled:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(total=None, unit="item", file=sys.stderr, dynamic_ncols=True)
+            # log lines go above the bar instead of through it
+            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
+            self._redirect.__enter__()
         return self
 
     def update(self, stats: Any) -> None:
@@ -329,4 +345,5 @@ class _Progress:
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
+            self._redirect.__exit__(None, None, None)
             self._bar.close()

@@ -49,7 +49,7 @@ from pipeline.records import (
     WorkItem,
 )
 from pipeline.retry import RetryPolicy, retrying
-from pipeline.sources import read_input_bytes
+from pipeline.sources import InputChangedError, read_input_bytes
 
 __all__ = ["Engine", "EngineSettings", "RunStats", "StopReason"]
 
@@ -91,6 +91,7 @@ class RunStats:
     skipped_ok: int = 0
     skipped_failed: int = 0
     resumed_downloads: int = 0
+    skipped_changed: int = 0  # input file changed after the run began: its key is stale
     requests: int = 0
     images: int = 0
     retries: int = 0
@@ -349,6 +350,10 @@ class Engine:
             self._finish_ok(item, stored, attempts, response, started_at, t0)
         except _Stopped:
             self._release_budget(item)
+        except InputChangedError as exc:
+            self._release_budget(item)
+            self.stats.skipped_changed += 1
+            log.warning("%s: skipped, run again to use the new version", exc)
         except FatalError as exc:
             self._release_budget(item)
             self.fatal_error = exc

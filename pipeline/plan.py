@@ -183,7 +183,9 @@ def _plan_source(
         failed=status["failed"],
         generated=status["generated"],
         to_run=items - status["ok"] - skipped,
-        price_per_image=price_per_image(params, spec.run.price_per_image),
+        price_per_image=price_per_image(
+            params, spec.run.price_per_image, backend_kind=spec.backend.kind
+        ),
     )
 
 

@@ -35,13 +35,17 @@ PRICES: Mapping[tuple[str, str, str | None], float] = {
 }
 
 
-def price_per_image(params: Mapping[str, Any], override: float | None = None) -> float | None:
+def price_per_image(
+    params: Mapping[str, Any], override: float | None = None, *, backend_kind: str = "roboflow"
+) -> float | None:
     """USD for one image made with `params` (model, size, quality); None when unknown.
 
-    `override` (``run.price_per_image``) wins over the table.
+    `override` (``run.price_per_image``) wins over the table; the mock backend is free.
     """
     if override is not None:
         return override
+    if backend_kind == "mock":
+        return 0.0
     model, size = str(params.get("model")), str(params.get("size"))
     quality = params.get("quality")
     price = PRICES.get((model, size, None if quality is None else str(quality)))

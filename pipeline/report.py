@@ -158,7 +158,7 @@ def format_status(report: Mapping[str, Any]) -> str:
     lines.append(f"errors: {kinds or 'none'}")
     last_run = report.get("last_run")
     if isinstance(last_run, Mapping):
-        lines.append(f"last run: {_format_scalars(last_run) or 'see summary.json'}")
+        lines.append(f"last run: {_format_last_run(last_run)}")
     return "\n".join(lines)
 
 
@@ -180,10 +180,20 @@ def _align(rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _format_scalars(data: Mapping[str, Any]) -> str:
-    """The summary's top-level scalar fields as ``key=value``; nested parts stay in the file."""
-    return "  ".join(
-        f"{key}={value}"
-        for key, value in data.items()
-        if isinstance(value, str | int | float | bool) or value is None
-    )
+def _format_last_run(summary: Mapping[str, Any]) -> str:
+    """One line a person reads: when, how it ended, what it sent; the rest is in the file."""
+    parts = [str(summary.get("finished_at", "?"))]
+    reason = summary.get("stop_reason")
+    parts.append(f"exit {summary.get('exit_code', '?')}" + (f" ({reason})" if reason else ""))
+    for key, label in (
+        ("requests", "requests"),
+        ("images", "images"),
+        ("retries", "retries"),
+        ("rate_limited_429", "429s"),
+    ):
+        if key in summary:
+            parts.append(f"{summary[key]} {label}")
+    rate = summary.get("achieved_requests_per_s")
+    if isinstance(rate, int | float):
+        parts.append(f"{rate:.2f} req/s")
+    return ", ".join(parts)

@@ -79,6 +79,7 @@ async def run_job(
     backend: Backend | None = None,
 ) -> JobResult:
     """Run (or resume) the job of `spec`; see the module docstring for the order of steps."""
+    check_cost_budget(spec)
     api_key = read_api_key(spec.backend)
     out = spec.output_dir
     await asyncio.to_thread(outputs.check_writable, out)
@@ -155,7 +156,25 @@ async def _run_engine(
 
 
 def _price(spec: Spec, item: WorkItem) -> float | None:
-    return price_per_image(item.params, spec.run.price_per_image)
+    return price_per_image(item.params, spec.run.price_per_image, backend_kind=spec.backend.kind)
+
+
+def check_cost_budget(spec: Spec) -> None:
+    """Refuse `max_cost_usd` when some source's price is unknown: the budget could not hold."""
+    if spec.run.max_cost_usd is None:
+        return
+    for index, source in enumerate(spec.sources):
+        params = spec.source_params(source)
+        if (
+            price_per_image(params, spec.run.price_per_image, backend_kind=spec.backend.kind)
+            is None
+        ):
+            raise spec.error(
+                "run.max_cost_usd",
+                f"the price of {params.get('model')} {params.get('size')} "
+                f"{params.get('quality')} (sources[{index}]) is unknown, so the budget "
+                "cannot be enforced: set run.price_per_image",
+            )
 
 
 def _exit_code(engine: Engine) -> int:
@@ -208,6 +227,7 @@ def _summary(
         "skipped_ok": stats.skipped_ok,
         "skipped_failed": stats.skipped_failed,
         "resumed_downloads": stats.resumed_downloads,
+        "skipped_changed_inputs": stats.skipped_changed,
         "requests": stats.requests,
         "images": stats.images,
         "retries": stats.retries,

@@ -78,7 +78,7 @@ def wait_until(predicate: Any, *, what: str, limit_s: float = 60.0) -> None:
         time.sleep(0.02)
 
 
-def write_spec(tmp_path: Path, base: str, prompts: int) -> Path:
+def write_spec(tmp_path: Path, base: str, prompts: int, **run: object) -> Path:
     spec = {
         "version": 1,
         "name": "crash",
@@ -91,6 +91,7 @@ def write_spec(tmp_path: Path, base: str, prompts: int) -> Path:
             "max_attempts": 6,
             "backoff_base_s": 0.01,
             "rate_limit": "100/s",
+            **run,
         },
         "sources": [
             {"name": "grid", "prompt": "item {i}", "vars": {"i": [str(i) for i in range(prompts)]}}
@@ -225,3 +226,43 @@ def test_second_run_on_same_out_is_refused_while_first_holds_it(
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+
+
+def test_second_sigint_cancels_in_flight_at_once(tmp_path: Path) -> None:
+    """A second SIGINT does not wait for slow answers: exit 130, manifest still parseable."""
+    port = free_port()
+    with (tmp_path / "slow-mock.log").open("wb") as log:
+        mock = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "mock-server",
+                "--port",
+                str(port),
+                "--latency",
+                "30",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(base), what="mock server to listen")
+        # A grace period far longer than the wait below: only the second SIGINT can end it.
+        spec = write_spec(tmp_path, base, 8, grace_period_s=3600)
+        proc = start_run(spec)
+        wait_until(lambda: stats(base)["requests"] >= CONCURRENCY, what="requests in flight")
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: "SIGINT received" in proc.stderr, what="first SIGINT handled")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, proc.stderr
+        manifest = tmp_path / "out" / "manifest.jsonl"
+        for line in manifest.read_bytes().splitlines() if manifest.exists() else []:
+            json.loads(line)
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        assert summary["stop_reason"] == "sigint"
+        assert summary["ok"] == 0
+    finally:
+        mock.terminate()
+        mock.wait(timeout=10)

@@ -189,8 +189,11 @@ def test_format_status_shows_last_run_scalars() -> None:
     """The last run's headline figures are printed on one line."""
     report: dict[str, Any] = {
         "ok": 0, "failed": 0, "images": 0, "by_source": {}, "errors": {},
-        "last_run": {"exit_code": 4, "stopped": "max_images", "sources": [1]},
+        "last_run": {"exit_code": 4, "stop_reason": "budget", "finished_at": "2026-11-25T02:00Z",
+                     "requests": 12, "images": 24, "achieved_requests_per_s": 0.0833},
     }  # fmt: skip
     text = format_status(report)
-    assert "last run: exit_code=4  stopped=max_images" in text
+    assert (
+        "last run: 2026-11-25T02:00Z, exit 4 (budget), 12 requests, 24 images, 0.08 req/s" in text
+    )
     assert "errors: none" in text

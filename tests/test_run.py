@@ -268,3 +268,43 @@ async def test_torn_manifest_line_is_ignored_and_run_completes(write_spec: SpecW
         if line.startswith(b'{"key": "abc"'):
             continue
         json.loads(line)
+
+
+async def test_consecutive_failures_abort_with_exit_3(write_spec: SpecWriter) -> None:
+    """An API failing every request aborts after `max_consecutive_failures` items
+    instead of burning through the whole job."""
+    config = MockConfig(error_rate=1.0, faults={"500": 1})
+    async with MockServer(config) as server:
+        path = write_spec(
+            server.base_url, prompts=40, concurrency=2, max_attempts=2, max_consecutive_failures=3
+        )
+        result = await run(path)
+    assert result.exit_code == 3
+    assert result.summary["stop_reason"] == "aborted"
+    # 3 failed items, plus at most one more item in flight, each tried max_attempts times
+    assert server.stats.requests <= (3 + 1) * 2
+    assert result.message is not None
+    assert "consecutive" in result.message
+
+
+async def test_max_cost_budget_stops_with_exit_4(write_spec: SpecWriter) -> None:
+    """max_cost_usd with a known price stops the run before it spends more."""
+    async with MockServer(MockConfig()) as server:
+        path = write_spec(server.base_url, prompts=10, price_per_image=0.04, max_cost_usd=0.2)
+        result = await run(path)
+    assert result.exit_code == 4
+    assert server.stats.images == 5
+    assert result.summary["cost_usd"] == pytest.approx(0.2)
+
+
+async def test_max_cost_with_unknown_price_is_refused_before_sending(
+    write_spec: SpecWriter,
+) -> None:
+    """A cost budget that cannot be computed (unknown model price) is a spec error."""
+    from pipeline.errors import SpecError
+
+    async with MockServer(MockConfig()) as server:
+        path = write_spec(server.base_url, prompts=3, max_cost_usd=1.0)
+        with pytest.raises(SpecError, match=r"run\.max_cost_usd.*price_per_image"):
+            await run(path)
+    assert server.stats.requests == 0
