@@ -110,11 +110,11 @@ scenarios = st.builds(
 )
 
 
-def storm(form: str) -> Scenario:
+def storm(form: str, error_rate: float) -> Scenario:
     """Mostly 429s with a little 5xx, answered with Retry-After in `form`."""
     return Scenario(
         faults={"429": 6, "503": 1},
-        error_rate=0.5,
+        error_rate=error_rate,
         seed=3,
         retry_after_form=form,
         response_shape="data",
@@ -212,9 +212,10 @@ def check_invariants(
 @given(scenario=scenarios)
 # Always run these, whatever Hypothesis draws: each Retry-After form under a 429 storm,
 # and every fault kind at once.
-@example(scenario=storm("seconds"))
-@example(scenario=storm("date"))
-@example(scenario=storm("none"))
+# An HTTP date rounds up to a whole second: that storm is kept small to stay fast.
+@example(scenario=storm("seconds", 0.4))
+@example(scenario=storm("date", 0.2))
+@example(scenario=storm("none", 0.5))
 @example(
     scenario=Scenario(
         faults=dict.fromkeys(FAULT_KINDS, 1),
