@@ -233,7 +233,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.message:
         print(f"synthaug: {result.message}", file=sys.stderr)
     if not args.no_grid and result.stop_reason not in ("sigint", "sigterm"):
-        _draw_views(spec.output_dir, cell_px=256)
+        views = _draw_views(spec.output_dir, cell_px=256)
+        if views:
+            print(f"look at: {views[-1]}", file=sys.stderr)
     return result.exit_code
 
 

@@ -200,7 +200,10 @@ class Engine:
                 task.cancel()
             await asyncio.gather(producer, *workers, return_exceptions=True)
             self.stats.finished = self._clock()
-            self._writer.sync()
+            try:
+                self._writer.sync()
+            except OSError as exc:
+                log.error("could not fsync the manifest: %s", exc)
             self._on_progress(self.stats)
         return self.stats
 
@@ -364,6 +367,13 @@ class Engine:
         except OutputError as exc:
             self._release_budget(item)
             self.output_error = exc
+            self.stop("disk")
+        except OSError as exc:  # the manifest append failed: disk full, read-only remount
+            self._release_budget(item)
+            self.output_error = OutputError(
+                f"cannot write the manifest in {self._settings.out_dir}: {exc.strerror or exc}; "
+                "fix the disk and run the same command again to resume"
+            )
             self.stop("disk")
 
     async def _resume_download(

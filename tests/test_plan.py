@@ -20,8 +20,14 @@ GRID = {"name": "grid", "prompt": "{s} {t}", "vars": {"s": ["fall", "winter"], "
 PAIRS = {"name": "pairs", "prompt": "two cats", "repeats": 3, "params": {"n": 2}}
 
 
+ROBOFLOW = {"backend": {"kind": "roboflow"}, "project_url": "leaves"}
+
+
 def make_spec(spec_factory: Callable[..., Path], **run: Any) -> Spec:
-    return load_spec(spec_factory(sources=[GRID, PAIRS], run={"rate_limit": "6/min", **run}))
+    """A priced (roboflow) spec: plan needs no key and sends nothing."""
+    return load_spec(
+        spec_factory(sources=[GRID, PAIRS], run={"rate_limit": "6/min", **run}, **ROBOFLOW)
+    )
 
 
 def partial_state(spec: Spec, sandbox: Path) -> ManifestState:
@@ -111,7 +117,9 @@ def test_budgets_that_stop_the_run_early_are_flagged(
 
 def test_unknown_price_and_no_rate_limit(spec_factory: Callable[..., Path]) -> None:
     """An unpriced model costs 'unknown'; without a rate limit there is no ETA."""
-    spec = load_spec(spec_factory(params={"model": "my-model"}))
+    spec = load_spec(
+        spec_factory(params={"model": "my-model"}, run={"rate_limit": None}, **ROBOFLOW)
+    )
     plan = build_plan(spec, ManifestState())
     assert plan.to_json()["total"]["cost_usd"] is None
     assert plan.to_json()["total"]["eta_s"] is None
@@ -175,3 +183,9 @@ def test_plan_refuses_a_spec_past_max_items(spec_factory: Callable[..., Path]) -
 def test_price_table(params: dict[str, str], override: float | None, price: float | None) -> None:
     """Prices come from the built-in table unless run.price_per_image overrides them."""
     assert price_per_image(params, override) == price
+
+
+def test_mock_backend_costs_nothing(spec_factory: Callable[..., Path]) -> None:
+    """Rehearsing on the mock backend is free, whatever the model's price."""
+    spec = load_spec(spec_factory(sources=[GRID]))
+    assert build_plan(spec, ManifestState()).to_json()["total"]["cost_usd"] == 0.0
