@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import logging
-import os
-import secrets
-from collections.abc import Iterable, Mapping, Sequence
-from io import BytesIO
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
@@ -25,15 +21,13 @@ from urllib.parse import quote
 from PIL import Image, ImageOps
 
 from pipeline.manifest import MANIFEST_NAME, read_latest
+from pipeline.sheet_text import GRIDS_DIR, META_SOURCE, path_inside, read_job, write_atomic
 
 __all__ = ["INDEX_NAME", "THUMBS_DIR", "THUMB_PX", "write_gallery"]
 
 INDEX_NAME = "index.html"
 THUMBS_DIR = "thumbs"
 THUMB_PX = 320
-GRIDS_DIR = "grids"  # where pipeline.grid draws; sheets are recognised by META_SOURCE
-META_SOURCE = "synthaug.source"
-JOB_NAME = "job.json"
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +63,7 @@ def write_gallery(out_dir: Path) -> Path:
     Works on a partial run and without ``OUT/job.json`` (sources then follow the order in
     which the manifest first mentions them). CPU-bound (thumbnails) and sync.
     """
-    job = _read_job(out_dir)
+    job = read_job(out_dir)
     by_source: dict[str, list[dict[str, Any]]] = {}
     for record in read_latest(out_dir / MANIFEST_NAME).values():
         by_source.setdefault(str(record.get("source", "")), []).append(record)
@@ -83,20 +77,10 @@ def write_gallery(out_dir: Path) -> Path:
     ]
     page = _page(job, names, by_source, sections)
     path = out_dir / INDEX_NAME
-    _write_atomic(path, page.encode("utf-8"))
+    data = page.encode("utf-8")
+    write_atomic(path, lambda fh: fh.write(data))
     thumbs.remove_unused()
     return path
-
-
-def _read_job(out_dir: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((out_dir / JOB_NAME).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring %s: %s", out_dir / JOB_NAME, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _e(value: object) -> str:
@@ -105,14 +89,6 @@ def _e(value: object) -> str:
 
 def _href(relative: str) -> str:
     return _e(quote(relative, safe="/"))
-
-
-def _inside(out_dir: Path, relative: str) -> Path | None:
-    """`relative` under OUT, or None when it is absolute or climbs out (a hand-edited line)."""
-    pure = PurePosixPath(relative)
-    if not relative or pure.is_absolute() or ".." in pure.parts:
-        return None
-    return out_dir.joinpath(*pure.parts)
 
 
 def _sheets(out_dir: Path) -> dict[str, list[str]]:
@@ -142,7 +118,7 @@ class _Thumbs:
     def get(self, output: Mapping[str, Any]) -> tuple[str, int, int] | None:
         """(relative path, width, height) of the thumbnail, or None if the image is unreadable."""
         relative = str(output.get("path") or "")
-        source = _inside(self._out, relative)
+        source = path_inside(self._out, relative)
         if source is None or not source.is_file():
             return None
         digest = str(output.get("sha256") or hashlib.sha256(relative.encode()).hexdigest())
@@ -167,7 +143,7 @@ class _Thumbs:
         flat = Image.new("RGB", thumb.size, (255, 255, 255))
         flat.paste(thumb, (0, 0), thumb)
         self._dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(target, _jpeg(flat))
+        write_atomic(target, lambda fh: flat.save(fh, format="JPEG", quality=85))
 
     def remove_unused(self) -> None:
         """Delete thumbnails of images no longer in the manifest (only our own names)."""
@@ -176,12 +152,6 @@ class _Thumbs:
         for path in self._dir.glob("*.jpg"):
             if path.name not in self._used and len(path.stem) == 16:
                 path.unlink(missing_ok=True)
-
-
-def _jpeg(image: Image.Image) -> bytes:
-    buffer = BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
 
 
 def _page(
@@ -245,6 +215,7 @@ def _section(
         f'<a href="{_href(rel)}"><img src="{_href(rel)}" alt="contact sheet {_e(rel)}"></a>'
         for rel in sheets.get(name, ())
     )
+    records = sorted(records, key=_job_order(spec))
     items = "".join(_figure(r, thumbs) for r in records if r.get("status") == "ok")
     failed = [r for r in records if r.get("status") == "failed"]
     pending = [r for r in records if r.get("status") not in ("ok", "failed")]
@@ -258,9 +229,46 @@ def _section(
     )
 
 
+def _job_order(spec: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """Sort key reading like the contact sheets (further variables' sheets, then rows, then
+    input and repeat, then columns), not in the order the requests happened to finish."""
+    declared = {str(k): [str(v) for v in vs] for k, vs in (spec.get("vars") or {}).items()}
+    names = list(declared)
+    sheet_order = names[2:] + names[1:2]
+
+    def rank(found: Mapping[str, Any], name: str) -> tuple[int, str]:
+        value = str(found.get(name, ""))
+        values = declared[name]
+        return (values.index(value) if value in values else len(values), value)
+
+    def key(record: Mapping[str, Any]) -> tuple[Any, ...]:
+        found = record.get("vars") or {}
+        given = record.get("input")
+        source = str(given.get("value")) if isinstance(given, dict) else ""
+        extra = sorted((str(k), str(v)) for k, v in found.items() if k not in declared)
+        return (
+            *(rank(found, n) for n in sheet_order),
+            source,
+            int(record.get("repeat") or 0),
+            *(rank(found, n) for n in names[:1]),
+            extra,
+        )
+
+    return key
+
+
 def _vars(record: Mapping[str, Any]) -> str:
+    """The item's variables, and its input image (file name; the full value on hover)."""
     found = record.get("vars") or {}
-    return "".join(f'<span class="var"><b>{_e(k)}</b> {_e(v)}</span>' for k, v in found.items())
+    chips = [f'<span class="var"><b>{_e(k)}</b> {_e(v)}</span>' for k, v in found.items()]
+    given = record.get("input")
+    if isinstance(given, dict) and given.get("value"):
+        value = str(given["value"])
+        name = value.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or value
+        kind = {"url": "input url", "id": "input id"}.get(str(given.get("kind")), "input")
+        chip = f'<span class="var" title="{_e(value)}"><b>{_e(kind)}</b> {_e(name)}</span>'
+        chips.insert(0, chip)
+    return "".join(chips)
 
 
 def _figure(record: Mapping[str, Any], thumbs: _Thumbs) -> str:
@@ -318,15 +326,3 @@ def _pending_table(records: Sequence[Mapping[str, Any]]) -> str:
         "<th>vars</th><th>prompt</th><th>status</th><th>attempts</th></tr></thead>"
         f"<tbody>{rows}</tbody></table>"
     )
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # umask applies
-    try:
-        with tmp.open("xb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -24,46 +24,53 @@ Each sheet explains itself later through PNG iTXt metadata: ``synthaug.spec``,
 ``synthaug.page`` (``"2/4"``) and ``synthaug.layout`` (JSON: first cell's corner ``x0``,
 ``y0``, ``cell`` size, ``step`` between cells, the ``columns`` and ``rows`` shown).
 
-Text uses the font that ships inside Pillow, so a sheet looks the same on every machine.
-That font holds ASCII glyphs only: other characters are drawn as their closest ASCII
-(``é`` → ``e``, ``ß`` → ``ss``) or ``?``; the exact text is in the metadata and index.html.
+Text is drawn in the DejaVu Sans font shipped inside the package, so a sheet looks the same
+on every machine; measuring, wrapping and ellipsizing live in `pipeline.sheet_text`, which
+also says which characters render. The row headers are as wide as their longest label needs,
+up to the cell size (at least 120 px, at most 280 px); longer labels wrap, then end in "…".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
 import logging
 import math
-import os
 import re
-import secrets
-import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from pipeline.manifest import MANIFEST_NAME, read_latest
+from pipeline.sheet_text import (
+    GRIDS_DIR,
+    META_SOURCE,
+    Font,
+    Typeface,
+    line_height,
+    path_inside,
+    read_job,
+    text_width,
+    write_atomic,
+)
 
 __all__ = ["DEFAULT_CELL_PX", "DEFAULT_MAX_SHEET_PX", "GRIDS_DIR", "META_SOURCE", "draw_grids"]
 
 DEFAULT_CELL_PX = 256
 DEFAULT_MAX_SHEET_PX = 8192
-GRIDS_DIR = "grids"
-JOB_NAME = "job.json"
-META_SOURCE = "synthaug.source"  # every sheet we write has it; stale ones are found by it
 MAX_STEM_CHARS = 120
 MIN_CELL_PX = 32
 MIN_PAGE_WIDTH_PX = 480  # room for the title even when a page holds one narrow column
+MIN_ROW_HEADER_PX = 48
 
 log = logging.getLogger(__name__)
 
-Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 Tone = Literal["image", "failed", "pending", "absent"]
 Sample = tuple[str | None, int, int]  # (input value, repeat, output index)
 
@@ -79,15 +86,6 @@ TONES: dict[
     "pending": ((226, 226, 226), (204, 204, 204), (70, 70, 70)),
     "absent": ((250, 250, 250), None, (165, 165, 165)),
 }
-# letters with no Unicode decomposition to ASCII
-ASCII_FALLBACK = {
-    "ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE", "ð": "d",
-    "Ð": "D", "þ": "th", "Þ": "Th", "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ı": "i",
-    "×": "x", "÷": "/", "«": '"', "»": '"', "¡": "!", "¿": "?", "·": ".", "°": "o",
-    "µ": "u", "¢": "c", "£": "GBP", "€": "EUR", "¥": "JPY", "©": "(c)", "®": "(R)",
-    "§": "S", "¶": "P", "¬": "-", "¦": "|", "±": "+/-", "⁄": "/", "‘": "'", "’": "'",
-    "“": '"', "”": '"', "–": "-", "—": "-", "…": "...", "→": "->", "\t": " ",
-}  # fmt: skip
 
 
 def draw_grids(
@@ -103,8 +101,8 @@ def draw_grids(
     """
     if cell_px < MIN_CELL_PX:
         raise ValueError(f"cell_px must be at least {MIN_CELL_PX}, got {cell_px}")
-    style = _Style.for_cell(cell_px)
-    job = _read_job(out_dir)
+    style = _Style.for_cell(cell_px, Typeface.load())
+    job = read_job(out_dir)
     records = read_latest(out_dir / MANIFEST_NAME)
     by_source: dict[str, list[dict[str, Any]]] = {}
     for record in records.values():
@@ -122,18 +120,6 @@ def draw_grids(
             written.append(path)
     _remove_stale(grids_dir, set(written))
     return written
-
-
-def _read_job(out_dir: Path) -> dict[str, Any]:
-    """``OUT/job.json`` as a dict, or ``{}`` when it is absent or unreadable (never required)."""
-    try:
-        data = json.loads((out_dir / JOB_NAME).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring %s: %s", out_dir / JOB_NAME, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # --- what to draw ---------------------------------------------------------------------------
@@ -246,7 +232,7 @@ class _Grid:
         outputs = record.get("outputs") or []
         if sample[2] >= len(outputs):
             return _Cell("absent", lines=("no image",))
-        path = _inside(self.out_dir, str(outputs[sample[2]].get("path", "")))
+        path = path_inside(self.out_dir, str(outputs[sample[2]].get("path", "")))
         if path is None or not path.is_file():
             return _Cell("failed", lines=("MISSING FILE", str(outputs[sample[2]].get("path"))))
         return _Cell("image", image=path)
@@ -302,14 +288,6 @@ def _unique(items: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(items))
 
 
-def _inside(out_dir: Path, relative: str) -> Path | None:
-    """`relative` under OUT, or None when it is absolute or climbs out (a hand-edited line)."""
-    pure = PurePosixPath(relative)
-    if not relative or pure.is_absolute() or ".." in pure.parts:
-        return None
-    return out_dir.joinpath(*pure.parts)
-
-
 # --- sheets and pages -----------------------------------------------------------------------
 
 
@@ -321,15 +299,15 @@ class _Style:
     gap: int
     margin: int
     pad: int
-    row_header: int
+    row_header: int  # the widest it may be; `fit_row_header` narrows it per grid
+    face: Typeface
     label: Font
     small: Font
     title: Font
     tiny: Font
-    glyphs: dict[str, bool] = field(default_factory=dict)  # per-drawing cache: has glyph?
 
     @classmethod
-    def for_cell(cls, cell: int) -> _Style:
+    def for_cell(cls, cell: int, face: Typeface) -> _Style:
         """Fonts and spacing proportionate to `cell`, readable from 32 px cells up."""
         size = min(20, max(11, round(cell * 0.07)))
         return cls(
@@ -338,95 +316,31 @@ class _Style:
             margin=max(8, cell // 16),
             pad=max(3, cell // 40),
             row_header=min(280, max(120, cell)),
-            label=_font(size),
-            small=_font(max(10, size - 3)),
-            title=_font(round(size * 1.5)),
-            tiny=_font(8),
+            face=face,
+            label=face.font(size),
+            small=face.font(max(10, size - 3)),
+            title=face.font(round(size * 1.5)),
+            tiny=face.font(8),
         )
-
-    def line_height(self, font: Font) -> int:
-        """Height of one line of `font`, with a little leading."""
-        return math.ceil(_bbox(font, "Ag|")[3] * 1.25)
 
     def col_header(self) -> int:
         """Height of the band holding the column values (two lines)."""
-        return 3 * self.pad + 2 * self.line_height(self.label)
-
-    def printable(self, text: str, font: Font) -> str:
-        """`text` with every character the font lacks replaced by its closest ASCII, or '?'."""
-        return "".join(self._glyph(ch, font) for ch in text)
-
-    def _glyph(self, ch: str, font: Font) -> str:
-        if self._has(ch, font):
-            return ch
-        folded = ASCII_FALLBACK.get(ch)
-        if folded is None:
-            base = unicodedata.normalize("NFKD", ch)
-            folded = "".join(c for c in base if not unicodedata.combining(c))
-            folded = "".join(ASCII_FALLBACK.get(c, c) for c in folded)
-        if folded and all(self._has(c, font) for c in folded):
-            return folded
-        return "?"
-
-    def _has(self, ch: str, font: Font) -> bool:
-        if ch == " ":
-            return True
-        known = self.glyphs.get(ch)
-        if known is None:
-            known = self.glyphs[ch] = _mask(font, ch) not in (None, _mask(font, "\uffff"))
-        return known
+        return 3 * self.pad + 2 * line_height(self.label)
 
     def wrap(self, text: str, font: Font, width: int, max_lines: int) -> list[str]:
-        """Word-wrap `text` into `width` px; the last allowed line ends in '...' if cut."""
-        text = self.printable(" ".join(text.split()), font)
-        lines: list[str] = []
-        words = text.split(" ")
-        while words and len(lines) < max_lines:
-            line = words.pop(0)
-            while _width(font, line) > width:  # one word wider than the line: break it
-                cut = _fit_chars(font, line, width)
-                lines.append(line[:cut])
-                line = line[cut:]
-            while words and _width(font, f"{line} {words[0]}") <= width:
-                line = f"{line} {words.pop(0)}"
-            lines.append(line)
-        if len(lines) > max_lines or words:
-            last = lines[max_lines - 1]
-            while last and _width(font, last + "...") > width:
-                last = last[:-1]
-            lines = [*lines[: max_lines - 1], last.rstrip() + "..."]
-        return lines
+        """`text` wrapped into `width` px, at most `max_lines`, ellipsized if cut."""
+        return self.face.wrap(text, font, width, max_lines)
 
-
-def _font(size: int) -> Font:
-    """Pillow's bundled font at `size`; BASIC layout so no system library changes the look."""
-    font = ImageFont.load_default(size=size)
-    if isinstance(font, ImageFont.FreeTypeFont):
-        return font.font_variant(layout_engine=ImageFont.Layout.BASIC)
-    return font  # Pillow built without FreeType: the fixed-size bitmap font
-
-
-def _bbox(font: Font, text: str) -> tuple[float, float, float, float]:
-    return font.getbbox(text) if text else (0, 0, 0, 0)
-
-
-def _width(font: Font, text: str) -> float:
-    return font.getlength(text)
-
-
-def _mask(font: Font, ch: str) -> tuple[tuple[int, int], bytes] | None:
-    try:
-        mask = font.getmask(ch)
-    except UnicodeEncodeError:  # the bitmap font only knows Latin-1
-        return None
-    return mask.size, bytes(mask)
-
-
-def _fit_chars(font: Font, word: str, width: int) -> int:
-    cut = len(word)
-    while cut > 1 and _width(font, word[:cut]) > width:
-        cut -= 1
-    return cut
+    def fit_row_header(self, labels: Iterable[tuple[str, Font]], corner: Iterable[str]) -> _Style:
+        """This style with the row header only as wide as its longest label (and corner) needs."""
+        small = self.small  # the corner has 2 pads of room, the row labels 3: hence `- pad`
+        needed = max(
+            [MIN_ROW_HEADER_PX - 3 * self.pad]
+            + [text_width(f, self.face.printable(t, f)) for t, f in labels]
+            + [text_width(small, self.face.printable(t, small)) - self.pad for t in corner]
+        )
+        width = min(self.row_header, math.ceil(needed) + 3 * self.pad)
+        return dataclasses.replace(self, row_header=width)
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,6 +362,9 @@ def _sheets(
     names = list(source.vars)
     y_values = source.vars[names[1]] if len(names) > 1 else [""]
     rows = [(y, s) for y in y_values for s in grid.samples]
+    labels = [(y, style.label) for y in y_values if y]
+    labels += [(grid.sample_label(s), style.small) for s in grid.samples]
+    style = style.fit_row_header(labels, _corner(names))
     for slice_values, stem in zip(
         grid.slices, _stems(source.name, names[2:], grid.slices), strict=True
     ):
@@ -530,7 +447,7 @@ def _title_lines(style: _Style, parts: Sequence[str], width: int) -> list[tuple[
 
 
 def _title_height(style: _Style, parts: Sequence[str], width: int) -> int:
-    return _lines_height(style, _title_lines(style, parts, width)) + style.pad
+    return _lines_height(_title_lines(style, parts, width)) + style.pad
 
 
 def _render(
@@ -550,7 +467,7 @@ def _render(
     y = style.margin
     for text, font in _title_lines(style, title, width):
         draw.text((style.margin, y), text, font=font, fill=INK if font is style.title else MUTED)
-        y += style.line_height(font)
+        y += line_height(font)
     _draw_headers(draw, grid, page, style, (x0, y0))
     for ri, (y_value, sample) in enumerate(page.rows):
         for ci, x_value in enumerate(page.cols):
@@ -571,17 +488,16 @@ def _draw_headers(
     x0, y0 = origin
     step, pad = style.cell + style.gap, style.pad
     names = list(grid.source.vars)
-    label_h, small_h = style.line_height(style.label), style.line_height(style.small)
+    label_h, small_h = line_height(style.label), line_height(style.small)
     top = y0 - style.col_header() + pad
-    corner = [f"across: {names[0]}", *([f"down: {names[1]}"] if len(names) > 1 else [])]
-    for i, text in enumerate(corner):
+    for i, text in enumerate(_corner(names)):
         line = style.wrap(text, style.small, style.row_header - 2 * pad, 1)[0]
         draw.text((style.margin, top + i * label_h), line, font=style.small, fill=MUTED)
     for ci, value in enumerate(page.cols):
         lines = style.wrap(value, style.label, style.cell - 2 * pad, 2)
         y = y0 - pad - len(lines) * label_h  # bottom-aligned: each value sits on its column
         for line in lines:
-            x = x0 + ci * step + (style.cell - _width(style.label, line)) / 2
+            x = x0 + ci * step + (style.cell - text_width(style.label, line)) / 2
             draw.text((x, y), line, font=style.label, fill=INK)
             y += label_h
     for ri, (y_value, sample) in enumerate(page.rows):
@@ -594,6 +510,11 @@ def _draw_headers(
         for line in style.wrap(grid.sample_label(sample), style.small, room, 2):
             draw.text((style.margin, y), line, font=style.small, fill=MUTED)
             y += small_h
+
+
+def _corner(names: Sequence[str]) -> list[str]:
+    """The axis names, shown above the row headers."""
+    return [f"across: {names[0]}", *([f"down: {names[1]}"] if len(names) > 1 else [])]
 
 
 def _tile(cell: _Cell, style: _Style) -> Image.Image:
@@ -632,8 +553,9 @@ def _placeholder(cell: _Cell, style: _Style) -> Image.Image:
             draw.line([(k, 0), (k + style.cell, style.cell)], fill=hatch, width=2)
     room = style.cell - 2 * style.pad
     texts = [t for t in cell.lines if t]
+    reason = texts[0] if texts else ""
     head = next(  # the largest font in which the reason's words need not be broken
-        (f for f in (style.label, style.small) if _words_fit(style, texts[:1], f, room)),
+        (f for f in (style.label, style.small) if style.face.words_fit(reason, f, room)),
         style.tiny,
     )
     body = style.tiny if head is style.tiny else style.small
@@ -641,17 +563,17 @@ def _placeholder(cell: _Cell, style: _Style) -> Image.Image:
     for i, text in enumerate(texts):
         font, colour = (head, ink) if i == 0 else (body, MUTED)
         lines += [(line, font, colour) for line in style.wrap(text, font, room, 2 if i == 0 else 3)]
-    while len(lines) > 1 and _lines_height(style, lines) > style.cell - 4 * style.pad:
+    while len(lines) > 1 and _lines_height(lines) > style.cell - 4 * style.pad:
         lines.pop()  # small cells keep the reason, lose the message
-    height = _lines_height(style, lines)
-    width = max(_width(font, line) for line, font, _ in lines) if lines else 0
+    height = _lines_height(lines)
+    width = max(text_width(font, line) for line, font, _ in lines) if lines else 0
     top = (style.cell - height) // 2
     if hatch is not None and lines:
         box = ((style.cell - width) / 2 - style.pad, top - style.pad)
         draw.rectangle([box, (style.cell - box[0], top + height + style.pad)], fill=WHITE)
     for line, font, colour in lines:
-        draw.text(((style.cell - _width(font, line)) / 2, top), line, font=font, fill=colour)
-        top += style.line_height(font)
+        draw.text(((style.cell - text_width(font, line)) / 2, top), line, font=font, fill=colour)
+        top += line_height(font)
     return tile
 
 
@@ -668,14 +590,9 @@ def _layout(grid: _Grid, page: _Page, style: _Style) -> dict[str, Any]:
     }
 
 
-def _lines_height(style: _Style, lines: Sequence[tuple[Any, ...]]) -> int:
+def _lines_height(lines: Sequence[tuple[Any, ...]]) -> int:
     """Height of (text, font, ...) lines stacked."""
-    return sum(style.line_height(line[1]) for line in lines)
-
-
-def _words_fit(style: _Style, texts: Sequence[str], font: Font, room: int) -> bool:
-    words = " ".join(texts).split()
-    return all(_width(font, style.printable(w, font)) <= room for w in words)
+    return sum(line_height(line[1]) for line in lines)
 
 
 def _metadata(
@@ -702,15 +619,8 @@ def _metadata(
 
 
 def _save_png(image: Image.Image, path: Path, info: PngInfo) -> None:
-    """Write to a temporary name beside `path`, then rename: no reader sees half a sheet."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # umask applies
-    try:
-        with tmp.open("xb") as fh:
-            image.save(fh, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write atomically: no reader (index.html, a viewer) sees half a sheet."""
+    write_atomic(path, lambda fh: image.save(fh, format="PNG", pnginfo=info))
 
 
 def _remove_stale(grids_dir: Path, keep: set[Path]) -> None:

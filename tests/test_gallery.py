@@ -15,7 +15,7 @@ from PIL import Image
 from pipeline.gallery import write_gallery
 from pipeline.grid import draw_grids
 from pipeline.manifest import ManifestWriter
-from pipeline.records import ErrorInfo, ItemRecord, OutputFile
+from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -36,9 +36,10 @@ def record(
     *,
     status: str = "ok",
     colour: tuple[int, int, int] = (200, 40, 40),
+    input_image: InputImage | None = None,
 ) -> ItemRecord:
     """A manifest line; an ok line gets a solid-colour image file under OUT/images."""
-    key = hashlib.sha256(repr((source, variables)).encode()).hexdigest()
+    key = hashlib.sha256(repr((source, variables, input_image)).encode()).hexdigest()
     prompt = f"A street with {' '.join(variables.values())} trees <b>&amp;</b>"
     outputs: tuple[OutputFile, ...] = ()
     if status == "ok":
@@ -54,7 +55,7 @@ def record(
         source=source,
         vars=dict(variables),
         repeat=0,
-        input=None,
+        input=input_image,
         prompt=prompt,
         params={"n": 1},
         outputs=outputs,
@@ -146,6 +147,29 @@ def test_missing_image_file_is_reported_not_linked_as_image(tmp_path: Path) -> N
     page = write_gallery(tmp_path).read_text("utf-8")
     assert f"missing file {gone}" in page
     assert len(list((tmp_path / "thumbs").glob("*.jpg"))) == 1
+
+
+def test_items_read_in_sheet_order_not_finish_order(tmp_path: Path) -> None:
+    """Images are listed in the order of the spec's values, whatever order they finished in."""
+    sample_out(tmp_path)
+    (tmp_path / "manifest.jsonl").unlink()
+    write_manifest(tmp_path, [record(tmp_path, "street", {"tree": t}) for t in reversed(TREES)])
+    page = write_gallery(tmp_path).read_text("utf-8")
+    street = page.split('id="src-street"')[1].split("</section>")[0]
+    shown = re.findall(r'<figure class="item">.*?<b>tree</b> (\w+)', street)
+    assert shown == TREES
+
+
+def test_input_image_is_named(tmp_path: Path) -> None:
+    """An item made from an input image names the file (full path on hover)."""
+    sample_out(tmp_path)
+    given = InputImage("file", "/data/in/leaf <1>.png", "ab" * 32)
+    write_manifest(tmp_path, [record(tmp_path, "street", {"tree": "oak"}, input_image=given)])
+    page = write_gallery(tmp_path).read_text("utf-8")
+    assert (
+        '<span class="var" title="/data/in/leaf &lt;1&gt;.png"><b>input</b> leaf &lt;1&gt;.png'
+        in page
+    )
 
 
 @pytest.mark.browser

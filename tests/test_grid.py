@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from PIL import Image
 from pipeline.grid import draw_grids
 from pipeline.manifest import ManifestWriter
 from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
+from pipeline.sheet_text import FONT_FILE, Typeface
 
 RGB = tuple[int, int, int]
 SEASONS = ["early fall", "late fall"]
@@ -332,27 +335,88 @@ def test_redrawing_removes_stale_pages_but_not_foreign_files(tmp_path: Path) -> 
     assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["mine.png", "street.png"]
 
 
-def test_non_ascii_labels_render_as_closest_ascii(tmp_path: Path) -> None:
-    """Latin-1 labels draw as their plain letters (no missing-glyph boxes); others never crash."""
-    sheets = []
-    for name, values in [
-        ("a", ["Café", "Straße"]),
-        ("b", ["Cafe", "Strasse"]),
-        ("c", ["紅葉", "🍁"]),
-    ]:
-        write_job(tmp_path, source_spec(name, {"word": values}))
-        write_manifest(
-            tmp_path, [ok_record(tmp_path, name, {"word": v}, [PALETTE[0]]) for v in values]
-        )
-        (path,) = draw_grids(tmp_path, cell_px=96)
-        (tmp_path / "manifest.jsonl").unlink()
-        with Image.open(path) as sheet:
-            box = layout(sheet)
-            sheets.append(
-                sheet.convert("RGB").crop((box["x0"], box["y0"] - 30, sheet.width, box["y0"]))
-            )
-    assert sheets[0].tobytes() == sheets[1].tobytes()
-    assert sheets[2].getcolors(maxcolors=100_000) != [(sheets[2].width * 30, (255, 255, 255))]
+def header_strip(out: Path, name: str, values: Sequence[str], *, cell_px: int = 96) -> Image.Image:
+    """Draw a one-row sheet whose columns are `values`; return the band holding their labels."""
+    write_job(out, source_spec(name, {"word": list(values)}))
+    write_manifest(out, [ok_record(out, name, {"word": v}, [PALETTE[0]]) for v in values])
+    (path,) = draw_grids(out, cell_px=cell_px)
+    (out / "manifest.jsonl").unlink()
+    with Image.open(path) as sheet:
+        box = layout(sheet)
+        return sheet.convert("RGB").crop((box["x0"], box["y0"] - 30, sheet.width, box["y0"]))
+
+
+@pytest.mark.parametrize(
+    ("label", "lookalikes"),
+    [
+        pytest.param("été", ["?t?", "ete"], id="accents"),
+        pytest.param("Straße", ["Stra?e", "Strasse"], id="sharp-s"),
+        pytest.param("Ёлка", ["????", "Elka"], id="cyrillic"),
+        pytest.param("été — Straße — 東京", ["ete - Strasse - ??"], id="mixed-with-cjk"),
+    ],
+)
+def test_non_ascii_labels_render_their_own_glyphs(
+    tmp_path: Path, label: str, lookalikes: list[str]
+) -> None:
+    """Latin and Cyrillic labels are drawn as themselves, not as '?' or their ASCII lookalike."""
+    drawn = header_strip(tmp_path, "a", [label])
+    for other in lookalikes:
+        assert drawn.tobytes() != header_strip(tmp_path, "b", [other]).tobytes(), other
+    assert len(drawn.getcolors(maxcolors=100_000) or []) > 2  # text, not a blank band
+
+
+def test_glyphs_the_font_lacks_are_drawn_as_question_marks(tmp_path: Path) -> None:
+    """CJK and emoji, absent from DejaVu Sans, become '?' (never a crash or a tofu box)."""
+    drawn = header_strip(tmp_path, "a", ["été 東京 🍁"])
+    assert drawn.tobytes() == header_strip(tmp_path, "b", ["été ?? ?"]).tobytes()
+
+
+def test_decomposed_accents_draw_like_composed_ones(tmp_path: Path) -> None:
+    """'e' + combining acute (NFD, as macOS file names are) draws exactly like 'é'."""
+    nfd = unicodedata.normalize("NFD", "Café")
+    assert (
+        header_strip(tmp_path, "a", [nfd]).tobytes()
+        == header_strip(tmp_path, "b", ["Café"]).tobytes()
+    )
+
+
+def test_the_font_ships_in_the_package() -> None:
+    """Sheets are drawn in the bundled DejaVu Sans, not Pillow's ASCII-only fallback."""
+    face = Typeface.load()
+    assert face.data is not None
+    assert resources.files("pipeline").joinpath(FONT_FILE).read_bytes() == face.data
+    assert "Bitstream Vera" in resources.files("pipeline").joinpath("fonts/LICENSE").read_text()
+
+
+def test_fallback_font_draws_closest_ascii() -> None:
+    """Without the font file, Pillow's ASCII font draws letters as their plain ASCII."""
+    face = Typeface(None)
+    font = face.font(12)
+    assert face.printable("Café Straße — 東京", font) == "Cafe Strasse - ??"
+
+
+@pytest.mark.parametrize(
+    ("values", "narrow"),
+    [
+        pytest.param(["oak", "elm"], True, id="short-labels-narrow-header"),
+        pytest.param(["a rather long row label " * 3, "elm"], False, id="long-labels-at-cap"),
+    ],
+)
+def test_row_header_fits_its_labels(tmp_path: Path, values: list[str], narrow: bool) -> None:
+    """The row header is only as wide as its labels need, and no label runs into a cell."""
+    write_job(tmp_path, source_spec("s", {"season": ["fall"], "tree": values}))
+    write_manifest(
+        tmp_path,
+        [ok_record(tmp_path, "s", {"season": "fall", "tree": v}, [PALETTE[0]]) for v in values],
+    )
+    (path,) = draw_grids(tmp_path, cell_px=256)
+    with Image.open(path) as sheet:
+        box = layout(sheet)
+        margin = 256 // 16
+        assert (box["x0"] - margin < 200) == narrow
+        assert box["x0"] - margin <= 256  # the cap: the cell size
+        gutter = sheet.convert("RGB").crop((box["x0"] - 4, box["y0"], box["x0"], sheet.height))
+    assert gutter.getcolors() == [(gutter.width * gutter.height, (255, 255, 255))]
 
 
 def test_long_labels_stay_inside_their_column(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 from collections.abc import AsyncIterator
@@ -13,7 +14,8 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from pipeline.backends.mock import MockConfig, MockServer, draw_image, mock_color
+from pipeline.backends.mock import MockConfig, MockServer
+from pipeline.backends.mock_image import draw_image, mock_color, paint
 from pipeline.backends.roboflow import RoboflowBackend
 from pipeline.errors import (
     BackendError,
@@ -132,6 +134,75 @@ async def test_output_is_deterministic_across_servers() -> None:
     assert blobs[0] == draw_image(PROMPT, None, index=0, width=256, height=256)
     other = draw_image("another prompt", None, index=0, width=256, height=256)
     assert centre(decode(other)) != centre(decode(blobs[0]))
+
+
+def png_b64(size: tuple[int, int], colour: tuple[int, int, int]) -> str:
+    """A solid-colour PNG, base64-encoded as the client sends a local file."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def file_item(size: str = "256x256") -> WorkItem:
+    """An item with a local input file (sent as base64)."""
+    return WorkItem(
+        key="f" * 64,
+        source="local",
+        prompt=PROMPT,
+        project_url="fall",
+        params={"n": 1, "size": size},
+        input=InputImage("file", "/data/in.png", "ab" * 32),
+    )
+
+
+@pytest.mark.parametrize(
+    ("input_size", "size"),
+    [
+        pytest.param((64, 64), "256x256", id="square"),
+        pytest.param((300, 40), "1792x1024", id="wide-input-wide-output"),
+        pytest.param((20, 200), "1024x1792", id="tall-input-tall-output"),
+    ],
+)
+async def test_base64_input_is_shown_as_a_thumbnail(input_size: tuple[int, int], size: str) -> None:
+    """A base64 input appears in the bottom-left third; the middle third stays pure colour."""
+    blue = (0, 0, 255)
+    payload = png_b64(input_size, blue)
+    async with serve() as (_, backend):
+        [image] = await fetch_all(backend, await backend.generate(file_item(size), payload))
+    colour = mock_color(PROMPT, payload)
+    w, h = image.size
+    assert centre(image) == colour
+    middle = image.crop((w // 3, h // 3, w - w // 3, h - h // 3))
+    assert middle.getcolors() == [(middle.width * middle.height, colour)]
+    corner = image.crop((0, h - h // 3, w // 3, h))
+    assert dict((c, n) for n, c in corner.getcolors(maxcolors=w * h) or []).get(blue, 0) > 20
+    assert blue not in {c for _, c in image.crop((w // 3, 0, w, h)).getcolors(w * h) or []}
+
+
+@pytest.mark.parametrize(
+    ("image", "image_type"),
+    [
+        pytest.param("not base64!", "base64", id="not-base64"),
+        pytest.param(base64.b64encode(b"not an image").decode(), "base64", id="not-an-image"),
+        pytest.param("https://example.com/a.png", "url", id="url-input"),
+    ],
+)
+def test_inputs_it_cannot_show_draw_no_thumbnail(image: str, image_type: str) -> None:
+    """An undecodable or remote input gives the plain image (same bytes as without it)."""
+    with_input = draw_image(PROMPT, image, index=0, width=96, height=96, image_type=image_type)
+    plain = paint(PROMPT, mock_color(PROMPT, image), None, index=0, width=96, height=96)
+    assert with_input == plain
+
+
+def test_thumbnail_is_deterministic() -> None:
+    """Same prompt and base64 input give the same bytes, thumbnail included."""
+    payload = png_b64((50, 30), (250, 120, 0))
+    first, second = (
+        draw_image(PROMPT, payload, index=1, width=120, height=90, image_type="base64")
+        for _ in range(2)
+    )
+    assert first == second
+    assert first != draw_image(PROMPT, payload, index=1, width=120, height=90)
 
 
 def test_tiny_images_stay_pure_colour_in_the_centre() -> None:

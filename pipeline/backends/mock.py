@@ -1,11 +1,11 @@
 """The embedded mock of Roboflow's ``POST /synthetic-image`` (aiohttp.web).
 
-It answers with placeholder images drawn by Pillow (deterministic from prompt and input,
-served by URL from the same server), and can inject the faults a nightly job meets:
-429 with Retry-After, 5xx, dropped connections, slow and malformed answers, corrupt
-images, an enforced rate limit. `MockStats` counts what a client did to it (duplicate
-generations, starts during an announced pause, peak concurrency) so tests and benchmarks
-can prove the client's behaviour.
+It answers with placeholder images (drawn by `pipeline.backends.mock_image`: deterministic
+from prompt and input, served by URL from the same server), and can inject the faults a
+nightly job meets: 429 with Retry-After, 5xx, dropped connections, slow and malformed
+answers, corrupt images, an enforced rate limit. `MockStats` counts what a client did to
+it (duplicate generations, starts during an announced pause, peak concurrency) so tests
+and benchmarks can prove the client's behaviour.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import base64
 import email.utils
 import hashlib
 import hmac
-import io
 import json
 import math
 import random
-import textwrap
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -29,7 +27,9 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
 from aiohttp import web
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+
+from pipeline.backends.mock_image import damage, draw_image, input_thumbnail, mock_color, paint
 
 __all__ = [
     "DEFAULT_FAULT_WEIGHTS",
@@ -82,7 +82,6 @@ MAX_TOKENS = 50_000
 """Image URLs remembered (least recently used dropped first)."""
 MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_SIZE = (1024, 1024)
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -180,46 +179,17 @@ class MockStats:
         }
 
 
-def mock_color(prompt: str, image: str | None) -> tuple[int, int, int]:
-    """The fill colour of the mock's images for a prompt and input: tests check it."""
-    digest = hashlib.sha256((prompt + "\0" + (image or "")).encode("utf-8")).digest()
-    return digest[0], digest[1], digest[2]
-
-
-def draw_image(prompt: str, image: str | None, *, index: int, width: int, height: int) -> bytes:
-    """A PNG filled with `mock_color`, the prompt in the top third and ``#index`` in a corner.
-
-    The middle third stays pure colour, so a contact sheet's cells can be checked by
-    their centre pixel.
-    """
-    color = mock_color(prompt, image)
-    luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-    ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
-    canvas = Image.new("RGB", (width, height), color)
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()  # cheap; a shared font is not thread-safe
-    line_h = math.ceil(draw.textbbox((0, 0), "Ag", font=font)[3]) + 2
-    y = 2
-    for line in textwrap.wrap(prompt, width=max(4, (width - 4) // 6)):
-        if y + line_h > height // 3:
-            break
-        draw.text((2, y), line, fill=ink, font=font)
-        y += line_h
-    label = f"#{index}"
-    right, bottom = (math.ceil(v) for v in draw.textbbox((0, 0), label, font=font)[2:])
-    if bottom + 2 < height // 3 and right + 2 < width // 3:
-        draw.text((width - right - 2, height - bottom - 2), label, fill=ink, font=font)
-    out = io.BytesIO()
-    canvas.save(out, format="PNG")
-    return out.getvalue()
-
-
 @dataclass
 class _ImageSpec:
-    """What to draw (lazily) for one image URL, and which fault it carries."""
+    """What to draw (lazily) for one image URL, and which fault it carries.
+
+    It keeps the input's colour and thumbnail, never the input itself: a base64 input
+    can be megabytes, and up to `MAX_TOKENS` specs are remembered.
+    """
 
     prompt: str
-    image: str | None
+    color: tuple[int, int, int]
+    thumb: Image.Image | None
     index: int
     width: int
     height: int
@@ -332,7 +302,7 @@ class _MockApi:
         return web.Response(body=data, content_type="image/png")
 
     async def _payload(self, request: web.Request, body: dict[str, Any], fault: str | None) -> Any:
-        specs = self._specs(body, fault)
+        specs = await asyncio.to_thread(self._specs, body, fault)
         tokens = [self._mint(spec) for spec in specs]
         shape = self.config.response_shape
         if shape == "b64_json":
@@ -355,11 +325,15 @@ class _MockApi:
         return {"data": [{"url": url, "id": token} for url, token in pairs]}
 
     def _specs(self, body: dict[str, Any], fault: str | None) -> list[_ImageSpec]:
+        """One spec per image of the answer; hashes and decodes the input: run in a thread."""
         width, height = _scaled_size(body.get("size"), self.config.max_px)
         image = body.get("image") if isinstance(body.get("image"), str) else None
-        count = _count(body.get("n"))
+        image_type = body.get("image_type") if isinstance(body.get("image_type"), str) else None
+        color = mock_color(body["prompt"], image)
+        thumb = input_thumbnail(image, image_type, width, height)
         return [
-            _ImageSpec(body["prompt"], image, index, width, height, fault) for index in range(count)
+            _ImageSpec(body["prompt"], color, thumb, index, width, height, fault)
+            for index in range(_count(body.get("n")))
         ]
 
     def _mint(self, spec: _ImageSpec) -> str:
@@ -512,15 +486,10 @@ def run_mock_server(config: MockConfig, host: str = "127.0.0.1", port: int = 837
 
 
 def _render(spec: _ImageSpec) -> bytes:
-    data = draw_image(
-        spec.prompt, spec.image, index=spec.index, width=spec.width, height=spec.height
+    data = paint(
+        spec.prompt, spec.color, spec.thumb, index=spec.index, width=spec.width, height=spec.height
     )
-    if spec.fault == "corrupt_image":
-        junk = hashlib.sha256(data).digest() * (len(data) // 32 + 1)
-        return _PNG_SIGNATURE + junk[: len(data)]
-    if spec.fault == "truncated_image":
-        return data[: len(data) // 2]
-    return data
+    return damage(data, spec.fault)
 
 
 def _drop_connection(request: web.Request) -> None:
