@@ -114,6 +114,18 @@ class _Stopped(Exception):
     """The run is stopping: leave this item unrecorded so it runs again on resume."""
 
 
+@dataclass(slots=True)
+class _ItemRun:
+    """What one item's attempts have learned so far (mutable, owned by one worker)."""
+
+    item: WorkItem
+    started_at: str
+    t0: float
+    attempts: int = 0
+    pending: tuple[GeneratedImage, ...] = ()
+    response: object = None
+
+
 @dataclass(frozen=True, slots=True)
 class _Todo:
     """An item that needs work, with what the manifest already knows of it."""
@@ -325,56 +337,62 @@ class Engine:
     async def _process(self, todo: _Todo) -> None:
         """One item from first attempt to its manifest line (or none, when stopped)."""
         item = todo.item
-        started_at, t0 = utc_now(), self._clock()
-        resumed = todo.entry is not None and todo.entry.status == "generated"
-        pending = todo.entry.pending if todo.entry is not None and resumed else ()
-        attempts = todo.entry.attempts if todo.entry is not None and resumed else 0
-        response: object = None
+        run = _ItemRun(item, started_at=utc_now(), t0=self._clock())
+        if todo.entry is not None and todo.entry.status == "generated":
+            run.pending, run.attempts = todo.entry.pending, todo.entry.attempts
+        failure: BackendError | None = None
         try:
-            async for attempt in retrying(
-                self._policy, sleep=self._backoff_sleep, on_retry=self._count_retry, rng=self._rng
-            ):
-                with attempt:
-                    if self.stopping and self.stop_reason != "budget":
-                        raise _Stopped
-                    if pending:
-                        stored = await self._resume_download(item, pending)
-                        pending = ()
-                        self.stats.resumed_downloads += 1
-                    else:
-                        attempts += 1
-                        generation = await self._generate(item)
-                        response = generation.response
-                        if any(img.url for img in generation.images):
-                            self._append_generated(
-                                item, generation.images, response, attempts, started_at
-                            )
-                        stored = await self._fetch_and_store(item, generation.images)
-            self._finish_ok(item, stored, attempts, response, started_at, t0)
+            stored = await self._attempt_until_settled(run)
         except _Stopped:
             self._release_budget(item)
+            return
         except InputChangedError as exc:
             self._release_budget(item)
             self.stats.skipped_changed += 1
             log.warning("%s: skipped, run again to use the new version", exc)
+            return
         except FatalError as exc:
             self._release_budget(item)
             self.fatal_error = exc
             self.stop("fatal")
+            return
         except BackendError as exc:
             self._release_budget(item)
-            self._finish_failed(item, exc, attempts, started_at, t0)
-        except OutputError as exc:
+            failure = exc
+        except (OutputError, OSError) as exc:
             self._release_budget(item)
-            self.output_error = exc
-            self.stop("disk")
-        except OSError as exc:  # the manifest append failed: disk full, read-only remount
-            self._release_budget(item)
-            self.output_error = OutputError(
-                f"cannot write the manifest in {self._settings.out_dir}: {exc.strerror or exc}; "
-                "fix the disk and run the same command again to resume"
-            )
-            self.stop("disk")
+            self._stop_for_disk(exc)
+            return
+        try:  # the checkpoint, outside the handlers so its own failure is handled once
+            if failure is None:
+                self._finish_ok(run, stored)
+            else:
+                self._finish_failed(run, failure)
+        except OSError as exc:
+            self._stop_for_disk(exc)
+
+    async def _attempt_until_settled(self, run: _ItemRun) -> tuple[OutputFile, ...]:
+        """Try the item up to max_attempts times; return its stored images or raise."""
+        item = run.item
+        stored: tuple[OutputFile, ...] = ()
+        async for attempt in retrying(
+            self._policy, sleep=self._backoff_sleep, on_retry=self._count_retry, rng=self._rng
+        ):
+            with attempt:
+                if self.stopping and self.stop_reason != "budget":
+                    raise _Stopped
+                if run.pending:
+                    pending, run.pending = run.pending, ()  # a failure regenerates next time
+                    stored = await self._resume_download(item, pending)
+                    self.stats.resumed_downloads += 1
+                else:
+                    run.attempts += 1
+                    generation = await self._generate(item)
+                    run.response = generation.response
+                    if any(img.url for img in generation.images):
+                        self._append_generated(run, generation.images)
+                    stored = await self._fetch_and_store(item, generation.images)
+        return stored
 
     async def _resume_download(
         self, item: WorkItem, pending: tuple[GeneratedImage, ...]
@@ -385,6 +403,17 @@ class Engine:
         except TransientError:
             log.info("%s: recorded URLs no longer serve; generating again", item.key[:16])
             raise
+
+    def _stop_for_disk(self, exc: OSError | OutputError) -> None:
+        """Writing failed (disk full, read-only remount): stop cleanly, say how to go on."""
+        if isinstance(exc, OutputError):
+            self.output_error = exc
+        else:
+            self.output_error = OutputError(
+                f"cannot write in {self._settings.out_dir}: {exc.strerror or exc}; "
+                "fix the disk and run the same command again to resume"
+            )
+        self.stop("disk")
 
     def _count_retry(self, exc: BackendError, attempt: int, wait: float) -> None:
         self.stats.retries += 1
@@ -425,8 +454,15 @@ class Engine:
     ) -> tuple[OutputFile, ...]:
         """Download every image of an answer and store it verified, atomically."""
         stored: list[OutputFile] = []
-        for index, image in enumerate(images):
-            stored.append(await self._fetch_one(item, index, image))
+        try:
+            for index, image in enumerate(images):
+                stored.append(await self._fetch_one(item, index, image))
+        except BaseException:
+            # no manifest line will name these: leave no unnamed file behind
+            await asyncio.shield(
+                asyncio.to_thread(outputs.discard_outputs, self._settings.out_dir, stored)
+            )
+            raise
         return tuple(stored)
 
     async def _fetch_one(self, item: WorkItem, index: int, image: GeneratedImage) -> OutputFile:
@@ -453,61 +489,29 @@ class Engine:
 
     # ---------------------------------------------------------------- manifest
 
-    def _append_generated(
-        self,
-        item: WorkItem,
-        images: tuple[GeneratedImage, ...],
-        response: object,
-        attempts: int,
-        started_at: str,
-    ) -> None:
-        record = _record(item, "generated", attempts=attempts, started_at=started_at)
-        line = record.to_json()
-        line["response"] = response
+    def _append_generated(self, run: _ItemRun, images: tuple[GeneratedImage, ...]) -> None:
+        line = _record(run, "generated").to_json()
+        line["response"] = run.response
         line["pending"] = [{"url": img.url, "id": img.id} for img in images]
         self._writer.append(line)
 
-    def _finish_ok(
-        self,
-        item: WorkItem,
-        stored: tuple[OutputFile, ...],
-        attempts: int,
-        response: object,
-        started_at: str,
-        t0: float,
-    ) -> None:
-        record = _record(
-            item,
-            "ok",
-            attempts=attempts,
-            started_at=started_at,
-            outputs=stored,
-            response=response,
-            elapsed=self._clock() - t0,
-        )
-        self._writer.append(record)
+    def _finish_ok(self, run: _ItemRun, stored: tuple[OutputFile, ...]) -> None:
+        elapsed = self._clock() - run.t0
+        self._writer.append(_record(run, "ok", outputs=stored, elapsed=elapsed))
         self.stats.ok += 1
         self.stats.images += len(stored)
-        self.stats.cost_usd += self._item_cost(item)
+        self.stats.cost_usd += self._item_cost(run.item)
         self._consecutive_failures = 0
 
-    def _finish_failed(
-        self, item: WorkItem, exc: BackendError, attempts: int, started_at: str, t0: float
-    ) -> None:
-        record = _record(
-            item,
-            "failed",
-            attempts=attempts,
-            started_at=started_at,
-            error=ErrorInfo(kind=exc.kind, status=exc.status, message=exc.message),
-            elapsed=self._clock() - t0,
-        )
-        self._writer.append(record)
+    def _finish_failed(self, run: _ItemRun, exc: BackendError) -> None:
+        error = ErrorInfo(kind=exc.kind, status=exc.status, message=exc.message)
+        elapsed = self._clock() - run.t0
+        self._writer.append(_record(run, "failed", error=error, elapsed=elapsed))
         self.stats.failed += 1
         self.stats.errors[exc.kind] += 1
-        log.warning("%s failed for good: %s", item.key[:16], exc.message)
-        if exc.kind == "refused" or isinstance(exc, PermanentError):
-            return  # about this prompt, not about the API's health
+        log.warning("%s failed for good: %s", run.item.key[:16], exc.message)
+        if isinstance(exc, PermanentError):
+            return  # a refusal or a 4xx is about this request, not about the API's health
         self._consecutive_failures += 1
         if self._consecutive_failures >= self._settings.max_consecutive_failures:
             self.stop("aborted")
@@ -518,16 +522,14 @@ def _b64(data: bytes) -> str:
 
 
 def _record(
-    item: WorkItem,
+    run: _ItemRun,
     status: Literal["ok", "failed", "generated"],
     *,
-    attempts: int,
-    started_at: str,
     outputs: tuple[OutputFile, ...] = (),
     error: ErrorInfo | None = None,
-    response: object = None,
     elapsed: float | None = None,
 ) -> ItemRecord:
+    item = run.item
     return ItemRecord(
         key=item.key,
         status=status,
@@ -538,10 +540,10 @@ def _record(
         prompt=item.prompt,
         params=item.params,
         outputs=outputs,
-        attempts=attempts,
+        attempts=run.attempts,
         error=error,
-        started_at=started_at,
+        started_at=run.started_at,
         finished_at=utc_now() if status != "generated" else None,
         elapsed_s=round(elapsed, 3) if elapsed is not None else None,
-        response=response,
+        response=run.response if status == "ok" else None,
     )

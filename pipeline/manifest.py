@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from pipeline.records import GeneratedImage, ItemRecord, ItemStatus, OutputFile
 
@@ -132,9 +132,12 @@ def _entry_from(record: Mapping[str, Any], source: str) -> Entry:
 
 
 class ManifestWriter:
-    """Appends manifest lines: each flushed at once, fsynced at most every interval.
+    """Appends manifest lines: each handed to the OS at once, fsynced at most every interval.
 
-    Use as a context manager; `close` fsyncs whatever is left.
+    Writes are unbuffered (`os.write` on an ``O_APPEND`` descriptor), so a line the disk
+    refuses (ENOSPC) raises at once and is cut back off the file: no torn line is left
+    for the next line to run into, and no half-line sits in a buffer to be flushed later
+    or to make `close` raise. Use as a context manager; `close` fsyncs whatever is left.
     """
 
     def __init__(
@@ -149,45 +152,91 @@ class ManifestWriter:
         self._clock = clock
         self._last_sync = clock()
         self._dirty = False
-        self._fh: IO[bytes] = self._open(path)
+        self._fence = False  # a failed line could not be cut off: start the next on a new line
+        self._fd: int | None = self._open(path)
 
     @staticmethod
-    def _open(path: Path) -> IO[bytes]:
+    def _open(path: Path) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fh = path.open("ab")
-        if fh.tell() > 0 and not _ends_with_newline(path):
-            fh.write(b"\n")  # fence off a torn line so the next record parses
-            fh.flush()
-        return fh
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if os.fstat(fd).st_size > 0 and not _ends_with_newline(path):
+                _write_all(fd, b"\n")  # fence off a torn line so the next record parses
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def append(self, record: ItemRecord | Mapping[str, Any]) -> None:
-        """Write one line (the whole object, then newline) and hand it to the OS."""
+        """Write one line (the whole object, then newline) and hand it to the OS.
+
+        Raises `OSError` when the disk refuses it (disk full, read-only remount); the
+        file is then left as it was before this line.
+        """
+        if self._fd is None:
+            raise ValueError(f"{self._path}: manifest writer is closed")
         data = record.to_json() if isinstance(record, ItemRecord) else dict(record)
         line = json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
-        self._fh.write(line.encode("utf-8") + b"\n")
-        self._fh.flush()
+        payload = line.encode("utf-8") + b"\n"
+        if self._fence:
+            payload = b"\n" + payload
+        size = os.fstat(self._fd).st_size  # one writer holds the OUT lock: this is our end
+        try:
+            _write_all(self._fd, payload)
+        except OSError:
+            self._cut(size)
+            raise
+        self._fence = False
         self._dirty = True
         if self._clock() - self._last_sync >= self._interval:
             self.sync()
 
+    def _cut(self, size: int) -> None:
+        """Remove what a failed append wrote past `size`, or fence it off if we cannot."""
+        assert self._fd is not None
+        try:
+            if os.fstat(self._fd).st_size > size:
+                os.ftruncate(self._fd, size)
+        except OSError:
+            self._fence = True
+
     def sync(self) -> None:
-        """fsync what was written since the last sync."""
-        if self._dirty and not self._fh.closed:
-            os.fsync(self._fh.fileno())
-            self._dirty = False
+        """fsync what was written since the last sync.
+
+        A failing fsync is logged, not raised: every line is already with the OS (a crash
+        of this process loses nothing), and raising here would lose the run's summary.
+        """
+        if self._dirty and self._fd is not None:
+            try:
+                os.fsync(self._fd)
+                self._dirty = False
+            except OSError as exc:
+                log.warning(
+                    "%s: fsync failed (%s); lines may not survive a power loss",
+                    self._path,
+                    exc.strerror or exc,
+                )
         self._last_sync = self._clock()
 
     def close(self) -> None:
         """Sync and close; safe to call twice."""
-        if not self._fh.closed:
+        if self._fd is not None:
             self.sync()
-            self._fh.close()
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
     def __enter__(self) -> ManifestWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -30,6 +30,7 @@ __all__ = [
     "IMAGES_DIR",
     "ImageInfo",
     "check_writable",
+    "discard_outputs",
     "output_path",
     "outputs_intact",
     "store_image",
@@ -251,6 +252,12 @@ def _sha256_file(path: Path) -> str | None:
     except OSError:
         return None
     return digest.hexdigest()
+
+
+def discard_outputs(out_dir: Path, outputs: Sequence[OutputFile]) -> None:
+    """Delete stored files no manifest line will name (their item failed half-way)."""
+    for output in outputs:
+        (out_dir / output.path).unlink(missing_ok=True)
 
 
 def sweep_temp_files(out_dir: Path) -> int:

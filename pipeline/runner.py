@@ -34,6 +34,7 @@ from pipeline.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     EXIT_SOME_FAILED,
+    OutputError,
     UsageError,
 )
 from pipeline.limiter import Limiter
@@ -79,6 +80,10 @@ async def run_job(
     backend: Backend | None = None,
 ) -> JobResult:
     """Run (or resume) the job of `spec`; see the module docstring for the order of steps."""
+    if spec.backend.kind == "openai":
+        raise UsageError(
+            "backend.kind 'openai' is not available yet: use 'roboflow' (or 'mock' to rehearse)"
+        )
     check_cost_budget(spec)
     api_key = read_api_key(spec.backend)
     out = spec.output_dir
@@ -144,15 +149,22 @@ async def _run_engine(
             # our own second-signal cancel: the workers are down, finish the checkpoint
         finally:
             summary = _summary(spec, spec_path, engine, limiter, started_at, time.monotonic() - t0)
-            await asyncio.to_thread(
-                outputs.write_json_atomic, spec.output_dir / SUMMARY_NAME, summary
-            )
+            await _write_summary(spec.output_dir / SUMMARY_NAME, summary)
     return JobResult(
         exit_code=summary["exit_code"],
         stop_reason=engine.stop_reason,
         summary=summary,
         message=_stop_message(engine),
     )
+
+
+async def _write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """The summary is a report, not the checkpoint: failing to write it (a full disk)
+    must not hide how the run ended."""
+    try:
+        await asyncio.to_thread(outputs.write_json_atomic, path, summary)
+    except (OSError, OutputError) as exc:
+        log.error("could not write %s: %s", path, exc)
 
 
 def _price(spec: Spec, item: WorkItem) -> float | None:
@@ -262,10 +274,6 @@ async def _open_backend(spec: Spec, api_key: str, given: Backend | None) -> Asyn
         yield given
         return
     kind = spec.backend.kind
-    if kind == "openai":
-        raise UsageError(
-            "backend.kind 'openai' is not available yet: use 'roboflow' (or 'mock' to rehearse)"
-        )
     concurrency, timeout_s = spec.run.concurrency, spec.backend.timeout_s
     if kind == "mock":
         async with (

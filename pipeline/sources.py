@@ -93,7 +93,7 @@ def _match(directory: Path, parts: tuple[str, ...]) -> Iterator[Path]:
         if tail:
             if entry.is_dir(follow_symlinks=False):
                 yield from _match(Path(entry.path), tail)
-        elif entry.is_file():
+        elif _is_file(entry):
             yield Path(entry.path)
 
 
@@ -106,7 +106,7 @@ def _match_any_depth(directory: Path, tail: tuple[str, ...]) -> Iterator[Path]:
             continue
         if entry.is_dir(follow_symlinks=False):
             yield from _match_any_depth(Path(entry.path), tail)
-        elif not tail and entry.is_file():
+        elif not tail and _is_file(entry):
             yield Path(entry.path)
 
 
@@ -114,6 +114,15 @@ def _name_matches(name: str, pattern: str) -> bool:
     if name.startswith(".") and not pattern.startswith("."):
         return False  # like shell globs: '*' does not match hidden names
     return fnmatch.fnmatchcase(name, pattern)
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    """A regular file, or a symlink to one; a symlink loop is neither (like a dangling
+    link), where `DirEntry.is_file` would raise ELOOP out of the listing."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def _scan(directory: Path) -> list[os.DirEntry[str]]:
@@ -136,7 +145,7 @@ def iter_folder(folder: Path, *, recursive: bool, extensions: Collection[str]) -
         if entry.is_dir(follow_symlinks=False):
             if recursive:
                 yield from iter_folder(Path(entry.path), recursive=True, extensions=wanted)
-        elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in wanted:
+        elif _is_file(entry) and os.path.splitext(entry.name)[1].lower() in wanted:
             yield Path(entry.path)
 
 

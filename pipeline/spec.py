@@ -55,6 +55,9 @@ __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_RATE_LIMIT",
     "INPUT_KINDS",
+    "MAX_ATTEMPTS",
+    "MAX_CONCURRENCY",
+    "MAX_N",
     "BackendSettings",
     "InputKindName",
     "Params",
@@ -76,6 +79,12 @@ DEFAULT_BASE_URL = "https://api.roboflow.com"
 DEFAULT_API_KEY_ENV = "ROBOFLOW_API_KEY"
 DEFAULT_CONCURRENCY = 4
 DEFAULT_RATE_LIMIT = "5/min"  # OpenAI's Tier-1 image limit: safe for a first real run
+# Upper bounds that catch typos before they cost memory or money: each worker is a task
+# and a connection (a stray 10**9 would exhaust memory before the first request), OpenAI
+# returns at most 10 images per request, and past 100 attempts an item is not transient.
+MAX_CONCURRENCY = 1000
+MAX_N = 10
+MAX_ATTEMPTS = 100
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -175,7 +184,8 @@ Extension = Annotated[str, AfterValidator(_extension)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No .inf / .nan: an infinite grace period or timeout would hang a nightly run.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class BackendSettings(_Model):
@@ -201,7 +211,7 @@ class Params(_Model):
     """OpenAI image parameters sent with every request (Roboflow's defaults)."""
 
     model: NonBlank = "dall-e-3"
-    n: int = Field(default=1, ge=1, description="images per request")
+    n: int = Field(default=1, ge=1, le=MAX_N, description="images per request")
     quality: NonBlank = "hd"
     size: Size = "1024x1024"
     style: NonBlank = "natural"
@@ -221,7 +231,7 @@ class SourceParams(_Model):
     """Per-source overrides of `Params`; unset fields keep the global value."""
 
     model: NonBlank | None = None
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
     quality: NonBlank | None = None
     size: Size | None = None
     style: NonBlank | None = None
@@ -232,12 +242,14 @@ class SourceParams(_Model):
 class RunSettings(_Model):
     """How hard to push the API and when to stop."""
 
-    concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1, description="requests in flight")
+    concurrency: int = Field(
+        default=DEFAULT_CONCURRENCY, ge=1, le=MAX_CONCURRENCY, description="requests in flight"
+    )
     rate_limit: Rate = Field(
         default=None, description="request starts per period (default 5/min; none for mock)"
     )
     image_rate_limit: Rate = Field(default=None, description="images (requests x n) per period")
-    max_attempts: int = Field(default=6, ge=1)
+    max_attempts: int = Field(default=6, ge=1, le=MAX_ATTEMPTS)
     backoff_base_s: float = Field(
         default=1.0, gt=0, description="first retry waits up to this (full jitter), doubling"
     )
@@ -261,7 +273,7 @@ class SourceSpec(_Model):
     """One source of work items: a prompt template and at most one kind of input."""
 
     name: Name = Field(description="[A-Za-z0-9._-]+, unique; names the output folder")
-    prompt: str
+    prompt: NonBlank
     vars: dict[str, VarValues] = Field(default_factory=dict)
     combine: Literal["product", "zip", "sample"] = "product"
     samples: int | None = Field(default=None, ge=1, description="with combine: sample")
@@ -410,10 +422,19 @@ def load_spec(path: Path | str) -> Spec:
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         raise SpecError(
-            f"invalid YAML: {exc.problem or exc.context}", file=shown, line=line
+            f"invalid YAML: {_one_line(exc.problem or exc.context)}", file=shown, line=line
+        ) from None
+    except yaml.reader.ReaderError as exc:
+        # Its str() spans two lines and ends in a character offset; name the line instead.
+        line = text[: exc.position].count("\n") + 1
+        raise SpecError(
+            f"invalid YAML: unacceptable character #x{exc.character:04x} "
+            "(a binary file? save the spec as plain text)",
+            file=shown,
+            line=line,
         ) from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"invalid YAML: {exc}", file=shown) from None
+        raise SpecError(f"invalid YAML: {_one_line(str(exc))}", file=shown) from None
     if data is None:
         raise SpecError("the spec is empty; start from examples/quickstart.yaml", file=shown)
     if not isinstance(data, dict):
@@ -429,6 +450,11 @@ def load_spec(path: Path | str) -> Spec:
     except _Problem as exc:
         raise spec.error(exc.key_path, exc.message, exc.value) from None
     return spec
+
+
+def _one_line(text: str | None) -> str:
+    """`text` with its line breaks folded: the CLI prints an error as one line."""
+    return " ".join((text or "").split())
 
 
 def _read_text(path: Path, shown: str) -> str:
@@ -514,13 +540,22 @@ def _build(data: Mapping[str, Any], spec_dir: Path, shown: str, lines: Mapping[s
 
 
 def _root_causes(errors: list[ErrorDetails]) -> list[ErrorDetails]:
-    """Drop errors that only echo another, such as a list too short because an item failed."""
+    """Drop errors that only echo another, such as a list too short because an item failed,
+    or a required key "missing" because it is misspelled (``sourcess``) beside it."""
     locs = [tuple(e["loc"]) for e in errors]
+    misspelled = {
+        (*loc[:-1], match)
+        for error, loc in zip(errors, locs, strict=True)
+        if error["type"] == "extra_forbidden"
+        for match in difflib.get_close_matches(str(loc[-1]), _field_names(loc), n=1, cutoff=0.6)
+    }
     out = []
     for error, loc in zip(errors, locs, strict=True):
         if any(other[: len(loc)] == loc and len(other) > len(loc) for other in locs):
             continue
         if loc == ("output_dir",) and error["type"] == "missing" and ("name",) in locs:
+            continue
+        if error["type"] == "missing" and loc in misspelled:
             continue
         out.append(error)
     return out or errors
@@ -567,21 +602,29 @@ def _describe(error: ErrorDetails) -> tuple[str, str]:
         return key_path, f"must be at least {ctx.get('ge')}, got {got}"
     if kind == "greater_than":
         return key_path, f"must be greater than {ctx.get('gt')}, got {got}"
+    if kind == "less_than_equal":
+        return key_path, f"must be at most {ctx.get('le')}, got {got}"
+    if kind == "finite_number":
+        return key_path, f"must be a finite number, got {got}"
     if kind == "too_short":
         return key_path, "must not be empty"
     return key_path, f"{error['msg'][:1].lower()}{error['msg'][1:]} (got {got})"
 
 
-def _unknown_key(loc: tuple[int | str, ...]) -> str:
-    key = str(loc[-1])
+def _field_names(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys allowed beside the last part of `loc` (the fields of its parent model)."""
     model: type[BaseModel] | None = Spec
     for part in loc[:-1]:
         if isinstance(part, int) or model is None:
             continue
         field = model.model_fields.get(part)
         model = _model_of(field.annotation) if field else None
-    allowed = list(model.model_fields) if model is not None else []
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return list(model.model_fields) if model is not None else []
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    key = str(loc[-1])
+    close = difflib.get_close_matches(key, _field_names(loc), n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"unknown key '{key}'{hint}"
 
