@@ -6,11 +6,15 @@ import asyncio
 import hashlib
 import threading
 from pathlib import Path
+from typing import Any
 
+import yaml
 from PIL import Image
 
 from pipeline.backends.mock import MockConfig, MockServer
 from pipeline.manifest import read_latest
+from pipeline.runner import JobResult, run_job
+from pipeline.spec import load_spec
 
 
 def assert_outputs_valid(out: Path) -> None:
@@ -58,3 +62,54 @@ class ThreadedMock:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
         self._loop.close()
+
+
+def write_job_spec(
+    folder: Path,
+    base_url: str,
+    *,
+    name: str = "e2e",
+    prompts: int = 6,
+    values: list[str] | None = None,
+    repeats: int = 1,
+    n: int = 1,
+    size: str = "32x32",
+    timeout_s: float = 2.0,
+    out: str = "out",
+    **run: Any,
+) -> Path:
+    """Write a roboflow-kind spec against `base_url` with one prompt grid of `prompts`
+    values, tuned for tests (fast backoff, a high rate limit); `run` overrides it."""
+    source: dict[str, Any] = {
+        "name": name,
+        "prompt": f"{name} item {{i}}",
+        "vars": {"i": values or [str(i) for i in range(prompts)]},
+    }
+    if repeats != 1:
+        source["repeats"] = repeats
+    spec = {
+        "version": 1,
+        "name": name,
+        "output_dir": out,
+        "backend": {"kind": "roboflow", "base_url": base_url, "timeout_s": timeout_s},
+        "project_url": name,
+        "params": {"size": size, "n": n},
+        "run": {
+            "concurrency": 4,
+            "max_attempts": 8,
+            "grace_period_s": 5,
+            "backoff_base_s": 0.01,
+            "backoff_max_s": 0.1,
+            "rate_limit": "1000/s",
+            **run,
+        },
+        "sources": [source],
+    }
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+async def run_spec(path: Path) -> JobResult:
+    """Run (or resume) the job at `path` in this event loop, without signal handlers."""
+    return await run_job(load_spec(path), spec_path=path, install_signals=False)

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from checks import assert_outputs_valid
+from checks import assert_outputs_valid, write_job_spec
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -130,33 +129,18 @@ def storm(form: RetryAfterForm, error_rate: float) -> Scenario:
 
 
 def write_spec(folder: Path, base_url: str, scenario: Scenario) -> Path:
-    spec = {
-        "version": 1,
-        "name": "chaos",
-        "output_dir": "out",
-        "backend": {"kind": "roboflow", "base_url": base_url, "timeout_s": TIMEOUT_S},
-        "project_url": "chaos",
-        "params": {"size": "32x32", "n": scenario.n},
-        "run": {
-            "concurrency": scenario.concurrency,
-            "max_attempts": scenario.max_attempts,
-            "backoff_base_s": 0.01,
-            "backoff_max_s": 0.05,
-            "rate_limit": "1000/s",
-            "max_consecutive_failures": 1000,
-            "grace_period_s": 5,
-        },
-        "sources": [
-            {
-                "name": "chaos",
-                "prompt": "chaos item {i}",
-                "vars": {"i": [str(i) for i in range(PROMPTS)]},
-            }
-        ],
-    }
-    path = folder / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
+    return write_job_spec(
+        folder,
+        base_url,
+        name="chaos",
+        prompts=PROMPTS,
+        n=scenario.n,
+        timeout_s=TIMEOUT_S,
+        concurrency=scenario.concurrency,
+        max_attempts=scenario.max_attempts,
+        backoff_max_s=0.05,
+        max_consecutive_failures=1000,
+    )
 
 
 async def run_scenario(folder: Path, scenario: Scenario) -> tuple[JobResult, MockServer]:

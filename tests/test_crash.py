@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from checks import assert_outputs_valid
+from checks import assert_outputs_valid, write_job_spec
 
 from pipeline.manifest import read_lines
 
@@ -79,28 +78,18 @@ def wait_until(predicate: Any, *, what: str, limit_s: float = 60.0) -> None:
         time.sleep(0.02)
 
 
-def write_spec(tmp_path: Path, base: str, prompts: int, **run: object) -> Path:
-    spec = {
-        "version": 1,
-        "name": "crash",
-        "output_dir": "out",
-        "backend": {"kind": "roboflow", "base_url": base, "timeout_s": 10},
-        "project_url": "crash",
-        "params": {"size": "64x64"},
-        "run": {
-            "concurrency": CONCURRENCY,
-            "max_attempts": 6,
-            "backoff_base_s": 0.01,
-            "rate_limit": "100/s",
-            **run,
-        },
-        "sources": [
-            {"name": "grid", "prompt": "item {i}", "vars": {"i": [str(i) for i in range(prompts)]}}
-        ],
-    }
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+def write_spec(tmp_path: Path, base: str, prompts: int, **run: Any) -> Path:
+    return write_job_spec(
+        tmp_path,
+        base,
+        name="crash",
+        prompts=prompts,
+        size="64x64",
+        timeout_s=10,
+        max_attempts=6,
+        rate_limit="100/s",
+        **run,
+    )
 
 
 class Run:

@@ -15,16 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from checks import ThreadedMock, assert_outputs_valid
+from checks import ThreadedMock, assert_outputs_valid, run_spec, write_job_spec
 
 from pipeline import manifest as manifest_mod
 from pipeline import outputs
 from pipeline.backends.mock import MockConfig, MockServer
 from pipeline.cli import main
 from pipeline.manifest import read_latest, read_lines
-from pipeline.runner import JobResult, run_job
-from pipeline.spec import load_spec
 
 KEY = "sk-disk-4a1f0e"
 
@@ -36,39 +33,14 @@ def write_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SpecWriter:
     """A roboflow-kind spec against `base_url`; `run` entries override the run section."""
     monkeypatch.setenv("ROBOFLOW_API_KEY", KEY)
 
-    def write(base_url: str, *, prompts: int = 6, n: int = 1, out: str = "out", **run: Any) -> Path:
-        spec = {
-            "version": 1,
-            "name": "disk",
-            "output_dir": out,
-            "backend": {"kind": "roboflow", "base_url": base_url, "timeout_s": 5},
-            "project_url": "disk",
-            "params": {"size": "32x32", "n": n},
-            "run": {
-                "concurrency": 2,
-                "max_attempts": 3,
-                "backoff_base_s": 0.01,
-                "backoff_max_s": 0.05,
-                "rate_limit": "1000/s",
-                **run,
-            },
-            "sources": [
-                {
-                    "name": "leaves",
-                    "prompt": "leaf {i}",
-                    "vars": {"i": [str(i) for i in range(prompts)]},
-                }
-            ],
-        }
-        path = tmp_path / "spec.yaml"
-        path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        return path
+    def write(base_url: str, **overrides: Any) -> Path:
+        defaults = {"name": "disk", "timeout_s": 5, "concurrency": 2, "max_attempts": 3}
+        return write_job_spec(tmp_path, base_url, **{**defaults, **overrides})
 
     return write
 
 
-async def run(path: Path) -> JobResult:
-    return await run_job(load_spec(path), spec_path=path, install_signals=False)
+run = run_spec
 
 
 def temp_files(out: Path) -> list[Path]:

@@ -9,13 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from checks import assert_outputs_valid
+from checks import assert_outputs_valid, run_spec, write_job_spec
 
 from pipeline.backends.mock import MockConfig, MockServer
 from pipeline.manifest import read_latest, read_lines
-from pipeline.runner import JobResult, run_job
-from pipeline.spec import load_spec
 
 KEY = "sk-test-run-7f3a9c1d2e"
 
@@ -27,41 +24,14 @@ def write_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SpecWriter:
     """Write a roboflow-kind spec pointing at `base_url`, with overrides per section."""
     monkeypatch.setenv("ROBOFLOW_API_KEY", KEY)
 
-    def write(base_url: str, *, prompts: int = 6, repeats: int = 1, **run: Any) -> Path:
-        spec = {
-            "version": 1,
-            "name": "e2e",
-            "output_dir": "out",
-            "backend": {"kind": "roboflow", "base_url": base_url, "timeout_s": 2},
-            "project_url": "e2e-project",
-            "params": {"size": "64x64", "n": run.pop("n", 1)},
-            "run": {
-                "concurrency": 4,
-                "max_attempts": 8,
-                "grace_period_s": 5,
-                "backoff_base_s": 0.01,
-                "backoff_max_s": 0.1,
-                "rate_limit": "1000/s",
-                **run,
-            },
-            "sources": [
-                {
-                    "name": "grid",
-                    "prompt": "a photo of {thing}",
-                    "vars": {"thing": [f"thing {i}" for i in range(prompts)]},
-                    "repeats": repeats,
-                }
-            ],
-        }
-        path = tmp_path / "spec.yaml"
-        path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        return path
+    def write(base_url: str, **overrides: Any) -> Path:
+        overrides.setdefault("values", [f"thing {i}" for i in range(overrides.pop("prompts", 6))])
+        return write_job_spec(tmp_path, base_url, size="64x64", **overrides)
 
     return write
 
 
-async def run(path: Path) -> JobResult:
-    return await run_job(load_spec(path), spec_path=path, install_signals=False)
+run = run_spec
 
 
 def ok_lines(out: Path) -> list[dict[str, Any]]:

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from checks import ThreadedMock
+from checks import ThreadedMock, write_job_spec
 
 from pipeline.backends.mock import MockConfig
 
@@ -19,24 +18,18 @@ pytestmark = pytest.mark.slow
 
 
 def run_cli(tmp_path: Path, base_url: str, **run: object) -> subprocess.CompletedProcess[bytes]:
-    spec = {
-        "version": 1,
-        "name": "secrets",
-        "output_dir": "out",
-        "backend": {"kind": "roboflow", "base_url": base_url, "timeout_s": 1},
-        "project_url": "p",
-        "params": {"size": "64x64"},
-        "run": {
-            "concurrency": 2,
-            "max_attempts": 3,
-            "backoff_base_s": 0.01,
-            "rate_limit": "100/s",
-            **run,
-        },
-        "sources": [{"name": "s", "prompt": "x {v}", "vars": {"v": ["a", "b", "c", "d"]}}],
-    }
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path = write_job_spec(
+        tmp_path,
+        base_url,
+        name="secrets",
+        prompts=4,
+        size="64x64",
+        timeout_s=1,
+        concurrency=2,
+        max_attempts=3,
+        rate_limit="100/s",
+        **run,
+    )
     env = {**os.environ, "ROBOFLOW_API_KEY": SECRET}
     return subprocess.run(
         [
@@ -72,7 +65,7 @@ def assert_no_secret(tmp_path: Path, proc: subprocess.CompletedProcess[bytes]) -
         pytest.param(MockConfig(api_key="another-key"), id="401-abort"),
         pytest.param(MockConfig(error_rate=0.6, seed=1, slow_s=2.0), id="every-fault"),
         pytest.param(MockConfig(projects=frozenset({"nope"})), id="404-project"),
-        pytest.param(MockConfig(refuse_word="x"), id="refusal"),
+        pytest.param(MockConfig(refuse_word="item"), id="refusal"),
     ],
 )
 def test_key_never_leaks_when_runs_fail(tmp_path: Path, config: MockConfig) -> None:
