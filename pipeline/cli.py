@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -166,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except KeyboardInterrupt:
         print("synthaug: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        # `synthaug status OUT --json | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     sys.exit(code)
 
 
@@ -224,9 +229,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with _Progress(enabled=show) as progress:
         result = asyncio.run(run_job(spec, spec_path=args.spec, on_progress=progress.update))
     s = result.summary
+    cost = "cost unknown" if s["cost_usd"] is None else f"${s['cost_usd']:.2f} est."
     print(
         f"{spec.name}: {s['ok']} ok, {s['failed']} failed, {s['skipped_ok']} already done, "
-        f"{s['requests']} requests, {s['images']} images, ${s['cost_usd']:.2f} est. "
+        f"{s['requests']} requests, {s['images']} images, {cost} "
         f"in {s['elapsed_s']:.1f}s -> {spec.output_dir}",
         file=sys.stderr,
     )

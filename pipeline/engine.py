@@ -100,6 +100,7 @@ class RunStats:
     in_flight: int = 0
     retrying: int = 0
     cost_usd: float = 0.0
+    cost_known: bool = True  # False once an item's price was not in the table
     errors: Counter[str] = field(default_factory=Counter)
     started: float = 0.0
     finished: float = 0.0
@@ -289,7 +290,10 @@ class Engine:
 
     def _item_cost(self, item: WorkItem) -> float:
         price = self._price(item)
-        return 0.0 if price is None else price * item.n
+        if price is None:
+            self.stats.cost_known = False
+            return 0.0
+        return price * item.n
 
     def _reserve_budget(self, item: WorkItem) -> bool:
         """Reserve the item's images and cost against the budgets; False stops the run.

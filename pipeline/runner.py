@@ -246,7 +246,7 @@ def _summary(
         "rate_limited_429": stats.rate_limited,
         "ambiguous_retries": stats.ambiguous_retries,
         "errors": dict(stats.errors),
-        "cost_usd": round(stats.cost_usd, 4),
+        "cost_usd": round(stats.cost_usd, 4) if stats.cost_known else None,
         "achieved_requests_per_s": round(stats.requests / elapsed, 3) if elapsed > 0 else None,
         "limiter": dataclasses.asdict(limiter.stats()),
     }
