@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pipeline import outputs
 from pipeline.backends.base import Backend
+from pipeline.budget import Budget
 from pipeline.errors import (
     BackendError,
     FatalError,
@@ -164,7 +165,6 @@ class Engine:
         self._limiter = limiter
         self._state = state
         self._writer = writer
-        self._price = price
         self._on_progress = on_progress or (lambda _stats: None)
         self._clock = clock
         self._policy = RetryPolicy(
@@ -177,8 +177,7 @@ class Engine:
         self.stats = RunStats(expected=expected)
         self.stop_reason: StopReason | None = None
         self._stopping = asyncio.Event()
-        self._reserved_images = 0
-        self._reserved_cost = 0.0
+        self._budget = Budget(settings.max_images, settings.max_cost_usd, price)
         self._consecutive_failures = 0
         self.fatal_error: FatalError | None = None
         self.output_error: OutputError | None = None
@@ -258,7 +257,10 @@ class Engine:
             if chunk is None:
                 return
             for todo in chunk:
-                if self.stopping or not self._reserve_budget(todo.item):
+                if self.stopping:
+                    return
+                if not self._budget.reserve(todo.item):
+                    self.stop("budget")
                     return
                 await queue.put(todo)
 
@@ -288,34 +290,6 @@ class Engine:
             todos.append(_Todo(item, entry))
         return todos
 
-    def _item_cost(self, item: WorkItem) -> float:
-        price = self._price(item)
-        if price is None:
-            self.stats.cost_known = False
-            return 0.0
-        return price * item.n
-
-    def _reserve_budget(self, item: WorkItem) -> bool:
-        """Reserve the item's images and cost against the budgets; False stops the run.
-
-        Reserving before the start is what keeps a run from overshooting its budget by
-        more than the items in flight.
-        """
-        s = self._settings
-        images = self._reserved_images + item.n
-        cost = self._reserved_cost + self._item_cost(item)
-        over_images = s.max_images is not None and images > s.max_images
-        over_cost = s.max_cost_usd is not None and cost > s.max_cost_usd + 1e-9
-        if over_images or over_cost:
-            self.stop("budget")
-            return False
-        self._reserved_images, self._reserved_cost = images, cost
-        return True
-
-    def _release_budget(self, item: WorkItem) -> None:
-        self._reserved_images -= item.n
-        self._reserved_cost -= self._item_cost(item)
-
     async def _backoff_sleep(self, seconds: float) -> None:
         """Sleep between attempts, cut short by a stop (the next attempt then stands down)."""
         if self.stop_reason == "budget":
@@ -329,7 +303,7 @@ class Engine:
     async def _worker(self, queue: asyncio.Queue[_Todo | None]) -> None:
         while (todo := await queue.get()) is not None:
             if self.stopping and self.stop_reason != "budget":
-                self._release_budget(todo.item)
+                self._budget.release(todo.item)
                 continue  # drain without starting: the producer is waiting to finish
             self.stats.in_flight += 1
             try:
@@ -348,23 +322,23 @@ class Engine:
         try:
             stored = await self._attempt_until_settled(run)
         except _Stopped:
-            self._release_budget(item)
+            self._budget.release(item)
             return
         except InputChangedError as exc:
-            self._release_budget(item)
+            self._budget.release(item)
             self.stats.skipped_changed += 1
             log.warning("%s: skipped, run again to use the new version", exc)
             return
         except FatalError as exc:
-            self._release_budget(item)
+            self._budget.release(item)
             self.fatal_error = exc
             self.stop("fatal")
             return
         except BackendError as exc:
-            self._release_budget(item)
+            self._budget.release(item)
             failure = exc
         except (OutputError, OSError) as exc:
-            self._release_budget(item)
+            self._budget.release(item)
             self._stop_for_disk(exc)
             return
         try:  # the checkpoint, outside the handlers so its own failure is handled once
@@ -504,7 +478,8 @@ class Engine:
         self._writer.append(_record(run, "ok", outputs=stored, elapsed=elapsed))
         self.stats.ok += 1
         self.stats.images += len(stored)
-        self.stats.cost_usd += self._item_cost(run.item)
+        self.stats.cost_usd += self._budget.cost_of(run.item)
+        self.stats.cost_known = self._budget.cost_known
         self._consecutive_failures = 0
 
     def _finish_failed(self, run: _ItemRun, exc: BackendError) -> None:

@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "lock": 5,
     "manifest": 5,
     "backends": 5,
+    "budget": 5,
     "items": 6,
     "engine": 7,
     "runner": 8,
