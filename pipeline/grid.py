@@ -28,6 +28,9 @@ Text is drawn in the DejaVu Sans font shipped inside the package, so a sheet loo
 on every machine; measuring, wrapping and ellipsizing live in `pipeline.sheet_text`, which
 also says which characters render. The row headers are as wide as their longest label needs,
 up to the cell size (at least 120 px, at most 280 px); longer labels wrap, then end in "…".
+
+This module is the drawing and layout; which manifest line belongs in which cell, and what
+a cell without one means, is `pipeline.grid_model`.
 """
 
 from __future__ import annotations
@@ -39,14 +42,15 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
+from pipeline.grid_model import Cell, Grid, Sample, Source, Tone, collect_sources
 from pipeline.manifest import MANIFEST_NAME, read_latest
 from pipeline.sheet_text import (
     GRIDS_DIR,
@@ -54,7 +58,6 @@ from pipeline.sheet_text import (
     Font,
     Typeface,
     line_height,
-    path_inside,
     read_job,
     text_width,
     write_atomic,
@@ -70,9 +73,6 @@ MIN_PAGE_WIDTH_PX = 480  # room for the title even when a page holds one narrow 
 MIN_ROW_HEADER_PX = 48
 
 log = logging.getLogger(__name__)
-
-Tone = Literal["image", "failed", "pending", "absent"]
-Sample = tuple[str | None, int, int]  # (input value, repeat, output index)
 
 WHITE = (255, 255, 255)
 INK = (30, 30, 30)
@@ -109,10 +109,10 @@ def draw_grids(
         by_source.setdefault(str(record.get("source", "")), []).append(record)
     grids_dir = out_dir / GRIDS_DIR
     written: list[Path] = []
-    for source in _sources(job, by_source):
+    for source in collect_sources(job, by_source):
         if not source.vars:
             continue
-        grid = _Grid.build(source, by_source.get(source.name, []), out_dir)
+        grid = Grid.build(source, by_source.get(source.name, []), out_dir)
         for sheet_name, image, info in _sheets(grid, style, max_sheet_px, job):
             grids_dir.mkdir(parents=True, exist_ok=True)
             path = grids_dir / sheet_name
@@ -120,172 +120,6 @@ def draw_grids(
             written.append(path)
     _remove_stale(grids_dir, set(written))
     return written
-
-
-# --- what to draw ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Source:
-    """A source as far as the grid cares: from job.json, completed from the manifest."""
-
-    name: str
-    template: str | None
-    vars: dict[str, list[str]]
-    combine: str | None  # None: OUT/job.json missing, so which cells to expect is unknown
-    repeats: int = 1
-    n: int = 1
-    no_input: bool = False
-
-
-def _sources(
-    job: Mapping[str, Any], by_source: Mapping[str, list[dict[str, Any]]]
-) -> list[_Source]:
-    """Sources in job.json order, then those only the manifest knows, in order of appearance."""
-    declared = {str(s.get("name")): s for s in job.get("sources") or () if isinstance(s, dict)}
-    out = []
-    for name in [*declared, *(n for n in by_source if n not in declared)]:
-        spec = declared.get(name, {})
-        names: dict[str, list[str]] = {
-            str(k): [str(v) for v in vs] for k, vs in (spec.get("vars") or {}).items()
-        }
-        for record in by_source.get(name, ()):
-            for key, value in (record.get("vars") or {}).items():
-                values = names.setdefault(str(key), [])
-                if str(value) not in values:
-                    values.append(str(value))
-        out.append(
-            _Source(
-                name=name,
-                template=spec.get("prompt"),
-                vars=names,
-                combine=str(spec["combine"]) if "combine" in spec else None,
-                repeats=max(1, int(spec.get("repeats") or 1)),
-                n=max(1, int(spec.get("n") or 1)),
-                no_input=spec.get("input") == "none",
-            )
-        )
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class _Cell:
-    """What one cell shows: an image file, or a placeholder tone with its text."""
-
-    tone: Tone
-    image: Path | None = None
-    lines: tuple[str, ...] = ()
-
-
-@dataclass(slots=True)
-class _Grid:
-    """One source's cells, indexed by (variable values, input, repeat)."""
-
-    source: _Source
-    out_dir: Path
-    samples: list[Sample]
-    records: dict[tuple[tuple[str, ...], str | None, int], dict[str, Any]]
-    expected: Callable[[tuple[str, ...]], bool | None]
-    slices: list[tuple[str, ...]] = field(default_factory=list)
-
-    @classmethod
-    def build(cls, source: _Source, records: Sequence[dict[str, Any]], out_dir: Path) -> _Grid:
-        """Index the manifest lines of `source` and work out rows, slices and expectations."""
-        names = list(source.vars)
-        indexed = {
-            (_values(r, names), _input_value(r), int(r.get("repeat") or 0)): r for r in records
-        }
-        seen = _unique(values for values, _, _ in indexed)
-        expected = _expectation(source, seen)
-        slices = _unique([*(c[2:] for c in _expected_combos(source)), *(v[2:] for v in seen)])
-        if len(names) <= 2:
-            slices = [()]
-        return cls(source, out_dir, _samples(source, records), indexed, expected, slices)
-
-    def sample_label(self, sample: Sample) -> str:
-        """How a sub-row is named: input file, repeat and image number, where they vary."""
-        parts = []
-        if sample[0] is not None:
-            parts.append(sample[0].split("?")[0].rstrip("/").rsplit("/", 1)[-1] or sample[0])
-        if len({s[1] for s in self.samples}) > 1:
-            parts.append(f"repeat {sample[1] + 1}")
-        if any(s[2] for s in self.samples):
-            parts.append(f"image {sample[2] + 1}")
-        return ", ".join(parts)
-
-    def cell(self, values: tuple[str, ...], sample: Sample) -> _Cell:
-        """The cell for a full tuple of variable values and one sample (sub-row)."""
-        record = self.records.get((values, sample[0], sample[1]))
-        if record is None:
-            verdict = self.expected(values)
-            if verdict is False:
-                return _Cell("absent", lines=("not in job",))
-            return _Cell("pending", lines=("PENDING",) if verdict else ("NO RECORD",))
-        status = record.get("status")
-        if status == "failed":
-            error = record.get("error") or {}
-            detail = f"HTTP {error['status']}" if error.get("status") else ""
-            message = str(error.get("message") or "")
-            return _Cell("failed", lines=(f"FAILED: {error.get('kind', '?')}", detail, message))
-        if status != "ok":
-            return _Cell("pending", lines=("PENDING", "answered, not downloaded"))
-        outputs = record.get("outputs") or []
-        if sample[2] >= len(outputs):
-            return _Cell("absent", lines=("no image",))
-        path = path_inside(self.out_dir, str(outputs[sample[2]].get("path", "")))
-        if path is None or not path.is_file():
-            return _Cell("failed", lines=("MISSING FILE", str(outputs[sample[2]].get("path"))))
-        return _Cell("image", image=path)
-
-
-def _values(record: Mapping[str, Any], names: Sequence[str]) -> tuple[str, ...]:
-    found = record.get("vars") or {}
-    return tuple(str(found.get(name, "")) for name in names)
-
-
-def _input_value(record: Mapping[str, Any]) -> str | None:
-    found = record.get("input")
-    return str(found.get("value")) if isinstance(found, dict) else None
-
-
-def _expected_combos(source: _Source) -> Iterable[tuple[str, ...]]:
-    if source.combine == "product":
-        return itertools.product(*source.vars.values())
-    if source.combine == "zip":
-        return zip(*source.vars.values(), strict=False)  # equal lengths: the spec checks
-    return ()
-
-
-def _expectation(
-    source: _Source, seen: Iterable[tuple[str, ...]]
-) -> Callable[[tuple[str, ...]], bool | None]:
-    """Is a combination without a record part of the job? True, False, or None (unknown)."""
-    if source.combine == "product":
-        return lambda values: True
-    if source.combine is None:
-        return lambda values: None
-    wanted = {*_expected_combos(source), *seen}  # zip: its tuples; sample: what ran
-    return lambda values: values in wanted
-
-
-def _samples(source: _Source, records: Sequence[Mapping[str, Any]]) -> list[Sample]:
-    """Sub-rows: every (input, repeat, output index) the job asks for or the manifest shows."""
-    found: dict[Sample, None] = {}
-    if source.no_input:
-        for repeat, index in itertools.product(range(source.repeats), range(source.n)):
-            found[(None, repeat, index)] = None
-    for record in records:
-        outputs = record.get("outputs") or ()
-        count = len(outputs) if record.get("status") == "ok" else source.n
-        for index in range(max(count, 1)):
-            found[(_input_value(record), int(record.get("repeat") or 0), index)] = None
-    inputs = _unique(s[0] for s in found)
-    ordered = sorted(found, key=lambda s: (inputs.index(s[0]), s[1], s[2]))
-    return ordered or [(None, 0, 0)]
-
-
-def _unique(items: Iterable[Any]) -> list[Any]:
-    return list(dict.fromkeys(items))
 
 
 # --- sheets and pages -----------------------------------------------------------------------
@@ -355,7 +189,7 @@ class _Page:
 
 
 def _sheets(
-    grid: _Grid, style: _Style, max_px: int, job: Mapping[str, Any]
+    grid: Grid, style: _Style, max_px: int, job: Mapping[str, Any]
 ) -> Iterable[tuple[str, Image.Image, PngInfo]]:
     """Every (file name, image, metadata) of `grid`: its slices, each in pages."""
     source = grid.source
@@ -429,7 +263,7 @@ def _page_width(cols: int, style: _Style, max_px: int) -> int:
     return max(grid_w, min(MIN_PAGE_WIDTH_PX, max_px))
 
 
-def _title_parts(source: _Source, names: Sequence[str], slice_values: Sequence[str]) -> list[str]:
+def _title_parts(source: Source, names: Sequence[str], slice_values: Sequence[str]) -> list[str]:
     """Heading, prompt template and, on a slice, the further variables' values."""
     template = source.template if source.template is not None else "(unknown: no OUT/job.json)"
     parts = [source.name, f"prompt: {template}"]
@@ -451,7 +285,7 @@ def _title_height(style: _Style, parts: Sequence[str], width: int) -> int:
 
 
 def _render(
-    grid: _Grid,
+    grid: Grid,
     page: _Page,
     slice_values: tuple[str, ...],
     title: Sequence[str],
@@ -482,7 +316,7 @@ def _origin(style: _Style, page: _Page) -> tuple[int, int]:
 
 
 def _draw_headers(
-    draw: ImageDraw.ImageDraw, grid: _Grid, page: _Page, style: _Style, origin: tuple[int, int]
+    draw: ImageDraw.ImageDraw, grid: Grid, page: _Page, style: _Style, origin: tuple[int, int]
 ) -> None:
     """Axis names in the corner, x values above the columns, y values left of the rows."""
     x0, y0 = origin
@@ -517,12 +351,12 @@ def _corner(names: Sequence[str]) -> list[str]:
     return [f"across: {names[0]}", *([f"down: {names[1]}"] if len(names) > 1 else [])]
 
 
-def _tile(cell: _Cell, style: _Style) -> Image.Image:
+def _tile(cell: Cell, style: _Style) -> Image.Image:
     """A cell-sized image: the thumbnail centred on grey, or a placeholder."""
     if cell.image is not None:
         thumb = _thumbnail(cell.image, style.cell)
         if thumb is None:
-            return _placeholder(_Cell("failed", lines=("UNREADABLE", cell.image.name)), style)
+            return _placeholder(Cell("failed", lines=("UNREADABLE", cell.image.name)), style)
         tile = Image.new("RGB", (style.cell, style.cell), CELL_BG)
         offset = ((style.cell - thumb.width) // 2, (style.cell - thumb.height) // 2)
         tile.paste(thumb, offset, thumb if thumb.mode == "RGBA" else None)
@@ -543,7 +377,7 @@ def _thumbnail(path: Path, size: int) -> Image.Image | None:
     return ImageOps.contain(converted, (size, size), Image.Resampling.LANCZOS)
 
 
-def _placeholder(cell: _Cell, style: _Style) -> Image.Image:
+def _placeholder(cell: Cell, style: _Style) -> Image.Image:
     """Hatched grey (or plain, for 'not in job') with the reason in a box in the middle."""
     background, hatch, ink = TONES["failed" if cell.tone == "image" else cell.tone]
     tile = Image.new("RGB", (style.cell, style.cell), background)
@@ -577,7 +411,7 @@ def _placeholder(cell: _Cell, style: _Style) -> Image.Image:
     return tile
 
 
-def _layout(grid: _Grid, page: _Page, style: _Style) -> dict[str, Any]:
+def _layout(grid: Grid, page: _Page, style: _Style) -> dict[str, Any]:
     """Where the cells are, so tools (and tests) can crop a cell without guessing."""
     x0, y0 = _origin(style, page)
     return {
@@ -596,7 +430,7 @@ def _lines_height(lines: Sequence[tuple[Any, ...]]) -> int:
 
 
 def _metadata(
-    job: Mapping[str, Any], source: _Source, slice_values: Sequence[str], page: _Page
+    job: Mapping[str, Any], source: Source, slice_values: Sequence[str], page: _Page
 ) -> PngInfo:
     """iTXt chunks (UTF-8) that let a sheet explain itself once it is copied elsewhere."""
     z_names = list(source.vars)[2:]

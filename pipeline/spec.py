@@ -1,18 +1,18 @@
 """The YAML job spec: read once into frozen settings objects, or fail with one clear line.
 
-Every user mistake becomes a single `SpecError` naming the file, the key path and the
-line (``spec.yaml:14 sources[2].folder: no images in data/leaves``) before anything is
-sent: the YAML node tree is composed first so that pydantic's error locations can be
-mapped back to lines, and pydantic's messages are rewritten in plain words.
+This module is the spec model: the settings classes with their defaults and validators,
+the rules that span several keys, the command-line overrides and the JSON schema. Reading
+the file and wording its mistakes (``spec.yaml:14 sources[2].folder: ...``, key paths
+mapped back to lines, "did you mean") live one layer down in `pipeline.specfile`.
 
 Beyond the model itself, `load_spec` checks what only the disk can tell: that globs
 match, folders hold images, files are images, and every template placeholder has values.
+Those checks stay here because they walk the model's sources.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import ipaddress
 import json
 import math
@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -36,7 +35,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 
 from pipeline.errors import SpecError, UsageError
 from pipeline.sources import (
@@ -46,6 +44,7 @@ from pipeline.sources import (
     iter_folder,
     list_globs,
 )
+from pipeline.specfile import did_you_mean, line_for, read_yaml, show_value, validation_error
 from pipeline.template import TemplateError, count_variants, parse_template, resolve_values
 
 __all__ = [
@@ -99,12 +98,14 @@ def parse_rate(text: str | float) -> float:
         match = _RATE.fullmatch(text)
         unit = match.group(2) if match else None
         if match is None or (unit is not None and unit.lower() not in _PER):
-            raise ValueError(f"expected a rate like 5/min, 2/s, 100/h or 0.5, got {_show(text)}")
+            raise ValueError(
+                f"expected a rate like 5/min, 2/s, 100/h or 0.5, got {show_value(text)}"
+            )
         rate = float(match.group(1)) / _PER[unit.lower() if unit else "s"]
     else:
         rate = float(text)
     if not math.isfinite(rate) or rate <= 0:
-        raise ValueError(f"a rate must be greater than 0, got {_show(text)}")
+        raise ValueError(f"a rate must be greater than 0, got {show_value(text)}")
     return rate
 
 
@@ -112,26 +113,28 @@ def _rate_or_none(value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"expected a rate like 5/min, got {_show(value)}")
+        raise ValueError(f"expected a rate like 5/min, got {show_value(value)}")
     return parse_rate(value)
 
 
 def _check_name(value: str) -> str:
     if not _NAME.fullmatch(value) or value in (".", ".."):
-        raise ValueError(f"{_show(value)} is not a safe name: use letters, digits, '.', '_', '-'")
+        raise ValueError(
+            f"{show_value(value)} is not a safe name: use letters, digits, '.', '_', '-'"
+        )
     return value
 
 
 def _check_size(value: str) -> str:
     if not _SIZE.fullmatch(value):
-        raise ValueError(f"expected WIDTHxHEIGHT like 1024x1024, got {_show(value)}")
+        raise ValueError(f"expected WIDTHxHEIGHT like 1024x1024, got {show_value(value)}")
     return value
 
 
 def _check_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"expected an http(s) URL, got {_show(value)}")
+        raise ValueError(f"expected an http(s) URL, got {show_value(value)}")
     return value
 
 
@@ -144,16 +147,18 @@ def _check_nonblank(value: str) -> str:
 def _var_values(value: object) -> tuple[str, ...]:
     """A list of strings or numbers, non-empty, no repeats, as strings."""
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"expected a list of values, got {_show(value)}")
+        raise ValueError(f"expected a list of values, got {show_value(value)}")
     if not value:
         raise ValueError("needs at least one value")
     out: list[str] = []
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-            raise ValueError(f"values must be strings or numbers, got {_show(item)} (quote it)")
+            raise ValueError(
+                f"values must be strings or numbers, got {show_value(item)} (quote it)"
+            )
         text = str(item)
         if text in out:
-            raise ValueError(f"value {_show(text)} appears twice")
+            raise ValueError(f"value {show_value(text)} appears twice")
         out.append(text)
     return tuple(out)
 
@@ -203,7 +208,7 @@ class BackendSettings(_Model):
     @classmethod
     def _env_name(cls, value: str) -> str:
         if not _ENV_NAME.fullmatch(value):
-            raise ValueError(f"{_show(value)} is not an environment variable name")
+            raise ValueError(f"{show_value(value)} is not an environment variable name")
         return value
 
 
@@ -364,7 +369,7 @@ class Spec(_Model):
 
     def error(self, key_path: str, message: str, value: object = None) -> SpecError:
         """A `SpecError` about `key_path` of this spec, with its line when known."""
-        line = _line_for(self._lines, key_path)
+        line = line_for(self._lines, key_path)
         return SpecError(message, file=self._spec_file, key_path=key_path, line=line, value=value)
 
     @model_validator(mode="before")
@@ -410,40 +415,7 @@ class _Problem(Exception):
 def load_spec(path: Path | str) -> Spec:
     """Read, validate and check the spec at `path`; raise one `SpecError` for any mistake."""
     shown = str(path)
-    text = _read_text(Path(path), shown)
-    try:
-        loader = yaml.SafeLoader(text)
-        try:
-            node = loader.get_single_node()
-            lines = _line_map(node, shown) if node is not None else {}
-            data = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else None
-        raise SpecError(
-            f"invalid YAML: {_one_line(exc.problem or exc.context)}", file=shown, line=line
-        ) from None
-    except yaml.reader.ReaderError as exc:
-        # Its str() spans two lines and ends in a character offset; name the line instead.
-        line = text[: exc.position].count("\n") + 1
-        raise SpecError(
-            f"invalid YAML: unacceptable character #x{exc.character:04x} "
-            "(a binary file? save the spec as plain text)",
-            file=shown,
-            line=line,
-        ) from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"invalid YAML: {_one_line(str(exc))}", file=shown) from None
-    if data is None:
-        raise SpecError("the spec is empty; start from examples/quickstart.yaml", file=shown)
-    if not isinstance(data, dict):
-        raise SpecError(
-            f"the top level must be a mapping (version: 1, name: ..., sources: ...), "
-            f"got {_type_name(data)}",
-            file=shown,
-            line=1,
-        )
+    data, lines = read_yaml(Path(path), shown)
     spec = _build(data, Path(path).absolute().parent, shown, lines)
     try:
         _check_inputs(spec)
@@ -452,192 +424,18 @@ def load_spec(path: Path | str) -> Spec:
     return spec
 
 
-def _one_line(text: str | None) -> str:
-    """`text` with its line breaks folded: the CLI prints an error as one line."""
-    return " ".join((text or "").split())
-
-
-def _read_text(path: Path, shown: str) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SpecError(f"cannot read the spec: {exc.strerror}", file=shown) from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise SpecError(
-            f"not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8",
-            file=shown,
-            line=line,
-        ) from None
-
-
-def _line_map(root: yaml.Node, shown: str) -> dict[str, int]:
-    """Key path -> 1-based line of every key and list item; duplicate keys are errors."""
-    lines: dict[str, int] = {"": root.start_mark.line + 1}
-    stack: list[tuple[str, yaml.Node]] = [("", root)]
-    seen: set[int] = set()  # an alias shares its node; a recursive one would loop forever
-    while stack:
-        prefix, node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = str(key_node.value)
-                path = f"{prefix}.{key}" if prefix else key
-                if path in lines:
-                    raise SpecError(
-                        f"duplicate key '{key}'",
-                        file=shown,
-                        key_path=path,
-                        line=key_node.start_mark.line + 1,
-                    )
-                lines[path] = key_node.start_mark.line + 1
-                stack.append((path, value_node))
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                path = f"{prefix}[{index}]"
-                lines[path] = item.start_mark.line + 1
-                stack.append((path, item))
-    return lines
-
-
-def _line_for(lines: Mapping[str, int], key_path: str) -> int | None:
-    """The line of `key_path`, or of its nearest ancestor (a missing key's parent)."""
-    path = key_path
-    while path:
-        if path in lines:
-            return lines[path]
-        parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
-        path = "" if parent == path else parent
-    return lines.get("")
-
-
 def _build(data: Mapping[str, Any], spec_dir: Path, shown: str, lines: Mapping[str, int]) -> Spec:
     """Validate `data` into a `Spec` and run the checks that span several keys."""
     context = {"spec_dir": spec_dir, "spec_file": shown, "lines": lines, "raw": data}
     try:
         spec = Spec.model_validate(data, context=context)
     except ValidationError as exc:
-        errors = _root_causes(exc.errors(include_url=False))
-        # Report the mistake that comes first in the file, as a reader would meet it.
-        errors.sort(key=lambda e: _line_for(lines, _key_path(tuple(e["loc"]))) or 0)
-        key_path, message = _describe(errors[0])
-        if len(errors) > 1:
-            more = len(errors) - 1
-            message += f" (and {more} more problem{'s' if more > 1 else ''})"
-        line = _line_for(lines, key_path)
-        raise SpecError(
-            message, file=shown, key_path=key_path, line=line, value=errors[0].get("input")
-        ) from None
+        raise validation_error(exc, Spec, shown, lines) from None
     try:
         _check_semantics(spec)
     except _Problem as exc:
         raise spec.error(exc.key_path, exc.message, exc.value) from None
     return spec
-
-
-def _root_causes(errors: list[ErrorDetails]) -> list[ErrorDetails]:
-    """Drop errors that only echo another, such as a list too short because an item failed,
-    or a required key "missing" because it is misspelled (``sourcess``) beside it."""
-    locs = [tuple(e["loc"]) for e in errors]
-    misspelled = {
-        (*loc[:-1], match)
-        for error, loc in zip(errors, locs, strict=True)
-        if error["type"] == "extra_forbidden"
-        for match in difflib.get_close_matches(str(loc[-1]), _field_names(loc), n=1, cutoff=0.6)
-    }
-    out = []
-    for error, loc in zip(errors, locs, strict=True):
-        if any(other[: len(loc)] == loc and len(other) > len(loc) for other in locs):
-            continue
-        if loc == ("output_dir",) and error["type"] == "missing" and ("name",) in locs:
-            continue
-        if error["type"] == "missing" and loc in misspelled:
-            continue
-        out.append(error)
-    return out or errors
-
-
-def _key_path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-_TYPE_WORDS = {
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "string": "a string",
-    "list": "a list",
-    "tuple": "a list",
-    "dict": "a mapping",
-    "model": "a mapping",
-    "model_attributes": "a mapping",
-    "path": "a path",
-}
-
-
-def _describe(error: ErrorDetails) -> tuple[str, str]:
-    """Key path and a plain-English message for one pydantic error."""
-    loc, kind, ctx = tuple(error["loc"]), error["type"], error.get("ctx") or {}
-    got = _show(error.get("input"))
-    key_path = _key_path(loc)
-    if kind == "missing":
-        return key_path, "required key is missing"
-    if kind == "extra_forbidden":
-        return key_path, _unknown_key(loc)
-    if kind == "value_error":
-        return key_path, str(ctx.get("error", error["msg"]))
-    base = re.sub(r"_(type|parsing|from_float)$", "", kind)
-    if base in _TYPE_WORDS:
-        return key_path, f"expected {_TYPE_WORDS[base]}, got {got}"
-    if kind == "literal_error":
-        return key_path, f"expected {ctx.get('expected')}, got {got}"
-    if kind == "greater_than_equal":
-        return key_path, f"must be at least {ctx.get('ge')}, got {got}"
-    if kind == "greater_than":
-        return key_path, f"must be greater than {ctx.get('gt')}, got {got}"
-    if kind == "less_than_equal":
-        return key_path, f"must be at most {ctx.get('le')}, got {got}"
-    if kind == "finite_number":
-        return key_path, f"must be a finite number, got {got}"
-    if kind == "too_short":
-        return key_path, "must not be empty"
-    return key_path, f"{error['msg'][:1].lower()}{error['msg'][1:]} (got {got})"
-
-
-def _field_names(loc: tuple[int | str, ...]) -> list[str]:
-    """The keys allowed beside the last part of `loc` (the fields of its parent model)."""
-    model: type[BaseModel] | None = Spec
-    for part in loc[:-1]:
-        if isinstance(part, int) or model is None:
-            continue
-        field = model.model_fields.get(part)
-        model = _model_of(field.annotation) if field else None
-    return list(model.model_fields) if model is not None else []
-
-
-def _unknown_key(loc: tuple[int | str, ...]) -> str:
-    key = str(loc[-1])
-    close = difflib.get_close_matches(key, _field_names(loc), n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown key '{key}'{hint}"
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    """The model class inside an annotation like ``tuple[SourceSpec, ...]``."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def _check_semantics(spec: Spec) -> None:
@@ -663,7 +461,7 @@ def _check_base_url(backend: BackendSettings) -> None:
     parts = urlsplit(backend.base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _Problem(
-            "backend.base_url", f"expected an http(s) URL, got {_show(backend.base_url)}"
+            "backend.base_url", f"expected an http(s) URL, got {show_value(backend.base_url)}"
         )
     if (
         parts.scheme == "http"
@@ -729,8 +527,7 @@ def _check_prompt(spec: Spec, source: SourceSpec, at: str) -> None:
     except TemplateError as exc:
         if exc.var in source.vars:
             raise _Problem(f"{at}.vars.{exc.var}", str(exc)) from None
-        close = difflib.get_close_matches(exc.var or "", list(source.vars), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(exc.var or "", source.vars)
         raise _Problem(f"{at}.prompt", f"{exc}{hint}", source.prompt) from None
     try:
         count_variants(values, source.combine, source.samples)
@@ -817,27 +614,6 @@ def json_schema() -> dict[str, Any]:
     schema["properties"]["version"]["const"] = 1
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema
-
-
-def _show(value: object) -> str:
-    """A value the way the user wrote it in YAML."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, (dict, list, tuple)):
-        return _type_name(value)
-    return str(value)
-
-
-def _type_name(value: object) -> str:
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return _show(value)
 
 
 if __name__ == "__main__":  # python -m pipeline.spec > configs/schema.json

@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "records": 1,
     "template": 2,
     "sources": 2,
+    "specfile": 2,  # below spec, which uses it to read the file and word its errors
     "spec": 3,
     "credentials": 4,
     "pricing": 4,
@@ -33,13 +34,14 @@ LAYERS: dict[str, int] = {
     "items": 6,
     "engine": 7,
     "runner": 8,
-    "plan": 9,
-    "report": 9,
+    "plan": 10,
+    "report": 10,
     "sheet_text": 8,  # below grid and gallery, which both use it
-    "grid": 9,
-    "gallery": 9,
-    "cli": 10,
-    "__main__": 11,
+    "grid_model": 9,  # between sheet_text (path_inside) and grid, which draws it
+    "grid": 10,
+    "gallery": 10,
+    "cli": 11,
+    "__main__": 12,
 }
 
 

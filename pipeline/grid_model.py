@@ -1,0 +1,187 @@
+"""Which manifest line belongs in which cell of a contact sheet, from OUT alone.
+
+This module exists to keep the model of a sheet apart from its drawing (`pipeline.grid`):
+a source's variables come from ``OUT/job.json`` and are completed from the manifest; each
+cell is indexed by (variable values, input, repeat) and says what it shows, an image file
+or a placeholder with its reason; and whether a combination without a record belongs to
+the job at all follows from the source's ``combine`` (``product``, ``zip``, ``sample``, or
+unknown without ``OUT/job.json``). Nothing here touches pixels.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.sheet_text import path_inside
+
+__all__ = ["Cell", "Grid", "Sample", "Source", "Tone", "collect_sources"]
+
+Tone = Literal["image", "failed", "pending", "absent"]
+Sample = tuple[str | None, int, int]  # (input value, repeat, output index)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A source as far as the grid cares: from job.json, completed from the manifest."""
+
+    name: str
+    template: str | None
+    vars: dict[str, list[str]]
+    combine: str | None  # None: OUT/job.json missing, so which cells to expect is unknown
+    repeats: int = 1
+    n: int = 1
+    no_input: bool = False
+
+
+def collect_sources(
+    job: Mapping[str, Any], by_source: Mapping[str, list[dict[str, Any]]]
+) -> list[Source]:
+    """Sources in job.json order, then those only the manifest knows, in order of appearance."""
+    declared = {str(s.get("name")): s for s in job.get("sources") or () if isinstance(s, dict)}
+    out = []
+    for name in [*declared, *(n for n in by_source if n not in declared)]:
+        spec = declared.get(name, {})
+        names: dict[str, list[str]] = {
+            str(k): [str(v) for v in vs] for k, vs in (spec.get("vars") or {}).items()
+        }
+        for record in by_source.get(name, ()):
+            for key, value in (record.get("vars") or {}).items():
+                values = names.setdefault(str(key), [])
+                if str(value) not in values:
+                    values.append(str(value))
+        out.append(
+            Source(
+                name=name,
+                template=spec.get("prompt"),
+                vars=names,
+                combine=str(spec["combine"]) if "combine" in spec else None,
+                repeats=max(1, int(spec.get("repeats") or 1)),
+                n=max(1, int(spec.get("n") or 1)),
+                no_input=spec.get("input") == "none",
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """What one cell shows: an image file, or a placeholder tone with its text."""
+
+    tone: Tone
+    image: Path | None = None
+    lines: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Grid:
+    """One source's cells, indexed by (variable values, input, repeat)."""
+
+    source: Source
+    out_dir: Path
+    samples: list[Sample]
+    records: dict[tuple[tuple[str, ...], str | None, int], dict[str, Any]]
+    expected: Callable[[tuple[str, ...]], bool | None]
+    slices: list[tuple[str, ...]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, source: Source, records: Sequence[dict[str, Any]], out_dir: Path) -> Grid:
+        """Index the manifest lines of `source` and work out rows, slices and expectations."""
+        names = list(source.vars)
+        indexed = {
+            (_values(r, names), _input_value(r), int(r.get("repeat") or 0)): r for r in records
+        }
+        seen = _unique(values for values, _, _ in indexed)
+        expected = _expectation(source, seen)
+        slices = _unique([*(c[2:] for c in _expected_combos(source)), *(v[2:] for v in seen)])
+        if len(names) <= 2:
+            slices = [()]
+        return cls(source, out_dir, _samples(source, records), indexed, expected, slices)
+
+    def sample_label(self, sample: Sample) -> str:
+        """How a sub-row is named: input file, repeat and image number, where they vary."""
+        parts = []
+        if sample[0] is not None:
+            parts.append(sample[0].split("?")[0].rstrip("/").rsplit("/", 1)[-1] or sample[0])
+        if len({s[1] for s in self.samples}) > 1:
+            parts.append(f"repeat {sample[1] + 1}")
+        if any(s[2] for s in self.samples):
+            parts.append(f"image {sample[2] + 1}")
+        return ", ".join(parts)
+
+    def cell(self, values: tuple[str, ...], sample: Sample) -> Cell:
+        """The cell for a full tuple of variable values and one sample (sub-row)."""
+        record = self.records.get((values, sample[0], sample[1]))
+        if record is None:
+            verdict = self.expected(values)
+            if verdict is False:
+                return Cell("absent", lines=("not in job",))
+            return Cell("pending", lines=("PENDING",) if verdict else ("NO RECORD",))
+        status = record.get("status")
+        if status == "failed":
+            error = record.get("error") or {}
+            detail = f"HTTP {error['status']}" if error.get("status") else ""
+            message = str(error.get("message") or "")
+            return Cell("failed", lines=(f"FAILED: {error.get('kind', '?')}", detail, message))
+        if status != "ok":
+            return Cell("pending", lines=("PENDING", "answered, not downloaded"))
+        outputs = record.get("outputs") or []
+        if sample[2] >= len(outputs):
+            return Cell("absent", lines=("no image",))
+        path = path_inside(self.out_dir, str(outputs[sample[2]].get("path", "")))
+        if path is None or not path.is_file():
+            return Cell("failed", lines=("MISSING FILE", str(outputs[sample[2]].get("path"))))
+        return Cell("image", image=path)
+
+
+def _values(record: Mapping[str, Any], names: Sequence[str]) -> tuple[str, ...]:
+    found = record.get("vars") or {}
+    return tuple(str(found.get(name, "")) for name in names)
+
+
+def _input_value(record: Mapping[str, Any]) -> str | None:
+    found = record.get("input")
+    return str(found.get("value")) if isinstance(found, dict) else None
+
+
+def _expected_combos(source: Source) -> Iterable[tuple[str, ...]]:
+    if source.combine == "product":
+        return itertools.product(*source.vars.values())
+    if source.combine == "zip":
+        return zip(*source.vars.values(), strict=False)  # equal lengths: the spec checks
+    return ()
+
+
+def _expectation(
+    source: Source, seen: Iterable[tuple[str, ...]]
+) -> Callable[[tuple[str, ...]], bool | None]:
+    """Is a combination without a record part of the job? True, False, or None (unknown)."""
+    if source.combine == "product":
+        return lambda values: True
+    if source.combine is None:
+        return lambda values: None
+    wanted = {*_expected_combos(source), *seen}  # zip: its tuples; sample: what ran
+    return lambda values: values in wanted
+
+
+def _samples(source: Source, records: Sequence[Mapping[str, Any]]) -> list[Sample]:
+    """Sub-rows: every (input, repeat, output index) the job asks for or the manifest shows."""
+    found: dict[Sample, None] = {}
+    if source.no_input:
+        for repeat, index in itertools.product(range(source.repeats), range(source.n)):
+            found[(None, repeat, index)] = None
+    for record in records:
+        outputs = record.get("outputs") or ()
+        count = len(outputs) if record.get("status") == "ok" else source.n
+        for index in range(max(count, 1)):
+            found[(_input_value(record), int(record.get("repeat") or 0), index)] = None
+    inputs = _unique(s[0] for s in found)
+    ordered = sorted(found, key=lambda s: (inputs.index(s[0]), s[1], s[2]))
+    return ordered or [(None, 0, 0)]
+
+
+def _unique(items: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(items))
