@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def write_spec(
     items: int,
     base_url: str,
     concurrency: int,
-    rate_limit: float | None,
+    rate_limit: float,
     max_attempts: int = 6,
 ) -> Path:
     """A prompt-only job of `items` distinct requests (a two-variable grid), 64x64 images.
@@ -76,9 +77,8 @@ def write_spec(
         "max_items": max(items, 10_000),
         "max_attempts": max_attempts,
         "backoff_base_s": 0.5,
+        "rate_limit": f"{rate_limit:g}/s",  # omitted, a roboflow backend defaults to 5/min
     }
-    if rate_limit is not None:
-        run["rate_limit"] = f"{rate_limit:g}/s"
     spec = {
         "version": 1,
         "name": name,
@@ -110,17 +110,28 @@ def free_port() -> int:
 
 def get_json(url: str, timeout: float = 5.0) -> Any:
     """GET a JSON document (the mock's /_stats)."""
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback only)
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
 @contextlib.contextmanager
-def mock_server(*, latency: float, rate_limit: float | None) -> Iterator[str]:
-    """`synthaug mock-server` in its own process; yields its base URL, stops it after."""
+def mock_server(*, latency: float, rate_limit: float | None, burst: int = 1) -> Iterator[str]:
+    """`synthaug mock-server` in its own process; yields its base URL, stops it after.
+
+    `burst` > 1 (the bucket size of the enforced limit; the CLI has no flag for it yet)
+    starts the same server through `run_mock_server` with that `MockConfig`.
+    """
     port = free_port()
     cmd = [PYTHON, "-m", "pipeline", "mock-server", "--port", str(port), "--latency", str(latency)]
     if rate_limit is not None:
         cmd += ["--rate-limit", f"{rate_limit:g}/s"]
+    if burst > 1:
+        code = (
+            "import sys; from pipeline.backends.mock import MockConfig, run_mock_server; "
+            "run_mock_server(MockConfig(latency_s=float(sys.argv[1]), "
+            "rate_limit=float(sys.argv[2]), burst=int(sys.argv[3])), '127.0.0.1', int(sys.argv[4]))"
+        )
+        cmd = [PYTHON, "-c", code, str(latency), str(rate_limit or 1e9), str(burst), str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -193,15 +204,23 @@ class ChildRun:
     returncode: int
     wall_s: float
     cpu_s: float
+    sys_s: float
     max_rss_mb: float
     stdout: str
     stderr: str
 
 
 def run_child(
-    args: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+    args: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    interrupt_after: float | None = None,
 ) -> ChildRun:
-    """Run `python -m pipeline ARGS` and measure exactly that process with `os.wait4`."""
+    """Run `python -m pipeline ARGS` and measure exactly that process with `os.wait4`.
+
+    With `interrupt_after`, the child gets SIGINT after that many seconds (a clean stop).
+    """
     full_env = {**os.environ, KEY_ENV: "bench-key", **(env or {})}
     out_path, err_path = _scratch_name("out"), _scratch_name("err")
     with out_path.open("w+b") as out, err_path.open("w+b") as err:
@@ -209,7 +228,13 @@ def run_child(
         proc = subprocess.Popen(
             [PYTHON, "-m", "pipeline", *args], cwd=cwd, env=full_env, stdout=out, stderr=err
         )
+        timer = None
+        if interrupt_after is not None:
+            timer = threading.Timer(interrupt_after, os.kill, (proc.pid, signal.SIGINT))
+            timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        if timer is not None:
+            timer.cancel()
         wall = time.monotonic() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -221,6 +246,7 @@ def run_child(
         returncode=proc.returncode,
         wall_s=wall,
         cpu_s=usage.ru_utime + usage.ru_stime,
+        sys_s=usage.ru_stime,
         max_rss_mb=usage.ru_maxrss / 1024,  # Linux: kilobytes
         stdout=stdout,
         stderr=stderr,

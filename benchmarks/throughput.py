@@ -66,10 +66,10 @@ async def naive_client(base_url: str, items: int, concurrency: int) -> dict[str,
 
 
 def bench_synthaug(
-    *, items: int, rate: float, concurrency: int, latency: float, workdir: Path
+    *, items: int, rate: float, concurrency: int, latency: float, burst: int, workdir: Path
 ) -> dict[str, Any]:
     """One `synthaug run` against a fresh mock; returns the figures of the table."""
-    with mock_server(latency=latency, rate_limit=rate) as base:
+    with mock_server(latency=latency, rate_limit=rate, burst=burst) as base:
         spec = write_spec(
             workdir / f"synthaug-{items}",
             name=f"throughput-{items}",
@@ -108,9 +108,11 @@ def bench_synthaug(
     }
 
 
-def bench_naive(*, items: int, rate: float, concurrency: int, latency: float) -> dict[str, Any]:
+def bench_naive(
+    *, items: int, rate: float, concurrency: int, latency: float, burst: int
+) -> dict[str, Any]:
     """The naive client against a fresh mock with the same settings (run in this process)."""
-    with mock_server(latency=latency, rate_limit=rate) as base:
+    with mock_server(latency=latency, rate_limit=rate, burst=burst) as base:
         with StatsPoller(base) as poller:
             t0 = time.monotonic()
             outcome = asyncio.run(naive_client(base, items, concurrency))
@@ -146,10 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--items", type=int, nargs="+", default=None, help="N values (default 2000 1000)"
     )
+    parser.add_argument(
+        "--burst", type=int, default=1, help="bucket size of the mock's limit (default 1: strict)"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive client")
     args = parser.parse_args(argv)
     sizes = args.items or ([200] if args.quick else [2000, 1000])
-    setup = {"rate": args.rate, "concurrency": args.concurrency, "latency": args.latency}
+    setup = {
+        "rate": args.rate,
+        "concurrency": args.concurrency,
+        "latency": args.latency,
+        "burst": args.burst,
+    }
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="synthaug-bench-") as tmp:
         for n in sizes:

@@ -1,0 +1,156 @@
+"""Resume: how long `run`, `status` and `plan` take on a finished 1M-item job.
+
+    python benchmarks/resume.py            # 1M items (builds ~1M small files, ~4 GB, ~2 min)
+    python benchmarks/resume.py --quick    # 100k items
+
+A finished job is synthesized directly, without the API: the spec's items are expanded
+exactly as `run` would, each gets a small image file at its output path, and a manifest
+line (an `ok` ItemRecord with the mock's answer shape) is appended by `ManifestWriter`.
+Then, each as its own process (wall time and peak RSS):
+
+* `plan SPEC` before the manifest exists (counting only) and after (every key looked up),
+* `run SPEC` with nothing left to do (the resume decision: read the manifest, expand,
+  check every ok item's files), and `status OUT`.
+
+The image files were just written, so they are in the page cache: these are warm figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import print_table, run_child, save_results, write_spec
+
+from pipeline.backends.mock import draw_image
+from pipeline.engine import utc_now
+from pipeline.items import expand_items
+from pipeline.manifest import MANIFEST_NAME, ManifestWriter
+from pipeline.outputs import output_path
+from pipeline.records import ItemRecord, OutputFile
+from pipeline.spec import load_spec
+
+
+def build_finished_job(spec_path: Path) -> dict[str, Any]:
+    """Write an image file and an `ok` manifest line for every item of the spec."""
+    spec = load_spec(spec_path)
+    out = spec.output_dir
+    data = draw_image("resume bench", None, index=0, width=64, height=64)
+    digest = hashlib.sha256(data).hexdigest()
+    now = utc_now()
+    t0 = time.monotonic()
+    count = 0
+    made: set[Path] = set()
+    with ManifestWriter(out / MANIFEST_NAME, fsync_interval_s=3600) as writer:
+        for item in expand_items(spec):
+            path = output_path(out, item.source, item.key, 0, "png")
+            if path.parent not in made:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                made.add(path.parent)
+            path.write_bytes(data)
+            url = f"http://127.0.0.1:1/images/{item.key[:32]}.png"
+            output = OutputFile(
+                path=path.relative_to(out).as_posix(),
+                sha256=digest,
+                width=64,
+                height=64,
+                url=url,
+                id=item.key[:32],
+            )
+            record = ItemRecord(
+                key=item.key,
+                status="ok",
+                source=item.source,
+                vars=item.vars,
+                repeat=item.repeat,
+                input=item.input,
+                prompt=item.prompt,
+                params=item.params,
+                outputs=(output,),
+                attempts=1,
+                started_at=now,
+                finished_at=now,
+                elapsed_s=0.2,
+                response={"data": [{"url": url, "id": item.key[:32]}]},
+            )
+            writer.append(record)
+            count += 1
+    manifest = out / MANIFEST_NAME
+    return {
+        "items": count,
+        "build_s": round(time.monotonic() - t0, 1),
+        "manifest_mb": round(manifest.stat().st_size / 1e6, 1),
+    }
+
+
+def measure(label: str, args: list[str]) -> dict[str, Any]:
+    """Run one synthaug command as a child; its wall time, CPU and peak RSS."""
+    child = run_child(args)
+    if child.returncode != 0:
+        print(f"{label}: exit {child.returncode}\n{child.stderr[-2000:]}", file=sys.stderr)
+    return {
+        "command": label,
+        "exit_code": child.returncode,
+        "wall_s": round(child.wall_s, 2),
+        "cpu_s": round(child.cpu_s, 2),
+        "max_rss_mb": round(child.max_rss_mb, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build a finished job, time `plan`, `run` (nothing to do) and `status` on it."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="100k items instead of 1M")
+    parser.add_argument("--items", type=int, default=None, help="item count (default 1M)")
+    parser.add_argument("--keep", type=Path, default=None, help="build here and keep it")
+    args = parser.parse_args(argv)
+    items = args.items or (100_000 if args.quick else 1_000_000)
+    tmp = Path(tempfile.mkdtemp(prefix="synthaug-resume-")) if args.keep is None else args.keep
+    try:
+        spec = write_spec(
+            tmp,
+            name=f"resume-{items}",
+            items=items,
+            base_url="http://127.0.0.1:9",  # never contacted: nothing is left to do
+            concurrency=16,
+            rate_limit=50,
+        )
+        rows = [measure("plan (no manifest)", ["plan", str(spec)])]
+        build = build_finished_job(spec)
+        print(f"built {build['items']:,} finished items in {build['build_s']} s", flush=True)
+        run_args = ["run", str(spec), "--no-progress", "--no-grid"]
+        rows.append(measure("run (nothing left to do)", run_args))
+        summary = json.loads((tmp / "out" / "summary.json").read_text())
+        rows[-1]["skipped_ok"] = summary["skipped_ok"]
+        rows[-1]["requests"] = summary["requests"]
+        rows.append(measure("status", ["status", str(tmp / "out")]))
+        rows.append(measure("plan (finished manifest)", ["plan", str(spec)]))
+    finally:
+        if args.keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _show(items, rows)
+    save_results(
+        "resume_quick" if args.quick else "resume",
+        {"params": {"items": items, **build}, "runs": rows},
+    )
+    return 0
+
+
+def _show(items: int, rows: list[dict[str, Any]]) -> None:
+    header = ["command", "items", "wall s", "CPU s", "peak RSS MB", "exit"]
+    table = [
+        [r["command"], f"{items:,}", r["wall_s"], r["cpu_s"], r["max_rss_mb"], r["exit_code"]]
+        for r in rows
+    ]
+    print_table("resume", header, table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
