@@ -251,14 +251,13 @@ class Limiter:
                 wake.set_result(None)
 
     def _ready_at(self) -> float | None:
-        """When the head may start; None while the concurrency cap is reached."""
+        """When the head is due (possibly in the past); None while the cap is reached."""
         if self._in_flight >= self._concurrency:
             return None
-        now = self._now()
-        ready_at = max(now, self._pause_until)
+        due = self._pause_until
         if self._last_start is not None:
-            ready_at = max(ready_at, self._last_start + self._interval(now))
-        return ready_at
+            due = max(due, self._last_start + self._interval(self._now()))
+        return due
 
     def _interval(self, now: float) -> float:
         """Seconds the last start keeps the next one waiting, under every schedule."""
@@ -271,9 +270,17 @@ class Limiter:
             interval = max(interval, self._hint_interval)
         return interval
 
-    def _start(self, n: int, scheduled: float) -> None:
-        """Count a start; schedule from the planned time so a slightly early wake drifts not."""
-        self._last_start = max(self._now(), scheduled)
+    def _start(self, n: int, due: float) -> None:
+        """Count a start, keeping the schedule when the loop woke us a little late.
+
+        Starting from the planned time rather than the actual one means a late wake-up
+        (a busy loop, a coarse timer) is made up by the next start instead of lowering
+        the long-run rate; at most one interval is ever made up, so the API sees at most
+        one start of burst. After an idle spell the schedule restarts from now.
+        """
+        now = self._now()
+        late = now - due
+        self._last_start = due if 0.0 <= late < self._interval(now) else max(now, due)
         self._last_n = n
         self._starts += 1
         self._in_flight += 1

@@ -99,7 +99,7 @@ class MockConfig:
     retry_after_s: float = 1.0
     retry_after_form: RetryAfterForm = "seconds"
     rate_limit: float | None = None
-    burst: int = 1
+    burst: int = 2  # a real API's bucket holds more than one request: jitter is no 429
     seed: int | None = 0
     api_key: str | None = None
     projects: frozenset[str] | None = None
