@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "--items", type=int, nargs="+", default=None, help="N values (default 2000 1000)"
     )
     parser.add_argument(
-        "--burst", type=int, default=1, help="bucket size of the mock's limit (default 1: strict)"
+        "--burst", type=int, default=2, help="the mock's bucket size (default 2)"
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive client")
     args = parser.parse_args(argv)

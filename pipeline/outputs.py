@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
@@ -233,10 +233,13 @@ def outputs_intact(
     out_dir: Path, outputs: Sequence[OutputFile], *, check_hash: bool = True
 ) -> bool:
     """True when every recorded file is under OUT, exists, and (optionally) has its hash."""
-    root = out_dir.resolve()
     for output in outputs:
-        path = (out_dir / output.path).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
+        # Containment from the text alone: resolve() per file was 40% of a 1M-item resume.
+        parts = PurePosixPath(output.path).parts
+        if not parts or parts[0] != IMAGES_DIR or ".." in parts or output.path.startswith("/"):
+            return False
+        path = out_dir / output.path
+        if not path.is_file():
             return False
         if check_hash and _sha256_file(path) != output.sha256:
             return False
