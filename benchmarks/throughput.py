@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--items", type=int, nargs="+", default=None, help="N values (default 2000 1000)"
     )
-    parser.add_argument(
-        "--burst", type=int, default=2, help="the mock's bucket size (default 2)"
-    )
+    parser.add_argument("--burst", type=int, default=2, help="the mock's bucket size (default 2)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive client")
     args = parser.parse_args(argv)
     sizes = args.items or ([200] if args.quick else [2000, 1000])
