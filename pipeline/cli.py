@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on resume, leave items whose last attempt failed",
     )
+    run.add_argument(
+        "--verify",
+        action="store_true",
+        help="on resume, re-hash every stored image (default: check sizes)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--no-grid",
@@ -227,7 +232,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     check_max_items(spec)
     show = not args.no_progress and sys.stderr.isatty()
     with _Progress(enabled=show) as progress:
-        result = asyncio.run(run_job(spec, spec_path=args.spec, on_progress=progress.update))
+        result = asyncio.run(
+            run_job(spec, spec_path=args.spec, on_progress=progress.update, verify=args.verify)
+        )
     s = result.summary
     cost = "cost unknown" if s["cost_usd"] is None else f"${s['cost_usd']:.2f} est."
     print(

@@ -78,7 +78,7 @@ class EngineSettings:
     max_cost_usd: float | None = None
     max_consecutive_failures: int = 20
     grace_period_s: float = 10.0
-    verify_hashes: bool = True
+    verify_hashes: bool = False  # resume checks sizes; True re-reads and hashes every file
 
 
 @dataclass(slots=True)

@@ -124,6 +124,7 @@ class OutputFile:
     height: int
     url: str | None = None
     id: str | None = None
+    bytes: int | None = None  # file size: lets resume check a file without reading it
 
     def to_json(self) -> dict[str, Any]:
         """Manifest form of the output."""
@@ -134,6 +135,7 @@ class OutputFile:
             "height": self.height,
             "url": self.url,
             "id": self.id,
+            "bytes": self.bytes,
         }
 
     @classmethod
@@ -146,6 +148,7 @@ class OutputFile:
             height=int(data.get("height", 0)),
             url=data.get("url"),
             id=data.get("id"),
+            bytes=data.get("bytes"),
         )
 
 

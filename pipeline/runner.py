@@ -78,6 +78,7 @@ async def run_job(
     on_progress: Callable[[RunStats], None] | None = None,
     install_signals: bool = True,
     backend: Backend | None = None,
+    verify: bool = False,
 ) -> JobResult:
     """Run (or resume) the job of `spec`; see the module docstring for the order of steps."""
     if spec.backend.kind == "openai":
@@ -96,7 +97,7 @@ async def run_job(
         await asyncio.to_thread(_write_job_json, spec, spec_path)
         async with _open_backend(spec, api_key, backend) as live_backend:
             return await _run_engine(
-                spec, spec_path, state, live_backend, on_progress, install_signals
+                spec, spec_path, state, live_backend, on_progress, install_signals, verify
             )
 
 
@@ -107,6 +108,7 @@ async def _run_engine(
     backend: Backend,
     on_progress: Callable[[RunStats], None] | None,
     install_signals: bool,
+    verify: bool,
 ) -> JobResult:
     run = spec.run
     settings = EngineSettings(
@@ -121,6 +123,7 @@ async def _run_engine(
         max_cost_usd=run.max_cost_usd,
         max_consecutive_failures=run.max_consecutive_failures,
         grace_period_s=run.grace_period_s,
+        verify_hashes=verify,
     )
     limiter = Limiter(
         rate=run.rate_limit, image_rate=run.image_rate_limit, concurrency=run.concurrency

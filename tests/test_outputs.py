@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -155,6 +156,7 @@ def test_store_image_writes_verified_file_and_describes_it(tmp_path: Path) -> No
         height=32,
         url="https://x/1",
         id="i1",
+        bytes=len(data),
     )
     assert (tmp_path / out.path).read_bytes() == data
     assert _leftovers(tmp_path) == []
@@ -234,12 +236,35 @@ def test_outputs_intact_detects_missing_file(tmp_path: Path) -> None:
     assert not outputs_intact(tmp_path, [out], check_hash=False)
 
 
-def test_outputs_intact_detects_changed_bytes_only_when_hashing(tmp_path: Path) -> None:
-    """An output whose bytes changed fails the hash check; existence alone can skip it."""
+def test_outputs_intact_size_check_catches_truncation(tmp_path: Path) -> None:
+    """A file whose size changed (truncated, replaced) fails even the quick size check."""
     out = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
-    (tmp_path / out.path).write_bytes(_image("PNG", (5, 5)))
+    path = tmp_path / out.path
+    path.write_bytes(path.read_bytes()[:-10])
+    assert not outputs_intact(tmp_path, [out], check_hash=False)
     assert not outputs_intact(tmp_path, [out])
+
+
+def test_outputs_intact_same_size_change_needs_the_hash(tmp_path: Path) -> None:
+    """Bytes changed in place at the same size pass the size check, fail the hash check."""
+    out = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
+    path = tmp_path / out.path
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
     assert outputs_intact(tmp_path, [out], check_hash=False)
+    assert not outputs_intact(tmp_path, [out])
+
+
+def test_outputs_intact_hashes_when_size_was_not_recorded(tmp_path: Path) -> None:
+    """Manifests without sizes (older runs) are checked by hash even in quick mode."""
+    out = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
+    legacy = dataclasses.replace(out, bytes=None)
+    path = tmp_path / out.path
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert not outputs_intact(tmp_path, [legacy], check_hash=False)
 
 
 def test_outputs_intact_refuses_paths_outside_out(tmp_path: Path) -> None:

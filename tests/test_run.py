@@ -13,6 +13,8 @@ from checks import assert_outputs_valid, run_spec, write_job_spec
 
 from pipeline.backends.mock import MockConfig, MockServer
 from pipeline.manifest import read_latest, read_lines
+from pipeline.runner import run_job
+from pipeline.spec import load_spec
 
 KEY = "sk-test-run-7f3a9c1d2e"
 
@@ -278,3 +280,23 @@ async def test_max_cost_with_unknown_price_is_refused_before_sending(
         with pytest.raises(SpecError, match=r"run\.max_cost_usd.*price_per_image"):
             await run(path)
     assert server.stats.requests == 0
+
+
+async def test_resume_checks_sizes_and_verify_rehashes(write_spec: SpecWriter) -> None:
+    """Resume trusts a stored image whose size is unchanged (no re-read of the whole
+    dataset each night); --verify re-hashes and redoes one changed in place."""
+    async with MockServer(MockConfig()) as server:
+        path = write_spec(server.base_url, prompts=3)
+        await run(path)
+        out = path.parent / "out"
+        victim = out / ok_lines(out)[0]["outputs"][0]["path"]
+        data = bytearray(victim.read_bytes())
+        data[-20] ^= 0xFF  # same size, different bytes
+        victim.write_bytes(bytes(data))
+        quick = await run(path)
+        assert quick.summary["requests"] == 0
+        verified = await run_job(
+            load_spec(path), spec_path=path, install_signals=False, verify=True
+        )
+    assert verified.summary["requests"] == 1
+    assert_outputs_valid(out)
