@@ -63,6 +63,7 @@ def build_finished_job(spec_path: Path) -> dict[str, Any]:
                 height=64,
                 url=url,
                 id=item.key[:32],
+                bytes=len(data),  # as store_image records it
             )
             record = ItemRecord(
                 key=item.key,
