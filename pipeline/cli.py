@@ -27,6 +27,9 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("pipeline")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Above this many items a run's end would spend minutes drawing thousands of sheet pages
+# and thumbnails nobody looks at; `synthaug grid OUT` still draws them on request.
+AUTO_VIEWS_MAX_ITEMS = 5000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -246,8 +249,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.message:
         print(f"synthaug: {result.message}", file=sys.stderr)
     if not args.no_grid and result.stop_reason not in ("sigint", "sigterm"):
-        views = _draw_views(spec.output_dir, cell_px=256)
-        if views:
+        if s["items_seen"] > AUTO_VIEWS_MAX_ITEMS:
+            print(
+                f"synthaug: {s['items_seen']} items: contact sheets and index.html are not drawn "
+                f"automatically above {AUTO_VIEWS_MAX_ITEMS}; run `synthaug grid "
+                f"{spec.output_dir}` to draw them",
+                file=sys.stderr,
+            )
+        elif views := _draw_views(spec.output_dir, cell_px=256):
             print(f"look at: {views[-1]}", file=sys.stderr)
     return result.exit_code
 

@@ -150,3 +150,20 @@ def test_quickstart_example_plans(capsys: pytest.CaptureFixture[str]) -> None:
     """The README's quick start spec validates and plans without a key or network."""
     assert cli("plan", str(EXAMPLES / "quickstart.yaml")) == 0
     assert "total" in capsys.readouterr().out.lower()
+
+
+def test_big_runs_skip_drawing_views_and_say_how(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Past the automatic-drawing limit a run ends without drawing sheets, naming the
+    command that draws them; `grid` then draws them on request."""
+    import pipeline.cli
+
+    monkeypatch.setattr(pipeline.cli, "AUTO_VIEWS_MAX_ITEMS", 2)
+    spec = mock_spec(tmp_path)
+    assert cli("run", str(spec), "--no-progress") == 0
+    out = tmp_path / "runs" / "cli"
+    assert not (out / "grids").exists()
+    assert "synthaug grid" in capsys.readouterr().err
+    assert cli("grid", str(out)) == 0
+    assert (out / "grids" / "grid.png").exists()
