@@ -15,7 +15,6 @@ only its ``generated`` line) and runs again on resume.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import random
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import outputs
-from pipeline.backends.base import Backend
+from pipeline.backends.base import Backend, encode_image
 from pipeline.budget import Budget
 from pipeline.errors import (
     BackendError,
@@ -424,8 +423,8 @@ class Engine:
             read_input_bytes, Path(item.input.value), item.input.sha256 or ""
         )
         if len(data) > LARGE_INPUT_BYTES:
-            return await asyncio.to_thread(_b64, data)
-        return _b64(data)
+            return await asyncio.to_thread(encode_image, data)
+        return encode_image(data)
 
     async def _fetch_and_store(
         self, item: WorkItem, images: tuple[GeneratedImage, ...]
@@ -494,10 +493,6 @@ class Engine:
         self._consecutive_failures += 1
         if self._consecutive_failures >= self._settings.max_consecutive_failures:
             self.stop("aborted")
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _record(

@@ -167,3 +167,19 @@ def test_big_runs_skip_drawing_views_and_say_how(
     assert "synthaug grid" in capsys.readouterr().err
     assert cli("grid", str(out)) == 0
     assert (out / "grids" / "grid.png").exists()
+
+
+def test_quickstart_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's quick start (prompt grid + local images sent as base64) ends all ok,
+    with one image per item and both contact sheets."""
+    import shutil
+
+    shutil.copytree(EXAMPLES, tmp_path / "examples", ignore=shutil.ignore_patterns("runs"))
+    assert cli("run", str(tmp_path / "examples" / "quickstart.yaml"), "--no-progress") == 0
+    out = tmp_path / "examples" / "runs" / "quickstart"
+    capsys.readouterr()
+    assert cli("status", str(out), "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["ok"] == 10
+    assert status["by_source"]["shapes-red"]["ok"] == 6
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["leaf-grid.png", "shapes-red.png"]
