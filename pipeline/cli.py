@@ -159,11 +159,7 @@ def _add_log_level(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the console script and `python -m pipeline`."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _setup_logging(args.log_level)
     handler = _COMMANDS[args.command]
     try:
         code = handler(args)
