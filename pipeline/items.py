@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "expand_items",
     "item_key",
     "iter_source_items",
+    "prompt_keyer",
 ]
 
 DEFAULT_SEED = 0
@@ -42,6 +43,34 @@ def item_key(backend_kind: str, body: Mapping[str, Any], repeat: int) -> str:
         ensure_ascii=False,
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+_PROMPT_MARK = "\x00synthaug-prompt\x00"
+
+
+def prompt_keyer(backend_kind: str, body: Mapping[str, Any]) -> Callable[[str, int], str]:
+    """`item_key` for bodies that differ only in their prompt, without re-encoding the rest.
+
+    The canonical JSON is built once around a marker and split there; each key then only
+    encodes its prompt. Same bytes as `item_key` (a test holds them equal); a body whose
+    other fields happen to contain the marker falls back to `item_key`.
+    """
+    canonical = json.dumps(
+        {"backend": backend_kind, "body": {**body, "prompt": _PROMPT_MARK}, "repeat": 0},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    parts = canonical.split(json.dumps(_PROMPT_MARK, ensure_ascii=False))
+    if len(parts) != 2 or not parts[1].endswith(',"repeat":0}'):
+        return lambda prompt, repeat: item_key(backend_kind, {**body, "prompt": prompt}, repeat)
+    head, tail = parts[0], parts[1][: -len("0}")]
+
+    def key(prompt: str, repeat: int) -> str:
+        text = f"{head}{json.dumps(prompt, ensure_ascii=False)}{tail}{repeat}}}"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    return key
 
 
 def expand_items(spec: Spec, *, hashes: HashCache | None = None) -> Iterator[WorkItem]:
@@ -67,24 +96,16 @@ def iter_source_items(
     index = 0
     for input_image in _inputs(spec, source, hashes):
         image = input_image.key_value() if input_image else None
+        shape = WorkItem("", source.name, "", project_url, params, input=input_image)
+        key_of = prompt_keyer(kind, request_body(shape, image))  # only the prompt varies
         variants = iter_variants(
             template, values, source.combine, samples=source.samples, seed=seed
         )
         for variables, prompt in variants:
-            draft = WorkItem(
-                key="",
-                source=source.name,
-                prompt=prompt,
-                project_url=project_url,
-                params=params,
-                vars=variables,
-                input=input_image,
-            )
-            body = request_body(draft, image)  # the same for every repeat
             for repeat in range(source.repeats):
                 # built directly, not dataclasses.replace: this loop runs a million times
                 yield WorkItem(
-                    key=item_key(kind, body, repeat),
+                    key=key_of(prompt, repeat),
                     source=source.name,
                     prompt=prompt,
                     project_url=project_url,

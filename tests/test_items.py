@@ -23,6 +23,7 @@ from pipeline.items import (
     describe_sources,
     expand_items,
     item_key,
+    prompt_keyer,
 )
 from pipeline.records import request_body
 from pipeline.sources import HashCache, InputChangedError, read_input_bytes
@@ -255,3 +256,20 @@ def test_input_bytes_are_checked_before_sending(sandbox: Path) -> None:
     path.unlink()
     with pytest.raises(InputChangedError, match="can no longer be read"):
         read_input_bytes(str(path), digest)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prompt=st.text(),
+    repeat=st.integers(min_value=0, max_value=10_000),
+    project=st.text(max_size=20),
+    extra=st.dictionaries(st.text(max_size=8), st.one_of(st.text(max_size=8), st.integers())),
+)
+def test_fast_keys_equal_the_canonical_key(
+    prompt: str, repeat: int, project: str, extra: dict[str, object]
+) -> None:
+    """The per-prompt key shortcut gives exactly DESIGN's key for any prompt and body."""
+    body = {**extra, "project_url": project, "model": "dall-e-3", "n": 1}
+    body.pop("prompt", None)
+    expected = item_key("roboflow", {**body, "prompt": prompt}, repeat)
+    assert prompt_keyer("roboflow", body)(prompt, repeat) == expected
