@@ -39,7 +39,7 @@ from pipeline.errors import (
 )
 from pipeline.limiter import Limiter
 from pipeline.lock import acquire_lock
-from pipeline.manifest import MANIFEST_NAME, ManifestWriter, load_state
+from pipeline.manifest import MANIFEST_NAME, ManifestState, ManifestWriter, load_state
 from pipeline.pricing import price_per_image
 from pipeline.records import WorkItem
 from pipeline.spec import Spec
@@ -104,7 +104,7 @@ async def run_job(
 async def _run_engine(
     spec: Spec,
     spec_path: Path,
-    state: Any,
+    state: ManifestState,
     backend: Backend,
     on_progress: Callable[[RunStats], None] | None,
     install_signals: bool,
