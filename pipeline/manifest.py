@@ -116,7 +116,7 @@ def _entry_from(record: Mapping[str, Any], source: str) -> Entry:
     outputs: tuple[OutputFile, ...] = ()
     pending: tuple[GeneratedImage, ...] = ()
     if status == "ok":
-        outputs = tuple(OutputFile.from_json(o) for o in record.get("outputs") or ())
+        outputs = tuple(_checkable(o) for o in record.get("outputs") or ())
     elif status == "generated":
         pending = tuple(
             GeneratedImage(url=p.get("url"), id=p.get("id")) for p in record.get("pending") or ()
@@ -128,6 +128,19 @@ def _entry_from(record: Mapping[str, Any], source: str) -> Entry:
         pending=pending,
         error_kind=error.get("kind") if isinstance(error, dict) else None,
         attempts=int(record.get("attempts") or 0),
+    )
+
+
+def _checkable(output: Mapping[str, Any]) -> OutputFile:
+    """What resume needs to check a stored file: path, hash, size (no URL or id: a state
+    of a million entries is mostly these strings)."""
+    size = output.get("bytes")
+    return OutputFile(
+        path=str(output["path"]),
+        sha256=str(output["sha256"]),
+        width=0,
+        height=0,
+        bytes=size if isinstance(size, int) else None,
     )
 
 
