@@ -202,12 +202,13 @@ def _load(path: Path) -> Spec:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.items import check_max_items
-    from pipeline.manifest import MANIFEST_NAME, load_state
+    from pipeline.manifest import MANIFEST_NAME
     from pipeline.plan import build_plan, format_plan
+    from pipeline.snapshot import load_cached_state
 
     spec = _load(args.spec)
     check_max_items(spec)
-    state = load_state(spec.output_dir / MANIFEST_NAME)
+    state = load_cached_state(spec.output_dir / MANIFEST_NAME)
     plan = build_plan(spec, state)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return EXIT_OK

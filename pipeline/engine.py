@@ -23,7 +23,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import islice
+from functools import partial
+from itertools import chain, islice
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +40,7 @@ from pipeline.errors import (
     RateLimitedError,
     TransientError,
 )
+from pipeline.items import ItemDraft
 from pipeline.limiter import Limiter
 from pipeline.manifest import Entry, ManifestState, ManifestWriter
 from pipeline.records import (
@@ -48,7 +51,7 @@ from pipeline.records import (
     OutputFile,
     WorkItem,
 )
-from pipeline.retry import RetryPolicy, retrying
+from pipeline.retry import Retrier, RetryPolicy
 from pipeline.sources import InputChangedError, read_input_bytes
 
 __all__ = ["Engine", "EngineSettings", "RunStats", "StopReason"]
@@ -57,7 +60,8 @@ log = logging.getLogger(__name__)
 
 StopReason = Literal["budget", "fatal", "aborted", "sigint", "sigterm", "disk"]
 
-CHUNK_SIZE = 256  # items decided per trip to the worker thread
+CHUNK_SIZE = 256  # items that need work, handed over per trip to the worker thread
+SCAN_LIMIT = 64 * CHUNK_SIZE  # items looked at per trip (a resumed job skips most)
 DOWNLOAD_ATTEMPTS = 3  # tries of one image URL before the item regenerates
 LARGE_INPUT_BYTES = 256 * 1024  # base64 in a thread above this
 
@@ -77,7 +81,6 @@ class EngineSettings:
     max_cost_usd: float | None = None
     max_consecutive_failures: int = 20
     grace_period_s: float = 10.0
-    verify_hashes: bool = False  # resume checks sizes; True re-reads and hashes every file
 
 
 @dataclass(slots=True)
@@ -147,11 +150,12 @@ class Engine:
         self,
         settings: EngineSettings,
         *,
-        items: Iterable[WorkItem],
+        items: Iterable[ItemDraft],
         backend: Backend,
         limiter: Limiter,
         state: ManifestState,
         writer: ManifestWriter,
+        files: outputs.StoredFiles | None = None,
         price: Callable[[WorkItem], float | None] = lambda _item: None,
         expected: int = 0,
         on_progress: Callable[[RunStats], None] | None = None,
@@ -163,7 +167,12 @@ class Engine:
         self._backend = backend
         self._limiter = limiter
         self._state = state
+        self._files = files or outputs.StoredFiles(settings.out_dir)
+        self._redo: set[str] | None = None  # ok keys whose files are gone (once decided)
         self._writer = writer
+        # image folders are fsynced once per manifest sync, before it, not once per image
+        self._folders = outputs.FolderSync()
+        writer.add_sync_hook(self._folders.flush)
         self._on_progress = on_progress or (lambda _stats: None)
         self._clock = clock
         self._policy = RetryPolicy(
@@ -173,6 +182,10 @@ class Engine:
             retry_ambiguous=settings.retry_ambiguous,
         )
         self._rng = rng or random.Random()
+        # built once: a tenacity loop per item cost more CPU than the request it guarded
+        self._retrier = Retrier(
+            self._policy, sleep=self._backoff_sleep, on_retry=self._count_retry, rng=self._rng
+        )
         self.stats = RunStats(expected=expected)
         self.stop_reason: StopReason | None = None
         self._stopping = asyncio.Event()
@@ -264,30 +277,51 @@ class Engine:
                 await queue.put(todo)
 
     def _decide_chunk(self) -> list[_Todo] | None:
-        """Pull up to CHUNK_SIZE items and drop the ones the manifest says are done.
+        """Up to CHUNK_SIZE items that need work, dropping the ones the manifest says
+        are done (looking at up to SCAN_LIMIT items per call: one trip to the thread).
 
-        Runs in a worker thread: it may hash output files to verify an `ok` entry.
+        Runs in a worker thread: it lists image folders (once) and, with ``--verify``,
+        hashes files. An item is built from its draft only when it will run.
         """
-        chunk = list(islice(self._items, CHUNK_SIZE))
-        if not chunk:
-            return None
+        if self._redo is None:
+            self._redo = self._keys_missing_files()
         todos: list[_Todo] = []
-        for item in chunk:
-            self.stats.total += 1
-            entry = self._state.get(item.key)
-            if entry is not None and entry.status == "ok":
-                if outputs.outputs_intact(
-                    self._settings.out_dir, entry.outputs, check_hash=self._settings.verify_hashes
+        scanned = 0
+        while len(todos) < CHUNK_SIZE and scanned < SCAN_LIMIT:
+            chunk = list(islice(self._items, CHUNK_SIZE))
+            if not chunk:
+                break
+            scanned += len(chunk)
+            self._decide(chunk, todos)
+        return todos if scanned else None
+
+    def _decide(self, drafts: list[ItemDraft], todos: list[_Todo]) -> None:
+        self.stats.total += len(drafts)
+        finished, open_, hashes = self._state.finished, self._state.open, self._state.hashes
+        redo = self._redo or set()
+        for draft in drafts:
+            key = draft.key
+            if key in finished:
+                if key not in redo and (
+                    hashes is None or self._files.intact(finished[key][1], hashes.get(key, ()))
                 ):
                     self.stats.skipped_ok += 1
                     continue
-                log.info("%s: recorded ok but its files are missing or changed; redoing", item.key)
-                entry = None
-            elif entry is not None and entry.status == "failed" and not self._settings.retry_failed:
+                log.info("%s: recorded ok but its files are missing or changed; redoing", key)
+            entry = open_.get(key)
+            if entry is not None and entry.status == "failed" and not self._settings.retry_failed:
                 self.stats.skipped_failed += 1
                 continue
-            todos.append(_Todo(item, entry))
-        return todos
+            todos.append(_Todo(draft.build(), entry))
+
+    def _keys_missing_files(self) -> set[str]:
+        """The ok keys with a file gone: one set difference over the whole manifest."""
+        finished = self._state.finished
+        all_paths = chain.from_iterable(map(itemgetter(1), finished.values()))
+        missing = self._files.missing(all_paths)
+        if not missing:
+            return set()
+        return {key for key, (_source, paths) in finished.items() if not missing.isdisjoint(paths)}
 
     async def _backoff_sleep(self, seconds: float) -> None:
         """Sleep between attempts, cut short by a stop (the next attempt then stands down)."""
@@ -350,26 +384,24 @@ class Engine:
 
     async def _attempt_until_settled(self, run: _ItemRun) -> tuple[OutputFile, ...]:
         """Try the item up to max_attempts times; return its stored images or raise."""
+        return await self._retrier.call(partial(self._attempt, run))
+
+    async def _attempt(self, run: _ItemRun) -> tuple[OutputFile, ...]:
+        """One attempt: download what a killed run was answered with, or generate anew."""
+        if self.stopping and self.stop_reason != "budget":
+            raise _Stopped
         item = run.item
-        stored: tuple[OutputFile, ...] = ()
-        async for attempt in retrying(
-            self._policy, sleep=self._backoff_sleep, on_retry=self._count_retry, rng=self._rng
-        ):
-            with attempt:
-                if self.stopping and self.stop_reason != "budget":
-                    raise _Stopped
-                if run.pending:
-                    pending, run.pending = run.pending, ()  # a failure regenerates next time
-                    stored = await self._resume_download(item, pending)
-                    self.stats.resumed_downloads += 1
-                else:
-                    run.attempts += 1
-                    generation = await self._generate(item)
-                    run.response = generation.response
-                    if any(img.url for img in generation.images):
-                        self._append_generated(run, generation.images)
-                    stored = await self._fetch_and_store(item, generation.images)
-        return stored
+        if run.pending:
+            pending, run.pending = run.pending, ()  # a failure regenerates next time
+            stored = await self._resume_download(item, pending)
+            self.stats.resumed_downloads += 1
+            return stored
+        run.attempts += 1
+        generation = await self._generate(item)
+        run.response = generation.response
+        if any(img.url for img in generation.images):
+            self._append_generated(run, generation.images)
+        return await self._fetch_and_store(item, generation.images)
 
     async def _resume_download(
         self, item: WorkItem, pending: tuple[GeneratedImage, ...]
@@ -456,6 +488,7 @@ class Engine:
                     data=data,
                     url=image.url,
                     id=image.id,
+                    folders=self._folders,
                 )
             except TransientError as exc:
                 last = exc

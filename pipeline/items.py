@@ -13,20 +13,25 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping
+from json.encoder import encode_basestring
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.records import InputImage, WorkItem, request_body
 from pipeline.sources import HashCache
 from pipeline.spec import SourceSpec, Spec
-from pipeline.template import count_variants, iter_variants, parse_template, resolve_values
+from pipeline.template import count_variants, iter_prompts, parse_template, resolve_values
 
 __all__ = [
+    "ItemDraft",
+    "ItemShape",
     "check_max_items",
     "count_items",
     "describe_sources",
+    "expand_drafts",
     "expand_items",
     "item_key",
+    "iter_source_drafts",
     "iter_source_items",
     "prompt_keyer",
 ]
@@ -67,10 +72,51 @@ def prompt_keyer(backend_kind: str, body: Mapping[str, Any]) -> Callable[[str, i
     head, tail = parts[0], parts[1][: -len("0}")]
 
     def key(prompt: str, repeat: int) -> str:
-        text = f"{head}{json.dumps(prompt, ensure_ascii=False)}{tail}{repeat}}}"
+        # encode_basestring is what json.dumps(str, ensure_ascii=False) calls, minus 1 us
+        text = f"{head}{encode_basestring(prompt)}{tail}{repeat}}}"
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     return key
+
+
+class ItemShape(NamedTuple):
+    """What every item of one source input shares."""
+
+    source: str
+    project_url: str
+    params: Mapping[str, Any]
+    names: tuple[str, ...]  # template variables, in the order of each draft's `combo`
+    input: InputImage | None
+
+
+class ItemDraft(NamedTuple):
+    """An item's key and what it takes to build it.
+
+    Resume and plan decide most items of a big job by key alone; a tuple costs a tenth
+    of a frozen `WorkItem`, which is built (`build`) only for items that will run.
+    """
+
+    key: str
+    prompt: str
+    combo: tuple[str, ...]
+    repeat: int
+    position: int  # the item's `index` within its source
+    shape: ItemShape
+
+    def build(self) -> WorkItem:
+        """The `WorkItem` this draft stands for."""
+        shape = self.shape
+        return WorkItem(
+            key=self.key,
+            source=shape.source,
+            prompt=self.prompt,
+            project_url=shape.project_url,
+            params=shape.params,
+            vars=dict(zip(shape.names, self.combo, strict=True)),
+            repeat=self.repeat,
+            input=shape.input,
+            index=self.position,
+        )
 
 
 def expand_items(spec: Spec, *, hashes: HashCache | None = None) -> Iterator[WorkItem]:
@@ -78,43 +124,47 @@ def expand_items(spec: Spec, *, hashes: HashCache | None = None) -> Iterator[Wor
 
     Pass one `hashes` cache to several calls so that each local file is hashed once.
     """
+    return (draft.build() for draft in expand_drafts(spec, hashes=hashes))
+
+
+def expand_drafts(spec: Spec, *, hashes: HashCache | None = None) -> Iterator[ItemDraft]:
+    """`expand_items` as drafts: keys first, items built on demand."""
     hashes = hashes or HashCache()
     for source in spec.sources:
-        yield from iter_source_items(spec, source, hashes=hashes)
+        yield from iter_source_drafts(spec, source, hashes=hashes)
 
 
 def iter_source_items(
     spec: Spec, source: SourceSpec, *, hashes: HashCache | None = None
 ) -> Iterator[WorkItem]:
     """The work items of one source, lazily; `index` counts from 0 within the source."""
+    return (draft.build() for draft in iter_source_drafts(spec, source, hashes=hashes))
+
+
+def iter_source_drafts(
+    spec: Spec, source: SourceSpec, *, hashes: HashCache | None = None
+) -> Iterator[ItemDraft]:
+    """`iter_source_items` as drafts (this loop runs a million times: keep it lean)."""
     hashes = hashes or HashCache()
     template = parse_template(source.prompt)
     values = resolve_values(template, source.vars, spec.spec_dir)
     params = MappingProxyType(spec.source_params(source))  # shared by all items: read-only
     seed = DEFAULT_SEED if source.seed is None else source.seed
     kind, project_url = spec.backend.kind, spec.project_url or ""
+    repeats = range(source.repeats)
+    new = ItemDraft._make
     index = 0
     for input_image in _inputs(spec, source, hashes):
         image = input_image.key_value() if input_image else None
-        shape = WorkItem("", source.name, "", project_url, params, input=input_image)
-        key_of = prompt_keyer(kind, request_body(shape, image))  # only the prompt varies
-        variants = iter_variants(
-            template, values, source.combine, samples=source.samples, seed=seed
+        shape = ItemShape(source.name, project_url, params, tuple(values), input_image)
+        body = request_body(
+            WorkItem("", source.name, "", project_url, params, input=input_image), image
         )
-        for variables, prompt in variants:
-            for repeat in range(source.repeats):
-                # built directly, not dataclasses.replace: this loop runs a million times
-                yield WorkItem(
-                    key=key_of(prompt, repeat),
-                    source=source.name,
-                    prompt=prompt,
-                    project_url=project_url,
-                    params=params,
-                    vars=variables,
-                    repeat=repeat,
-                    input=input_image,
-                    index=index,
-                )
+        key_of = prompt_keyer(kind, body)  # only the prompt varies
+        prompts = iter_prompts(template, values, source.combine, samples=source.samples, seed=seed)
+        for combo, prompt in prompts:
+            for repeat in repeats:
+                yield new((key_of(prompt, repeat), prompt, combo, repeat, index, shape))
                 index += 1
 
 

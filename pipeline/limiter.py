@@ -225,12 +225,25 @@ class Limiter:
         self._wake_head()
 
     async def _wait(self, waiter: _Waiter, delay: float | None) -> None:
-        """Sleep `delay` seconds (forever when None), or less if `waiter.wake` is set."""
-        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Sleep `delay` seconds (forever when None), or less if `waiter.wake` is set.
+
+        With the default sleep, the loop's own timer sets `wake`: one future and one
+        timer handle per wait, where a sleep task raced against `wake` costs several
+        futures, callbacks and loop iterations per request start.
+        """
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[None] = loop.create_future()
         waiter.wake = wake
         try:
             if delay is None:
                 await wake
+                return
+            if self._sleep is asyncio.sleep:
+                handle = loop.call_later(delay, _set_done, wake)
+                try:
+                    await wake
+                finally:
+                    handle.cancel()
                 return
             timer = asyncio.ensure_future(self._sleep(delay))
             try:
@@ -293,6 +306,11 @@ class Limiter:
             return asyncio.get_running_loop().time()
         except RuntimeError:  # pause()/observe() called outside a loop
             return time.monotonic()
+
+
+def _set_done(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
 
 
 def _check_rate(name: str, rate: float | None) -> None:

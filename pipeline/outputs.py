@@ -15,11 +15,13 @@ import json
 import os
 import re
 import secrets
-import stat
-from collections.abc import Iterator, Sequence
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
@@ -29,13 +31,13 @@ from pipeline.records import OutputFile
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGES_DIR",
+    "FolderSync",
     "ImageInfo",
+    "StoredFiles",
     "check_writable",
     "discard_outputs",
     "output_path",
-    "outputs_intact",
     "store_image",
-    "sweep_temp_files",
     "verify_image",
     "write_json_atomic",
 ]
@@ -45,6 +47,10 @@ IMAGES_DIR = "images"
 # (~89 Mpx) is refused before its pixels are decoded.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 _FORMAT_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+_FORMATS = tuple(_FORMAT_EXT)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_U32 = struct.Struct(">I")
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _SOURCE_RE = re.compile(r"[A-Za-z0-9._-]+")
 _KEY_RE = re.compile(r"[0-9A-Za-z]+")
 _EXT_RE = re.compile(r"[a-z0-9]+")
@@ -98,15 +104,16 @@ def verify_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageI
 
     Truncated or corrupt bytes, an unsupported format and decompression bombs are all
     refused. Pillow's global settings are left alone (truncated images stay refused).
+    The bytes are parsed and decoded once; a PNG's chunk CRCs, which a decode skips for
+    the pixel data, are checked on the raw bytes first.
     """
     if not data:
         raise TransientError("downloaded image is empty (0 bytes)", kind="bad_image")
-    formats = tuple(_FORMAT_EXT)
     try:
-        with Image.open(BytesIO(data), formats=formats) as probe:
-            _check_size(probe.size, max_pixels)
-            probe.verify()  # checks chunk CRCs that a plain decode may skip
-        with Image.open(BytesIO(data), formats=formats) as image:
+        if data.startswith(_PNG_SIGNATURE):
+            _check_png_crcs(data)
+        with Image.open(BytesIO(data), formats=_FORMATS) as image:
+            _check_size(image.size, max_pixels)
             image.load()
             fmt = _FORMAT_EXT.get(image.format or "", "")
             width, height = image.size
@@ -127,6 +134,28 @@ def verify_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageI
     if not fmt or width <= 0 or height <= 0:
         raise TransientError("downloaded image has no usable format or size", kind="bad_image")
     return ImageInfo(format=fmt, width=width, height=height)
+
+
+def _check_png_crcs(data: bytes) -> None:
+    """Walk the PNG chunks up to IEND, checking each CRC (what Pillow's `verify` checks).
+
+    Raises `SyntaxError` like Pillow does; a stream that ends early is left to the
+    decode, which refuses truncated images.
+    """
+    view = memoryview(data)
+    pos, end = len(_PNG_SIGNATURE), len(data)
+    while pos + 12 <= end:
+        (length,) = _U32.unpack_from(data, pos)
+        body_end = pos + 8 + length
+        if body_end + 4 > end:
+            return
+        (crc,) = _U32.unpack_from(data, body_end)
+        chunk_type = data[pos + 4 : pos + 8]
+        if zlib.crc32(view[pos + 4 : body_end]) != crc:
+            raise SyntaxError(f"broken PNG file (bad CRC in chunk {chunk_type!r})")
+        if chunk_type == b"IEND":
+            return
+        pos = body_end + 4
 
 
 def _check_size(size: tuple[int, int], max_pixels: int) -> None:
@@ -157,8 +186,14 @@ def store_image(
     data: bytes,
     url: str | None = None,
     id: str | None = None,  # shadows the builtin on purpose: mirrors OutputFile.id
+    folders: FolderSync | None = None,
 ) -> OutputFile:
     """Verify `data`, then write it atomically to its place under OUT and describe it.
+
+    The file's bytes are fsynced before it is renamed into place. The rename is made
+    durable by an fsync of its folder: at once, or, given `folders`, by the next
+    `folders.flush()` (the engine flushes before each manifest fsync, so a durable line
+    never names a file whose rename is not).
 
     Raises `TransientError` (``bad_image``) for bytes that do not decode, `OutputError`
     when the disk refuses the write (disk full: free space and run again to resume).
@@ -169,8 +204,12 @@ def store_image(
         raise TransientError(exc.message, kind="bad_image", item_key=key) from exc
     path = output_path(out_dir, source, key, index, info.format)
     _write_atomic(path, data)
+    if folders is None:
+        _sync_folder(path)
+    else:
+        folders.mark(path.parent)
     return OutputFile(
-        path=path.relative_to(out_dir).as_posix(),
+        path=f"{IMAGES_DIR}/{source}/{path.name}",
         sha256=hashlib.sha256(data).hexdigest(),
         width=info.width,
         height=info.height,
@@ -184,32 +223,85 @@ def write_json_atomic(path: Path, data: object) -> None:
     """Replace `path` with `data` as JSON, atomically (summary.json, job.json)."""
     text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
     _write_atomic(path, text.encode("utf-8"))
+    _sync_folder(path)
+
+
+class FolderSync:
+    """Folders holding renames not yet durable, to fsync in one go before the manifest's.
+
+    An fsync per folder per manifest sync instead of one per image: the same guarantee
+    at a fraction of the syscalls. Thread-safe: `store_image` marks from worker threads.
+    """
+
+    def __init__(self, fsync_dir: Callable[[Path], None] | None = None) -> None:
+        self._fsync_dir = fsync_dir or _fsync_dir
+        self._pending: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def mark(self, folder: Path) -> None:
+        """A file was renamed into `folder`; the next `flush` makes that durable."""
+        with self._lock:
+            self._pending.add(folder)
+
+    def flush(self) -> None:
+        """fsync every marked folder; on failure the unsynced ones stay marked."""
+        with self._lock:
+            folders, self._pending = self._pending, set()
+        done: set[Path] = set()
+        try:
+            for folder in folders:
+                self._fsync_dir(folder)
+                done.add(folder)
+        finally:
+            if len(done) < len(folders):
+                with self._lock:
+                    self._pending |= folders - done
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder; no torn final file."""
+    """Temp file in the same folder, fsync, rename: no torn final file.
+
+    The caller makes the rename durable (`_sync_folder` or `FolderSync`). The folder is
+    created only when opening the temp file finds it missing: a stat per image saved.
+    """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+    renamed = False
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(tmp, _TMP_FLAGS, 0o644)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, _TMP_FLAGS, 0o644)
         try:
             _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        renamed = True
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+    finally:
+        if not renamed:
+            tmp.unlink(missing_ok=True)
+
+
+def _sync_folder(path: Path) -> None:
+    """fsync the folder of `path` at once, as an `OutputError` on failure."""
+    try:
         _fsync_dir(path.parent)
     except OSError as exc:
-        if exc.errno in _DISK_FULL:
-            raise OutputError(
-                f"disk full writing {path}: free space and run the same command again to resume"
-            ) from exc
-        reason = exc.strerror or type(exc).__name__
-        raise OutputError(
-            f"cannot write {path} ({reason}): fix the output dir and run again"
-        ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)  # after a successful rename there is nothing to remove
+        raise _output_error(path, exc) from exc
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    """What the user is told when writing `path` failed, and how to go on."""
+    if exc.errno in _DISK_FULL:
+        return OutputError(
+            f"disk full writing {path}: free space and run the same command again to resume"
+        )
+    reason = exc.strerror or type(exc).__name__
+    return OutputError(f"cannot write {path} ({reason}): fix the output dir and run again")
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -231,33 +323,93 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def outputs_intact(
-    out_dir: Path, outputs: Sequence[OutputFile], *, check_hash: bool = True
-) -> bool:
-    """True when every recorded file is under OUT, exists, and has its recorded content.
+class StoredFiles:
+    """The image files under OUT, listed once, for the resume check.
 
-    Content is checked by size when the manifest recorded one and `check_hash` is False
-    (the nightly resume: re-reading every image of a large job each night costs more than
-    it protects), by sha256 otherwise (`synthaug run --verify`, and older manifests).
+    Resume asks about every finished item's files: one listing of each image folder
+    answers a million of those questions in half a second, where a `stat` per file takes
+    three. A listed file is complete, because `store_image` fsyncs it before renaming it
+    into place; with hashes (``run --verify``) each file is also re-read and compared.
+    Only regular files directly in ``OUT/images/<source>/`` count, so a manifest path
+    that points anywhere else is never trusted. The listing is taken on first use and not
+    refreshed: use it under the OUT lock, before the run writes.
     """
-    for output in outputs:
-        # Containment from the text alone: resolve() per file was 40% of a 1M-item resume.
-        parts = PurePosixPath(output.path).parts
-        if not parts or parts[0] != IMAGES_DIR or ".." in parts or output.path.startswith("/"):
-            return False
-        path = out_dir / output.path
-        try:
-            info = path.stat()
-        except OSError:
-            return False
-        if not stat.S_ISREG(info.st_mode):
-            return False
-        if not check_hash and output.bytes is not None:
-            if info.st_size != output.bytes:
+
+    def __init__(self, out_dir: Path) -> None:
+        self._out = out_dir
+        self._paths: set[str] | None = None
+        self._temps: list[Path] = []
+
+    def intact(self, paths: Sequence[str], sha256s: Sequence[str] | None = None) -> bool:
+        """True when every path (relative to OUT) is a stored image file, with its
+        recorded hash when `sha256s` is given."""
+        listed = self._listed()
+        for index, path in enumerate(paths):
+            if path not in listed:
                 return False
-        elif _sha256_file(path) != output.sha256:
-            return False
-    return True
+            if sha256s is not None and (
+                index >= len(sha256s) or _sha256_file(self._out / path) != sha256s[index]
+            ):
+                return False
+        return True
+
+    def missing(self, paths: Iterable[str]) -> set[str]:
+        """Those of `paths` that are not stored image files: one set difference for a
+        whole job instead of a lookup per file."""
+        return set(paths).difference(self._listed())
+
+    def sweep_temp_files(self) -> int:
+        """Delete temp files left by killed runs in OUT and its image folders (call it
+        under the OUT lock, before the run writes)."""
+        self._listed()
+        _names, temps = _list_dir(self._out, "")
+        count = 0
+        for path in [*(self._out / name for name in temps), *self._temps]:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            count += 1
+        self._temps = []
+        return count
+
+    def _listed(self) -> set[str]:
+        if self._paths is None:
+            self._paths = set()
+            images = self._out / IMAGES_DIR
+            for source in _source_folders(images):
+                prefix = f"{IMAGES_DIR}/{source}/"
+                names, temps = _list_dir(images / source, prefix)
+                self._paths.update(names)
+                self._temps.extend(images / source / name for name in temps)
+        return self._paths
+
+
+def _source_folders(images: Path) -> list[str]:
+    try:
+        with os.scandir(images) as entries:
+            return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _list_dir(folder: Path, prefix: str) -> tuple[list[str], list[str]]:
+    """`prefix` + name of each regular file in `folder` (none when it is missing), and
+    the names of its temp files."""
+    names: list[str] = []
+    temps: list[str] = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if entry.name.startswith(".") and entry.name.endswith(_TMP_SUFFIX):
+                    temps.append(entry.name)
+                else:
+                    names.append(prefix + entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return names, temps
 
 
 def _sha256_file(path: Path) -> str | None:
@@ -275,25 +427,3 @@ def discard_outputs(out_dir: Path, outputs: Sequence[OutputFile]) -> None:
     """Delete stored files no manifest line will name (their item failed half-way)."""
     for output in outputs:
         (out_dir / output.path).unlink(missing_ok=True)
-
-
-def sweep_temp_files(out_dir: Path) -> int:
-    """Delete temp files left by killed runs (call only while holding the OUT lock)."""
-    count = 0
-    for path in _temp_files(out_dir):
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        count += 1
-    return count
-
-
-def _temp_files(out_dir: Path) -> Iterator[Path]:
-    images = out_dir / IMAGES_DIR
-    candidates = list(out_dir.glob(f".*{_TMP_SUFFIX}"))
-    if images.is_dir():
-        candidates.extend(images.rglob(f".*{_TMP_SUFFIX}"))
-    for path in candidates:
-        if path.is_file() and not path.is_symlink():
-            yield path

@@ -8,11 +8,10 @@ enough.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.items import check_max_items, count_items, iter_source_items
+from pipeline.items import check_max_items, count_items, iter_source_drafts
 from pipeline.manifest import ManifestState
 from pipeline.pricing import price_per_image
 from pipeline.sources import HashCache
@@ -169,11 +168,10 @@ def _plan_source(
     params = spec.source_params(source)
     status = {"ok": 0, "failed": 0, "generated": 0}
     if len(state):  # an empty manifest needs no keys: skip hashing and expanding
-        entries: Mapping[str, Any] = state.entries
-        for item in iter_source_items(spec, source, hashes=hashes):
-            entry = entries.get(item.key)
-            if entry is not None:
-                status[entry.status] += 1
+        for draft in iter_source_drafts(spec, source, hashes=hashes):
+            known = state.status(draft.key)
+            if known is not None:
+                status[known] += 1
     skipped = 0 if spec.run.retry_failed else status["failed"]
     return SourcePlan(
         name=source.name,

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
 
 from pipeline.errors import UsageError
-from pipeline.manifest import MANIFEST_NAME, read_lines
+from pipeline.manifest import MANIFEST_NAME
 from pipeline.records import ItemStatus
+from pipeline.snapshot import load_cached_state
 
 __all__ = ["JOB_NAME", "SUMMARY_NAME", "format_status", "status_report"]
 
@@ -72,23 +73,13 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     return report
 
 
-def _latest_per_key(manifest: Path) -> Iterable[_Tally]:
-    """The last line of each key, reduced to what status needs as it streams.
-
-    Cheaper than `load_state` (no output records are built): memory grows with keys,
-    not lines, at one small tuple per key.
-    """
-    latest: dict[str, _Tally] = {}
-    interned: dict[str, str] = {}  # 1M lines share a handful of source names
-    for record in read_lines(manifest):
-        source = str(record.get("source", ""))
-        source = interned.setdefault(source, source)
-        status: ItemStatus = record["status"]
-        images = len(record.get("outputs") or ()) if status == "ok" else 0
-        error = record.get("error")
-        kind = error.get("kind") if status == "failed" and isinstance(error, dict) else None
-        latest[record["key"]] = (status, source, images, kind if isinstance(kind, str) else None)
-    return latest.values()
+def _latest_per_key(manifest: Path) -> Iterator[_Tally]:
+    """The last line of each key, reduced to what status needs."""
+    state = load_cached_state(manifest)
+    for source, paths in state.finished.values():
+        yield "ok", source, len(paths), None
+    for entry in state.open.values():
+        yield entry.status, entry.source, 0, entry.error_kind
 
 
 def _empty_counts() -> dict[str, int]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ from typing import Any
 from pipeline import items as items_mod
 from pipeline import outputs
 from pipeline.backends.base import Backend
-from pipeline.backends.mock import MockConfig, MockServer
 from pipeline.backends.roboflow import RoboflowBackend
 from pipeline.credentials import read_api_key
 from pipeline.engine import Engine, EngineSettings, RunStats, StopReason, utc_now
@@ -42,6 +42,7 @@ from pipeline.lock import acquire_lock
 from pipeline.manifest import MANIFEST_NAME, ManifestState, ManifestWriter, load_state
 from pipeline.pricing import price_per_image
 from pipeline.records import WorkItem
+from pipeline.snapshot import load_cached_state, save_state_cache
 from pipeline.spec import Spec
 
 __all__ = ["JobResult", "run_job"]
@@ -90,25 +91,27 @@ async def run_job(
     out = spec.output_dir
     await asyncio.to_thread(outputs.check_writable, out)
     with acquire_lock(out):
-        swept = await asyncio.to_thread(outputs.sweep_temp_files, out)
+        files = outputs.StoredFiles(out)
+        swept = await asyncio.to_thread(files.sweep_temp_files)
         if swept:
             log.info("removed %d half-written temp files left by a killed run", swept)
-        state = await asyncio.to_thread(load_state, out / MANIFEST_NAME)
+        state = await asyncio.to_thread(_load_state, out / MANIFEST_NAME, verify)
         await asyncio.to_thread(_write_job_json, spec, spec_path)
-        async with _open_backend(spec, api_key, backend) as live_backend:
-            return await _run_engine(
-                spec, spec_path, state, live_backend, on_progress, install_signals, verify
-            )
+        with _state_frozen():
+            async with _open_backend(spec, api_key, backend) as live_backend:
+                return await _run_engine(
+                    spec, spec_path, state, files, live_backend, on_progress, install_signals
+                )
 
 
 async def _run_engine(
     spec: Spec,
     spec_path: Path,
     state: ManifestState,
+    files: outputs.StoredFiles,
     backend: Backend,
     on_progress: Callable[[RunStats], None] | None,
     install_signals: bool,
-    verify: bool,
 ) -> JobResult:
     run = spec.run
     settings = EngineSettings(
@@ -123,7 +126,6 @@ async def _run_engine(
         max_cost_usd=run.max_cost_usd,
         max_consecutive_failures=run.max_consecutive_failures,
         grace_period_s=run.grace_period_s,
-        verify_hashes=verify,
     )
     limiter = Limiter(
         rate=run.rate_limit, image_rate=run.image_rate_limit, concurrency=run.concurrency
@@ -134,11 +136,12 @@ async def _run_engine(
     ) as writer:
         engine = Engine(
             settings,
-            items=items_mod.expand_items(spec),
+            items=items_mod.expand_drafts(spec),
             backend=backend,
             limiter=limiter,
             state=state,
             writer=writer,
+            files=files,
             price=lambda item: _price(spec, item),
             expected=sum(items_mod.count_items(spec).values()),
             on_progress=on_progress,
@@ -153,12 +156,41 @@ async def _run_engine(
         finally:
             summary = _summary(spec, spec_path, engine, limiter, started_at, time.monotonic() - t0)
             await _write_summary(spec.output_dir / SUMMARY_NAME, summary)
+    await _save_state_cache(spec.output_dir / MANIFEST_NAME, state)
     return JobResult(
         exit_code=summary["exit_code"],
         stop_reason=engine.stop_reason,
         summary=summary,
         message=_stop_message(engine),
     )
+
+
+@contextlib.contextmanager
+def _state_frozen() -> Iterator[None]:
+    """Keep the cyclic GC off the state (a million tuples that never form cycles): without
+    this, every full collection during the run walks all of them again."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _load_state(manifest: Path, verify: bool) -> ManifestState:
+    """The manifest's state: from the state cache, or in full with every hash for --verify."""
+    if verify:
+        return load_state(manifest, with_hashes=True)
+    return load_cached_state(manifest)
+
+
+async def _save_state_cache(manifest: Path, state: ManifestState) -> None:
+    """Leave the state cache for the next resume; a cache is never worth failing a run."""
+    if state.hashes is not None:
+        state.hashes = None  # the cache keeps no hashes: --verify always reads the manifest
+    try:
+        await asyncio.to_thread(save_state_cache, manifest, state)
+    except OSError as exc:
+        log.info("could not write the state cache of %s: %s", manifest, exc)
 
 
 async def _write_summary(path: Path, summary: dict[str, Any]) -> None:
@@ -279,6 +311,10 @@ async def _open_backend(spec: Spec, api_key: str, given: Backend | None) -> Asyn
     kind = spec.backend.kind
     concurrency, timeout_s = spec.run.concurrency, spec.backend.timeout_s
     if kind == "mock":
+        # imported here: the mock pulls in aiohttp.web and Pillow's drawing, which a run
+        # against the real API never needs (a measurable share of a short run's CPU)
+        from pipeline.backends.mock import MockConfig, MockServer
+
         async with (
             MockServer(MockConfig()) as server,
             RoboflowBackend(

@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "backends": 5,
     "budget": 5,
     "items": 6,
+    "snapshot": 6,  # a cache of what manifest reads
     "engine": 7,
     "runner": 8,
     "plan": 10,

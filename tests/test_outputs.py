@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -10,6 +9,7 @@ import os
 import random
 import struct
 import zlib
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -20,11 +20,10 @@ from pipeline import outputs
 from pipeline.errors import OutputError, TransientError
 from pipeline.outputs import (
     ImageInfo,
+    StoredFiles,
     check_writable,
     output_path,
-    outputs_intact,
     store_image,
-    sweep_temp_files,
     verify_image,
     write_json_atomic,
 )
@@ -207,7 +206,7 @@ def test_store_image_failed_rename_keeps_previous_file_intact(
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OutputError, match="cannot write"):
         store_image(tmp_path, source="s", key=KEY, index=0, data=_image("PNG", (20, 20)))
-    assert outputs_intact(tmp_path, [old])
+    assert intact(tmp_path, [old], verify=True)
     assert _leftovers(tmp_path) == []
 
 
@@ -216,66 +215,90 @@ def test_store_image_replaces_a_damaged_file(tmp_path: Path) -> None:
     first = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
     (tmp_path / first.path).write_bytes(b"garbage")
     second = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
-    assert outputs_intact(tmp_path, [second])
+    assert intact(tmp_path, [second], verify=True)
 
 
-def test_outputs_intact_accepts_files_as_recorded(tmp_path: Path) -> None:
-    """Files that exist with their recorded hash are intact."""
+def intact(out_dir: Path, stored: list[OutputFile], *, verify: bool = False) -> bool:
+    """What a fresh resume (a new listing of OUT) says of `stored`."""
+    hashes = [o.sha256 for o in stored] if verify else None
+    return StoredFiles(out_dir).intact([o.path for o in stored], hashes)
+
+
+def test_stored_files_accepts_files_as_recorded(tmp_path: Path) -> None:
+    """Files that exist (and, with --verify, have their recorded hash) are intact."""
     stored = [
         store_image(tmp_path, source="s", key=KEY, index=i, data=_image("PNG", (8 + i, 8)))
         for i in range(2)
     ]
-    assert outputs_intact(tmp_path, stored)
+    assert intact(tmp_path, stored)
+    assert intact(tmp_path, stored, verify=True)
 
 
-def test_outputs_intact_detects_missing_file(tmp_path: Path) -> None:
+def test_stored_files_detects_missing_file(tmp_path: Path) -> None:
     """A deleted output makes its item run again on resume."""
-    out = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
-    (tmp_path / out.path).unlink()
-    assert not outputs_intact(tmp_path, [out])
-    assert not outputs_intact(tmp_path, [out], check_hash=False)
+    stored = [
+        store_image(tmp_path, source="s", key=KEY, index=i, data=_image("PNG", (8 + i, 8)))
+        for i in range(2)
+    ]
+    (tmp_path / stored[1].path).unlink()
+    assert not intact(tmp_path, stored)
+    assert not intact(tmp_path, stored, verify=True)
 
 
-def test_outputs_intact_size_check_catches_truncation(tmp_path: Path) -> None:
-    """A file whose size changed (truncated, replaced) fails even the quick size check."""
+def _flip_byte(data: bytes) -> bytes:
+    return data[:-20] + bytes([data[-20] ^ 0xFF]) + data[-19:]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda data: data[:-10], id="truncated"),
+        pytest.param(
+            lambda data: data[:-20] + bytes([data[-20] ^ 0xFF]) + data[-19:], id="flipped"
+        ),
+    ],
+)
+def test_stored_files_verify_catches_changed_bytes(
+    tmp_path: Path, change: Callable[[bytes], bytes]
+) -> None:
+    """A file changed in place passes the quick existence check (a file that exists is
+    complete: it was fsynced before its rename) and fails --verify's hash check."""
     out = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
     path = tmp_path / out.path
-    path.write_bytes(path.read_bytes()[:-10])
-    assert not outputs_intact(tmp_path, [out], check_hash=False)
-    assert not outputs_intact(tmp_path, [out])
+    path.write_bytes(change(path.read_bytes()))
+    assert intact(tmp_path, [out])
+    assert not intact(tmp_path, [out], verify=True)
 
 
-def test_outputs_intact_same_size_change_needs_the_hash(tmp_path: Path) -> None:
-    """Bytes changed in place at the same size pass the size check, fail the hash check."""
-    out = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
-    path = tmp_path / out.path
-    data = bytearray(path.read_bytes())
-    data[-20] ^= 0xFF
-    path.write_bytes(bytes(data))
-    assert outputs_intact(tmp_path, [out], check_hash=False)
-    assert not outputs_intact(tmp_path, [out])
-
-
-def test_outputs_intact_hashes_when_size_was_not_recorded(tmp_path: Path) -> None:
-    """Manifests without sizes (older runs) are checked by hash even in quick mode."""
-    out = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
-    legacy = dataclasses.replace(out, bytes=None)
-    path = tmp_path / out.path
-    data = bytearray(path.read_bytes())
-    data[-20] ^= 0xFF
-    path.write_bytes(bytes(data))
-    assert not outputs_intact(tmp_path, [legacy], check_hash=False)
-
-
-def test_outputs_intact_refuses_paths_outside_out(tmp_path: Path) -> None:
-    """A manifest path pointing outside OUT is never trusted as an output."""
+@pytest.mark.parametrize(
+    "bad_path",
+    [
+        pytest.param("../elsewhere.png", id="parent"),
+        pytest.param("images/../../elsewhere.png", id="dotdot-source"),
+        pytest.param("/tmp/elsewhere.png", id="absolute"),
+        pytest.param("elsewhere.png", id="top-level"),
+        pytest.param("images/s/sub/abc-0.png", id="nested"),
+        pytest.param("images/s", id="folder"),
+    ],
+)
+def test_stored_files_refuses_paths_outside_image_folders(tmp_path: Path, bad_path: str) -> None:
+    """A manifest path that does not name a file in OUT/images/<source>/ is never trusted."""
     out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    outside = tmp_path / "elsewhere.png"
-    outside.write_bytes(b"x")
-    digest = hashlib.sha256(b"x").hexdigest()
-    record = OutputFile(path="../elsewhere.png", sha256=digest, width=1, height=1)
-    assert not outputs_intact(out_dir, [record])
+    (out_dir / "images" / "s" / "sub").mkdir(parents=True)
+    for where in (tmp_path / "elsewhere.png", out_dir / "elsewhere.png"):
+        where.write_bytes(b"x")
+    (out_dir / "images" / "s" / "sub" / "abc-0.png").write_bytes(b"x")
+    assert not StoredFiles(out_dir).intact([bad_path])
+
+
+def test_stored_files_ignores_a_symlink_in_place_of_an_image(tmp_path: Path) -> None:
+    """A symlink where an image should be does not count as the image."""
+    out = store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
+    path = tmp_path / out.path
+    target = tmp_path / "real.png"
+    path.rename(target)
+    path.symlink_to(target)
+    assert not intact(tmp_path, [out])
 
 
 def test_sweep_temp_files_removes_only_leftover_temps(tmp_path: Path) -> None:
@@ -286,14 +309,17 @@ def test_sweep_temp_files_removes_only_leftover_temps(tmp_path: Path) -> None:
     temps = [folder / ".abc-0.png.1a2b3c4d.tmp", tmp_path / ".summary.json.5e6f7a8b.tmp"]
     for path in keep + temps:
         path.write_bytes(b"x")
-    assert sweep_temp_files(tmp_path) == 2
+    files = StoredFiles(tmp_path)
+    assert files.sweep_temp_files() == 2
     assert all(p.exists() for p in keep)
     assert not any(p.exists() for p in temps)
+    assert files.intact(["images/s/abc-0.png"])
+    assert not files.intact(["images/s/.abc-0.png.1a2b3c4d.tmp"])
 
 
 def test_sweep_temp_files_on_fresh_out_is_zero(tmp_path: Path) -> None:
     """A new OUT without images has nothing to sweep."""
-    assert sweep_temp_files(tmp_path / "new") == 0
+    assert StoredFiles(tmp_path / "new").sweep_temp_files() == 0
 
 
 def test_write_json_atomic_replaces_content(tmp_path: Path) -> None:

@@ -282,9 +282,9 @@ async def test_max_cost_with_unknown_price_is_refused_before_sending(
     assert server.stats.requests == 0
 
 
-async def test_resume_checks_sizes_and_verify_rehashes(write_spec: SpecWriter) -> None:
-    """Resume trusts a stored image whose size is unchanged (no re-read of the whole
-    dataset each night); --verify re-hashes and redoes one changed in place."""
+async def test_resume_trusts_existing_files_and_verify_rehashes(write_spec: SpecWriter) -> None:
+    """Resume trusts a stored image that exists (no re-read of the whole dataset each
+    night); --verify re-hashes and redoes one changed in place."""
     async with MockServer(MockConfig()) as server:
         path = write_spec(server.base_url, prompts=3)
         await run(path)

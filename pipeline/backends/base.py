@@ -233,6 +233,8 @@ def _seconds_until_date(text: str, now: datetime) -> float | None:
 
 def parse_rate_limit(headers: Mapping[str, str]) -> RateLimitHint | None:
     """Remaining requests and seconds to reset from ``x-ratelimit-*`` headers, if sent."""
+    if not any(name[:11].lower() == "x-ratelimit" for name in headers):
+        return None  # the usual answer: one pass instead of a lookup per header name
     remaining_text = _header(headers, "x-ratelimit-remaining-requests") or _header(
         headers, "x-ratelimit-remaining"
     )

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from pipeline import __version__
 from pipeline.backends.base import (
@@ -57,6 +58,8 @@ class RoboflowBackend:
     ) -> None:
         self._endpoint = base_url.rstrip("/") + "/synthetic-image"
         self._api_key = api_key
+        self._keyed_url: URL | None = None  # built on first use: a bad base_url fails there
+        self._encoder = json.JSONEncoder(separators=(",", ":"))
         self._limit = max(concurrency, 1) + DOWNLOAD_CONNECTIONS
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._clock = clock
@@ -132,6 +135,8 @@ class RoboflowBackend:
                 connector=aiohttp.TCPConnector(limit=self._limit),
                 timeout=self._timeout,
                 trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),  # a keyed JSON API: no cookies to keep
+                json_serialize=self._encoder.encode,  # one encoder, not one per request
                 headers={"User-Agent": f"synthaug/{__version__}"},
             )
         return self._session
@@ -145,9 +150,8 @@ class RoboflowBackend:
         session = self._ensure_session()
         failure: BackendError
         try:
-            async with session.post(
-                self._endpoint, params={"api_key": self._api_key}, json=body
-            ) as response:
+            # The keyed URL is parsed once per backend: `params=` would redo it every time.
+            async with session.post(self._post_url(), json=body) as response:
                 return response.status, await response.read(), response.headers
         except aiohttp.ConnectionTimeoutError:
             failure = TransientError(
@@ -176,6 +180,18 @@ class RoboflowBackend:
                 ambiguous=True,
             )
         raise failure
+
+    def _post_url(self) -> URL:
+        """The endpoint with the key as query parameter (raises `aiohttp.InvalidURL`)."""
+        if self._keyed_url is None:
+            try:
+                url = URL(self._endpoint)
+            except ValueError as exc:
+                raise aiohttp.InvalidURL(self._endpoint) from exc
+            if not url.is_absolute():
+                raise aiohttp.InvalidURL(self._endpoint)
+            self._keyed_url = url.extend_query(api_key=self._api_key)
+        return self._keyed_url
 
     def _generation(self, status: int, raw: bytes, headers: Mapping[str, str]) -> Generation:
         text = self._scrub(raw.decode("utf-8", errors="replace"))
