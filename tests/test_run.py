@@ -300,3 +300,29 @@ async def test_resume_trusts_existing_files_and_verify_rehashes(write_spec: Spec
         )
     assert verified.summary["requests"] == 1
     assert_outputs_valid(out)
+
+
+async def test_resume_with_the_state_cache_still_sees_deleted_files_and_edited_manifest(
+    write_spec: SpecWriter,
+) -> None:
+    """The state cache a run leaves never hides a change: a deleted image, or an ok line
+    removed from the manifest by hand, makes that item run again (and only that one)."""
+    async with MockServer(MockConfig()) as server:
+        path = write_spec(server.base_url, prompts=4)
+        await run(path)
+        out = path.parent / "out"
+        assert (out / ".manifest.jsonl.state").is_file()
+        lines = ok_lines(out)
+        (out / lines[0]["outputs"][0]["path"]).unlink()
+        deleted = await run(path)
+        manifest = out / "manifest.jsonl"
+        forget = lines[-1]["key"].encode()  # every line of one item, as if never run
+        kept = [ln for ln in manifest.read_bytes().splitlines(keepends=True) if forget not in ln]
+        manifest.write_bytes(b"".join(kept))
+        edited = await run(path)
+        again = await run(path)
+    assert deleted.summary["requests"] == 1
+    assert edited.summary["requests"] == 1
+    assert again.summary["requests"] == 0
+    assert again.summary["skipped_ok"] == 4
+    assert_outputs_valid(out)

@@ -1,0 +1,202 @@
+"""Reading the manifest back: the fast path, the state cache, and the full parse agree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.manifest import ManifestState, ManifestWriter, _fast_ok, load_state
+from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
+from pipeline.snapshot import cache_path, load_cached_state, save_state_cache
+
+KEYS = [f"{i:02x}" * 32 for i in range(6)]
+# Text meant to fool a line scanner: JSON markers, quotes, escapes, non-ASCII, newlines.
+TRICKY = st.lists(
+    st.sampled_from(
+        [
+            *['"', "\\", ",", "{", "}", "[", "]", ":", "\n", "é", "☃", "a", " ", "/"],
+            *['"outputs":[', '{"path":"images/s/', '],"attempts":', '","status":"ok"'],
+        ]
+    ),
+    max_size=12,
+).map("".join)
+
+
+def _record(key: str, status: str, prompt: str, n: int, source: str = "src") -> ItemRecord:
+    outputs = tuple(
+        OutputFile(
+            path=f"images/{source}/{key[:16]}-{i}.png",
+            sha256=f"{i:064x}",
+            width=8,
+            height=8,
+            url=f"https://x.test/{prompt}",
+            id=prompt,
+            bytes=100 + i,
+        )
+        for i in range(n if status == "ok" else 0)
+    )
+    error = ErrorInfo("http_status", 500, prompt) if status == "failed" else None
+    return ItemRecord(
+        key=key,
+        status=status,  # type: ignore[arg-type]
+        source=source,
+        vars={"v": prompt, "outputs": prompt},
+        repeat=0,
+        input=InputImage("url", prompt) if prompt else None,
+        prompt=prompt,
+        params={"n": n, "style": prompt},
+        outputs=outputs,
+        attempts=2,
+        error=error,
+        response={"data": [{"url": prompt, "path": "images/src/x-0.png"}]},
+    )
+
+
+LINES = st.lists(
+    st.tuples(
+        st.sampled_from(KEYS),
+        st.sampled_from(["ok", "ok", "failed", "generated"]),
+        TRICKY,
+        st.integers(1, 3),
+    ),
+    max_size=12,
+)
+
+
+def _write(path: Path, lines: list[tuple[str, str, str, int]]) -> None:
+    with ManifestWriter(path) as writer:
+        for key, status, prompt, n in lines:
+            line = _record(key, status, prompt, n).to_json()
+            if status == "generated":
+                line["pending"] = [{"url": f"https://x.test/{prompt}", "id": prompt}]
+            writer.append(line)
+
+
+def _view(state: ManifestState) -> tuple[dict[str, object], dict[str, object]]:
+    return dict(state.finished), {
+        k: (e.status, e.pending, e.error_kind, e.attempts) for k, e in state.open.items()
+    }
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(lines=LINES)
+def test_fast_path_reads_what_the_full_parse_reads(
+    tmp_path: Path, lines: list[tuple[str, str, str, int]]
+) -> None:
+    """The quick reading of ok lines gives the same state as parsing every line as JSON,
+    whatever the prompts, vars and answers contain."""
+    path = tmp_path / f"m-{abs(hash(tuple(lines)))}.jsonl"
+    _write(path, lines)
+    fast, full = load_state(path), load_state(path, with_hashes=True)
+    assert _view(fast) == _view(full)
+    last = {key: status for key, status, _p, _n in lines}
+    assert {k for k, s in last.items() if s == "ok"} == set(fast.finished)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(before=LINES, after=LINES)
+def test_state_cache_plus_new_lines_equals_the_manifest(
+    tmp_path: Path, before: list[tuple[str, str, str, int]], after: list[tuple[str, str, str, int]]
+) -> None:
+    """A cache written after one run, plus the lines a later run appended, gives the
+    state of the whole manifest."""
+    path = tmp_path / f"m-{abs(hash((tuple(before), tuple(after))))}.jsonl"
+    _write(path, before)
+    save_state_cache(path, load_state(path))
+    _write(path, after)
+    assert _view(load_cached_state(path)) == _view(load_state(path, with_hashes=True))
+
+
+@pytest.mark.parametrize(
+    "prompt", ["plain", '"outputs":[{"path":"images/src/x-0.png"}],"attempts":']
+)
+def test_writer_lines_take_the_fast_path(tmp_path: Path, prompt: str) -> None:
+    """The lines the writer makes are the ones the quick reading understands (else the
+    speed-up silently vanishes)."""
+    path = tmp_path / "manifest.jsonl"
+    _write(path, [(KEYS[0], "ok", prompt, 2)])
+    paths = (f"images/src/{KEYS[0][:16]}-0.png", f"images/src/{KEYS[0][:16]}-1.png")
+    assert _fast_ok(path.read_bytes()) == (KEYS[0], "src", paths)
+
+
+def test_non_canonical_ok_line_is_read_in_full(tmp_path: Path) -> None:
+    """An ok line written by hand (keys in another order) is still understood."""
+    path = tmp_path / "manifest.jsonl"
+    key = KEYS[0]
+    line = {
+        "status": "ok",
+        "outputs": [{"sha256": "x", "path": f"images/s/{key[:16]}-0.png"}],
+        "key": key,
+        "source": "s",
+    }
+    path.write_text(json.dumps(line) + "\n")
+    assert load_state(path).finished == {key: ("s", (f"images/s/{key[:16]}-0.png",))}
+
+
+def _cached_run(tmp_path: Path) -> Path:
+    path = tmp_path / "manifest.jsonl"
+    _write(path, [(KEYS[0], "ok", "a", 1), (KEYS[1], "ok", "b", 1), (KEYS[2], "failed", "c", 1)])
+    save_state_cache(path, load_state(path))
+    assert cache_path(path).exists()
+    return path
+
+
+def _drop_last_line(path: Path) -> None:
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]))
+
+
+def _rewrite_first_line_same_size(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"status":"ok"', b'"status":"no"', 1))
+
+
+def _damage_cache(path: Path) -> None:
+    cache = cache_path(path)
+    data = bytearray(cache.read_bytes())
+    data[-5] ^= 0xFF
+    cache.write_bytes(bytes(data))
+
+
+def _other_python(path: Path) -> None:
+    cache = cache_path(path)
+    header, _, payload = cache.read_bytes().partition(b"\n")
+    fields = json.loads(header)
+    fields["python"] = "cpython-2.7"
+    cache.write_bytes(json.dumps(fields).encode() + b"\n" + payload)
+
+
+def _garbage_cache(path: Path) -> None:
+    cache_path(path).write_bytes(b"\x00\x01not a cache")
+
+
+def _replace_manifest(path: Path) -> None:
+    path.unlink()
+    _write(path, [(KEYS[3], "ok", "z", 2)])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(_drop_last_line, id="line-removed"),
+        pytest.param(_rewrite_first_line_same_size, id="edited-in-place"),
+        pytest.param(_damage_cache, id="damaged-cache"),
+        pytest.param(_other_python, id="other-python"),
+        pytest.param(_garbage_cache, id="garbage-cache"),
+        pytest.param(_replace_manifest, id="new-manifest"),
+    ],
+)
+def test_state_cache_is_ignored_when_it_no_longer_matches(tmp_path: Path, change: object) -> None:
+    """An edited, shortened or replaced manifest, or a damaged or foreign cache: the
+    state comes from the manifest itself."""
+    path = _cached_run(tmp_path)
+    change(path)  # type: ignore[operator]
+    assert _view(load_cached_state(path)) == _view(load_state(path, with_hashes=True))
