@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--verify",
         action="store_true",
-        help="on resume, re-hash every stored image (default: check sizes)",
+        help="on resume, re-hash every stored image (default: check that the files exist)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(

@@ -184,7 +184,14 @@ def _load_state(manifest: Path, verify: bool) -> ManifestState:
 
 
 async def _save_state_cache(manifest: Path, state: ManifestState) -> None:
-    """Leave the state cache for the next resume; a cache is never worth failing a run."""
+    """Leave the state cache for the next resume; a cache is never worth failing a run.
+
+    Only a resumed run writes it: it holds the state in memory already. A first run
+    streams its items in flat memory, and reading back the million lines it wrote would
+    end it with the whole state in memory; its first resume writes the cache instead.
+    """
+    if not len(state):
+        return
     if state.hashes is not None:
         state.hashes = None  # the cache keeps no hashes: --verify always reads the manifest
     try:

@@ -1,11 +1,12 @@
 """A cache of the manifest's per-key state, so that resuming a big job reads a few lines.
 
 Reading a finished million-line manifest costs about 3.5 s; loading this cache about 0.5 s.
-The manifest stays the only truth: the cache records how many manifest bytes it covers
-and a hash of the last of them, and is used only while the manifest still holds exactly
-those bytes there (lines appended after it are read as usual). Any doubt (another Python,
-a different or edited manifest, a damaged cache) means the manifest is read in full.
-`run` rewrites the cache when it ends; deleting it is always safe.
+The manifest stays the only truth: the cache records how many manifest bytes it covers,
+a hash of the last of them and the manifest's identity (device, inode, mtime), and is
+used only while the same manifest file still holds those bytes (lines appended after
+them are read as usual). Any doubt (another Python, a replaced or rewritten manifest, a
+damaged cache) means the manifest is read in full. A resumed `run` rewrites the cache
+when it ends; deleting it is always safe.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def save_state_cache(manifest: Path, state: ManifestState) -> None:
         "python": _PYTHON,
         "manifest_bytes": state.offset,
         "tail_sha256": _tail_sha256(manifest, state.offset),
+        "manifest_id": _identity(manifest),
         "payload_bytes": len(payload),
         "payload_crc32": zlib.crc32(payload),
     }
@@ -110,11 +112,26 @@ def _header_matches(header: Any, manifest: Path) -> bool:
     if not isinstance(header.get("payload_bytes"), int):
         return False
     try:
-        if manifest.stat().st_size < covered:
-            return False
+        size = manifest.stat().st_size
     except FileNotFoundError:
         return False
+    if size < covered:
+        return False
+    recorded = header.get("manifest_id")
+    if not isinstance(recorded, list) or len(recorded) != 3:
+        return False
+    device, inode, mtime_ns = _identity(manifest)
+    if [device, inode] != recorded[:2]:
+        return False  # another file (replaced, restored, copied): read it in full
+    if size == covered and mtime_ns != recorded[2]:
+        return False  # rewritten in place since, without growing
     return header.get("tail_sha256") == _tail_sha256(manifest, covered)
+
+
+def _identity(manifest: Path) -> list[int]:
+    """Device, inode and modification time of the manifest."""
+    info = manifest.stat()
+    return [info.st_dev, info.st_ino, info.st_mtime_ns]
 
 
 def _tail_sha256(manifest: Path, covered: int) -> str:
