@@ -30,6 +30,7 @@ __all__ = [
     "Finished",
     "ManifestState",
     "ManifestWriter",
+    "apply_line",
     "gc_paused",
     "load_state",
     "read_latest",
@@ -177,7 +178,7 @@ def read_more(path: Path, state: ManifestState) -> None:
                 _warn_unreadable(path, offset, raw)
                 continue
             source = str(record.get("source", ""))
-            _apply(state, record, sources.setdefault(source, source))
+            apply_line(state, record, sources.setdefault(source, source))
 
 
 def _no_fast_path(raw: bytes) -> None:
@@ -225,8 +226,8 @@ def _fast_ok(raw: bytes) -> tuple[str, str, tuple[str, ...]] | None:
     return key.decode(), source.decode(), tuple(paths)
 
 
-def _apply(state: ManifestState, record: Mapping[str, Any], source: str) -> None:
-    """Make `record` the last known line of its key."""
+def apply_line(state: ManifestState, record: Mapping[str, Any], source: str) -> None:
+    """Make `record` (a parsed manifest line) the last known line of its key."""
     key, status = record["key"], record["status"]
     if status == "ok":
         outputs = [o for o in record.get("outputs") or () if isinstance(o, Mapping)]
@@ -279,6 +280,7 @@ class ManifestWriter:
         self._clock = clock
         self._fsync = fsync  # None: os.fsync, looked up when called
         self._hooks: list[Callable[[], None]] = []
+        self._append_hooks: list[Callable[[Mapping[str, Any], int], None]] = []
         self._encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
         self._last_sync = clock()
         self._dirty = False
@@ -318,8 +320,15 @@ class ManifestWriter:
             raise
         self._fence = False
         self._dirty = True
+        for hook in self._append_hooks:
+            hook(data, size + len(payload))
         if self._clock() - self._last_sync >= self._interval:
             self.sync()
+
+    def add_append_hook(self, hook: Callable[[Mapping[str, Any], int], None]) -> None:
+        """Call `hook(line, end)` after each line is written: the line as a dict and the
+        manifest's size after it (the state cache follows the manifest this way)."""
+        self._append_hooks.append(hook)
 
     def _cut(self, size: int) -> None:
         """Remove what a failed append wrote past `size`, or fence it off if we cannot."""

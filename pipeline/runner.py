@@ -39,10 +39,10 @@ from pipeline.errors import (
 )
 from pipeline.limiter import Limiter
 from pipeline.lock import acquire_lock
-from pipeline.manifest import MANIFEST_NAME, ManifestState, ManifestWriter, load_state
+from pipeline.manifest import MANIFEST_NAME, ManifestState, ManifestWriter
 from pipeline.pricing import price_per_image
 from pipeline.records import WorkItem
-from pipeline.snapshot import load_cached_state, save_state_cache
+from pipeline.snapshot import StateCache
 from pipeline.spec import Spec
 
 __all__ = ["JobResult", "run_job"]
@@ -95,12 +95,13 @@ async def run_job(
         swept = await asyncio.to_thread(files.sweep_temp_files)
         if swept:
             log.info("removed %d half-written temp files left by a killed run", swept)
-        state = await asyncio.to_thread(_load_state, out / MANIFEST_NAME, verify)
+        cache = StateCache(out / MANIFEST_NAME)
+        state = await asyncio.to_thread(cache.load, with_hashes=verify)
         await asyncio.to_thread(_write_job_json, spec, spec_path)
         with _state_frozen():
             async with _open_backend(spec, api_key, backend) as live_backend:
                 return await _run_engine(
-                    spec, spec_path, state, files, live_backend, on_progress, install_signals
+                    spec, spec_path, state, cache, files, live_backend, on_progress, install_signals
                 )
 
 
@@ -108,6 +109,7 @@ async def _run_engine(
     spec: Spec,
     spec_path: Path,
     state: ManifestState,
+    cache: StateCache,
     files: outputs.StoredFiles,
     backend: Backend,
     on_progress: Callable[[RunStats], None] | None,
@@ -134,6 +136,8 @@ async def _run_engine(
     with ManifestWriter(
         spec.output_dir / MANIFEST_NAME, fsync_interval_s=run.fsync_interval_s
     ) as writer:
+        writer.add_append_hook(cache.add)
+        await asyncio.to_thread(cache.start, state)
         engine = Engine(
             settings,
             items=items_mod.expand_drafts(spec),
@@ -154,9 +158,9 @@ async def _run_engine(
                 raise
             # our own second-signal cancel: the workers are down, finish the checkpoint
         finally:
+            cache.close()
             summary = _summary(spec, spec_path, engine, limiter, started_at, time.monotonic() - t0)
             await _write_summary(spec.output_dir / SUMMARY_NAME, summary)
-    await _save_state_cache(spec.output_dir / MANIFEST_NAME, state)
     return JobResult(
         exit_code=summary["exit_code"],
         stop_reason=engine.stop_reason,
@@ -174,30 +178,6 @@ def _state_frozen() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
-
-
-def _load_state(manifest: Path, verify: bool) -> ManifestState:
-    """The manifest's state: from the state cache, or in full with every hash for --verify."""
-    if verify:
-        return load_state(manifest, with_hashes=True)
-    return load_cached_state(manifest)
-
-
-async def _save_state_cache(manifest: Path, state: ManifestState) -> None:
-    """Leave the state cache for the next resume; a cache is never worth failing a run.
-
-    Only a resumed run writes it: it holds the state in memory already. A first run
-    streams its items in flat memory, and reading back the million lines it wrote would
-    end it with the whole state in memory; its first resume writes the cache instead.
-    """
-    if not len(state):
-        return
-    if state.hashes is not None:
-        state.hashes = None  # the cache keeps no hashes: --verify always reads the manifest
-    try:
-        await asyncio.to_thread(save_state_cache, manifest, state)
-    except OSError as exc:
-        log.info("could not write the state cache of %s: %s", manifest, exc)
 
 
 async def _write_summary(path: Path, summary: dict[str, Any]) -> None:

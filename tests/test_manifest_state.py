@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pipeline.manifest import ManifestState, ManifestWriter, _fast_ok, load_state
 from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
-from pipeline.snapshot import cache_path, load_cached_state, save_state_cache
+from pipeline.snapshot import StateCache, cache_path, load_cached_state
 
 KEYS = [f"{i:02x}" * 32 for i in range(6)]
 # Text meant to fool a line scanner: JSON markers, quotes, escapes, non-ASCII, newlines.
@@ -67,13 +67,28 @@ LINES = st.lists(
 )
 
 
-def _write(path: Path, lines: list[tuple[str, str, str, int]]) -> None:
+def _write(
+    path: Path, lines: list[tuple[str, str, str, int]], cache: StateCache | None = None
+) -> None:
+    """Append `lines` as a run would, keeping `cache` in step when given."""
     with ManifestWriter(path) as writer:
+        if cache is not None:
+            writer.add_append_hook(cache.add)
+            cache.start(cache.load())
         for key, status, prompt, n in lines:
             line = _record(key, status, prompt, n).to_json()
             if status == "generated":
                 line["pending"] = [{"url": f"https://x.test/{prompt}", "id": prompt}]
             writer.append(line)
+
+
+def _run(path: Path, lines: list[tuple[str, str, str, int]], *, killed: bool = False) -> None:
+    """One run with the state cache (segments of 3 lines); `killed` skips its last flush."""
+    cache = StateCache(path, segment_lines=3)
+    _write(path, lines, cache)
+    if killed:
+        cache._lines = 0  # the lines since the last segment die with the process
+    cache.close()
 
 
 def _view(state: ManifestState) -> tuple[dict[str, object], dict[str, object]]:
@@ -102,17 +117,28 @@ def test_fast_path_reads_what_the_full_parse_reads(
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(before=LINES, after=LINES)
-def test_state_cache_plus_new_lines_equals_the_manifest(
-    tmp_path: Path, before: list[tuple[str, str, str, int]], after: list[tuple[str, str, str, int]]
+@given(runs=st.lists(st.tuples(LINES, st.booleans()), min_size=1, max_size=4))
+def test_state_cache_follows_runs_and_kills(
+    tmp_path: Path, runs: list[tuple[list[tuple[str, str, str, int]], bool]]
 ) -> None:
-    """A cache written after one run, plus the lines a later run appended, gives the
-    state of the whole manifest."""
-    path = tmp_path / f"m-{abs(hash((tuple(before), tuple(after))))}.jsonl"
-    _write(path, before)
-    save_state_cache(path, load_state(path))
-    _write(path, after)
-    assert _view(load_cached_state(path)) == _view(load_state(path, with_hashes=True))
+    """Whatever runs appended (some killed before their last cache segment), the cache
+    plus the lines after it give the state of the whole manifest."""
+    path = tmp_path / f"m-{abs(hash(repr(runs)))}.jsonl"
+    for lines, killed in runs:
+        _run(path, lines, killed=killed)
+        assert _view(load_cached_state(path)) == _view(load_state(path, with_hashes=True))
+
+
+def test_state_cache_is_used(tmp_path: Path) -> None:
+    """After a run, a resume takes its state from the cache's segments."""
+    path = tmp_path / "manifest.jsonl"
+    _run(path, [(KEYS[0], "ok", "a", 1), (KEYS[1], "failed", "b", 1)] * 2)
+    cache = StateCache(path)
+    state = cache.load()
+    assert _view(state) == _view(load_state(path, with_hashes=True))
+    assert state.offset == path.stat().st_size
+    assert cache._cached is not None
+    assert cache._cached.segments == 3  # the first run's empty start, then 3 + 1 lines
 
 
 @pytest.mark.parametrize(
@@ -143,10 +169,14 @@ def test_non_canonical_ok_line_is_read_in_full(tmp_path: Path) -> None:
 
 def _cached_run(tmp_path: Path) -> Path:
     path = tmp_path / "manifest.jsonl"
-    _write(path, [(KEYS[0], "ok", "a", 1), (KEYS[1], "ok", "b", 1), (KEYS[2], "failed", "c", 1)])
-    save_state_cache(path, load_state(path))
+    _run(path, [(KEYS[0], "ok", "a", 1), (KEYS[1], "ok", "b", 1), (KEYS[2], "failed", "c", 1)])
     assert cache_path(path).exists()
     return path
+
+
+def _torn_cache(path: Path) -> None:
+    cache = cache_path(path)
+    cache.write_bytes(cache.read_bytes()[:-7])
 
 
 def _drop_last_line(path: Path) -> None:
@@ -191,6 +221,7 @@ def _replace_manifest(path: Path) -> None:
         pytest.param(_damage_cache, id="damaged-cache"),
         pytest.param(_other_python, id="other-python"),
         pytest.param(_garbage_cache, id="garbage-cache"),
+        pytest.param(_torn_cache, id="torn-last-segment"),
         pytest.param(_replace_manifest, id="new-manifest"),
     ],
 )
