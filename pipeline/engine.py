@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -317,10 +317,13 @@ class Engine:
     def _keys_missing_files(self) -> set[str]:
         """The ok keys with a file gone: one set difference over the whole manifest."""
         finished = self._state.finished
-        all_paths = chain.from_iterable(map(itemgetter(1), finished.values()))
-        missing = self._files.missing(all_paths)
-        if not missing:
+
+        def all_paths() -> Iterator[str]:
+            return chain.from_iterable(map(itemgetter(1), finished.values()))
+
+        if self._files.all_present(all_paths()):
             return set()
+        missing = self._files.missing(all_paths())
         return {key for key, (_source, paths) in finished.items() if not missing.isdisjoint(paths)}
 
     async def _backoff_sleep(self, seconds: float) -> None:

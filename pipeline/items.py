@@ -152,7 +152,7 @@ def iter_source_drafts(
     seed = DEFAULT_SEED if source.seed is None else source.seed
     kind, project_url = spec.backend.kind, spec.project_url or ""
     repeats = range(source.repeats)
-    new = ItemDraft._make
+    new = tuple.__new__  # ItemDraft(...) without the keyword handling: 0.1 s per million
     index = 0
     for input_image in _inputs(spec, source, hashes):
         image = input_image.key_value() if input_image else None
@@ -164,7 +164,7 @@ def iter_source_drafts(
         prompts = iter_prompts(template, values, source.combine, samples=source.samples, seed=seed)
         for combo, prompt in prompts:
             for repeat in repeats:
-                yield new((key_of(prompt, repeat), prompt, combo, repeat, index, shape))
+                yield new(ItemDraft, (key_of(prompt, repeat), prompt, combo, repeat, index, shape))
                 index += 1
 
 

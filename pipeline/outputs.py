@@ -353,9 +353,13 @@ class StoredFiles:
                 return False
         return True
 
+    def all_present(self, paths: Iterable[str]) -> bool:
+        """True when every one of `paths` is a stored image file (one C-level pass over
+        a whole job's paths instead of a call per item)."""
+        return self._listed().issuperset(paths)
+
     def missing(self, paths: Iterable[str]) -> set[str]:
-        """Those of `paths` that are not stored image files: one set difference for a
-        whole job instead of a lookup per file."""
+        """Those of `paths` that are not stored image files."""
         return set(paths).difference(self._listed())
 
     def sweep_temp_files(self) -> int:

@@ -39,7 +39,7 @@ from pipeline.errors import (
 )
 from pipeline.limiter import Limiter
 from pipeline.lock import acquire_lock
-from pipeline.manifest import MANIFEST_NAME, ManifestState, ManifestWriter
+from pipeline.manifest import MANIFEST_NAME, ManifestState, ManifestWriter, gc_paused
 from pipeline.pricing import price_per_image
 from pipeline.records import WorkItem
 from pipeline.snapshot import StateCache
@@ -96,9 +96,9 @@ async def run_job(
         if swept:
             log.info("removed %d half-written temp files left by a killed run", swept)
         cache = StateCache(out / MANIFEST_NAME)
-        state = await asyncio.to_thread(cache.load, with_hashes=verify)
-        await asyncio.to_thread(_write_job_json, spec, spec_path)
-        with _state_frozen():
+        with _gc_spares_state():
+            state = await asyncio.to_thread(_load_frozen, cache, verify)
+            await asyncio.to_thread(_write_job_json, spec, spec_path)
             async with _open_backend(spec, api_key, backend) as live_backend:
                 return await _run_engine(
                     spec, spec_path, state, cache, files, live_backend, on_progress, install_signals
@@ -169,11 +169,18 @@ async def _run_engine(
     )
 
 
+def _load_frozen(cache: StateCache, verify: bool) -> ManifestState:
+    """Load the state with the cyclic GC off, and freeze it before the GC comes back: a
+    million tuples that never form cycles, which every collection would walk again."""
+    with gc_paused():
+        state = cache.load(with_hashes=verify)
+        gc.freeze()
+    return state
+
+
 @contextlib.contextmanager
-def _state_frozen() -> Iterator[None]:
-    """Keep the cyclic GC off the state (a million tuples that never form cycles): without
-    this, every full collection during the run walks all of them again."""
-    gc.freeze()
+def _gc_spares_state() -> Iterator[None]:
+    """Give objects frozen by `_load_frozen` back to the GC when the run is over."""
     try:
         yield
     finally:
