@@ -7,6 +7,8 @@ The mock (`synthaug mock-server --latency L --rate-limit R`, its own process) en
 exactly R with 429s. synthaug (`python -m pipeline run`, its own process) is measured
 alone: CPU seconds and peak RSS come from `os.wait4` on its pid. The achieved rate is
 requests / (time from first to last request start), sampled from the mock's /_stats.
+After the naive client, a last row, "aiohttp alone", is the floor: one POST and one GET
+per item paced by a sleep, nothing checked or stored (CPU of this process).
 """
 
 from __future__ import annotations
@@ -63,6 +65,57 @@ async def naive_client(base_url: str, items: int, concurrency: int) -> dict[str,
         prompts = [f"naive {i} {j}" for i in range(a) for j in range(b)]
         await asyncio.gather(*(one(session, p) for p in prompts))
     return outcome
+
+
+async def floor_client(base_url: str, items: int, concurrency: int, rate: float) -> int:
+    """The least any client must do: one POST and one GET per item, paced at `rate` by a
+    plain sleep, nothing checked or stored. Its CPU is the floor under synthaug's."""
+    sem = asyncio.Semaphore(concurrency)
+    a, b = factor_pair(items)
+    ok = 0
+
+    async def one(session: aiohttp.ClientSession, prompt: str) -> None:
+        nonlocal ok
+        body = {"project_url": "bench", "prompt": prompt, "size": "64x64", "n": 1}
+        async with sem:
+            url = f"{base_url}/synthetic-image?api_key=k"
+            async with session.post(url, json=body) as resp:
+                image_url = (await resp.json())["data"][0]["url"]
+            async with session.get(image_url) as img:
+                await img.read()
+            ok += 1
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        tasks = []
+        for prompt in (f"floor {i} {j}" for i in range(a) for j in range(b)):
+            tasks.append(asyncio.create_task(one(session, prompt)))
+            await asyncio.sleep(1 / rate)
+        await asyncio.gather(*tasks)
+    return ok
+
+
+def bench_floor(
+    *, items: int, rate: float, concurrency: int, latency: float, burst: int
+) -> dict[str, Any]:
+    """`floor_client` in this process (CPU from `time.process_time`), mock in its own."""
+    del burst  # the floor client paces itself; the mock enforces nothing
+    with mock_server(latency=latency, rate_limit=None) as base:
+        cpu0, t0 = time.process_time(), time.monotonic()
+        ok = asyncio.run(floor_client(base, items, concurrency, rate))
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
+        stats = get_json(base + "/_stats")
+    requests = stats["requests"]
+    ideal = min(rate, concurrency / latency) if latency > 0 else rate
+    return {
+        "client": "aiohttp alone (floor)",
+        "items": items,
+        "ok": ok,
+        "failed": items - ok,
+        **_rate_figures(requests / wall, ideal, requests, stats),
+        "cpu_s": round(cpu, 2),
+        "cpu_s_per_1000_requests": round(cpu / max(requests, 1) * 1000, 3),
+        "wall_s": round(wall, 2),
+    }
 
 
 def bench_synthaug(
@@ -168,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             _show(rows)
         if not args.no_baseline:
             rows.append(bench_naive(items=sizes[0], **setup))
+            rows.append(bench_floor(items=sizes[0], **setup))
     _show(rows)
     save_results(
         "throughput_quick" if args.quick else "throughput", {"params": setup, "runs": rows}
