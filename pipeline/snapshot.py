@@ -16,6 +16,7 @@ dropped. Deleting the cache is always safe.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -170,10 +171,11 @@ class StateCache:
 
     def _give_up(self, exc: OSError) -> None:
         log.info("not keeping the state cache of %s: %s", self._manifest, exc)
-        if self._fh is not None:
-            self._fh.close()
-        self._fh = None
-        self._path.unlink(missing_ok=True)
+        fh, self._fh = self._fh, None
+        with contextlib.suppress(OSError):
+            if fh is not None:
+                fh.close()
+            self._path.unlink(missing_ok=True)  # a stale cache would only be read in full
 
 
 @dataclass(slots=True)

@@ -327,3 +327,18 @@ async def test_resume_with_the_state_cache_still_sees_deleted_files_and_edited_m
     assert again.summary["requests"] == 0
     assert again.summary["skipped_ok"] == 4
     assert_outputs_valid(out)
+
+
+async def test_a_state_cache_that_cannot_be_written_never_fails_a_run(
+    write_spec: SpecWriter,
+) -> None:
+    """Something in the way of the state cache (here a folder of that name): the run and
+    its resume still work, reading the manifest instead."""
+    async with MockServer(MockConfig()) as server:
+        path = write_spec(server.base_url, prompts=3)
+        out = path.parent / "out"
+        (out / ".manifest.jsonl.state").mkdir(parents=True)
+        first = await run(path)
+        second = await run(path)
+    assert (first.exit_code, first.summary["ok"]) == (0, 3)
+    assert (second.exit_code, second.summary["requests"], second.summary["skipped_ok"]) == (0, 0, 3)
