@@ -88,8 +88,8 @@ class StateCache:
 
     def start(self, state: ManifestState) -> None:
         """Bring `state` up to the manifest's end and make the cache cover all of it."""
-        read_more(self._manifest, state)  # a torn line the writer just fenced may parse now
         try:
+            read_more(self._manifest, state)  # a torn line the writer just fenced may parse now
             self._fh = self._open_for(state)
         except OSError as exc:
             self._give_up(exc)
@@ -125,7 +125,8 @@ class StateCache:
         self.flush()
         if self._fh is not None:
             fh, self._fh = self._fh, None
-            fh.close()
+            with contextlib.suppress(OSError):  # every segment was flushed when written
+                fh.close()
 
     def _open_for(self, state: ManifestState) -> IO[bytes]:
         """The cache file, open for appending, covering the manifest up to `state.offset`."""
