@@ -258,17 +258,19 @@ def _scratch_name(tag: str) -> Path:
 
 
 def save_results(section: str, payload: dict[str, Any]) -> None:
-    """Merge `payload` under `section` into benchmarks/results.json, with machine and date."""
+    """Merge `payload` under `section` into benchmarks/results.json (or the file named by
+    $SYNTHAUG_BENCH_RESULTS, as the smoke tests do), with machine and date."""
+    target = Path(os.environ.get("SYNTHAUG_BENCH_RESULTS") or RESULTS)
     data: dict[str, Any] = {}
-    if RESULTS.exists():
+    if target.exists():
         with contextlib.suppress(ValueError):
-            data = json.loads(RESULTS.read_text(encoding="utf-8"))
+            data = json.loads(target.read_text(encoding="utf-8"))
     data[section] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         **payload,
     }
-    RESULTS.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    target.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -1,0 +1,57 @@
+"""The benchmark scripts the README tells users to run still run (tiny sizes, loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_benchmark(tmp_path: Path, script: str, *args: str) -> dict[str, Any]:
+    """Run benchmarks/SCRIPT with ARGS; its results go to a scratch file, not the repo's."""
+    results = tmp_path / "results.json"
+    env = {**os.environ, "SYNTHAUG_BENCH_RESULTS": str(results)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| " in done.stdout  # the table
+    data: dict[str, Any] = json.loads(results.read_text())
+    return data
+
+
+def test_throughput_benchmark_runs(tmp_path: Path) -> None:
+    """`throughput.py` drives a real run against the mock and records its figures."""
+    data = run_benchmark(
+        tmp_path, "throughput.py", "--items", "24", "--rate", "200", "--latency", "0.02",
+        "--no-baseline",
+    )  # fmt: skip
+    (run,) = data["throughput"]["runs"]
+    assert (run["exit_code"], run["ok"], run["duplicates"]) == (0, 24, 0)
+    assert run["requests"] >= 24  # a retried 429 is one more request, not one more image
+    assert run["cpu_s_per_1000_requests"] > 0
+
+
+def test_scale_benchmark_runs(tmp_path: Path) -> None:
+    """`scale.py` runs a job of the given size to the end."""
+    data = run_benchmark(tmp_path, "scale.py", "--sizes", "30")
+    (run,) = data["scale"]["runs"]
+    assert (run["items"], run["completed"]) == (30, 30)
+
+
+def test_resume_benchmark_runs(tmp_path: Path) -> None:
+    """`resume.py` builds a finished job and every resume of it sends nothing."""
+    data = run_benchmark(tmp_path, "resume.py", "--items", "40", "--keep", str(tmp_path / "job"))
+    resumes = [r for r in data["resume"]["runs"] if r["command"].startswith("run")]
+    assert len(resumes) == 3
+    assert all((r["exit_code"], r["requests"], r["skipped_ok"]) == (0, 0, 40) for r in resumes)
