@@ -6,12 +6,14 @@ run appends one every `SEGMENT_LINES` lines (so memory stays flat, and a killed 
 loses at most its last few thousand lines to the slow path), and the first segment is
 the whole state when a run starts from a cache that no longer fits.
 
-The manifest stays the only truth. Each segment records the byte range it covers, a hash
-of the last manifest bytes of that range and the manifest's identity (device, inode,
-mtime); the cache is used only while the same manifest file still holds those bytes
-(lines after them are read as usual). Any doubt (another Python, a replaced or rewritten
-manifest, a damaged cache) means the manifest is read in full; a torn last segment is
-dropped. Deleting the cache is always safe.
+The manifest stays the only truth. Each segment records the byte range it covers, a
+fingerprint of the manifest up to its end (sampled blocks and the last block) and the
+manifest's mtime; the cache is used only while the manifest still holds those bytes
+(lines after them are read as usual) and, if it has not grown since, has the same mtime.
+A copy of OUT that keeps mtimes (a restored CI cache, rsync -a) keeps its cache. Any
+doubt (another Python, a rewritten or different manifest, a damaged cache) means the
+manifest is read in full; a torn last segment is dropped. Deleting the cache is always
+safe.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ log = logging.getLogger(__name__)
 
 SEGMENT_LINES = 8192  # manifest lines per segment: ~3 MB of state held while a run writes
 MAX_SEGMENTS = 256  # past this many, a run starts by writing the whole state as one
-_FORMAT = 2
-_TAIL_BYTES = 4096  # the manifest bytes just before a segment's end, hashed
+_FORMAT = 3
+_BLOCK = 4096  # bytes per sample of a manifest's fingerprint
+_SAMPLES = 16  # evenly spaced samples, plus the last block
 _PYTHON = f"{sys.implementation.name}-{sys.version_info[0]}.{sys.version_info[1]}"  # marshal
 
 
@@ -162,8 +165,8 @@ class StateCache:
             "python": _PYTHON,
             "from": start,
             "to": state.offset,
-            "tail_sha256": _tail_sha256(self._manifest, state.offset),
-            "manifest_id": _identity(self._manifest),
+            "fingerprint": _fingerprint(self._manifest, state.offset),
+            "manifest_mtime_ns": self._manifest.stat().st_mtime_ns,
             "payload_bytes": len(payload),
             "payload_crc32": zlib.crc32(payload),
         }
@@ -252,20 +255,19 @@ def _header(data: memoryview, pos: int) -> tuple[dict[str, Any] | None, int]:
 
 
 def _fits(last: Mapping[str, Any], manifest: Path) -> bool:
-    """The manifest is the file the cache was made from, and still holds what it covered."""
-    covered, recorded = last["to"], last.get("manifest_id")
+    """The manifest still holds what the cache covered: at least as many bytes, the same
+    fingerprint of them, and, when it has not grown since, the same mtime. A copy of OUT
+    (restored from a CI cache, rsynced) keeps its cache; an edited manifest does not."""
+    covered, mtime_recorded = last["to"], last.get("manifest_mtime_ns")
     try:
-        size = manifest.stat().st_size
-        device, inode, mtime_ns = _identity(manifest)
+        info = manifest.stat()
     except FileNotFoundError:
         return False
-    if size < covered or not isinstance(recorded, list) or len(recorded) != 3:
+    if info.st_size < covered:
         return False
-    if [device, inode] != recorded[:2]:
-        return False  # another file (replaced, restored, copied): read it in full
-    if size == covered and mtime_ns != recorded[2]:
+    if info.st_size == covered and info.st_mtime_ns != mtime_recorded:
         return False  # rewritten in place since, without growing
-    return bool(last.get("tail_sha256") == _tail_sha256(manifest, covered))
+    return bool(last.get("fingerprint") == _fingerprint(manifest, covered))
 
 
 def _merge(state: ManifestState, later: ManifestState) -> None:
@@ -279,17 +281,17 @@ def _merge(state: ManifestState, later: ManifestState) -> None:
     state.open.update(later.open)
 
 
-def _identity(manifest: Path) -> list[int]:
-    """Device, inode and modification time of the manifest."""
-    info = manifest.stat()
-    return [info.st_dev, info.st_ino, info.st_mtime_ns]
-
-
-def _tail_sha256(manifest: Path, covered: int) -> str:
-    start = max(0, covered - _TAIL_BYTES)
+def _fingerprint(manifest: Path, covered: int) -> str:
+    """sha256 of the manifest's first `covered` bytes as sampled: 4 KB at 16 evenly spaced
+    offsets and the last 4 KB (lines are only ever appended; this catches an edit or a
+    different manifest at a cost of 17 small reads)."""
+    digest = hashlib.sha256(str(covered).encode())
+    starts = {covered * i // _SAMPLES for i in range(_SAMPLES)} | {covered - _BLOCK}
     with manifest.open("rb") as fh:
-        fh.seek(start)
-        return hashlib.sha256(fh.read(covered - start)).hexdigest()
+        for start in sorted(max(0, s) for s in starts):
+            fh.seek(start)
+            digest.update(fh.read(min(_BLOCK, covered - start)))
+    return digest.hexdigest()
 
 
 def _state_from(payload: memoryview) -> ManifestState | None:

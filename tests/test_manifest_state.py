@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,18 @@ def test_writer_lines_take_the_fast_path(tmp_path: Path, prompt: str) -> None:
     assert _fast_ok(path.read_bytes()) == (KEYS[0], "src", paths)
 
 
+def test_state_cache_survives_a_copy_that_keeps_mtimes(tmp_path: Path) -> None:
+    """OUT restored from a CI cache or rsynced elsewhere resumes from its state cache."""
+    path = _cached_run(tmp_path / "a")
+    copy = tmp_path / "b" / "manifest.jsonl"
+    copy.parent.mkdir()
+    shutil.copy2(path, copy)
+    shutil.copy2(cache_path(path), cache_path(copy))
+    cache = StateCache(copy)
+    assert _view(cache.load()) == _view(load_state(path, with_hashes=True))
+    assert cache._cached is not None  # from the cache, not the lines
+
+
 def test_non_canonical_ok_line_is_read_in_full(tmp_path: Path) -> None:
     """An ok line written by hand (keys in another order) is still understood."""
     path = tmp_path / "manifest.jsonl"
@@ -168,6 +181,7 @@ def test_non_canonical_ok_line_is_read_in_full(tmp_path: Path) -> None:
 
 
 def _cached_run(tmp_path: Path) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "manifest.jsonl"
     _run(path, [(KEYS[0], "ok", "a", 1), (KEYS[1], "ok", "b", 1), (KEYS[2], "failed", "c", 1)])
     assert cache_path(path).exists()
@@ -187,6 +201,11 @@ def _drop_last_line(path: Path) -> None:
 def _rewrite_first_line_same_size(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data.replace(b'"status":"ok"', b'"status":"no"', 1))
+
+
+def _edit_then_append(path: Path) -> None:
+    _rewrite_first_line_same_size(path)
+    _write(path, [(KEYS[4], "ok", "later", 1)])
 
 
 def _damage_cache(path: Path) -> None:
@@ -218,6 +237,7 @@ def _replace_manifest(path: Path) -> None:
     [
         pytest.param(_drop_last_line, id="line-removed"),
         pytest.param(_rewrite_first_line_same_size, id="edited-in-place"),
+        pytest.param(_edit_then_append, id="edited-then-appended"),
         pytest.param(_damage_cache, id="damaged-cache"),
         pytest.param(_other_python, id="other-python"),
         pytest.param(_garbage_cache, id="garbage-cache"),
