@@ -27,9 +27,11 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,8 @@ from pipeline.outputs import output_path
 from pipeline.records import ItemRecord, OutputFile
 from pipeline.snapshot import StateCache, cache_path
 from pipeline.spec import load_spec
+
+REPEAT = 3  # runs per resume case: the table shows the median
 
 
 def build_finished_job(spec_path: Path) -> dict[str, Any]:
@@ -102,17 +106,28 @@ def build_finished_job(spec_path: Path) -> dict[str, Any]:
     }
 
 
-def measure(label: str, args: list[str]) -> dict[str, Any]:
-    """Run one synthaug command as a child; its wall time, CPU and peak RSS."""
-    child = run_child(args)
-    if child.returncode != 0:
-        print(f"{label}: exit {child.returncode}\n{child.stderr[-2000:]}", file=sys.stderr)
+def measure(
+    label: str, args: list[str], *, repeat: int = 1, before: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Run one synthaug command as a child `repeat` times (calling `before` each time):
+    the median wall time and CPU, every wall time, and the peak RSS."""
+    walls, cpus, rss, code = [], [], 0.0, 0
+    for _ in range(repeat):
+        if before is not None:
+            before()
+        child = run_child(args)
+        if child.returncode != 0:
+            print(f"{label}: exit {child.returncode}\n{child.stderr[-2000:]}", file=sys.stderr)
+        walls.append(child.wall_s)
+        cpus.append(child.cpu_s)
+        rss, code = max(rss, child.max_rss_mb), code or child.returncode
     return {
         "command": label,
-        "exit_code": child.returncode,
-        "wall_s": round(child.wall_s, 2),
-        "cpu_s": round(child.cpu_s, 2),
-        "max_rss_mb": round(child.max_rss_mb, 1),
+        "exit_code": code,
+        "wall_s": round(statistics.median(walls), 2),
+        "wall_s_runs": [round(w, 2) for w in walls],
+        "cpu_s": round(statistics.median(cpus), 2),
+        "max_rss_mb": round(rss, 1),
     }
 
 
@@ -147,14 +162,13 @@ def main(argv: list[str] | None = None) -> int:
             ("run, nothing left (no cache: every line read)", True),
             ("run, nothing left (cache rewritten by a resume)", False),
         ):
-            if drop_cache:
-                cache_path(manifest).unlink()
-            rows.append(measure(label, run_args))
+            drop = (lambda: cache_path(manifest).unlink(missing_ok=True)) if drop_cache else None
+            rows.append(measure(label, run_args, repeat=REPEAT, before=drop))
             summary = json.loads((tmp / "out" / "summary.json").read_text())
             rows[-1]["skipped_ok"] = summary["skipped_ok"]
             rows[-1]["requests"] = summary["requests"]
-        rows.append(measure("status", ["status", str(tmp / "out")]))
-        rows.append(measure("plan (finished manifest)", ["plan", str(spec)]))
+        rows.append(measure("status", ["status", str(tmp / "out")], repeat=REPEAT))
+        rows.append(measure("plan (finished manifest)", ["plan", str(spec)], repeat=REPEAT))
     finally:
         if args.keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -167,9 +181,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _show(items: int, rows: list[dict[str, Any]]) -> None:
-    header = ["command", "items", "wall s", "CPU s", "peak RSS MB", "exit"]
+    header = ["command", "items", "wall s (median)", "runs", "CPU s", "peak RSS MB", "exit"]
     table = [
-        [r["command"], f"{items:,}", r["wall_s"], r["cpu_s"], r["max_rss_mb"], r["exit_code"]]
+        [
+            r["command"],
+            f"{items:,}",
+            r["wall_s"],
+            " / ".join(str(w) for w in r["wall_s_runs"]),
+            r["cpu_s"],
+            r["max_rss_mb"],
+            r["exit_code"],
+        ]
         for r in rows
     ]
     print_table("resume", header, table)
