@@ -315,7 +315,8 @@ class Engine:
             todos.append(_Todo(draft.build(), entry))
 
     def _keys_missing_files(self) -> set[str]:
-        """The ok keys with a file gone: one set difference over the whole manifest."""
+        """The ok keys with a file gone: one C-level pass over every recorded file, and a
+        second one only when some are gone."""
         finished = self._state.finished
 
         def all_paths() -> Iterator[str]:
