@@ -158,7 +158,7 @@ async def _run_engine(
                 raise
             # our own second-signal cancel: the workers are down, finish the checkpoint
         finally:
-            cache.close()
+            await asyncio.to_thread(cache.close)  # its last segment: marshal + write
             summary = _summary(spec, spec_path, engine, limiter, started_at, time.monotonic() - t0)
             await _write_summary(spec.output_dir / SUMMARY_NAME, summary)
     return JobResult(
