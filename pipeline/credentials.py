@@ -1,18 +1,84 @@
-"""API keys come from environment variables, never from the spec: the one place env is read.
+"""API keys and proxies come from environment variables: the one place env is read.
 
-Each backend names its variable (``backend.api_key_env``); a missing key fails before
-anything is sent, with a message that names the exact command to fix it.
+Each backend names its key's variable (``backend.api_key_env``); a missing key fails
+before anything is sent, with a message that names the exact command to fix it. The
+proxy variables (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``) are read here too, once
+per run, so the HTTP client never looks at the environment (nor at ``~/.netrc``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from pipeline.errors import CredentialsError
 from pipeline.spec import BackendSettings
 
-__all__ = ["read_api_key"]
+__all__ = [
+    "DIRECT",
+    "ProxySettings",
+    "bypasses_proxy",
+    "read_api_key",
+    "read_proxy_settings",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """The proxy for each URL scheme and the hosts exempt from them (``NO_PROXY``).
+
+    The proxy URLs may carry credentials (``http://user:password@proxy:3128``), so
+    they stay out of the repr.
+    """
+
+    http: str | None = field(default=None, repr=False)
+    https: str | None = field(default=None, repr=False)
+    no_proxy: str = ""
+
+    def proxy_for(self, scheme: str, host: str) -> str | None:
+        """The proxy URL a request to `scheme`://`host` goes through, or None for direct."""
+        proxy = {"http": self.http, "https": self.https}.get(scheme.lower())
+        if proxy is None or bypasses_proxy(host, self.no_proxy):
+            return None
+        return proxy
+
+
+def bypasses_proxy(host: str, no_proxy: str) -> bool:
+    """Whether NO_PROXY exempts `host`, read as curl reads it.
+
+    Entries are separated by commas or spaces: ``*`` (every host), a host name or domain
+    (``example.com`` also covers ``api.example.com``; a leading dot changes nothing), an
+    IP address, or an IP network in CIDR form (``10.0.0.0/8``).
+    """
+    host = host.strip("[]").rstrip(".").lower()
+    address = _ip(host)
+    for entry in no_proxy.replace(",", " ").lower().split():
+        if entry == "*":
+            return True
+        name = entry.strip("[]").lstrip(".").rstrip(".")
+        if address is not None and "/" in name:
+            try:
+                if address in ipaddress.ip_network(name, strict=False):
+                    return True
+            except ValueError:
+                continue
+        elif host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+DIRECT = ProxySettings()
+"""No proxy at all: what the embedded mock uses, whatever the environment says."""
 
 
 def read_api_key(backend: BackendSettings, environ: Mapping[str, str] = os.environ) -> str:
@@ -32,3 +98,47 @@ def read_api_key(backend: BackendSettings, environ: Mapping[str, str] = os.envir
             "or use backend.kind: mock to rehearse without a key)"
         )
     return key
+
+
+def read_proxy_settings(environ: Mapping[str, str] = os.environ) -> ProxySettings:
+    """The proxies named by the environment, read as curl and Python's urllib read them.
+
+    The lower-case variable wins over the upper-case one; an empty one means none. As in
+    urllib, ``HTTP_PROXY`` is ignored under CGI (``REQUEST_METHOD`` set: "httpoxy").
+    Raises `CredentialsError` for a value that is not a proxy URL, without echoing it
+    (it may hold a password).
+    """
+    cgi = "REQUEST_METHOD" in environ
+    return ProxySettings(
+        http=_proxy_url(environ, "http_proxy", upper_case=not cgi),
+        https=_proxy_url(environ, "https_proxy"),
+        no_proxy=_proxy_variable(environ, "no_proxy") or "",
+    )
+
+
+def _proxy_variable(environ: Mapping[str, str], name: str, *, upper_case: bool = True) -> str:
+    """The value of `name` (lower case) or else its upper-case form, stripped."""
+    if name in environ:
+        return environ[name].strip()
+    return environ.get(name.upper(), "").strip() if upper_case else ""
+
+
+def _proxy_url(environ: Mapping[str, str], name: str, *, upper_case: bool = True) -> str | None:
+    """A proxy URL with its scheme (``proxy:3128`` means ``http://proxy:3128``), or None."""
+    value = _proxy_variable(environ, name, upper_case=upper_case)
+    if not value:
+        return None
+    url = value if "://" in value else f"http://{value}"
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError:
+        usable = False
+    if not usable:
+        shown = name if name in environ else name.upper()
+        raise CredentialsError(
+            f"{shown} is not a proxy URL synthaug can use: set it to "
+            "http://[user:password@]host:port (or unset it to connect directly)"
+        )
+    return url

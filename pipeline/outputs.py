@@ -1,10 +1,11 @@
 """Verified, atomic image files under OUT.
 
-An image is decoded in full by Pillow before it is written, written under a temporary
-name in its final folder, fsynced, and renamed into place: a reader (or a resumed run)
-sees either no file or a complete, decodable one, never a torn one. Everything here is
-synchronous file work; the engine calls it through `asyncio.to_thread`. Outputs never
-see HTTP: bytes come in, an `OutputFile` record goes out.
+An image is checked to be whole (`pipeline.image_check`) before it is written, written
+under a temporary name in its final folder, fsynced, and renamed into place: a reader
+(or a resumed run) sees either no file or a complete one, never a torn one.
+Everything here is synchronous file work; the engine calls it through
+`asyncio.to_thread`. Outputs never see HTTP: bytes come in, an `OutputFile` record goes
+out.
 """
 
 from __future__ import annotations
@@ -15,17 +16,12 @@ import json
 import os
 import re
 import secrets
-import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from pipeline.errors import OutputError, TransientError
+from pipeline.image_check import DEFAULT_MAX_PIXELS, ImageInfo, check_image
 from pipeline.records import OutputFile
 
 __all__ = [
@@ -43,13 +39,6 @@ __all__ = [
 ]
 
 IMAGES_DIR = "images"
-# Generated images are at most a few megapixels; anything near Pillow's own bomb limit
-# (~89 Mpx) is refused before its pixels are decoded.
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
-_FORMAT_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
-_FORMATS = tuple(_FORMAT_EXT)
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_U32 = struct.Struct(">I")
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _SOURCE_RE = re.compile(r"[A-Za-z0-9._-]+")
 _KEY_RE = re.compile(r"[0-9A-Za-z]+")
@@ -57,20 +46,6 @@ _EXT_RE = re.compile(r"[a-z0-9]+")
 _TMP_SUFFIX = ".tmp"
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _HASH_CHUNK = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class ImageInfo:
-    """What a full decode found: file extension (``png``/``jpg``/``webp``) and size."""
-
-    format: str
-    width: int
-    height: int
-
-    @property
-    def ext(self) -> str:
-        """The file extension for this format (same as `format`)."""
-        return self.format
 
 
 def check_writable(out_dir: Path) -> None:
@@ -100,72 +75,12 @@ def _probe_write(out_dir: Path) -> None:
 
 
 def verify_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Decode `data` in full; raise a retryable ``bad_image`` error if it is not a sound image.
+    """Format and size of `data`, or a retryable ``bad_image`` error if it is not whole.
 
-    Truncated or corrupt bytes, an unsupported format and decompression bombs are all
-    refused. Pillow's global settings are left alone (truncated images stay refused).
-    The bytes are parsed and decoded once; a PNG's chunk CRCs, which a decode skips for
-    the pixel data, are checked on the raw bytes first.
+    The cheapest sound check per format (PNG chunk CRCs to IEND, JPEG markers to EOI,
+    WebP RIFF sizes, a full decode for anything else): see `pipeline.image_check`.
     """
-    if not data:
-        raise TransientError("downloaded image is empty (0 bytes)", kind="bad_image")
-    try:
-        if data.startswith(_PNG_SIGNATURE):
-            _check_png_crcs(data)
-        with Image.open(BytesIO(data), formats=_FORMATS) as image:
-            _check_size(image.size, max_pixels)
-            image.load()
-            fmt = _FORMAT_EXT.get(image.format or "", "")
-            width, height = image.size
-    except TransientError:
-        raise
-    except UnidentifiedImageError as exc:
-        raise TransientError(
-            f"downloaded bytes are not a PNG, JPEG or WebP image ({len(data)} bytes)",
-            kind="bad_image",
-        ) from exc
-    # Decoders raise a zoo of types on bad bytes (OSError, SyntaxError, ValueError,
-    # struct.error, DecompressionBombError/Warning...): every one means "not an image".
-    except Exception as exc:
-        raise TransientError(
-            f"downloaded bytes are not a valid image ({len(data)} bytes): {exc}",
-            kind="bad_image",
-        ) from exc
-    if not fmt or width <= 0 or height <= 0:
-        raise TransientError("downloaded image has no usable format or size", kind="bad_image")
-    return ImageInfo(format=fmt, width=width, height=height)
-
-
-def _check_png_crcs(data: bytes) -> None:
-    """Walk the PNG chunks up to IEND, checking each CRC (what Pillow's `verify` checks).
-
-    Raises `SyntaxError` like Pillow does; a stream that ends early is left to the
-    decode, which refuses truncated images.
-    """
-    view = memoryview(data)
-    pos, end = len(_PNG_SIGNATURE), len(data)
-    while pos + 12 <= end:
-        (length,) = _U32.unpack_from(data, pos)
-        body_end = pos + 8 + length
-        if body_end + 4 > end:
-            return
-        (crc,) = _U32.unpack_from(data, body_end)
-        chunk_type = data[pos + 4 : pos + 8]
-        if zlib.crc32(view[pos + 4 : body_end]) != crc:
-            raise SyntaxError(f"broken PNG file (bad CRC in chunk {chunk_type!r})")
-        if chunk_type == b"IEND":
-            return
-        pos = body_end + 4
-
-
-def _check_size(size: tuple[int, int], max_pixels: int) -> None:
-    width, height = size
-    if width * height > max_pixels:
-        raise TransientError(
-            f"image of {width}x{height} pixels exceeds the {max_pixels}-pixel limit "
-            "(possible decompression bomb)",
-            kind="bad_image",
-        )
+    return check_image(data, max_pixels=max_pixels)
 
 
 def output_path(out_dir: Path, source: str, key: str, index: int, ext: str) -> Path:

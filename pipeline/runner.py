@@ -25,7 +25,7 @@ from pipeline import items as items_mod
 from pipeline import outputs
 from pipeline.backends.base import Backend
 from pipeline.backends.roboflow import RoboflowBackend
-from pipeline.credentials import read_api_key
+from pipeline.credentials import DIRECT, ProxySettings, read_api_key, read_proxy_settings
 from pipeline.engine import Engine, EngineSettings, RunStats, StopReason, utc_now
 from pipeline.errors import (
     EXIT_BUDGET,
@@ -88,6 +88,8 @@ async def run_job(
         )
     check_cost_budget(spec)
     api_key = read_api_key(spec.backend)
+    # the embedded mock is on loopback in this process: a corporate proxy must not see it
+    proxies = DIRECT if spec.backend.kind == "mock" else read_proxy_settings()
     out = spec.output_dir
     await asyncio.to_thread(outputs.check_writable, out)
     with acquire_lock(out):
@@ -99,7 +101,7 @@ async def run_job(
         with _gc_spares_state():
             state = await asyncio.to_thread(_load_frozen, cache, verify)
             await asyncio.to_thread(_write_job_json, spec, spec_path)
-            async with _open_backend(spec, api_key, backend) as live_backend:
+            async with _open_backend(spec, api_key, backend, proxies) as live_backend:
                 return await _run_engine(
                     spec, spec_path, state, cache, files, live_backend, on_progress, install_signals
                 )
@@ -297,8 +299,11 @@ def _write_job_json(spec: Spec, spec_path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _open_backend(spec: Spec, api_key: str, given: Backend | None) -> AsyncIterator[Backend]:
-    """The backend for the spec's kind; `mock` starts the mock API on a loopback port."""
+async def _open_backend(
+    spec: Spec, api_key: str, given: Backend | None, proxies: ProxySettings
+) -> AsyncIterator[Backend]:
+    """The backend for the spec's kind; `mock` starts the mock API on a loopback port
+    and talks to it directly, whatever the proxy variables say."""
     if given is not None:
         yield given
         return
@@ -318,7 +323,11 @@ async def _open_backend(spec: Spec, api_key: str, given: Backend | None) -> Asyn
             yield backend
         return
     async with RoboflowBackend(
-        spec.backend.base_url, api_key, concurrency=concurrency, timeout_s=timeout_s
+        spec.backend.base_url,
+        api_key,
+        concurrency=concurrency,
+        timeout_s=timeout_s,
+        proxies=proxies,
     ) as backend:
         yield backend
 

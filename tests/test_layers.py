@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "records": 1,
     "template": 2,
     "sources": 2,
+    "image_check": 2,  # pure checks of image bytes, below outputs, which stores them
     "specfile": 2,  # below spec, which uses it to read the file and word its errors
     "spec": 3,
     "credentials": 4,

@@ -3,6 +3,10 @@
 One aiohttp session per run, sized to the engine's concurrency. Every failure leaves as
 a `BackendError` whose class says what to do with it; no aiohttp exception escapes,
 because their text holds the request URL and with it the API key.
+
+Proxies come in as `ProxySettings` (read from HTTPS_PROXY / HTTP_PROXY / NO_PROXY by
+`pipeline.credentials`) and are passed per request: the session keeps ``trust_env=False``,
+which would also send ``~/.netrc`` passwords to any host it names.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pipeline.backends.base import (
     parse_rate_limit,
     redact,
 )
+from pipeline.credentials import DIRECT, ProxySettings
 from pipeline.errors import BackendError, FatalError, TransientError
 from pipeline.records import GeneratedImage, Generation, WorkItem, request_body
 
@@ -55,6 +60,7 @@ class RoboflowBackend:
         concurrency: int,
         timeout_s: float,
         clock: Callable[[], datetime] = utc_now,
+        proxies: ProxySettings = DIRECT,
     ) -> None:
         self._endpoint = base_url.rstrip("/") + "/synthetic-image"
         self._api_key = api_key
@@ -65,6 +71,8 @@ class RoboflowBackend:
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self._proxies = proxies
+        self._routes: dict[tuple[str, str | None, int | None], URL | None] = {}
 
     def __repr__(self) -> str:
         return f"RoboflowBackend({self._endpoint!r})"
@@ -111,7 +119,8 @@ class RoboflowBackend:
         session = self._ensure_session()
         failure: BackendError
         try:
-            async with session.get(image.url) as response:
+            url = URL(image.url)
+            async with session.get(url, proxy=self._proxy_for(url)) as response:
                 if response.status == 200:
                     return await response.read()
                 failure = TransientError(
@@ -125,6 +134,8 @@ class RoboflowBackend:
             failure = TransientError(
                 f"download of {shown} failed: {type(exc).__name__}", kind="download"
             )
+        except ValueError:  # yarl could not parse the URL
+            failure = TransientError(f"download of {shown} failed: invalid URL", kind="download")
         raise failure
 
     def _ensure_session(self) -> aiohttp.ClientSession:
@@ -149,10 +160,33 @@ class RoboflowBackend:
         """
         session = self._ensure_session()
         failure: BackendError
+        proxy: URL | None = None
         try:
             # The keyed URL is parsed once per backend: `params=` would redo it every time.
-            async with session.post(self._post_url(), json=body) as response:
+            url = self._post_url()
+            proxy = self._proxy_for(url)
+            async with session.post(url, json=body, proxy=proxy) as response:
+                if response.status == 407 and proxy is not None:
+                    raise _proxy_refused(proxy)
                 return response.status, await response.read(), response.headers
+        except aiohttp.ClientHttpProxyError as exc:
+            failure = (
+                _proxy_refused(proxy)
+                if exc.status == 407 and proxy is not None
+                else TransientError(
+                    f"the proxy {_shown(proxy)} refused to connect to {self._endpoint}: "
+                    f"HTTP {exc.status}",
+                    kind="connection",
+                    ambiguous=False,
+                )
+            )
+        except aiohttp.ClientProxyConnectionError:
+            failure = TransientError(
+                f"cannot connect to the proxy {_shown(proxy)} for {self._endpoint}: "
+                "check HTTPS_PROXY / HTTP_PROXY (or exempt the host in NO_PROXY)",
+                kind="connection",
+                ambiguous=False,
+            )
         except aiohttp.ConnectionTimeoutError:
             failure = TransientError(
                 f"timed out connecting to {self._endpoint}", kind="timeout", ambiguous=False
@@ -180,6 +214,22 @@ class RoboflowBackend:
                 ambiguous=True,
             )
         raise failure
+
+    def _proxy_for(self, url: URL) -> URL | None:
+        """The proxy for `url`'s origin (credentials included), or None to go direct.
+
+        Decided once per origin: NO_PROXY is not matched again for every request.
+        """
+        origin = (url.scheme, url.host, url.port)
+        if origin not in self._routes:
+            proxy = self._proxies.proxy_for(url.scheme, url.host or "")
+            self._routes[origin] = URL(proxy) if proxy is not None else None
+            _log.debug(
+                "requests to %s go %s",
+                url.origin(),
+                f"through the proxy {_shown(self._routes[origin])}" if proxy else "direct",
+            )
+        return self._routes[origin]
 
     def _post_url(self) -> URL:
         """The endpoint with the key as query parameter (raises `aiohttp.InvalidURL`)."""
@@ -221,6 +271,21 @@ class RoboflowBackend:
         """`text` without the key, even where an answer echoes it outside a query string."""
         text = redact(text)
         return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def _shown(proxy: URL | None) -> str:
+    """A proxy as it may be printed: host and port, never its credentials."""
+    return f"{proxy.host}:{proxy.port}" if proxy is not None else "(none)"
+
+
+def _proxy_refused(proxy: URL) -> FatalError:
+    """A 407: every request would get it, so the run stops rather than retries."""
+    return FatalError(
+        f"the proxy {_shown(proxy)} answered 407 Proxy Authentication Required: set or fix "
+        "its credentials in HTTPS_PROXY / HTTP_PROXY as http://user:password@host:port",
+        kind="connection",
+        status=407,
+    )
 
 
 def _load_json(text: str) -> Any:
