@@ -257,7 +257,7 @@ def _summary(
     stats = engine.stats
     return {
         "name": spec.name,
-        "spec": str(spec_path),
+        "spec": spec_path.name,  # OUT is shared: no home folder in it
         "backend": spec.backend.kind,
         "started_at": started_at,
         "finished_at": utc_now(),
@@ -290,7 +290,7 @@ def _write_job_json(spec: Spec, spec_path: Path) -> None:
         source["items"] = counts.get(source["name"], 0)
     job = {
         "name": spec.name,
-        "spec": str(spec_path.resolve()),
+        "spec": spec_path.name,  # OUT is shared: no home folder in it
         "backend": spec.backend.kind,
         "host": socket.gethostname(),
         "sources": sources,
