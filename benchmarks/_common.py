@@ -85,7 +85,7 @@ def write_spec(
         "output_dir": "out",
         "backend": {"kind": "roboflow", "base_url": base_url, "api_key_env": KEY_ENV},
         "project_url": "bench",
-        "params": {"size": "64x64", "quality": "standard"},
+        "params": {"size": "64x64", "quality": "low"},
         "run": run,
         "sources": [
             {

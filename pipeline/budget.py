@@ -2,13 +2,16 @@
 
 An item reserves its images and their price *before* its request starts and gives them
 back if it ends without images, so a run can overshoot its budget by nothing: what is
-in flight was already counted. The budget is per run ("run again to go on"), not per job.
+in flight was already counted. An answer that reports what it cost (OpenAI's ``usage``)
+then replaces the list price in the sums, so the budget tracks real spend. The budget is
+per run ("run again to go on"), not per job.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.records import WorkItem
 
@@ -19,11 +22,16 @@ _EPSILON_USD = 1e-9  # float sums of prices must not refuse the last affordable 
 
 @dataclass(slots=True)
 class Budget:
-    """Reservations against optional image and cost caps; `price(item)` is USD per image."""
+    """Reservations against optional image and cost caps.
+
+    `price(item)` is the list price per image; `actual(item, response)` what an answer
+    says the item cost (None when it does not say).
+    """
 
     max_images: int | None
     max_cost_usd: float | None
     price: Callable[[WorkItem], float | None]
+    actual: Callable[[WorkItem, Any], float | None] = field(default=lambda _item, _resp: None)
     images: int = 0
     cost_usd: float = 0.0
     cost_known: bool = True  # False once an item's price was not in the table
@@ -46,6 +54,16 @@ class Budget:
             return False
         self.images, self.cost_usd = images, cost
         return True
+
+    def settle(self, item: WorkItem, response: Any) -> float | None:
+        """What `item` cost now that it is answered (None when unknown): the answer's
+        own figure when it reports one, which then replaces the reservation."""
+        actual = self.actual(item, response)
+        if actual is None:
+            price = self.price(item)
+            return None if price is None else price * item.n
+        self.cost_usd += actual - self.cost_of(item)
+        return actual
 
     def release(self, item: WorkItem) -> None:
         """Give back what `item` reserved: it ended without images."""

@@ -204,11 +204,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.items import check_max_items
     from pipeline.manifest import MANIFEST_NAME
     from pipeline.plan import build_plan, format_plan
+    from pipeline.runner import check_key_scheme
     from pipeline.snapshot import load_cached_state
 
     spec = _load(args.spec)
     check_max_items(spec)
     state = load_cached_state(spec.output_dir / MANIFEST_NAME)
+    check_key_scheme(spec.output_dir, state)
     plan = build_plan(spec, state)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return EXIT_OK

@@ -103,7 +103,7 @@ class RunStats:
     in_flight: int = 0
     retrying: int = 0
     cost_usd: float = 0.0
-    cost_known: bool = True  # False once an item's price was not in the table
+    cost_known: bool = True  # False once an item had neither a usage block nor a list price
     errors: Counter[str] = field(default_factory=Counter)
     started: float = 0.0
     finished: float = 0.0
@@ -157,6 +157,7 @@ class Engine:
         writer: ManifestWriter,
         files: outputs.StoredFiles | None = None,
         price: Callable[[WorkItem], float | None] = lambda _item: None,
+        actual_cost: Callable[[WorkItem, Any], float | None] = lambda _item, _response: None,
         expected: int = 0,
         on_progress: Callable[[RunStats], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -189,7 +190,7 @@ class Engine:
         self.stats = RunStats(expected=expected)
         self.stop_reason: StopReason | None = None
         self._stopping = asyncio.Event()
-        self._budget = Budget(settings.max_images, settings.max_cost_usd, price)
+        self._budget = Budget(settings.max_images, settings.max_cost_usd, price, actual_cost)
         self._consecutive_failures = 0
         self.fatal_error: FatalError | None = None
         self.output_error: OutputError | None = None
@@ -437,13 +438,13 @@ class Engine:
     async def _generate(self, item: WorkItem) -> Generation:
         """One paid request, through the limiter; teaches the limiter what the API said."""
         image = await self._input_for_body(item)
-        async with self._limiter.slot(item.n):
+        async with self._limiter.slot(item.n) as ticket:
             self.stats.requests += 1
             try:
                 generation = await self._backend.generate(item, image)
             except RateLimitedError as exc:
                 self.stats.rate_limited += 1
-                self._limiter.pause(exc.retry_after)
+                self._limiter.pause(exc.retry_after, started_at=ticket.started_at)
                 raise
         self._limiter.observe(generation.rate_limit)
         self._limiter.record_success()
@@ -514,8 +515,11 @@ class Engine:
         self._writer.append(_record(run, "ok", outputs=stored, elapsed=elapsed))
         self.stats.ok += 1
         self.stats.images += len(stored)
-        self.stats.cost_usd += self._budget.cost_of(run.item)
-        self.stats.cost_known = self._budget.cost_known
+        cost = self._budget.settle(run.item, run.response)
+        if cost is None:
+            self.stats.cost_known = False
+        else:
+            self.stats.cost_usd += cost
         self._consecutive_failures = 0
 
     def _finish_failed(self, run: _ItemRun, exc: BackendError) -> None:

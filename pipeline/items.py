@@ -23,6 +23,7 @@ from pipeline.spec import SourceSpec, Spec
 from pipeline.template import count_variants, iter_prompts, parse_template, resolve_values
 
 __all__ = [
+    "KEY_SCHEME",
     "ItemDraft",
     "ItemShape",
     "check_max_items",
@@ -37,6 +38,11 @@ __all__ = [
 ]
 
 DEFAULT_SEED = 0
+KEY_SCHEME = 2
+"""Version of what goes into a key. 1: synthaug 0.1, whose bodies always carried the
+defaults model dall-e-3, quality hd, style natural; 2: bodies carry only what the spec
+sets. The formula is the same, so a body that did not change keeps its key; OUT records
+the scheme so that a run never silently pays again for every item of an older OUT."""
 
 
 def item_key(backend_kind: str, body: Mapping[str, Any], repeat: int) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.items import check_max_items, count_items, iter_source_drafts
 from pipeline.manifest import ManifestState
-from pipeline.pricing import price_per_image
+from pipeline.pricing import check_cost_budget, price_per_image, unknown_price_reason
 from pipeline.sources import HashCache
 from pipeline.spec import SourceSpec, Spec
 
@@ -38,6 +38,7 @@ class SourcePlan:
     generated: int
     to_run: int
     price_per_image: float | None
+    price_note: str | None = None  # why the price is unknown, worded as the fix
 
     @property
     def images(self) -> int:
@@ -74,6 +75,7 @@ class SourcePlan:
             "to_run": self.to_run,
             "price_per_image": self.price_per_image,
             "cost_usd": _round(self.cost_usd),
+            "cost_unknown_because": self.price_note if self.cost_usd is None else None,
         }
 
 
@@ -108,6 +110,15 @@ class Plan:
         return max(bounds) if bounds else None
 
     @property
+    def cost_notes(self) -> list[str]:
+        """Why the cost is unknown, one line per source whose price is missing."""
+        return [
+            f"cost of '{s.name}' unknown: {s.price_note}"
+            for s in self.sources
+            if s.cost_usd is None and s.price_note
+        ]
+
+    @property
     def stops_early(self) -> str | None:
         """Why a budget would stop the next run before it is done, or None."""
         images, cost = self.total("to_run_images"), self.cost_usd
@@ -135,6 +146,7 @@ class Plan:
             "sources": [s.to_json() for s in self.sources],
             "total": total,
             "stops_early": self.stops_early,
+            "cost_notes": self.cost_notes,
             "limits": {
                 "rate_limit_per_s": self.rate_limit,
                 "image_rate_limit_per_s": self.image_rate_limit,
@@ -151,6 +163,7 @@ def build_plan(spec: Spec, state: ManifestState, *, hashes: HashCache | None = N
     """
     counts = count_items(spec)
     check_max_items(spec, counts)
+    check_cost_budget(spec)
     hashes = hashes or HashCache()
     plans = tuple(_plan_source(spec, s, state, counts[s.name], hashes) for s in spec.sources)
     return Plan(
@@ -184,6 +197,7 @@ def _plan_source(
         price_per_image=price_per_image(
             params, spec.run.price_per_image, backend_kind=spec.backend.kind
         ),
+        price_note=unknown_price_reason(params),
     )
 
 
@@ -204,6 +218,7 @@ def format_plan(plan: Plan) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines.append(_row(cells[-1], widths))
     lines.append(f"eta: {_duration(plan.eta_s)}")
+    lines.extend(f"note: {note}" for note in plan.cost_notes)
     if plan.stops_early:
         lines.append(f"note: {plan.stops_early}")
     return "\n".join(lines)

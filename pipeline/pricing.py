@@ -1,8 +1,9 @@
-"""What an image costs, from a built-in USD price table (OpenAI list prices).
+"""What an image costs: before a run from the list prices, after an answer from its usage.
 
-Used for `max_cost_usd` budgets and for the cost shown by ``synthaug plan``. Roboflow
-may bill differently; `run.price_per_image` overrides the table, and a combination the
-table does not know costs None ("unknown") rather than a guess.
+Used for `max_cost_usd` budgets, the cost shown by ``synthaug plan`` and the spend in
+``summary.json``. A combination the table cannot price (no model, ``auto`` quality or
+size, a model it does not know) costs None, "unknown", rather than a guess; the
+`unknown_price_reason` says which key would make it known.
 """
 
 from __future__ import annotations
@@ -10,35 +11,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["PRICES", "price_per_image"]
+from pipeline.models import MODELS
+from pipeline.spec import Spec
 
-# (model, size, quality) -> USD per image; quality None = the model has no quality tiers.
-PRICES: Mapping[tuple[str, str, str | None], float] = {
-    ("dall-e-3", "1024x1024", "standard"): 0.040,
-    ("dall-e-3", "1024x1024", "hd"): 0.080,
-    ("dall-e-3", "1024x1792", "standard"): 0.080,
-    ("dall-e-3", "1792x1024", "standard"): 0.080,
-    ("dall-e-3", "1024x1792", "hd"): 0.120,
-    ("dall-e-3", "1792x1024", "hd"): 0.120,
-    ("dall-e-2", "256x256", None): 0.016,
-    ("dall-e-2", "512x512", None): 0.018,
-    ("dall-e-2", "1024x1024", None): 0.020,
-    ("gpt-image-1", "1024x1024", "low"): 0.011,
-    ("gpt-image-1", "1024x1024", "medium"): 0.042,
-    ("gpt-image-1", "1024x1024", "high"): 0.167,
-    ("gpt-image-1", "1024x1536", "low"): 0.016,
-    ("gpt-image-1", "1024x1536", "medium"): 0.063,
-    ("gpt-image-1", "1024x1536", "high"): 0.25,
-    ("gpt-image-1", "1536x1024", "low"): 0.016,
-    ("gpt-image-1", "1536x1024", "medium"): 0.063,
-    ("gpt-image-1", "1536x1024", "high"): 0.25,
-}
+__all__ = ["check_cost_budget", "cost_from_usage", "price_per_image", "unknown_price_reason"]
+
+_PER_MILLION = 1_000_000
 
 
 def price_per_image(
     params: Mapping[str, Any], override: float | None = None, *, backend_kind: str = "roboflow"
 ) -> float | None:
-    """USD for one image made with `params` (model, size, quality); None when unknown.
+    """USD for one image made with `params` (model, quality, size); None when unknown.
 
     `override` (``run.price_per_image``) wins over the table; the mock backend is free.
     """
@@ -46,9 +30,84 @@ def price_per_image(
         return override
     if backend_kind == "mock":
         return 0.0
-    model, size = str(params.get("model")), str(params.get("size"))
-    quality = params.get("quality")
-    price = PRICES.get((model, size, None if quality is None else str(quality)))
-    if price is None:
-        price = PRICES.get((model, size, None))  # a model without quality tiers
-    return price
+    model = MODELS.get(str(params.get("model")))
+    if model is None:
+        return None
+    return model.per_image.get((str(params.get("quality")), str(params.get("size"))))
+
+
+def unknown_price_reason(params: Mapping[str, Any]) -> str | None:
+    """Why the table cannot price `params`, worded as the fix; None when it can."""
+    name = params.get("model")
+    if name is None:
+        return "no params.model: set it (e.g. gpt-image-1-mini) or run.price_per_image"
+    model = MODELS.get(str(name))
+    if model is None:
+        return f"model {name} is not in the price table: set run.price_per_image"
+    missing = [key for key in ("quality", "size") if params.get(key) in (None, "auto")]
+    if missing:
+        keys = " and ".join(f"params.{key}" for key in missing)
+        return f"{name} chooses its {' and '.join(missing)} itself: set {keys}"
+    return None
+
+
+def check_cost_budget(spec: Spec) -> None:
+    """Refuse `max_cost_usd` when some source's price is unknown: the budget could not hold."""
+    if spec.run.max_cost_usd is None:
+        return
+    for index, source in enumerate(spec.sources):
+        params = spec.source_params(source)
+        if (
+            price_per_image(params, spec.run.price_per_image, backend_kind=spec.backend.kind)
+            is None
+        ):
+            raise spec.error(
+                "run.max_cost_usd",
+                f"needs a known price, and sources[{index}] ('{source.name}') has none: "
+                f"{unknown_price_reason(params)}",
+            )
+
+
+def cost_from_usage(model_name: object, usage: object) -> float | None:
+    """USD an answer reports it cost: its ``usage`` tokens at the model's token prices.
+
+    The shape is OpenAI's: ``input_tokens_details`` splits input into text and image
+    tokens, and ``output_tokens_details`` (when present) output likewise; without the
+    details, input counts as text and output as image tokens. None when the model is
+    unknown or the usage is not of that shape.
+    """
+    model = MODELS.get(str(model_name))
+    if model is None or not isinstance(usage, Mapping):
+        return None
+    input_tokens, output_tokens = (
+        _count(usage.get("input_tokens")),
+        _count(usage.get("output_tokens")),
+    )
+    if input_tokens is None or output_tokens is None:
+        return None
+    text_in, image_in = _split(usage.get("input_tokens_details"), input_tokens, "text_tokens")
+    text_out, image_out = _split(usage.get("output_tokens_details"), output_tokens, "image_tokens")
+    prices = model.tokens
+    dollars = (
+        text_in * prices.text_input
+        + image_in * prices.image_input
+        + image_out * prices.image_output
+        + text_out * prices.text_output
+    )
+    return dollars / _PER_MILLION
+
+
+def _split(details: object, total: int, default_kind: str) -> tuple[int, int]:
+    """(text, image) tokens of one side of a usage block; all `default_kind` without details."""
+    if isinstance(details, Mapping):
+        text, image = _count(details.get("text_tokens", 0)), _count(details.get("image_tokens", 0))
+        if text is not None and image is not None:
+            return text, image
+    return (total, 0) if default_kind == "text_tokens" else (0, total)
+
+
+def _count(value: object) -> int | None:
+    """`value` when it is a token count (a non-negative int), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None

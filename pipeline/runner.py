@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import signal
 import socket
@@ -40,12 +41,12 @@ from pipeline.errors import (
 from pipeline.limiter import Limiter
 from pipeline.lock import acquire_lock
 from pipeline.manifest import MANIFEST_NAME, ManifestState, ManifestWriter, gc_paused
-from pipeline.pricing import price_per_image
+from pipeline.pricing import check_cost_budget, cost_from_usage, price_per_image
 from pipeline.records import WorkItem
 from pipeline.snapshot import StateCache
 from pipeline.spec import Spec
 
-__all__ = ["JobResult", "run_job"]
+__all__ = ["JobResult", "check_key_scheme", "recorded_key_scheme", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ async def run_job(
         cache = StateCache(out / MANIFEST_NAME)
         with _gc_spares_state():
             state = await asyncio.to_thread(_load_frozen, cache, verify)
+            await asyncio.to_thread(check_key_scheme, out, state)
             await asyncio.to_thread(_write_job_json, spec, spec_path)
             async with _open_backend(spec, api_key, backend, proxies) as live_backend:
                 return await _run_engine(
@@ -149,6 +151,7 @@ async def _run_engine(
             writer=writer,
             files=files,
             price=lambda item: _price(spec, item),
+            actual_cost=lambda item, response: _actual_cost(spec, item, response),
             expected=sum(items_mod.count_items(spec).values()),
             on_progress=on_progress,
         )
@@ -202,22 +205,16 @@ def _price(spec: Spec, item: WorkItem) -> float | None:
     return price_per_image(item.params, spec.run.price_per_image, backend_kind=spec.backend.kind)
 
 
-def check_cost_budget(spec: Spec) -> None:
-    """Refuse `max_cost_usd` when some source's price is unknown: the budget could not hold."""
-    if spec.run.max_cost_usd is None:
-        return
-    for index, source in enumerate(spec.sources):
-        params = spec.source_params(source)
-        if (
-            price_per_image(params, spec.run.price_per_image, backend_kind=spec.backend.kind)
-            is None
-        ):
-            raise spec.error(
-                "run.max_cost_usd",
-                f"the price of {params.get('model')} {params.get('size')} "
-                f"{params.get('quality')} (sources[{index}]) is unknown, so the budget "
-                "cannot be enforced: set run.price_per_image",
-            )
+def _actual_cost(spec: Spec, item: WorkItem, response: Any) -> float | None:
+    """What an answer says the item cost (its ``usage``); None when it does not say.
+
+    The answer's own ``model`` wins over the spec's: it is what was billed. A free
+    backend (the mock) costs nothing whatever its answers report.
+    """
+    if spec.backend.kind == "mock" or not isinstance(response, dict):
+        return None
+    model = response.get("model") or item.params.get("model")
+    return cost_from_usage(model, response.get("usage"))
 
 
 def _exit_code(engine: Engine) -> int:
@@ -283,6 +280,41 @@ def _summary(
     }
 
 
+def check_key_scheme(out_dir: Path, state: ManifestState) -> None:
+    """Refuse an OUT whose manifest was keyed by another scheme (see `items.KEY_SCHEME`).
+
+    Its keys would match nothing this version computes, so a run would quietly pay for
+    every item again. An OUT without a recorded scheme but with manifest lines was
+    written by synthaug 0.1 (scheme 1).
+    """
+    if not len(state):
+        return
+    found = recorded_key_scheme(out_dir)
+    if found == items_mod.KEY_SCHEME:
+        return
+    if found > items_mod.KEY_SCHEME:
+        raise OutputError(
+            f"{out_dir} was written by a newer synthaug (key scheme {found}; this one uses "
+            f"{items_mod.KEY_SCHEME}): upgrade synthaug (pip install -U synthaug) to resume it"
+        )
+    raise OutputError(
+        f"{out_dir} holds a manifest of key scheme {found} (synthaug 0.1, whose requests "
+        f"always carried model dall-e-3): this synthaug computes other keys (scheme "
+        f"{items_mod.KEY_SCHEME}) and would pay for every item again; point output_dir "
+        "(or --out) at a new folder"
+    )
+
+
+def recorded_key_scheme(out_dir: Path) -> int:
+    """The key scheme OUT/job.json records; 1 when it records none (synthaug 0.1)."""
+    try:
+        job = json.loads((out_dir / JOB_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 1
+    scheme = job.get("key_scheme", 1) if isinstance(job, dict) else 1
+    return scheme if isinstance(scheme, int) and not isinstance(scheme, bool) else 1
+
+
 def _write_job_json(spec: Spec, spec_path: Path) -> None:
     counts = items_mod.count_items(spec)
     sources = items_mod.describe_sources(spec)
@@ -292,6 +324,7 @@ def _write_job_json(spec: Spec, spec_path: Path) -> None:
         "name": spec.name,
         "spec": spec_path.name,  # OUT is shared: no home folder in it
         "backend": spec.backend.kind,
+        "key_scheme": items_mod.KEY_SCHEME,
         "host": socket.gethostname(),
         "sources": sources,
     }

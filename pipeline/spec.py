@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from pipeline.errors import SpecError, UsageError
+from pipeline.models import MODELS, RETIRED_MODELS
 from pipeline.sources import (
     DEFAULT_EXTENSIONS,
     InputError,
@@ -126,8 +127,8 @@ def _check_name(value: str) -> str:
 
 
 def _check_size(value: str) -> str:
-    if not _SIZE.fullmatch(value):
-        raise ValueError(f"expected WIDTHxHEIGHT like 1024x1024, got {show_value(value)}")
+    if value != "auto" and not _SIZE.fullmatch(value):
+        raise ValueError(f"expected auto or WIDTHxHEIGHT like 1024x1024, got {show_value(value)}")
     return value
 
 
@@ -177,7 +178,7 @@ _RATE_SCHEMA = {
 }
 Rate = Annotated[float | None, BeforeValidator(_rate_or_none), WithJsonSchema(_RATE_SCHEMA)]
 Name = Annotated[str, AfterValidator(_check_name)]
-Size = Annotated[str, AfterValidator(_check_size)]
+ImageSize = Annotated[str, AfterValidator(_check_size)]
 Url = Annotated[str, AfterValidator(_check_url)]
 NonBlank = Annotated[str, AfterValidator(_check_nonblank)]
 VarValues = Annotated[
@@ -213,13 +214,27 @@ class BackendSettings(_Model):
 
 
 class Params(_Model):
-    """OpenAI image parameters sent with every request (Roboflow's defaults)."""
+    """OpenAI image parameters: only those the spec sets are sent.
 
-    model: NonBlank = "dall-e-3"
-    n: int = Field(default=1, ge=1, le=MAX_N, description="images per request")
-    quality: NonBlank = "hd"
-    size: Size = "1024x1024"
-    style: NonBlank = "natural"
+    Nothing is defaulted here on purpose: the API applies its own defaults, and a default
+    baked into synthaug outlives the model it was written for (dall-e-3 was sent with
+    every request until OpenAI retired it).
+    """
+
+    model: NonBlank | None = Field(
+        default=None, description="gpt-image-1, gpt-image-1-mini, gpt-image-1.5, ..."
+    )
+    n: int | None = Field(default=None, ge=1, le=MAX_N, description="images per request")
+    quality: Literal["low", "medium", "high", "auto"] | None = None
+    size: ImageSize | None = Field(
+        default=None, description="1024x1024, 1536x1024, 1024x1536 or auto"
+    )
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(
+        default=None, ge=0, le=100, description="percent; jpeg and webp only"
+    )
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: Literal["low", "auto"] | None = None
     force_caption_regenerate: bool | None = Field(
         default=None, description="roboflow_ids sources only"
     )
@@ -227,21 +242,33 @@ class Params(_Model):
         default=None, description="turn off the photorealism suffix"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_style(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "style" in data:
+            raise ValueError(
+                "style was a dall-e-3 parameter and GPT image models do not take it: remove it"
+            )
+        return data
+
+    @field_validator("model")
+    @classmethod
+    def _current_model(cls, value: str | None) -> str | None:
+        if value is not None and value in RETIRED_MODELS:
+            others = ", ".join(name for name in MODELS if name != RETIRED_MODELS[value])
+            raise ValueError(
+                f"{value} was retired by OpenAI on 2026-05-12: use {RETIRED_MODELS[value]} "
+                f"(or {others})"
+            )
+        return value
+
     def request_params(self) -> dict[str, Any]:
-        """The parameters to send: every field that has a value."""
+        """The parameters to send: exactly those the spec set."""
         return self.model_dump(exclude_none=True)
 
 
-class SourceParams(_Model):
-    """Per-source overrides of `Params`; unset fields keep the global value."""
-
-    model: NonBlank | None = None
-    n: int | None = Field(default=None, ge=1, le=MAX_N)
-    quality: NonBlank | None = None
-    size: Size | None = None
-    style: NonBlank | None = None
-    force_caption_regenerate: bool | None = None
-    unmodified_prompt: bool | None = None
+SourceParams = Params
+"""Per-source overrides: the same keys; those a source sets replace the global ones."""
 
 
 class RunSettings(_Model):
@@ -455,6 +482,34 @@ def _check_semantics(spec: Spec) -> None:
             )
         seen[source.name] = index
         _check_source_keys(source, at)
+        _check_params(spec.source_params(source), source.params, at)
+
+
+def _check_params(params: Mapping[str, Any], own: Params, at: str) -> None:
+    """Combinations the API would refuse, caught before anything is paid for.
+
+    `params` are a source's merged parameters; the key path names the source's own
+    key when it set it, the global one otherwise.
+    """
+
+    def where(key: str) -> str:
+        return f"{at}.params.{key}" if getattr(own, key) is not None else f"params.{key}"
+
+    model = MODELS.get(str(params.get("model")))
+    size = params.get("size")
+    if model is not None and size is not None and size not in model.sizes:
+        raise _Problem(
+            where("size"),
+            f"{model.name} makes {', '.join(model.sizes)}, not {size}",
+            size,
+        )
+    output_format = params.get("output_format")
+    if params.get("output_compression") is not None and output_format not in ("jpeg", "webp"):
+        raise _Problem(where("output_compression"), "only applies with output_format jpeg or webp")
+    if params.get("background") == "transparent" and output_format == "jpeg":
+        raise _Problem(
+            where("background"), "a transparent background needs output_format png or webp"
+        )
 
 
 def _check_base_url(backend: BackendSettings) -> None:

@@ -212,7 +212,7 @@ CASES = [
     ),
     pytest.param(Bad(GOOD + "params:\n  n: 1000000000\n", "at most", "params.n", 15), id="n-1e9"),
     pytest.param(
-        Bad(GOOD + "params:\n  size: huge\n", "expected WIDTHxHEIGHT", "params.size", 15),
+        Bad(GOOD + "params:\n  size: huge\n", "WIDTHxHEIGHT like 1024x1024", "params.size", 15),
         id="size-huge",
     ),
     pytest.param(

@@ -130,12 +130,12 @@ def test_changing_one_prompt_changes_only_that_sources_keys(sandbox: Path, promp
 
 def test_params_merge_global_then_source(sandbox: Path) -> None:
     """A source's params override the global ones, key by key."""
-    ids = {"name": "ids", "roboflow_ids": ["x1"], "prompt": "p", "params": {"style": "vivid"}}
-    top = {"params": {"quality": "standard", "force_caption_regenerate": True}}
+    ids = {"name": "ids", "roboflow_ids": ["x1"], "prompt": "p", "params": {"quality": "high"}}
+    top = {"params": {"quality": "low", "size": "1024x1024", "force_caption_regenerate": True}}
     spec = load_spec(job(sandbox, [GRID, ids], **top))
     grid, ident = (next(i for i in expand_items(spec) if i.source == s) for s in ("grid", "ids"))
-    assert grid.params["quality"] == ident.params["quality"] == "standard"
-    assert (grid.params["style"], ident.params["style"]) == ("natural", "vivid")
+    assert grid.params["size"] == ident.params["size"] == "1024x1024"
+    assert (grid.params["quality"], ident.params["quality"]) == ("low", "high")
     assert "force_caption_regenerate" not in grid.params  # only sent with roboflow ids
     assert ident.params["force_caption_regenerate"] is True
     assert ident.input is not None
@@ -269,7 +269,7 @@ def test_fast_keys_equal_the_canonical_key(
     prompt: str, repeat: int, project: str, extra: dict[str, object]
 ) -> None:
     """The per-prompt key shortcut gives exactly DESIGN's key for any prompt and body."""
-    body = {**extra, "project_url": project, "model": "dall-e-3", "n": 1}
+    body = {**extra, "project_url": project, "model": "gpt-image-1", "n": 1}
     body.pop("prompt", None)
     expected = item_key("roboflow", {**body, "prompt": prompt}, repeat)
     assert prompt_keyer("roboflow", body)(prompt, repeat) == expected

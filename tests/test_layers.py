@@ -21,9 +21,11 @@ LAYERS: dict[str, int] = {
     "sources": 2,
     "image_check": 2,  # pure checks of image bytes, below outputs, which stores them
     "specfile": 2,  # below spec, which uses it to read the file and word its errors
+    "models": 2,  # the image-model catalogue: spec checks params against it, pricing prices it
     "spec": 3,
     "credentials": 4,
     "pricing": 4,
+    "pace": 4,  # the adaptive rate (pure arithmetic on time), below the limiter that paces by it
     # independent mechanisms: none imports another (backends/* may import backends/base)
     "limiter": 5,
     "retry": 5,

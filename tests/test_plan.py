@@ -21,12 +21,15 @@ PAIRS = {"name": "pairs", "prompt": "two cats", "repeats": 3, "params": {"n": 2}
 
 
 ROBOFLOW = {"backend": {"kind": "roboflow"}, "project_url": "leaves"}
+PRICED = {"model": "gpt-image-1", "quality": "medium", "size": "1024x1024"}  # $0.042 an image
 
 
 def make_spec(spec_factory: Callable[..., Path], **run: Any) -> Spec:
     """A priced (roboflow) spec: plan needs no key and sends nothing."""
     return load_spec(
-        spec_factory(sources=[GRID, PAIRS], run={"rate_limit": "6/min", **run}, **ROBOFLOW)
+        spec_factory(
+            sources=[GRID, PAIRS], params=PRICED, run={"rate_limit": "6/min", **run}, **ROBOFLOW
+        )
     )
 
 
@@ -62,8 +65,8 @@ def test_plan_counts_against_a_partial_manifest(
         "pending": 2,
     }
     assert (pairs["items"], pairs["images"], pairs["done"], pairs["pending"]) == (3, 6, 0, 3)
-    assert grid["cost_usd"] == pytest.approx(2 * 0.08)
-    assert pairs["cost_usd"] == pytest.approx(2 * 2 * 0.08)  # the generated item is paid
+    assert grid["cost_usd"] == pytest.approx(2 * 0.042)
+    assert pairs["cost_usd"] == pytest.approx(2 * 2 * 0.042)  # the generated item is paid
     total = data["total"]
     assert {k: total[k] for k in ("items", "images", "done", "failed", "pending")} == {
         "items": 7,
@@ -72,7 +75,7 @@ def test_plan_counts_against_a_partial_manifest(
         "failed": 1,
         "pending": 5,
     }
-    assert total["cost_usd"] == pytest.approx(0.48)
+    assert total["cost_usd"] == pytest.approx(6 * 0.042)
     assert total["eta_s"] == pytest.approx(5 / 0.1)
     assert data["stops_early"] is None
     json.dumps(data)  # plain JSON all the way down
@@ -85,14 +88,14 @@ def test_no_retry_failed_leaves_failed_items_out(
     spec = make_spec(spec_factory, retry_failed=False)
     data = build_plan(spec, partial_state(spec, sandbox)).to_json()
     assert (data["sources"][0]["pending"], data["sources"][0]["to_run"]) == (2, 1)
-    assert data["sources"][0]["cost_usd"] == pytest.approx(0.08)
+    assert data["sources"][0]["cost_usd"] == pytest.approx(0.042)
 
 
 def test_empty_manifest_plans_everything(spec_factory: Callable[..., Path]) -> None:
     """A fresh run has everything pending and costs all of it."""
     data = build_plan(make_spec(spec_factory), ManifestState()).to_json()
     assert data["total"]["pending"] == data["total"]["items"] == 7
-    assert data["total"]["cost_usd"] == pytest.approx(10 * 0.08)
+    assert data["total"]["cost_usd"] == pytest.approx(10 * 0.042)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +105,7 @@ def test_empty_manifest_plans_everything(spec_factory: Callable[..., Path]) -> N
             {"max_images": 5}, "max_images 5 stops the run after 5 of 10 images", id="images"
         ),
         pytest.param(
-            {"max_cost_usd": 0.5}, "max_cost_usd 0.5 stops the run at $0.50 of $0.80", id="cost"
+            {"max_cost_usd": 0.3}, "max_cost_usd 0.3 stops the run at $0.30 of $0.42", id="cost"
         ),
     ],
 )
@@ -126,6 +129,41 @@ def test_unknown_price_and_no_rate_limit(spec_factory: Callable[..., Path]) -> N
     assert "unknown" in format_plan(plan)
 
 
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        pytest.param({}, "no params.model: set it", id="no-model"),
+        pytest.param(
+            {"model": "gpt-image-1"},
+            "gpt-image-1 chooses its quality and size itself: set params.quality and params.size",
+            id="api-chooses",
+        ),
+        pytest.param(
+            {"model": "gpt-image-9", "quality": "low", "size": "1024x1024"},
+            "model gpt-image-9 is not in the price table: set run.price_per_image",
+            id="unknown-model",
+        ),
+    ],
+)
+def test_unknown_cost_says_why_and_how_to_fix_it(
+    spec_factory: Callable[..., Path], params: dict[str, str], words: str
+) -> None:
+    """A cost plan cannot know is shown as unknown with the key that would make it known."""
+    spec = load_spec(spec_factory(sources=[GRID], params=params, **ROBOFLOW))
+    plan = build_plan(spec, ManifestState())
+    data = plan.to_json()
+    assert data["total"]["cost_usd"] is None
+    assert data["sources"][0]["cost_unknown_because"].startswith(words.split(":")[0])
+    assert f"note: cost of 'grid' unknown: {words}" in format_plan(plan)
+
+
+def test_max_cost_without_a_known_price_is_refused(spec_factory: Callable[..., Path]) -> None:
+    """max_cost_usd with no params.model cannot be enforced: plan refuses and says why."""
+    spec = load_spec(spec_factory(sources=[GRID], run={"max_cost_usd": 5}, **ROBOFLOW))
+    with pytest.raises(SpecError, match=r"run\.max_cost_usd: needs a known price.*params\.model"):
+        build_plan(spec, ManifestState())
+
+
 def test_image_rate_limit_can_bound_the_eta(spec_factory: Callable[..., Path]) -> None:
     """The ETA is the slower of the request and the image limits."""
     spec = make_spec(spec_factory, image_rate_limit="1/s")
@@ -138,8 +176,8 @@ def test_format_plan_is_an_aligned_table(spec_factory: Callable[..., Path], sand
     lines = format_plan(build_plan(spec, partial_state(spec, sandbox))).splitlines()
     table = lines[:6]
     assert table[0].split() == ["source", "items", "images", "done", "failed", "pending", "cost"]
-    assert table[2].split() == ["grid", "4", "4", "2", "1", "2", "$0.16"]
-    assert table[5].split() == ["total", "7", "10", "2", "1", "5", "$0.48"]
+    assert table[2].split() == ["grid", "4", "4", "2", "1", "2", "$0.08"]
+    assert table[5].split() == ["total", "7", "10", "2", "1", "5", "$0.25"]
     assert len({len(line) for line in table}) == 1
     assert lines[6].startswith("eta: at least 50 s")
 
@@ -154,28 +192,38 @@ def test_plan_refuses_a_spec_past_max_items(spec_factory: Callable[..., Path]) -
     ("params", "override", "price"),
     [
         pytest.param(
-            {"model": "dall-e-3", "size": "1024x1024", "quality": "hd"}, None, 0.08, id="dalle3-hd"
+            {"model": "gpt-image-1", "size": "1024x1024", "quality": "medium"},
+            None,
+            0.042,
+            id="gpt-image-1-square",
         ),
         pytest.param(
-            {"model": "dall-e-3", "size": "1792x1024", "quality": "standard"},
+            {"model": "gpt-image-1-mini", "size": "1024x1536", "quality": "low"},
             None,
-            0.08,
-            id="dalle3-wide",
+            0.006,
+            id="mini-portrait",
         ),
         pytest.param(
-            {"model": "dall-e-2", "size": "512x512", "quality": "hd"},
+            {"model": "gpt-image-1.5", "size": "1024x1024", "quality": "high"},
             None,
-            0.018,
-            id="dalle2-any-quality",
+            0.133,
+            id="gpt-image-1.5",
+        ),
+        pytest.param(
+            {"model": "gpt-image-1", "size": "auto", "quality": "high"}, None, None, id="auto-size"
+        ),
+        pytest.param({"size": "1024x1024", "quality": "high"}, None, None, id="no-model"),
+        pytest.param(
+            {"model": "gpt-image-9", "size": "1024x1024", "quality": "low"},
+            None,
+            None,
+            id="unknown-model",
         ),
         pytest.param(
             {"model": "gpt-image-1", "size": "1536x1024", "quality": "high"},
             None,
             0.25,
             id="gpt-image-1",
-        ),
-        pytest.param(
-            {"model": "gpt-image-1", "size": "1024x1024", "quality": "hd"}, None, None, id="unknown"
         ),
         pytest.param({"model": "x"}, 0.5, 0.5, id="override"),
     ],

@@ -65,11 +65,11 @@ ERROR_CASES = [
         id="unknown-key-near-miss",
     ),
     pytest.param(
-        HEAD + "  - name: a\n    prompt: x\n    params:\n      stlye: vivid\n",
+        HEAD + "  - name: a\n    prompt: x\n    params:\n      qualty: high\n",
         {},
-        "sources[0].params.stlye",
+        "sources[0].params.qualty",
         9,
-        "unknown key 'stlye' (did you mean 'style'?)",
+        "unknown key 'qualty' (did you mean 'quality'?)",
         id="nested-unknown-key",
     ),
     pytest.param(
@@ -320,7 +320,7 @@ ERROR_CASES = [
         {},
         "params.size",
         9,
-        "expected WIDTHxHEIGHT like 1024x1024, got 'big'",
+        "expected auto or WIDTHxHEIGHT like 1024x1024, got 'big'",
         id="bad-size",
     ),
     pytest.param(
@@ -398,9 +398,9 @@ def test_error_message_reads_as_one_line(spec_factory: Callable[..., Path]) -> N
 
 def test_one_error_is_shown_and_the_rest_counted(spec_factory: Callable[..., Path]) -> None:
     """Independent mistakes: the first is reported, the others counted, echoes dropped."""
-    text = HEAD + "  - name: a\n    prompt: x\n    params: {stlye: v}\nrun:\n  max_attempts: x\n"
+    text = HEAD + "  - name: a\n    prompt: x\n    params: {qualty: v}\nrun:\n  max_attempts: x\n"
     error = load_error(spec_factory, text)
-    assert str(error).endswith("(did you mean 'style'?) (and 1 more problem)")
+    assert str(error).endswith("(did you mean 'quality'?) (and 1 more problem)")
 
 
 def test_oversized_input_is_refused(spec_factory: Callable[..., Path], sandbox: Path) -> None:
@@ -453,13 +453,7 @@ def test_defaults_for_mock_and_real_backends(spec_factory: Callable[..., Path]) 
     assert real.run.concurrency == 4
     assert real.run.rate_limit == pytest.approx(5 / 60)
     assert real.backend.base_url == "https://api.roboflow.com"
-    assert real.params.request_params() == {
-        "model": "dall-e-3",
-        "n": 1,
-        "quality": "hd",
-        "size": "1024x1024",
-        "style": "natural",
-    }
+    assert real.params.request_params() == {}  # nothing sent the spec did not set
 
 
 def test_output_dir_is_relative_to_the_spec_folder(

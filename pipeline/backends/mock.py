@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_FAULT_WEIGHTS",
     "DEFAULT_PAUSE_GRACE_S",
     "FAULT_KINDS",
+    "FATAL_FAULT_KINDS",
     "MockConfig",
     "MockServer",
     "MockStats",
@@ -57,6 +58,8 @@ FAULT_KINDS: tuple[str, ...] = (
     "slow",
     "image_404_once",
 )
+FATAL_FAULT_KINDS: tuple[str, ...] = ("insufficient_quota",)
+"""Faults no retry survives (the run must abort): never part of a survivable fault mix."""
 DEFAULT_FAULT_WEIGHTS: Mapping[str, float] = MappingProxyType(
     {
         "429": 4.0,
@@ -90,7 +93,11 @@ class MockConfig:
 
     `error_rate` is the share of requests that get a fault drawn from `faults` (name →
     weight) with `random.Random(seed)`; `rate_limit` (requests/s, token bucket of
-    `burst`) is enforced with 429s independently of it.
+    `burst`) is enforced with 429s independently of it, whose Retry-After is the time to
+    the next token but at least `min_retry_after_s`, in `retry_after_form`. The server's
+    clock (its ``Date`` header and Retry-After dates) runs `clock_offset_s` ahead of the
+    host's. The ``insufficient_quota`` fault answers as OpenAI does when the account has
+    no credit left.
     """
 
     latency_s: float = 0.0
@@ -109,12 +116,14 @@ class MockConfig:
     send_rate_limit_headers: bool = False
     slow_s: float = 3.0
     pause_grace_s: float = DEFAULT_PAUSE_GRACE_S
+    min_retry_after_s: float = 0.0
+    clock_offset_s: float = 0.0
 
     def __post_init__(self) -> None:
         problems = [
             f"unknown fault {name!r} (known: {', '.join(FAULT_KINDS)})"
             for name in self.faults
-            if name not in FAULT_KINDS
+            if name not in FAULT_KINDS and name not in FATAL_FAULT_KINDS
         ]
         if any(weight < 0 for weight in self.faults.values()):
             problems.append("fault weights must be >= 0")
@@ -126,8 +135,16 @@ class MockConfig:
             problems.append(f"rate_limit must be > 0, got {self.rate_limit}")
         if self.burst < 1 or self.max_px < 1:
             problems.append("burst and max_px must be >= 1")
-        if min(self.latency_s, self.retry_after_s, self.slow_s, self.pause_grace_s) < 0:
-            problems.append("latency_s, retry_after_s, slow_s and pause_grace_s must be >= 0")
+        if (
+            min(self.latency_s, self.retry_after_s, self.slow_s, self.pause_grace_s) < 0
+            or self.min_retry_after_s < 0
+        ):
+            problems.append(
+                "latency_s, retry_after_s, slow_s, pause_grace_s and min_retry_after_s "
+                "must be >= 0"
+            )
+        if not math.isfinite(self.clock_offset_s):
+            problems.append(f"clock_offset_s must be finite, got {self.clock_offset_s}")
         if self.retry_after_form not in ("seconds", "date", "none"):
             problems.append(f"unknown retry_after_form {self.retry_after_form!r}")
         if self.response_shape not in ("data", "array", "images", "results", "b64_json"):
@@ -218,7 +235,17 @@ class _MockApi:
         application.router.add_post("/synthetic-image", self.generate)
         application.router.add_get("/images/{token}.png", self.serve_image)
         application.router.add_get("/_stats", self.serve_stats)
+        if self.config.clock_offset_s:
+            application.on_response_prepare.append(self._stamp_date)
         return application
+
+    async def _stamp_date(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The ``Date`` of the server's own (offset) clock, as a misset server sends it."""
+        response.headers["Date"] = _http_date(self._wall_now())
+
+    def _wall_now(self) -> float:
+        """The server's wall clock: the host's plus `clock_offset_s`."""
+        return time.time() + self.config.clock_offset_s
 
     async def serve_stats(self, request: web.Request) -> web.Response:
         """``GET /_stats``."""
@@ -251,7 +278,8 @@ class _MockApi:
             self.stats.unknown_project += 1
             return _error(404, "not_found", "Project not found.")
         if not self._take_token(now):
-            return self._rate_limited(self._seconds_to_token(), now)
+            wait = max(self._seconds_to_token(), self.config.min_retry_after_s)
+            return self._rate_limited(wait, now)
         headers = self._rate_limit_headers()
         if self.config.refuse_word and self.config.refuse_word in body["prompt"]:
             self.stats.refused += 1
@@ -273,6 +301,8 @@ class _MockApi:
     ) -> web.StreamResponse:
         if fault == "429":
             return self._rate_limited(self.config.retry_after_s, asyncio.get_running_loop().time())
+        if fault == "insufficient_quota":
+            return _insufficient_quota()
         if fault in ("500", "502", "503", "504"):
             return _error(int(fault), "server_error", "The server had an error, try again.")
         if fault == "malformed":
@@ -311,7 +341,8 @@ class _MockApi:
                 "data": [
                     {"b64_json": _b64(blob), "id": token}
                     for blob, token in zip(blobs, tokens, strict=True)
-                ]
+                ],
+                "usage": _usage(body, len(specs)),  # as GPT image models report it
             }
         origin = str(request.url.origin())
         urls = [f"{origin}/images/{token}.png" for token in tokens]
@@ -396,10 +427,10 @@ class _MockApi:
             headers["Retry-After"] = _format_seconds(retry_after_s)
             self._announce_pause(now, now + retry_after_s)
         elif form == "date":
-            wall = math.ceil(time.time() + retry_after_s)
-            when = datetime.fromtimestamp(wall, timezone.utc)
-            headers["Retry-After"] = email.utils.format_datetime(when, usegmt=True)
-            self._announce_pause(now, now + (wall - time.time()))
+            wall_now = self._wall_now()
+            wall = math.ceil(wall_now + retry_after_s)
+            headers["Retry-After"] = _http_date(wall)
+            self._announce_pause(now, now + (wall - wall_now))
         return _error(429, "rate_limit_exceeded", "Rate limit reached, slow down.", headers)
 
     def _announce_pause(self, now: float, until: float) -> None:
@@ -509,11 +540,48 @@ def _load_body(raw: bytes) -> dict[str, Any] | None:
     return body
 
 
+def _insufficient_quota() -> web.Response:
+    """OpenAI's answer when the account has no credit left: a 429 that waiting cannot fix."""
+    payload = {
+        "error": {
+            "message": "You exceeded your current quota, please check your plan and "
+            "billing details.",
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "insufficient_quota",
+        }
+    }
+    return web.json_response(payload, status=429)
+
+
+def _http_date(wall: float) -> str:
+    """An HTTP date (RFC 9110 IMF-fixdate) of a POSIX time."""
+    return email.utils.format_datetime(datetime.fromtimestamp(wall, timezone.utc), usegmt=True)
+
+
 def _error(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     payload = {"error": {"code": code, "message": message}}
     return web.json_response(payload, status=status, headers=headers)
+
+
+# Output tokens per image of a GPT image model by quality (OpenAI's published figures for
+# 1024x1024; the API's own default quality counts as medium here).
+_OUTPUT_TOKENS = {"low": 272, "medium": 1056, "high": 4160}
+
+
+def _usage(body: Mapping[str, Any], images: int) -> dict[str, Any]:
+    """A ``usage`` block shaped like OpenAI's: what a request of `images` images used."""
+    text_tokens = max(1, len(str(body.get("prompt", ""))) // 4)
+    image_tokens = 0 if body.get("image") is None else 323
+    per_image = _OUTPUT_TOKENS.get(str(body.get("quality")), _OUTPUT_TOKENS["medium"])
+    return {
+        "input_tokens": text_tokens + image_tokens,
+        "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": image_tokens},
+        "output_tokens": per_image * images,
+        "total_tokens": text_tokens + image_tokens + per_image * images,
+    }
 
 
 def _scaled_size(size: Any, max_px: int) -> tuple[int, int]:
