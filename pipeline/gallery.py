@@ -163,7 +163,7 @@ def _page(
     title = f"synthaug: {job.get('name') or 'run'}"
     every = [r for records in by_source.values() for r in records]
     facts = [
-        f"<code>{_e(job['spec'])}</code>" if job.get("spec") else "",
+        f"spec <code>{_e(job['spec'])}</code>" if job.get("spec") else "",
         f"backend <code>{_e(job['backend'])}</code>" if job.get("backend") else "",
     ]
     nav = "".join(

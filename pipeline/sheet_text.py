@@ -185,7 +185,11 @@ def _fit_chars(font: Font, word: str, width: int) -> int:
 
 
 def read_job(out_dir: Path) -> dict[str, Any]:
-    """``OUT/job.json`` as a dict, or ``{}`` when it is absent or unreadable (never required)."""
+    """``OUT/job.json`` as a dict, or ``{}`` when it is absent or unreadable (never required).
+
+    Its ``spec`` is cut to the file name: OUT is meant to be zipped and shared, and an
+    older synthaug recorded the spec's absolute path (the author's home folder).
+    """
     try:
         data = json.loads((out_dir / JOB_NAME).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -193,7 +197,11 @@ def read_job(out_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         log.warning("ignoring %s: %s", out_dir / JOB_NAME, exc)
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    if data.get("spec"):
+        data["spec"] = PurePosixPath(str(data["spec"]).replace("\\", "/")).name
+    return data
 
 
 def path_inside(out_dir: Path, relative: str) -> Path | None:

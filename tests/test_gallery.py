@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from checks import run_spec
 from PIL import Image
 
 from pipeline.gallery import write_gallery
@@ -27,6 +28,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 TREES = ["maple", "oak", "birch"]
+AUTHOR_HOME = "/home/alice/jobs"
 
 
 def record(
@@ -78,7 +80,8 @@ def sample_out(out: Path, *, job: bool = True) -> None:
              "combine": "product", "repeats": 1, "input": "none", "items": 3, "n": 1},
             {"name": "plain", "prompt": "Red leaves", "vars": {}, "input": "none", "items": 1},
         ]  # fmt: skip
-        payload = {"name": "fall <night>", "spec": "/abs/spec.yaml", "backend": "mock"}
+        # as synthaug 0.1 wrote it: the spec's absolute path
+        payload = {"name": "fall <night>", "spec": f"{AUTHOR_HOME}/fall.yaml", "backend": "mock"}
         (out / "job.json").write_text(json.dumps({**payload, "sources": sources}), "utf-8")
     write_manifest(
         out,
@@ -127,6 +130,32 @@ def test_every_reference_is_relative_and_inside_out(tmp_path: Path) -> None:
         assert "://" not in ref
         assert not ref.startswith("/")
         assert (tmp_path / ref).is_file(), ref
+
+
+def test_page_names_the_spec_file_not_its_folder(tmp_path: Path) -> None:
+    """The page shows the spec's file name and job name, never the author's folders."""
+    sample_out(tmp_path)
+    page = write_gallery(tmp_path).read_text("utf-8")
+    assert "spec <code>fall.yaml</code>" in page
+    assert "fall &lt;night&gt;" in page
+    assert AUTHOR_HOME not in page
+    assert "/home/" not in page
+
+
+async def test_run_leaves_no_path_of_the_spec_folder_in_out(
+    spec_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A run's job.json, summary.json and page name the spec by file name: OUT can be shared."""
+    spec = spec_factory(filename="jobs/fall.yaml", output_dir="out")
+    result = await run_spec(spec)
+    assert result.exit_code == 0
+    out = spec.parent / "out"
+    page = write_gallery(out).read_text("utf-8")
+    job = json.loads((out / "job.json").read_text("utf-8"))
+    summary = json.loads((out / "summary.json").read_text("utf-8"))
+    assert job["spec"] == summary["spec"] == "fall.yaml"
+    for text in (page, json.dumps(job), json.dumps(summary)):
+        assert str(tmp_path) not in text
 
 
 def test_works_without_job_json(tmp_path: Path) -> None:

@@ -299,7 +299,7 @@ def test_sheet_carries_spec_source_template_and_vars(tmp_path: Path) -> None:
     street_out(tmp_path)
     (path,) = draw_grids(tmp_path, cell_px=32)
     with Image.open(path) as sheet:
-        assert sheet.info["synthaug.spec"] == "/abs/spec.yaml"
+        assert sheet.info["synthaug.spec"] == "spec.yaml"  # the file name: no home folder
         assert sheet.info["synthaug.source"] == "street"
         assert sheet.info["synthaug.template"] == "A street in {season} {tree}"
         assert json.loads(sheet.info["synthaug.vars"]) == {"season": SEASONS, "tree": TREES}
