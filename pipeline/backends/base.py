@@ -13,7 +13,7 @@ import binascii
 import email.utils
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ __all__ = [
     "parse_rate_limit",
     "parse_retry_after",
     "redact",
+    "scrub_strings",
 ]
 
 EXCERPT_CHARS = 200
@@ -159,6 +160,24 @@ def elide_images(payload: Any) -> Any:
         return {key: _elide_field(key, value) for key, value in payload.items()}
     if isinstance(payload, str) and payload.startswith("data:"):
         return _elided(payload.partition(",")[2])
+    return payload
+
+
+def scrub_strings(payload: Any, scrub: Callable[[str], str]) -> Any:
+    """A copy of a parsed answer with `scrub` applied to every string in it (keys too).
+
+    Run it on what is kept (after `elide_images`): the strings left are short, so this
+    costs microseconds where scrubbing the raw body cost milliseconds per megabyte.
+    """
+    if isinstance(payload, str):
+        return scrub(payload)
+    if isinstance(payload, list):
+        return [scrub_strings(value, scrub) for value in payload]
+    if isinstance(payload, dict):
+        return {
+            scrub(key) if isinstance(key, str) else key: scrub_strings(value, scrub)
+            for key, value in payload.items()
+        }
     return payload
 
 

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
@@ -30,15 +31,20 @@ from pipeline.backends.base import (
     parse_images,
     parse_rate_limit,
     redact,
+    scrub_strings,
 )
 from pipeline.credentials import DIRECT, ProxySettings
 from pipeline.errors import BackendError, FatalError, TransientError
 from pipeline.records import GeneratedImage, Generation, WorkItem, request_body
 
-__all__ = ["DOWNLOAD_CONNECTIONS", "RoboflowBackend", "utc_now"]
+__all__ = ["DOWNLOAD_CONNECTIONS", "LARGE_ANSWER_BYTES", "RoboflowBackend", "utc_now"]
 
 DOWNLOAD_CONNECTIONS = 4
 """Connections kept beyond `concurrency` so downloads never wait behind generations."""
+LARGE_ANSWER_BYTES = 64 * 1024
+"""Answers above this size (base64 images) are parsed in a thread, off the event loop."""
+MIN_BARE_KEY_CHARS = 8
+"""A key shorter than this is scrubbed from URLs and ids only as an ``api_key=`` value."""
 
 _log = logging.getLogger(__name__)
 _INVALID = object()
@@ -102,6 +108,8 @@ class RoboflowBackend:
         _log.debug("POST %s for item %s", self._endpoint, item.key[:16])
         try:
             status, raw, headers = await self._post(body)
+            if len(raw) > LARGE_ANSWER_BYTES:  # parsing and base64 would hold the loop
+                return await asyncio.to_thread(self._generation, status, raw, headers)
             return self._generation(status, raw, headers)
         except BackendError as error:
             error.item_key = item.key
@@ -244,12 +252,21 @@ class RoboflowBackend:
         return self._keyed_url
 
     def _generation(self, status: int, raw: bytes, headers: Mapping[str, str]) -> Generation:
-        text = self._scrub(raw.decode("utf-8", errors="replace"))
+        """The answer as a `Generation`, parsed from the raw bytes.
+
+        Only text that is shown or kept is scrubbed of the key: error messages (here and
+        in `generate`), image URLs and ids, and the answer the manifest keeps, after its
+        image data is elided. Scrubbing the raw body instead would also replace the key
+        wherever its characters happen to occur in base64 image data (every image, for a
+        one-character key), and costs milliseconds per megabyte.
+        """
         _log.debug("%s answered HTTP %d (%d bytes)", self._endpoint, status, len(raw))
         if not 200 <= status < 300:
+            text = self._scrub(raw.decode("utf-8", errors="replace"))
             raise classify_http(status, text, headers, now=self._clock())
-        payload = _load_json(text)  # scrubbed: the manifest keeps this answer
+        payload = _load_json(raw)
         if payload is _INVALID:
+            text = self._scrub(raw.decode("utf-8", errors="replace"))
             raise TransientError(
                 f"HTTP {status} with invalid JSON: {excerpt(text)}",
                 kind="bad_response",
@@ -261,8 +278,8 @@ class RoboflowBackend:
             error.status = status
             raise
         return Generation(
-            images=images,
-            response=elide_images(payload),
+            images=tuple(self._scrub_reference(image) for image in images),
+            response=scrub_strings(elide_images(payload), self._scrub),
             status=status,
             rate_limit=parse_rate_limit(headers),
         )
@@ -271,6 +288,19 @@ class RoboflowBackend:
         """`text` without the key, even where an answer echoes it outside a query string."""
         text = redact(text)
         return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _scrub_reference(self, image: GeneratedImage) -> GeneratedImage:
+        """`image` with its URL and id scrubbed: both are recorded, and the URL fetched.
+
+        ``api_key=`` parameters are always replaced; the key's bare text only when it is
+        long enough to be found by more than chance (a key ``1`` occurs in 127.0.0.1).
+        """
+        scrub = redact if len(self._api_key) < MIN_BARE_KEY_CHARS else self._scrub
+        url = scrub(image.url) if image.url is not None else None
+        image_id = scrub(image.id) if image.id is not None else None
+        if (url, image_id) == (image.url, image.id):
+            return image
+        return replace(image, url=url, id=image_id)
 
 
 def _shown(proxy: URL | None) -> str:
@@ -288,9 +318,9 @@ def _proxy_refused(proxy: URL) -> FatalError:
     )
 
 
-def _load_json(text: str) -> Any:
+def _load_json(raw: bytes) -> Any:
     """The parsed answer, or `_INVALID` (returned, not raised, to keep no exception context)."""
     try:
-        return json.loads(text)
+        return json.loads(raw)
     except ValueError:
         return _INVALID
