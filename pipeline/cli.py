@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from pipeline import __version__
 from pipeline.errors import EXIT_OK, EXIT_USAGE, PipelineError, UsageError
+from pipeline.lock import check_platform
 from pipeline.spec import Spec
 
 __all__ = ["build_parser", "main"]
@@ -162,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     _setup_logging(args.log_level)
     handler = _COMMANDS[args.command]
     try:
+        check_platform()  # Windows gets one line pointing to WSL, not an ImportError
         code = handler(args)
     except PipelineError as exc:
         if args.log_level == "DEBUG":

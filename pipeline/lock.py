@@ -6,24 +6,41 @@ the kernel drops it when its process dies, even by SIGKILL, so a stale lock neve
 blocks the next run. The file also records who holds it (pid, host, start time) for the
 error message. Where a filesystem cannot `flock` (some network mounts), the recorded pid
 is the lock instead: it is taken over when that process is gone.
+
+`flock` is POSIX, like the signal handling and folder fsyncs a run relies on: on any other
+platform (Windows) `check_platform` refuses with one line pointing to WSL, at the CLI's
+start and again where the lock is taken, instead of a traceback. Importing this module
+works everywhere, so `import pipeline...` never fails on its own.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import OutputError
+from pipeline.errors import OutputError, UsageError
 
-__all__ = ["LOCK_NAME", "RunLock", "acquire_lock"]
+try:
+    import fcntl
+except ImportError:  # not POSIX: `check_platform` refuses before fcntl is ever used
+    _HAVE_FLOCK = False
+else:
+    _HAVE_FLOCK = True
+
+__all__ = ["LOCK_NAME", "UNSUPPORTED_PLATFORM", "RunLock", "acquire_lock", "check_platform"]
+
+UNSUPPORTED_PLATFORM = (
+    "this platform ({platform}) is not supported: synthaug runs on Linux and macOS (POSIX); "
+    "on Windows, run it inside WSL (https://learn.microsoft.com/windows/wsl/)"
+)
 
 LOCK_NAME = ".synthaug.lock"
 # A holder that releases between our open() and flock() leaves us an unlinked file;
@@ -72,10 +89,20 @@ class RunLock:
         self.release()
 
 
+def check_platform() -> None:
+    """Raise `UsageError` (exit 2) on a platform without POSIX locks, signals and fsyncs."""
+    if os.name != "posix" or not _HAVE_FLOCK:
+        raise UsageError(UNSUPPORTED_PLATFORM.format(platform=sys.platform))
+
+
 def acquire_lock(
     out_dir: Path, *, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
 ) -> RunLock:
-    """Lock `out_dir` for this process, or raise `OutputError` naming the live holder."""
+    """Lock `out_dir` for this process, or raise `OutputError` naming the live holder.
+
+    Raises `UsageError` on a platform synthaug does not support (see `check_platform`).
+    """
+    check_platform()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_NAME
     started = now()
