@@ -1,3 +1,8 @@
-"""synthaug: batch dataset augmentation through a rate-limited, resumable image API client."""
+"""synthaug: batch dataset augmentation through a rate-limited, resumable image API client.
 
-__version__ = "0.1.0"
+The Python API lives in `pipeline.api`; import it as ``synthaug`` (see that package).
+"""
+
+from pipeline._version import __version__
+
+__all__ = ["__version__"]

@@ -219,7 +219,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.items import check_max_items
     from pipeline.runner import run_job
     from pipeline.spec import apply_overrides
 
@@ -233,11 +232,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         output_dir=args.out,
         retry_failed=False if args.no_retry_failed else None,
     )
-    check_max_items(spec)
     show = not args.no_progress and sys.stderr.isatty()
     with _Progress(enabled=show) as progress:
         result = asyncio.run(
-            run_job(spec, spec_path=args.spec, on_progress=progress.update, verify=args.verify)
+            run_job(
+                spec,
+                spec_path=args.spec,
+                on_progress=progress.update,
+                verify=args.verify,
+                install_signals=True,  # the CLI owns its process: signals and the GC
+                freeze_gc=True,
+            )
         )
     s = result.summary
     cost = "cost unknown" if s["cost_usd"] is None else f"${s['cost_usd']:.2f} est."

@@ -58,7 +58,7 @@ __all__ = ["Engine", "EngineSettings", "RunStats", "StopReason"]
 
 log = logging.getLogger(__name__)
 
-StopReason = Literal["budget", "fatal", "aborted", "sigint", "sigterm", "disk"]
+StopReason = Literal["budget", "fatal", "aborted", "sigint", "sigterm", "disk", "stopped"]
 
 CHUNK_SIZE = 256  # items that need work, handed over per trip to the worker thread
 SCAN_LIMIT = 64 * CHUNK_SIZE  # items looked at per trip (a resumed job skips most)

@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from pipeline.errors import (
     OutputError,
     UsageError,
 )
-from pipeline.limiter import Limiter
+from pipeline.limiter import LearnedPace, Limiter, learned_pace
 from pipeline.lock import acquire_lock
 from pipeline.manifest import MANIFEST_NAME, ManifestState, ManifestWriter, gc_paused
 from pipeline.pricing import check_cost_budget, cost_from_usage, price_per_image
@@ -46,7 +47,7 @@ from pipeline.records import WorkItem
 from pipeline.snapshot import StateCache
 from pipeline.spec import Spec
 
-__all__ = ["JobResult", "check_key_scheme", "recorded_key_scheme", "run_job"]
+__all__ = ["JobResult", "RunControl", "check_key_scheme", "recorded_key_scheme", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ _EXIT_BY_REASON: dict[StopReason, int] = {
     "aborted": EXIT_FATAL,
     "disk": EXIT_FATAL,
     "budget": EXIT_BUDGET,
+    "stopped": EXIT_SIGINT,
 }
 
 
@@ -78,11 +80,20 @@ async def run_job(
     *,
     spec_path: Path,
     on_progress: Callable[[RunStats], None] | None = None,
-    install_signals: bool = True,
+    install_signals: bool = False,
+    freeze_gc: bool = False,
+    control: RunControl | None = None,
     backend: Backend | None = None,
     verify: bool = False,
 ) -> JobResult:
-    """Run (or resume) the job of `spec`; see the module docstring for the order of steps."""
+    """Run (or resume) the job of `spec`; see the module docstring for the order of steps.
+
+    What only a process's owner may do is opt-in, for the CLI: `install_signals`
+    (SIGINT/SIGTERM handlers, main thread only) and `freeze_gc` (freezes the loaded
+    manifest state for the whole process's GC). Any caller can stop the run gracefully
+    through `control`. The `max_items` guard and the budgets hold for every caller.
+    """
+    items_mod.check_max_items(spec)
     if spec.backend.kind == "openai":
         raise UsageError(
             "backend.kind 'openai' is not available yet: use 'roboflow' (or 'mock' to rehearse)"
@@ -99,13 +110,21 @@ async def run_job(
         if swept:
             log.info("removed %d half-written temp files left by a killed run", swept)
         cache = StateCache(out / MANIFEST_NAME)
-        with _gc_spares_state():
-            state = await asyncio.to_thread(_load_frozen, cache, verify)
+        with _gc_spares_state(freeze_gc):
+            state = await asyncio.to_thread(_load_state, cache, verify, freeze_gc)
             await asyncio.to_thread(check_key_scheme, out, state)
             await asyncio.to_thread(_write_job_json, spec, spec_path)
             async with _open_backend(spec, api_key, backend, proxies) as live_backend:
                 return await _run_engine(
-                    spec, spec_path, state, cache, files, live_backend, on_progress, install_signals
+                    spec,
+                    spec_path,
+                    state,
+                    cache,
+                    files,
+                    live_backend,
+                    on_progress,
+                    install_signals,
+                    control or RunControl(),
                 )
 
 
@@ -118,6 +137,7 @@ async def _run_engine(
     backend: Backend,
     on_progress: Callable[[RunStats], None] | None,
     install_signals: bool,
+    control: RunControl,
 ) -> JobResult:
     run = spec.run
     settings = EngineSettings(
@@ -134,7 +154,10 @@ async def _run_engine(
         grace_period_s=run.grace_period_s,
     )
     limiter = Limiter(
-        rate=run.rate_limit, image_rate=run.image_rate_limit, concurrency=run.concurrency
+        rate=run.rate_limit,
+        image_rate=run.image_rate_limit,
+        concurrency=run.concurrency,
+        learned=await asyncio.to_thread(read_learned_pace, spec),
     )
     started_at, t0 = utc_now(), time.monotonic()
     with ManifestWriter(
@@ -156,7 +179,7 @@ async def _run_engine(
             on_progress=on_progress,
         )
         try:
-            async with _signal_handlers(engine, enabled=install_signals):
+            async with _signal_handlers(engine, enabled=install_signals), control.attached(engine):
                 await engine.run()
         except asyncio.CancelledError:
             if engine.stop_reason not in ("sigint", "sigterm"):
@@ -174,22 +197,83 @@ async def _run_engine(
     )
 
 
-def _load_frozen(cache: StateCache, verify: bool) -> ManifestState:
-    """Load the state with the cyclic GC off, and freeze it before the GC comes back: a
-    million tuples that never form cycles, which every collection would walk again."""
+def read_learned_pace(spec: Spec) -> LearnedPace | None:
+    """The pace the last run on this OUT learned from 429s (its summary.json), if any.
+
+    A nightly job pays for learning the API's real limit once. A missing or corrupt
+    summary, or one written for another backend, starts from the spec's rate; the
+    limiter never goes above the spec's rate, even if it changed since.
+    """
+    try:
+        data = json.loads((spec.output_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("backend") != spec.backend.kind:
+        return None
+    return learned_pace(data.get("limiter"))
+
+
+def _load_state(cache: StateCache, verify: bool, freeze: bool) -> ManifestState:
+    """Load the state with the cyclic GC off; with `freeze`, freeze it before the GC comes
+    back: a million tuples that never form cycles, which every collection would walk again.
+    Freezing is process-wide, so only the CLI, which owns its process, asks for it."""
     with gc_paused():
         state = cache.load(with_hashes=verify)
-        gc.freeze()
+        if freeze:
+            gc.freeze()
     return state
 
 
 @contextlib.contextmanager
-def _gc_spares_state() -> Iterator[None]:
-    """Give objects frozen by `_load_frozen` back to the GC when the run is over."""
+def _gc_spares_state(frozen: bool) -> Iterator[None]:
+    """Give objects frozen by `_load_state` back to the GC when the run is over."""
     try:
         yield
     finally:
-        gc.unfreeze()
+        if frozen:
+            gc.unfreeze()
+
+
+class RunControl:
+    """Stops a run gracefully from any thread: what a scheduler's cancel hook calls.
+
+    Like a first SIGINT: nothing new starts, in-flight items get the grace period, the
+    manifest stays consistent, and the result's stop reason is ``stopped`` (exit 130).
+    A stop asked for before the run starts takes effect as soon as it does.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._target: tuple[asyncio.AbstractEventLoop, Engine] | None = None
+        self._requested = False
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once `stop` was called."""
+        return self._requested
+
+    def stop(self) -> None:
+        """Ask the run to stop; safe from any thread, and more than once."""
+        with self._lock:
+            self._requested = True
+            target = self._target
+        if target is not None:
+            loop, engine = target
+            loop.call_soon_threadsafe(engine.stop, "stopped")
+
+    @contextlib.asynccontextmanager
+    async def attached(self, engine: Engine) -> AsyncIterator[None]:
+        """Route `stop` to `engine` while the run lasts."""
+        with self._lock:
+            self._target = (asyncio.get_running_loop(), engine)
+            requested = self._requested
+        if requested:
+            engine.stop("stopped")
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._target = None
 
 
 async def _write_summary(path: Path, summary: dict[str, Any]) -> None:
@@ -238,6 +322,8 @@ def _stop_message(engine: Engine) -> str | None:
         )
     if reason == "budget":
         return "stopped by the budget (run.max_images / run.max_cost_usd): run again to go on"
+    if reason == "stopped":
+        return "stopped by the caller: the manifest is consistent; run again to resume"
     if reason in ("sigint", "sigterm"):
         return "interrupted: the manifest is consistent; run the same command again to resume"
     return None

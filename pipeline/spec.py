@@ -69,6 +69,7 @@ __all__ = [
     "json_schema",
     "load_spec",
     "parse_rate",
+    "spec_from_data",
 ]
 
 BackendKind = Literal["roboflow", "openai", "mock"]
@@ -443,7 +444,28 @@ def load_spec(path: Path | str) -> Spec:
     """Read, validate and check the spec at `path`; raise one `SpecError` for any mistake."""
     shown = str(path)
     data, lines = read_yaml(Path(path), shown)
-    spec = _build(data, Path(path).absolute().parent, shown, lines)
+    return _build_checked(data, Path(path).absolute().parent, shown, lines)
+
+
+def spec_from_data(
+    data: Mapping[str, Any], *, base_dir: Path | str | None = None, name: str = "<dict>"
+) -> Spec:
+    """Validate and check a spec given as data (what YAML would load to).
+
+    Relative paths resolve against `base_dir` (default: the current directory); errors
+    name `name` where a file's would name the file, without line numbers.
+    """
+    if not isinstance(data, Mapping):
+        raise SpecError(f"a spec is a mapping of keys, got {type(data).__name__}", file=name)
+    folder = Path(base_dir if base_dir is not None else Path.cwd()).absolute()
+    return _build_checked(copy.deepcopy(dict(data)), folder, name, {})
+
+
+def _build_checked(
+    data: Mapping[str, Any], spec_dir: Path, shown: str, lines: Mapping[str, int]
+) -> Spec:
+    """`_build`, then the checks only the disk can answer."""
+    spec = _build(data, spec_dir, shown, lines)
     try:
         _check_inputs(spec)
     except _Problem as exc:

@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 
 LAYERS: dict[str, int] = {
     "errors": 0,
+    "_version": 0,
     "records": 1,
     "template": 2,
     "sources": 2,
@@ -44,8 +45,9 @@ LAYERS: dict[str, int] = {
     "grid_model": 9,  # between sheet_text (path_inside) and grid, which draws it
     "grid": 10,
     "gallery": 10,
-    "cli": 11,
-    "__main__": 12,
+    "api": 11,  # the Python API: plan, run, status for library callers
+    "cli": 12,
+    "__main__": 13,
 }
 
 
