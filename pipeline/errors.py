@@ -13,9 +13,11 @@ into a single line and an exit code (`.exit_code`). A traceback is shown only wi
     │   ├── TransientError         retried with backoff (408/425/429/5xx, timeouts, ...)
     │   │   └── RateLimitedError   a 429: all starts pause for `retry_after`
     │   ├── PermanentError         recorded as failed at once (other 4xx, refusals)
-    │   └── FatalError             aborts the run: 401, 403, unknown project   exit 3
-    ├── AbortedError               too many consecutive failures         exit 3
-    └── BudgetExhaustedError       max_images / max_cost_usd reached     exit 4
+    │   └── FatalError             aborts the run: 401, 403, unknown project,
+    │                              quota or billing exhausted            exit 3
+
+How a run ended (too many consecutive failures: exit 3; a budget reached: exit 4;
+stopped: 130/143) is not an exception: it is the run's result.
 
 Messages never contain an API key: backends build them from redacted URLs.
 """
@@ -25,10 +27,7 @@ from __future__ import annotations
 from typing import Literal
 
 __all__ = [
-    "ERROR_KINDS",
-    "AbortedError",
     "BackendError",
-    "BudgetExhaustedError",
     "CredentialsError",
     "ErrorKind",
     "FatalError",
@@ -44,15 +43,6 @@ __all__ = [
 ErrorKind = Literal[
     "http_status", "timeout", "connection", "bad_response", "bad_image", "download", "refused"
 ]
-ERROR_KINDS: tuple[ErrorKind, ...] = (
-    "http_status",
-    "timeout",
-    "connection",
-    "bad_response",
-    "bad_image",
-    "download",
-    "refused",
-)
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -106,7 +96,7 @@ class OutputError(PipelineError):
 class BackendError(PipelineError):
     """One request to the image API failed.
 
-    `kind` is one of `ERROR_KINDS`; `status` the HTTP status when there was one;
+    `kind` is an `ErrorKind`; `status` the HTTP status when there was one;
     `ambiguous` is true when the request may have reached the server and been paid for
     (a timeout or a connection dropped after sending), so a retry may pay twice.
     """
@@ -156,15 +146,3 @@ class FatalError(BackendError):
     """An answer that dooms every request (bad key, unknown project): abort the run."""
 
     exit_code = EXIT_FATAL
-
-
-class AbortedError(PipelineError):
-    """The run gave up: too many consecutive failures."""
-
-    exit_code = EXIT_FATAL
-
-
-class BudgetExhaustedError(PipelineError):
-    """`max_images` or `max_cost_usd` is reached; running again goes on."""
-
-    exit_code = EXIT_BUDGET

@@ -33,7 +33,6 @@ __all__ = [
     "expand_items",
     "item_key",
     "iter_source_drafts",
-    "iter_source_items",
     "prompt_keyer",
 ]
 
@@ -140,17 +139,12 @@ def expand_drafts(spec: Spec, *, hashes: HashCache | None = None) -> Iterator[It
         yield from iter_source_drafts(spec, source, hashes=hashes)
 
 
-def iter_source_items(
-    spec: Spec, source: SourceSpec, *, hashes: HashCache | None = None
-) -> Iterator[WorkItem]:
-    """The work items of one source, lazily; `index` counts from 0 within the source."""
-    return (draft.build() for draft in iter_source_drafts(spec, source, hashes=hashes))
-
-
 def iter_source_drafts(
     spec: Spec, source: SourceSpec, *, hashes: HashCache | None = None
 ) -> Iterator[ItemDraft]:
-    """`iter_source_items` as drafts (this loop runs a million times: keep it lean)."""
+    """The drafts of one source, lazily; positions count from 0 within the source.
+
+    This loop runs a million times for a big job: keep it lean."""
     hashes = hashes or HashCache()
     template = parse_template(source.prompt)
     values = resolve_values(template, source.vars, spec.spec_dir)
