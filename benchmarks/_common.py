@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -115,23 +115,30 @@ def get_json(url: str, timeout: float = 5.0) -> Any:
 
 
 @contextlib.contextmanager
-def mock_server(*, latency: float, rate_limit: float | None, burst: int = 1) -> Iterator[str]:
+def mock_server(
+    *,
+    latency: float,
+    rate_limit: float | None,
+    burst: int = 1,
+    extra: Mapping[str, Any] | None = None,
+) -> Iterator[str]:
     """`synthaug mock-server` in its own process; yields its base URL, stops it after.
 
     `burst` > 1 (the bucket size of the enforced limit; the CLI has no flag for it yet)
-    starts the same server through `run_mock_server` with that `MockConfig`.
+    or `extra` (more `MockConfig` fields, JSON values) starts the same server through
+    `run_mock_server` with that `MockConfig`.
     """
     port = free_port()
     cmd = [PYTHON, "-m", "pipeline", "mock-server", "--port", str(port), "--latency", str(latency)]
     if rate_limit is not None:
         cmd += ["--rate-limit", f"{rate_limit:g}/s"]
-    if burst > 1:
+    if burst > 1 or extra:
+        config = {"latency_s": latency, "rate_limit": rate_limit, "burst": burst, **(extra or {})}
         code = (
-            "import sys; from pipeline.backends.mock import MockConfig, run_mock_server; "
-            "run_mock_server(MockConfig(latency_s=float(sys.argv[1]), "
-            "rate_limit=float(sys.argv[2]), burst=int(sys.argv[3])), '127.0.0.1', int(sys.argv[4]))"
+            "import json, sys; from pipeline.backends.mock import MockConfig, run_mock_server; "
+            "run_mock_server(MockConfig(**json.loads(sys.argv[1])), '127.0.0.1', int(sys.argv[2]))"
         )
-        cmd = [PYTHON, "-c", code, str(latency), str(rate_limit or 1e9), str(burst), str(port)]
+        cmd = [PYTHON, "-c", code, json.dumps(config), str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:

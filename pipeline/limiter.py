@@ -12,15 +12,19 @@ one: starts are evenly spaced, the first one is immediate, and idle time earns n
 because the server enforces the same limits and a burst only earns 429s. A request of `n`
 images pushes the image schedule `n / image_rate` seconds ahead.
 
-Feedback from the API adjusts the pace (AIMD):
+Feedback from the API adjusts the pace (`pipeline.pace`: AIMD in time, as TCP's window):
 
-* `pause(retry_after)`: a 429 stops every start until its deadline (a later deadline wins)
-  and halves the effective rates, once per pause, down to `min_rate_fraction` of the
-  configured ones. With ``rate=None`` the request rate stays unlimited and only the pause
-  applies.
-* `record_success()`: the effective rates climb back by 5 % of the configured ones.
+* `pause(retry_after, started_at=...)`: a 429 stops every start until its deadline (a later
+  deadline wins). The first 429 of a burst is a congestion event: the pace remembers the
+  rate it came at and slows down; 429s of requests started before that cut (the rest of
+  the burst) only extend the pause. Without a Retry-After the pause is `default_pause_s`,
+  doubled for each further event before a success. With ``rate=None`` and
+  ``image_rate=None`` only the pause applies.
+* Between 429s the pace climbs back in time (per second of paced running, never per
+  success), cautiously near the remembered rate, never above the configured one.
 * `observe(hint)`: ``x-ratelimit-*`` headers pace the remaining requests over the time left
   until the reset, so the pace slows before a 429 happens.
+* `LearnedPace` (from the previous run's summary) starts a run where the last one ended.
 
 Waiters start in arrival order (FIFO), so a request for many images is never starved by
 small ones. Only the head of the queue watches the clock: it sleeps exactly until its
@@ -38,19 +42,25 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from pipeline.pace import Pace
 from pipeline.records import RateLimitHint
 
 __all__ = [
     "DEFAULT_MIN_RATE_FRACTION",
     "DEFAULT_PAUSE_S",
-    "RECOVERY_STEP",
+    "MAX_DEFAULT_PAUSE_S",
+    "LearnedPace",
     "Limiter",
     "LimiterStats",
+    "Ticket",
+    "learned_pace",
 ]
 
-DEFAULT_PAUSE_S = 5.0
-DEFAULT_MIN_RATE_FRACTION = 1 / 16
-RECOVERY_STEP = 0.05  # share of the configured rate regained per success
+DEFAULT_PAUSE_S = 1.0
+"""Pause after a 429 without Retry-After; the rate cut does the rest of the slowing."""
+MAX_DEFAULT_PAUSE_S = 60.0
+"""The doubling of `DEFAULT_PAUSE_S` (429s without Retry-After, one after another) stops here."""
+DEFAULT_MIN_RATE_FRACTION = 1 / 1000
 # A sleep may end a hair before its deadline (float rounding, clock resolution); treat
 # that as on time instead of sleeping again for a nanosecond.
 _EPSILON_S = 1e-9
@@ -67,6 +77,30 @@ class LimiterStats:
     in_flight: int
     max_in_flight: int
     waiting: int
+    slowdowns: int = 0  # congestion events (bursts of 429s), each cut the rate once
+    # The pace learned from 429s (None while the configured rate never proved too fast),
+    # and the rates at which the last 429s came: the next run on the same OUT starts there.
+    learned_rate_per_s: float | None = None
+    learned_image_rate_per_s: float | None = None
+    rate_429_per_s: float | None = None
+    image_rate_429_per_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LearnedPace:
+    """Where a previous run's pace ended (its summary's ``limiter``), to start from there."""
+
+    rate_per_s: float | None = None
+    image_rate_per_s: float | None = None
+    rate_429_per_s: float | None = None
+    image_rate_429_per_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """One admitted start: `started_at` (limiter clock) tells a 429 which burst it belongs to."""
+
+    started_at: float
 
 
 class _Waiter:
@@ -96,6 +130,7 @@ class Limiter:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         default_pause_s: float = DEFAULT_PAUSE_S,
         min_rate_fraction: float = DEFAULT_MIN_RATE_FRACTION,
+        learned: LearnedPace | None = None,
     ) -> None:
         _check_rate("rate", rate)
         _check_rate("image_rate", image_rate)
@@ -111,8 +146,13 @@ class Limiter:
         self._clock = clock
         self._sleep = sleep
         self._default_pause_s = default_pause_s
-        self._min_factor = min_rate_fraction
-        self._factor = 1.0  # effective rate / configured rate
+        self._adaptive = rate is not None or image_rate is not None
+        factor, threshold = _learned_factors(learned, rate, image_rate)
+        self._pace = Pace(
+            floor=min_rate_fraction, now=self._now(), factor=factor, threshold=threshold
+        )
+        self._learned = learned is not None and factor < 1.0
+        self._silent_429s = 0  # congestion events without Retry-After since the last success
         self._last_start: float | None = None
         self._last_n = 0
         self._pause_until = float("-inf")
@@ -125,13 +165,16 @@ class Limiter:
         self._pauses = 0
 
     @asynccontextmanager
-    async def slot(self, n_images: int = 1) -> AsyncIterator[None]:
-        """Wait for a start of a request of `n_images` images; hold a concurrency slot inside."""
+    async def slot(self, n_images: int = 1) -> AsyncIterator[Ticket]:
+        """Wait for a start of a request of `n_images` images; hold a concurrency slot inside.
+
+        The `Ticket` it yields goes to `pause` when the request is answered 429.
+        """
         if n_images < 1:
             raise ValueError(f"n_images must be at least 1, got {n_images}")
         await self._acquire(n_images)
         try:
-            yield
+            yield Ticket(started_at=self._now())
         finally:
             self._in_flight -= 1
             if self._in_flight == self._concurrency - 1:
@@ -139,27 +182,38 @@ class Limiter:
                 # wake up to compute the same start time again.
                 self._wake_head()
 
-    def pause(self, retry_after: float | None) -> None:
-        """A 429 arrived: no start before now + `retry_after`, and halve the pace.
+    def pause(self, retry_after: float | None, *, started_at: float | None = None) -> None:
+        """A 429 arrived: no start before now + `retry_after`, and slow down once per burst.
 
-        ``None`` means the API gave no Retry-After: `default_pause_s` applies. A later
-        deadline wins, an earlier one never shortens the pause. 429s that arrive while a
-        pause is active (the other requests in flight when the limit was hit) extend it
-        but do not halve the rate again. The queue head is not woken: a pause only moves
-        start times later, and the head recomputes when its sleep ends.
+        ``None`` means the API gave no Retry-After: `default_pause_s` applies, doubled for
+        each congestion event since the last success (up to `MAX_DEFAULT_PAUSE_S`). A later
+        deadline wins, an earlier one never shortens the pause. The 429 is a new
+        congestion event (the rate is cut and the rate it came at remembered) when its
+        request started after the last cut (`started_at`, from the slot's `Ticket`); the
+        other requests of the same burst only extend the pause. Without `started_at`, a
+        429 arriving during an active pause counts as part of that burst. The queue head
+        is not woken: a pause only moves start times later.
         """
         now = self._now()
-        wait = self._default_pause_s if retry_after is None else max(0.0, retry_after)
-        if now >= self._pause_until:
-            self._factor = max(self._factor / 2, self._min_factor)
-        self._pause_until = max(self._pause_until, now + wait)
+        if started_at is not None:
+            new_event = started_at > self._pace.last_cut
+        else:
+            new_event = now >= self._pause_until
+        if new_event:
+            if self._adaptive:
+                self._pace.cut(now)
+            if retry_after is None:
+                self._silent_429s += 1
+        self._pause_until = max(self._pause_until, now + self._pause_s(retry_after))
+        self._pace.hold(self._pause_until)
         self._pauses += 1
 
     def record_success(self) -> None:
-        """A request succeeded: the effective rates climb back towards the configured ones."""
-        if self._factor < 1.0:
-            self._factor = min(1.0, self._factor + RECOVERY_STEP)
-            self._wake_head()
+        """A request succeeded: a 429 without Retry-After pauses for the base time again.
+
+        The rate does not climb per success (it climbs in time, see `pipeline.pace`).
+        """
+        self._silent_429s = 0
 
     def observe(self, hint: RateLimitHint | None) -> None:
         """Pace by what ``x-ratelimit-*`` headers said, before a 429 happens.
@@ -183,18 +237,30 @@ class Limiter:
             self._wake_head()
 
     def stats(self) -> LimiterStats:
-        """A frozen snapshot of counters and the current effective rates."""
+        """A frozen snapshot of counters, the current effective rates and what was learned."""
+        factor, threshold = self._pace.factor, self._pace.threshold
+        learned = self._learned or self._pace.cuts > 0
         return LimiterStats(
             starts=self._starts,
             pauses=self._pauses,
-            effective_rate=None if self._rate is None else self._rate * self._factor,
-            effective_image_rate=(
-                None if self._image_rate is None else self._image_rate * self._factor
-            ),
+            effective_rate=_scaled(self._rate, factor),
+            effective_image_rate=_scaled(self._image_rate, factor),
             in_flight=self._in_flight,
             max_in_flight=self._max_in_flight,
             waiting=len(self._queue),
+            slowdowns=self._pace.cuts,
+            learned_rate_per_s=_scaled(self._rate, factor) if learned else None,
+            learned_image_rate_per_s=_scaled(self._image_rate, factor) if learned else None,
+            rate_429_per_s=_scaled(self._rate, threshold),
+            image_rate_429_per_s=_scaled(self._image_rate, threshold),
         )
+
+    def _pause_s(self, retry_after: float | None) -> float:
+        """How long this 429 stops starts: its Retry-After, else the (doubling) default."""
+        if retry_after is not None:
+            return max(0.0, retry_after)
+        doublings = max(self._silent_429s - 1, 0)
+        return min(self._default_pause_s * 2.0 ** min(doublings, 32), MAX_DEFAULT_PAUSE_S)
 
     async def _acquire(self, n: int) -> None:
         """Queue up, wait until at the head and admitted, then count the start."""
@@ -275,10 +341,11 @@ class Limiter:
     def _interval(self, now: float) -> float:
         """Seconds the last start keeps the next one waiting, under every schedule."""
         interval = 0.0
+        factor = self._pace.factor
         if self._rate is not None:
-            interval = 1.0 / (self._rate * self._factor)
+            interval = 1.0 / (self._rate * factor)
         if self._image_rate is not None:
-            interval = max(interval, self._last_n / (self._image_rate * self._factor))
+            interval = max(interval, self._last_n / (self._image_rate * factor))
         if now < self._hint_until:
             interval = max(interval, self._hint_interval)
         return interval
@@ -290,9 +357,14 @@ class Limiter:
         (a busy loop, a coarse timer) is made up by the next start instead of lowering
         the long-run rate; at most one interval is ever made up, so the API sees at most
         one start of burst. After an idle spell the schedule restarts from now.
+
+        A start the schedule held back (due about now) is time spent pacing: the pace may
+        grow by it. One after an idle spell or a concurrency wait proves nothing.
         """
         now = self._now()
         late = now - due
+        paced = self._last_start is not None and late < self._interval(now)
+        self._pace.grow(now, paced=paced and self._adaptive)
         self._last_start = due if 0.0 <= late < self._interval(now) else max(now, due)
         self._last_n = n
         self._starts += 1
@@ -311,6 +383,61 @@ class Limiter:
 def _set_done(wake: asyncio.Future[None]) -> None:
     if not wake.done():
         wake.set_result(None)
+
+
+def _scaled(rate: float | None, factor: float | None) -> float | None:
+    return None if rate is None or factor is None else rate * factor
+
+
+def _learned_factors(
+    learned: LearnedPace | None, rate: float | None, image_rate: float | None
+) -> tuple[float, float | None]:
+    """The start factor and threshold from a previous run's rates, under today's ceiling.
+
+    The spec's rates may have changed since: each learned rate is taken relative to
+    today's configured one, the stricter wins, and the factor never exceeds 1.
+    """
+    if learned is None:
+        return 1.0, None
+    pairs = ((learned.rate_per_s, rate), (learned.image_rate_per_s, image_rate))
+    factors = [got / ceiling for got, ceiling in pairs if got is not None and ceiling]
+    limits = (
+        (learned.rate_429_per_s, rate),
+        (learned.image_rate_429_per_s, image_rate),
+    )
+    thresholds = [got / ceiling for got, ceiling in limits if got is not None and ceiling]
+    factor = min([1.0, *factors])
+    return factor, min(thresholds) if thresholds else None
+
+
+def learned_pace(limiter_summary: object) -> LearnedPace | None:
+    """The `LearnedPace` in a summary's ``limiter`` section; None when absent or garbage."""
+    if not isinstance(limiter_summary, dict):
+        return None
+    values = {
+        name: _positive(limiter_summary.get(name))
+        for name in (
+            "learned_rate_per_s",
+            "learned_image_rate_per_s",
+            "rate_429_per_s",
+            "image_rate_429_per_s",
+        )
+    }
+    if values["learned_rate_per_s"] is None and values["learned_image_rate_per_s"] is None:
+        return None
+    return LearnedPace(
+        rate_per_s=values["learned_rate_per_s"],
+        image_rate_per_s=values["learned_image_rate_per_s"],
+        rate_429_per_s=values["rate_429_per_s"],
+        image_rate_429_per_s=values["image_rate_429_per_s"],
+    )
+
+
+def _positive(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if number > 0 and number != float("inf") else None
 
 
 def _check_rate(name: str, rate: float | None) -> None:

@@ -622,3 +622,71 @@ async def test_recorded_response_never_holds_the_key(
     generation = await backend.generate(make_item(), None)
     assert KEY not in repr(generation)
     assert generation.images == (GeneratedImage(url=IMAGE_URL),)
+
+
+# ------------------------------------------------ an exhausted quota; the server's own clock
+
+
+def _http_date(when: datetime) -> str:
+    return when.strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        pytest.param(
+            429,
+            '{"error": {"message": "You exceeded your current quota, please check your plan '
+            'and billing details.", "type": "insufficient_quota", "code": "insufficient_quota"}}',
+            id="openai-429-insufficient-quota",
+        ),
+        pytest.param(
+            400,
+            '{"error": {"code": "billing_hard_limit_reached", "message": "Billing hard limit '
+            'has been reached"}}',
+            id="400-billing-hard-limit",
+        ),
+        pytest.param(403, '{"error": "insufficient credits"}', id="403-no-credits"),
+    ],
+)
+def test_exhausted_quota_is_fatal_and_says_what_to_do(status: int, body: str) -> None:
+    """No credit left ends the run (exit 3) with the fix, instead of being paced or retried."""
+    error = classify_http(status, body, {"Retry-After": "1"}, now=NOW)
+    assert isinstance(error, FatalError)
+    assert error.exit_code == 3
+    assert "add credit or raise the billing limit" in error.message
+
+
+def test_per_minute_quota_wording_is_still_a_rate_limit() -> None:
+    """A 429 about a per-minute quota (Google's wording) is paced, not fatal."""
+    body = "Quota exceeded for quota metric 'Requests' and limit 'Requests per minute'"
+    assert isinstance(classify_http(429, body, {}, now=NOW), RateLimitedError)
+
+
+@pytest.mark.parametrize(
+    ("server_ahead_s", "expected"),
+    [
+        pytest.param(20.0, 5.0, id="server-20s-ahead"),
+        pytest.param(-30.0, 5.0, id="server-30s-behind"),
+        pytest.param(0.0, 5.0, id="clocks-agree"),
+    ],
+)
+def test_retry_after_date_is_measured_on_the_servers_clock(
+    server_ahead_s: float, expected: float
+) -> None:
+    """A Retry-After date 5 s after the answer's Date waits 5 s, whatever our clock says."""
+    server_now = NOW + timedelta(seconds=server_ahead_s)
+    headers = {
+        "Retry-After": _http_date(server_now + timedelta(seconds=5)),
+        "Date": _http_date(server_now),
+    }
+    error = classify_http(429, "slow down", headers, now=NOW)
+    assert isinstance(error, RateLimitedError)
+    assert error.retry_after == pytest.approx(expected)
+
+
+def test_retry_after_date_uses_the_finer_local_clock_when_clocks_agree() -> None:
+    """A Date within its one-second resolution of our clock leaves the local clock in charge."""
+    now = NOW + timedelta(milliseconds=700)  # the server's Date says :00, we are at :00.7
+    value = _http_date(NOW + timedelta(seconds=2))
+    assert parse_retry_after(value, now, server_date=_http_date(NOW)) == pytest.approx(1.3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import selectors
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
@@ -10,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pipeline.limiter import Limiter, LimiterStats
+from pipeline.limiter import LearnedPace, Limiter, LimiterStats, learned_pace
 from pipeline.records import RateLimitHint
 
 T = TypeVar("T")
@@ -214,27 +215,24 @@ def test_pause_without_retry_after_uses_the_default() -> None:
     assert run(main()) == pytest.approx([7.0])
 
 
-def test_rate_halves_after_429_and_recovers_after_successes() -> None:
-    """A 429 halves the pace; each success regains 5 % until the configured rate."""
+def test_429_cuts_the_pace_and_successes_alone_do_not_restore_it() -> None:
+    """A 429 halves the pace (no limit known yet); answers alone never snap it back."""
 
     async def main() -> list[float | None]:
         lim = limiter(rate=2.0, image_rate=4.0)
         seen = [lim.stats().effective_rate]
         lim.pause(0.0)
         seen += [lim.stats().effective_rate, lim.stats().effective_image_rate]
-        for _ in range(5):
-            lim.record_success()
-        seen.append(lim.stats().effective_rate)
         for _ in range(100):
             lim.record_success()
         seen.append(lim.stats().effective_rate)
         return seen
 
-    assert run(main()) == pytest.approx([2.0, 1.0, 2.0, 1.5, 2.0])
+    assert run(main()) == pytest.approx([2.0, 1.0, 2.0, 1.0])
 
 
-def test_halved_rate_spaces_starts_wider() -> None:
-    """After a 429 the starts are spaced at the halved rate, not the configured one."""
+def test_cut_rate_spaces_starts_wider() -> None:
+    """After a 429 the next start waits the cut rate's interval, not the configured one."""
 
     async def main() -> list[float]:
         lim = limiter(rate=1.0)
@@ -243,26 +241,27 @@ def test_halved_rate_spaces_starts_wider() -> None:
         await asyncio.gather(*(rec.request(str(i)) for i in range(3)))
         return rec.times()
 
-    assert run(main()) == pytest.approx([0.0, 2.0, 4.0])
+    times = run(main())
+    assert times[:2] == pytest.approx([0.0, 2.0])
+    assert 1.0 < times[2] - times[1] <= 2.0  # climbing back, in time, not above the ceiling
 
 
-def test_success_lets_a_waiting_start_go_earlier() -> None:
-    """A success raises the rate at once: the head waiter does not sit out the old interval."""
+def test_idle_time_does_not_raise_the_pace() -> None:
+    """Time without paced starts proves nothing: after an idle hour the pace is where it was."""
 
-    async def main() -> list[float]:
-        lim = limiter(rate=1.0)
-        lim.pause(0.0)  # interval now 2 s
+    async def main() -> tuple[float | None, float | None]:
+        lim = limiter(rate=10.0)
         rec = Recorder(lim)
-        for _ in range(9):  # factor 0.5 -> 0.95
-            lim.record_success()
-        await asyncio.gather(
-            rec.request("a"),
-            rec.request("b"),
-            at(0.5, lim.record_success),  # back to 1.0: b may start at t=1
-        )
-        return rec.times()
+        await rec.request("before")
+        lim.pause(0.0)
+        before = lim.stats().effective_rate
+        await asyncio.sleep(3600)
+        await rec.request("after-idle")
+        return before, lim.stats().effective_rate
 
-    assert run(main()) == pytest.approx([0.0, 1.0])
+    before, after = run(main())
+    assert before == pytest.approx(5.0)
+    assert after == pytest.approx(5.0)
 
 
 def test_rate_never_drops_below_the_floor() -> None:
@@ -452,7 +451,8 @@ def test_waiting_does_not_busy_loop() -> None:
         return rec.times()
 
     times = run(main())
-    assert times == pytest.approx([3600.0 + 2 * i for i in range(100)])  # the 429 halved the rate
+    assert times[:2] == pytest.approx([3600.0, 3602.0])  # the 429 halved the rate
+    assert all(1.0 <= b - a <= 2.0 + 1e-9 for a, b in itertools.pairwise(times))
     assert len(sleeps) <= 101
     assert sleeps[0] == pytest.approx(3600.0)
 
@@ -530,3 +530,230 @@ def test_request_of_no_images_is_refused() -> None:
 
     with pytest.raises(ValueError, match="n_images"):
         run(main())
+
+
+# ------------------------------------------------ a server's real limit, found on fake time
+
+
+class ServerBucket:
+    """A strict server: a token bucket of `capacity` refilled at `rate`, on the loop's clock.
+
+    `rate` may change during a run (the account's limit was raised).
+    """
+
+    def __init__(self, rate: float, capacity: float = 1.0) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.at = 0.0
+
+    def admit(self) -> bool:
+        now = asyncio.get_running_loop().time()
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Traffic:
+    """Workers asking a `ServerBucket` through a limiter, as the engine does; records answers."""
+
+    def __init__(self, lim: Limiter, server: ServerBucket, retry_after: float | None) -> None:
+        self.lim = lim
+        self.server = server
+        self.retry_after = retry_after
+        self.answers: list[tuple[float, bool]] = []  # (start time, admitted)
+        self.rates: list[tuple[float, float]] = []  # (time, effective rate) once a second
+
+    async def run(self, until: float, workers: int = 16, latency: float = 0.2) -> None:
+        await asyncio.gather(
+            self._watch(until), *(self._work(until, latency) for _ in range(workers))
+        )
+
+    async def _work(self, until: float, latency: float) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() < until:
+            async with self.lim.slot(1) as ticket:
+                admitted = self.server.admit()
+                self.answers.append((loop.time(), admitted))
+                if not admitted:
+                    self.lim.pause(self.retry_after, started_at=ticket.started_at)
+                    continue
+                await asyncio.sleep(latency)
+            self.lim.record_success()
+
+    async def _watch(self, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() < until:
+            self.rates.append((loop.time(), self.lim.stats().effective_rate or 0.0))
+            await asyncio.sleep(1.0)
+
+    def admitted_per_s(self, start: float, end: float) -> float:
+        return sum(ok for t, ok in self.answers if start <= t < end) / (end - start)
+
+    def share_429(self, start: float, end: float) -> float:
+        window = [ok for t, ok in self.answers if start <= t < end]
+        return window.count(False) / len(window)
+
+    def rates_between(self, start: float, end: float) -> list[float]:
+        return [rate for t, rate in self.rates if start <= t < end]
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "capacity", "overshoot"),
+    [
+        pytest.param(1.0, 1.0, 1.05, id="retry-after-1s-bucket-1"),
+        pytest.param(2.0, 1.0, 1.05, id="retry-after-2s-bucket-1"),
+        pytest.param(None, 1.0, 1.05, id="no-retry-after-bucket-1"),
+        # a bucket of 5 lets a probe run above the limit for a few seconds before a 429
+        pytest.param(1.0, 5.0, 1.1, id="retry-after-1s-bucket-5"),
+    ],
+)
+def test_pace_converges_just_under_the_servers_limit_and_stays(
+    retry_after: float | None, capacity: float, overshoot: float
+) -> None:
+    """Asked 40/s of a server allowing 10/s, the pace settles under 10/s and stays there."""
+
+    async def main() -> Traffic:
+        traffic = Traffic(limiter(rate=40.0), ServerBucket(10.0, capacity), retry_after)
+        await traffic.run(until=300.0)
+        return traffic
+
+    traffic = run(main())
+    settled = traffic.rates_between(60.0, 300.0)
+    assert max(settled) <= 10.0 * overshoot  # never far above the limit: a probe, then a 429
+    assert sum(settled) / len(settled) >= 8.5
+    assert traffic.admitted_per_s(60.0, 300.0) >= 8.0
+    assert traffic.share_429(60.0, 300.0) <= 0.02
+    assert traffic.lim.stats().rate_429_per_s == pytest.approx(10.0, rel=0.15)
+
+
+def test_pace_climbs_back_when_the_servers_limit_rises() -> None:
+    """After the account's limit goes from 10/s to 20/s, the pace follows it up, in time."""
+
+    async def main() -> Traffic:
+        server = ServerBucket(10.0)
+        traffic = Traffic(limiter(rate=40.0), server, 1.0)
+        await traffic.run(until=100.0)
+        server.rate = 20.0
+        await traffic.run(until=300.0)
+        return traffic
+
+    traffic = run(main())
+    assert max(traffic.rates_between(50.0, 100.0)) <= 10.5
+    assert min(traffic.rates_between(250.0, 300.0)) >= 16.0
+    assert traffic.admitted_per_s(250.0, 300.0) >= 16.0
+
+
+def test_pace_never_exceeds_the_spec_rate() -> None:
+    """A server allowing more than the spec asks gets exactly the spec's rate, never more."""
+
+    async def main() -> Traffic:
+        traffic = Traffic(limiter(rate=8.0), ServerBucket(10.0), 1.0)
+        await traffic.run(until=120.0)
+        return traffic
+
+    traffic = run(main())
+    assert max(rate for _, rate in traffic.rates) == pytest.approx(8.0)
+    assert traffic.share_429(0.0, 120.0) == 0.0
+    assert traffic.lim.stats().learned_rate_per_s is None  # nothing to remember
+
+
+def test_run_starts_from_the_learned_rate() -> None:
+    """Given what the last run learned, the pace starts there and gets (almost) no 429."""
+
+    async def main() -> Traffic:
+        learned = LearnedPace(rate_per_s=9.5, rate_429_per_s=10.0)
+        traffic = Traffic(limiter(rate=40.0, learned=learned), ServerBucket(10.0), 1.0)
+        assert traffic.lim.stats().effective_rate == pytest.approx(9.5)
+        await traffic.run(until=60.0)
+        return traffic
+
+    traffic = run(main())
+    assert traffic.admitted_per_s(0.0, 60.0) >= 9.0
+    assert traffic.share_429(0.0, 60.0) <= 0.02
+
+
+@pytest.mark.parametrize(
+    ("learned", "rate", "expected"),
+    [
+        pytest.param(LearnedPace(rate_per_s=9.5), 40.0, 9.5, id="below-the-spec"),
+        pytest.param(LearnedPace(rate_per_s=9.5), 5.0, 5.0, id="spec-lowered-since"),
+        pytest.param(LearnedPace(image_rate_per_s=2.0), 40.0, 40.0, id="no-image-limit-now"),
+        pytest.param(None, 40.0, 40.0, id="nothing-learned"),
+    ],
+)
+def test_learned_rate_is_capped_by_the_spec(
+    learned: LearnedPace | None, rate: float, expected: float
+) -> None:
+    """A learned rate never lifts the pace above today's spec rate."""
+
+    async def main() -> float | None:
+        return limiter(rate=rate, learned=learned).stats().effective_rate
+
+    assert run(main()) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        pytest.param(
+            {"learned_rate_per_s": 9.5, "rate_429_per_s": 10.0},
+            LearnedPace(rate_per_s=9.5, rate_429_per_s=10.0),
+            id="learned",
+        ),
+        pytest.param({"learned_rate_per_s": None}, None, id="nothing-learned"),
+        pytest.param({"learned_rate_per_s": "fast"}, None, id="garbage"),
+        pytest.param({"learned_rate_per_s": -3}, None, id="negative"),
+        pytest.param([1, 2], None, id="not-a-dict"),
+    ],
+)
+def test_learned_pace_is_read_from_a_summary_section(section: object, expected: object) -> None:
+    """The summary's limiter section gives a LearnedPace; anything odd gives none."""
+    assert learned_pace(section) == expected
+
+
+def test_only_the_first_429_of_a_burst_cuts_the_pace() -> None:
+    """429s of requests started before the cut extend the pause but do not cut again."""
+
+    async def main() -> tuple[LimiterStats, LimiterStats]:
+        lim = limiter(rate=10.0)
+        tickets = []
+        for _ in range(3):
+            async with lim.slot(1) as ticket:
+                tickets.append(ticket)
+        for ticket in tickets:  # three answers of one burst come back
+            lim.pause(1.0, started_at=ticket.started_at)
+        burst = lim.stats()
+        async with lim.slot(1) as later:
+            pass
+        lim.pause(1.0, started_at=later.started_at)  # started after the cut: a new event
+        return burst, lim.stats()
+
+    burst, after = run(main())
+    assert (burst.slowdowns, burst.pauses, burst.effective_rate) == (1, 3, pytest.approx(5.0))
+    assert after.slowdowns == 2
+    assert after.effective_rate is not None
+    assert after.effective_rate < 5.0
+
+
+def test_default_pause_doubles_until_a_success() -> None:
+    """Without Retry-After each new 429 burst pauses twice as long; a success resets it."""
+
+    async def main() -> list[float]:
+        lim = limiter(rate=100.0, default_pause_s=1.0)
+        rec = Recorder(lim)
+        for _ in range(3):
+            await rec.request("x")
+            lim.pause(None, started_at=rec.starts[-1][1])
+        await rec.request("x")
+        lim.record_success()
+        lim.pause(None, started_at=rec.starts[-1][1])
+        await rec.request("x")
+        return rec.times()
+
+    times = run(main())
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps == pytest.approx([1.0, 2.0, 4.0, 1.0])

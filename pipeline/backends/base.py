@@ -28,6 +28,7 @@ from pipeline.records import GeneratedImage, Generation, RateLimitHint, WorkItem
 
 __all__ = [
     "EXCERPT_CHARS",
+    "QUOTA_ADVICE",
     "Backend",
     "classify_http",
     "elide_images",
@@ -48,6 +49,21 @@ _LIST_KEYS = ("images", "data", "results")
 _URL_KEYS = ("url", "image_url")
 _ID_KEYS = ("id", "image_id")
 _REFUSAL = re.compile(r"content_policy_violation|safety system|content policy", re.IGNORECASE)
+# The account cannot pay: OpenAI's codes and wording, and the like. Deliberately narrow:
+# a per-minute "quota exceeded" (Google's wording for a rate limit) must stay a 429.
+_QUOTA_EXHAUSTED = re.compile(
+    r"insufficient_quota|billing_hard_limit_reached|billing_not_active"
+    r"|exceeded your current quota|insufficient (?:credits?|balance|funds)"
+    r"|out of credits?|credit balance is too low|billing (?:hard )?limit (?:has been )?reached",
+    re.IGNORECASE,
+)
+QUOTA_ADVICE = (
+    "the account's quota or billing limit is exhausted: add credit or raise the billing "
+    "limit, then run the same command again to resume"
+)
+# A Date header has whole seconds and arrives after some latency: within this window of
+# the local clock, the clocks agree and the finer local one measures a Retry-After date.
+_CLOCKS_AGREE_S = (-1.25, 0.25)
 _QUERY_KEY = re.compile(r"(api_key=)[^&\s#'\"<>]+", re.IGNORECASE)
 _JSON_KEY = re.compile(r"(['\"]api_key['\"]\s*:\s*['\"])[^'\"]*", re.IGNORECASE)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
@@ -199,8 +215,12 @@ def classify_http(
     """The error for a non-2xx answer: what the engine should do is in its class.
 
     `text` must already be free of the key; it is redacted and shortened again anyway.
+    A 4xx whose body says the account's quota or billing is exhausted is fatal whatever
+    its status (OpenAI answers it with 429): waiting cannot bring credit back.
     """
     detail = f"HTTP {status}: {excerpt(text)}" if text.strip() else f"HTTP {status}"
+    if 400 <= status < 500 and _QUOTA_EXHAUSTED.search(text):
+        return FatalError(f"{detail} — {QUOTA_ADVICE}", kind="http_status", status=status)
     if status in (401, 403):
         return FatalError(
             f"{detail} — the API refused the key: check the API key variable "
@@ -215,7 +235,9 @@ def classify_http(
             status=status,
         )
     if status == 429:
-        retry_after = parse_retry_after(_header(headers, "retry-after"), now)
+        retry_after = parse_retry_after(
+            _header(headers, "retry-after"), now, server_date=_header(headers, "date")
+        )
         return RateLimitedError(f"{detail} — rate limited", retry_after=retry_after)
     if status in (408, 425) or status >= 500:
         return TransientError(detail, kind="http_status", status=status)
@@ -226,28 +248,53 @@ def classify_http(
     return PermanentError(detail, kind="http_status", status=status)
 
 
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value (seconds or HTTP date), None if garbage."""
+def parse_retry_after(
+    value: str | None, now: datetime, *, server_date: str | None = None
+) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (seconds or HTTP date), None if garbage.
+
+    An HTTP date is the server's clock: it is measured against the answer's own ``Date``
+    header (`server_date`) when that disagrees with the local clock `now` by more than
+    its one-second resolution, so a local clock that is off neither stalls nor hammers.
+    Measured against ``Date``, the wait errs long by under a second, never short.
+    """
     if value is None or not value.strip():
         return None
     text = value.strip()
     try:
         seconds = float(text)
     except ValueError:
-        return _seconds_until_date(text, now)
+        return _seconds_until_date(text, _server_now(server_date, _aware(now)))
     return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
+def _server_now(server_date: str | None, now: datetime) -> datetime:
+    """The server's time as well as it can be known: `now`, or the ``Date`` it sent."""
+    said = _parse_http_date(server_date) if server_date else None
+    if said is None:
+        return now
+    skew = (said - now).total_seconds()
+    low, high = _CLOCKS_AGREE_S
+    return now if low < skew <= high else said
+
+
 def _seconds_until_date(text: str, now: datetime) -> float | None:
+    when = _parse_http_date(text)
+    if when is None:
+        return None
+    return max((when - now).total_seconds(), 0.0)
+
+
+def _parse_http_date(text: str) -> datetime | None:
     try:
-        when = email.utils.parsedate_to_datetime(text)
+        when = email.utils.parsedate_to_datetime(text.strip())
     except (TypeError, ValueError, IndexError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=timezone.utc)
-    return max((when - now).total_seconds(), 0.0)
+    return _aware(when)
+
+
+def _aware(when: datetime) -> datetime:
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when
 
 
 def parse_rate_limit(headers: Mapping[str, str]) -> RateLimitHint | None:

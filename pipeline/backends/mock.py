@@ -34,8 +34,8 @@ from pipeline.backends.mock_image import damage, draw_image, input_thumbnail, mo
 __all__ = [
     "DEFAULT_FAULT_WEIGHTS",
     "DEFAULT_PAUSE_GRACE_S",
-    "FAULT_KINDS",
     "FATAL_FAULT_KINDS",
+    "FAULT_KINDS",
     "MockConfig",
     "MockServer",
     "MockStats",
@@ -139,10 +139,7 @@ class MockConfig:
             min(self.latency_s, self.retry_after_s, self.slow_s, self.pause_grace_s) < 0
             or self.min_retry_after_s < 0
         ):
-            problems.append(
-                "latency_s, retry_after_s, slow_s, pause_grace_s and min_retry_after_s "
-                "must be >= 0"
-            )
+            problems.append("durations (latency_s, retry_after_s, ...) must be >= 0")
         if not math.isfinite(self.clock_offset_s):
             problems.append(f"clock_offset_s must be finite, got {self.clock_offset_s}")
         if self.retry_after_form not in ("seconds", "date", "none"):
