@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from pipeline import __version__
 from pipeline.errors import EXIT_OK, EXIT_USAGE, PipelineError, UsageError
 from pipeline.lock import check_platform
+from pipeline.registry import BACKENDS
 from pipeline.spec import Spec
 
 __all__ = ["build_parser", "main"]
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("spec", type=Path, metavar="SPEC.yaml")
     run.add_argument(
-        "--backend", choices=["roboflow", "openai", "mock"], help="override backend.kind"
+        "--backend", choices=list(BACKENDS), help="override backend.kind"
     )
     run.add_argument("--concurrency", type=int, metavar="N", help="requests in flight at most")
     run.add_argument("--rate", metavar="R", help="request starts: N/s, N/min, N/h or per second")

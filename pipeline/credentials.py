@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from pipeline.errors import CredentialsError
+from pipeline.registry import backend_kind
 from pipeline.spec import BackendSettings
 
 __all__ = [
@@ -82,11 +83,11 @@ DIRECT = ProxySettings()
 
 
 def read_api_key(backend: BackendSettings, environ: Mapping[str, str] = os.environ) -> str:
-    """The API key for `backend`, read from its variable; "" for the mock backend.
+    """The API key for `backend`, read from its variable; "" for a kind that needs none.
 
     Raises `CredentialsError` when the variable is unset or blank.
     """
-    if backend.kind == "mock":
+    if not backend_kind(backend.kind).needs_key:
         return ""
     name = backend.api_key_env
     key = environ.get(name, "").strip()

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.items import check_max_items, count_items, iter_source_drafts
 from pipeline.manifest import ManifestState
-from pipeline.pricing import check_cost_budget, price_per_image, unknown_price_reason
+from pipeline.pricing import check_cost_budget, is_free, price_per_image, unknown_price_reason
 from pipeline.sources import HashCache
 from pipeline.spec import SourceSpec, Spec
 
@@ -195,7 +195,7 @@ def _plan_source(
         generated=status["generated"],
         to_run=items - status["ok"] - skipped,
         price_per_image=price_per_image(
-            params, spec.run.price_per_image, backend_kind=spec.backend.kind
+            params, spec.run.price_per_image, free=is_free(spec)
         ),
         price_note=unknown_price_reason(params),
     )

@@ -12,23 +12,31 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.models import MODELS
+from pipeline.registry import backend_kind
 from pipeline.spec import Spec
 
-__all__ = ["check_cost_budget", "cost_from_usage", "price_per_image", "unknown_price_reason"]
+__all__ = [
+    "check_cost_budget",
+    "cost_from_usage",
+    "is_free",
+    "price_per_image",
+    "unknown_price_reason",
+]
 
 _PER_MILLION = 1_000_000
 
 
 def price_per_image(
-    params: Mapping[str, Any], override: float | None = None, *, backend_kind: str = "roboflow"
+    params: Mapping[str, Any], override: float | None = None, *, free: bool = False
 ) -> float | None:
     """USD for one image made with `params` (model, quality, size); None when unknown.
 
-    `override` (``run.price_per_image``) wins over the table; the mock backend is free.
+    `override` (``run.price_per_image``) wins over the table; a `free` backend (the
+    registry says which: rehearsals) costs nothing.
     """
     if override is not None:
         return override
-    if backend_kind == "mock":
+    if free:
         return 0.0
     model = MODELS.get(str(params.get("model")))
     if model is None:
@@ -58,14 +66,18 @@ def check_cost_budget(spec: Spec) -> None:
     for index, source in enumerate(spec.sources):
         params = spec.source_params(source)
         if (
-            price_per_image(params, spec.run.price_per_image, backend_kind=spec.backend.kind)
-            is None
+            price_per_image(params, spec.run.price_per_image, free=is_free(spec)) is None
         ):
             raise spec.error(
                 "run.max_cost_usd",
                 f"needs a known price, and sources[{index}] ('{source.name}') has none: "
                 f"{unknown_price_reason(params)}",
             )
+
+
+def is_free(spec: Spec) -> bool:
+    """True when the spec's backend costs nothing (the registry's `priced`)."""
+    return not backend_kind(spec.backend.kind).priced
 
 
 def cost_from_usage(model_name: object, usage: object) -> float | None:

@@ -26,7 +26,6 @@ from typing import Any
 from pipeline import items as items_mod
 from pipeline import outputs
 from pipeline.backends.base import Backend
-from pipeline.backends.roboflow import RoboflowBackend
 from pipeline.credentials import DIRECT, ProxySettings, read_api_key, read_proxy_settings
 from pipeline.engine import Engine, EngineSettings, RunStats, StopReason, utc_now
 from pipeline.errors import (
@@ -37,13 +36,13 @@ from pipeline.errors import (
     EXIT_SIGTERM,
     EXIT_SOME_FAILED,
     OutputError,
-    UsageError,
 )
 from pipeline.limiter import LearnedPace, Limiter, learned_pace
 from pipeline.lock import acquire_lock
 from pipeline.manifest import MANIFEST_NAME, ManifestState, ManifestWriter, gc_paused
-from pipeline.pricing import check_cost_budget, cost_from_usage, price_per_image
+from pipeline.pricing import check_cost_budget, cost_from_usage, is_free, price_per_image
 from pipeline.records import WorkItem
+from pipeline.registry import backend_kind
 from pipeline.snapshot import StateCache
 from pipeline.spec import Spec
 
@@ -94,14 +93,11 @@ async def run_job(
     through `control`. The `max_items` guard and the budgets hold for every caller.
     """
     items_mod.check_max_items(spec)
-    if spec.backend.kind == "openai":
-        raise UsageError(
-            "backend.kind 'openai' is not available yet: use 'roboflow' (or 'mock' to rehearse)"
-        )
     check_cost_budget(spec)
+    kind = backend_kind(spec.backend.kind)
     api_key = read_api_key(spec.backend)
     # the embedded mock is on loopback in this process: a corporate proxy must not see it
-    proxies = DIRECT if spec.backend.kind == "mock" else read_proxy_settings()
+    proxies = read_proxy_settings() if kind.proxied else DIRECT
     out = spec.output_dir
     await asyncio.to_thread(outputs.check_writable, out)
     with acquire_lock(out):
@@ -286,7 +282,7 @@ async def _write_summary(path: Path, summary: dict[str, Any]) -> None:
 
 
 def _price(spec: Spec, item: WorkItem) -> float | None:
-    return price_per_image(item.params, spec.run.price_per_image, backend_kind=spec.backend.kind)
+    return price_per_image(item.params, spec.run.price_per_image, free=is_free(spec))
 
 
 def _actual_cost(spec: Spec, item: WorkItem, response: Any) -> float | None:
@@ -295,7 +291,7 @@ def _actual_cost(spec: Spec, item: WorkItem, response: Any) -> float | None:
     The answer's own ``model`` wins over the spec's: it is what was billed. A free
     backend (the mock) costs nothing whatever its answers report.
     """
-    if spec.backend.kind == "mock" or not isinstance(response, dict):
+    if is_free(spec) or not isinstance(response, dict):
         return None
     model = response.get("model") or item.params.get("model")
     return cost_from_usage(model, response.get("usage"))
@@ -421,31 +417,16 @@ def _write_job_json(spec: Spec, spec_path: Path) -> None:
 async def _open_backend(
     spec: Spec, api_key: str, given: Backend | None, proxies: ProxySettings
 ) -> AsyncIterator[Backend]:
-    """The backend for the spec's kind; `mock` starts the mock API on a loopback port
-    and talks to it directly, whatever the proxy variables say."""
+    """The backend of the spec's kind, as the registry names it (or `given`, for tests)."""
     if given is not None:
         yield given
         return
-    kind = spec.backend.kind
-    concurrency, timeout_s = spec.run.concurrency, spec.backend.timeout_s
-    if kind == "mock":
-        # imported here: the mock pulls in aiohttp.web and Pillow's drawing, which a run
-        # against the real API never needs (a measurable share of a short run's CPU)
-        from pipeline.backends.mock import MockConfig, MockServer
-
-        async with (
-            MockServer(MockConfig()) as server,
-            RoboflowBackend(
-                server.base_url, "mock", concurrency=concurrency, timeout_s=timeout_s
-            ) as backend,
-        ):
-            yield backend
-        return
-    async with RoboflowBackend(
+    backend_class = backend_kind(spec.backend.kind).open_backend_class()
+    async with backend_class(
         spec.backend.base_url,
         api_key,
-        concurrency=concurrency,
-        timeout_s=timeout_s,
+        concurrency=spec.run.concurrency,
+        timeout_s=spec.backend.timeout_s,
         proxies=proxies,
     ) as backend:
         yield backend

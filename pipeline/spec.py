@@ -38,6 +38,7 @@ from pydantic import (
 
 from pipeline.errors import SpecError, UsageError
 from pipeline.models import MODELS, RETIRED_MODELS
+from pipeline.registry import BACKENDS, DEFAULT_KIND, backend_kind
 from pipeline.sources import (
     DEFAULT_EXTENSIONS,
     InputError,
@@ -49,11 +50,9 @@ from pipeline.specfile import did_you_mean, line_for, read_yaml, show_value, val
 from pipeline.template import TemplateError, count_variants, parse_template, resolve_values
 
 __all__ = [
-    "BACKEND_KINDS",
     "DEFAULT_API_KEY_ENV",
     "DEFAULT_BASE_URL",
     "DEFAULT_CONCURRENCY",
-    "DEFAULT_RATE_LIMIT",
     "INPUT_KINDS",
     "MAX_ATTEMPTS",
     "MAX_CONCURRENCY",
@@ -72,14 +71,11 @@ __all__ = [
     "spec_from_data",
 ]
 
-BackendKind = Literal["roboflow", "openai", "mock"]
-BACKEND_KINDS: tuple[BackendKind, ...] = ("roboflow", "openai", "mock")
 InputKindName = Literal["none", "images", "folder", "roboflow_ids", "urls"]
 INPUT_KINDS: tuple[str, ...] = ("images", "folder", "roboflow_ids", "urls")
 DEFAULT_BASE_URL = "https://api.roboflow.com"
 DEFAULT_API_KEY_ENV = "ROBOFLOW_API_KEY"
 DEFAULT_CONCURRENCY = 4
-DEFAULT_RATE_LIMIT = "5/min"  # OpenAI's Tier-1 image limit: safe for a first real run
 # Upper bounds that catch typos before they cost memory or money: each worker is a task
 # and a connection (a stray 10**9 would exhaust memory before the first request), OpenAI
 # returns at most 10 images per request, and past 100 attempts an item is not transient.
@@ -137,6 +133,11 @@ def _check_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"expected an http(s) URL, got {show_value(value)}")
+    return value
+
+
+def _check_kind(value: str) -> str:
+    backend_kind(value)  # raises ValueError naming the kinds there are
     return value
 
 
@@ -198,7 +199,11 @@ class _Model(BaseModel):
 class BackendSettings(_Model):
     """Which API to call and how; the key itself comes from the environment."""
 
-    kind: BackendKind = Field(default="roboflow", description="roboflow | openai | mock")
+    kind: Annotated[
+        str,
+        AfterValidator(_check_kind),
+        WithJsonSchema({"type": "string", "enum": list(BACKENDS)}),
+    ] = Field(default=DEFAULT_KIND, description=" | ".join(BACKENDS))
     base_url: str = Field(default=DEFAULT_BASE_URL, description="API root URL")
     api_key_env: str = Field(default=DEFAULT_API_KEY_ENV, description="env var holding the API key")
     timeout_s: float = Field(default=180.0, gt=0, description="seconds to wait for one answer")
@@ -411,9 +416,11 @@ class Spec(_Model):
             if section in data and data[section] is None:
                 data[section] = {}  # a section whose lines are all commented out
         backend, run = data.get("backend", {}), data.get("run", {})
-        kind = backend.get("kind", "roboflow") if isinstance(backend, dict) else "roboflow"
-        if isinstance(run, dict) and "rate_limit" not in run and kind != "mock":
-            data["run"] = {**run, "rate_limit": DEFAULT_RATE_LIMIT}
+        kind = BACKENDS.get(
+            backend.get("kind", DEFAULT_KIND) if isinstance(backend, dict) else DEFAULT_KIND
+        )
+        if isinstance(run, dict) and "rate_limit" not in run and kind is not None:
+            data["run"] = {**run, "rate_limit": kind.default_rate_limit}
         if "output_dir" not in data and isinstance(data.get("name"), str):
             data["output_dir"] = f"runs/{data['name']}"
         return data
@@ -490,9 +497,10 @@ def _build(data: Mapping[str, Any], spec_dir: Path, shown: str, lines: Mapping[s
 def _check_semantics(spec: Spec) -> None:
     """Rules spanning several keys; raise `_Problem` at the key to fix."""
     _check_base_url(spec.backend)
-    if spec.backend.kind == "roboflow" and not spec.project_url:
+    if backend_kind(spec.backend.kind).needs_project and not spec.project_url:
         raise _Problem(
-            "project_url", "required for backend roboflow (the project to add images to)"
+            "project_url",
+            f"required for backend {spec.backend.kind} (the project to add images to)",
         )
     seen: dict[str, int] = {}
     for index, source in enumerate(spec.sources):
@@ -657,10 +665,8 @@ def apply_overrides(
     raw: dict[str, Any] = copy.deepcopy(dict(spec._raw))
     sections = {key: dict(raw.get(key) or {}) for key in ("backend", "run")}
     if backend is not None:
-        if backend not in BACKEND_KINDS:
-            raise UsageError(
-                f"--backend: expected one of {', '.join(BACKEND_KINDS)}, got {backend!r}"
-            )
+        if backend not in BACKENDS:
+            raise UsageError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
         sections["backend"]["kind"] = backend
     for flag, key, value in (
         ("--concurrency", "concurrency", concurrency),

@@ -106,7 +106,7 @@ def test_backend_kind_is_part_of_the_key(sandbox: Path) -> None:
     """The same request to another backend is another item."""
     mock = next(expand_items(load_spec(job(sandbox, [GRID]))))
     real = next(
-        expand_items(load_spec(job(sandbox, [GRID], backend={"kind": "openai"}, project_url="p")))
+        expand_items(load_spec(job(sandbox, [GRID], backend={"kind": "roboflow"}, project_url="p")))
     )
     assert mock.key != real.key
 

@@ -361,7 +361,7 @@ ERROR_CASES = [
         {},
         "backend.kind",
         4,
-        "expected 'roboflow', 'openai' or 'mock', got 'dalle'",
+        "expected 'roboflow' or 'mock', got 'dalle'",
         id="bad-literal",
     ),
 ]

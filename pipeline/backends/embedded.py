@@ -1,0 +1,65 @@
+"""The ``mock`` backend kind: the Roboflow client against an embedded mock API.
+
+Entering it starts a `MockServer` on a free loopback port in this event loop and yields
+a `RoboflowBackend` pointed at it, so a rehearsal sends real HTTP through the same client
+code as a real run; leaving it closes both. It never uses a proxy or a key.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from pipeline.backends.base import Backend
+from pipeline.backends.mock import MockConfig, MockServer
+from pipeline.backends.roboflow import RoboflowBackend
+
+__all__ = ["MockBackend"]
+
+_NO_KEY = "mock"  # the embedded server is started without a key: any value passes
+
+
+class MockBackend:
+    """An embedded mock API and the client that talks to it, as one backend."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        concurrency: int,
+        timeout_s: float,
+        proxies: object = None,
+        config: MockConfig | None = None,
+    ) -> None:
+        # base_url, api_key and proxies are the registry's common signature: unused here
+        del base_url, api_key, proxies
+        self._server = MockServer(config or MockConfig())
+        self._concurrency = concurrency
+        self._timeout_s = timeout_s
+        self._client: RoboflowBackend | None = None
+
+    async def __aenter__(self) -> Backend:
+        await self._server.start()
+        try:
+            self._client = RoboflowBackend(
+                self._server.base_url,
+                _NO_KEY,
+                concurrency=self._concurrency,
+                timeout_s=self._timeout_s,
+            )
+            return await self._client.__aenter__()
+        except BaseException:
+            await self._server.close()
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._client is not None:
+                await self._client.aclose()
+        finally:
+            await self._server.close()

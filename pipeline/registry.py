@@ -1,0 +1,78 @@
+"""The backend registry: each kind of image API synthaug can call, and what it needs.
+
+The one place a kind is described: whether it needs a key, whether its images cost
+money, whether it needs a Roboflow project, its default pace, whether it may go through
+a proxy, and the class that talks to it. The class is named, not imported: a run opens
+it through `open_backend_class`, so a run against the real API never loads the mock
+server (aiohttp.web and Pillow's drawing are a measurable share of a short run's CPU).
+No other module tests a kind by its name.
+
+A backend class is built as ``cls(base_url, api_key, concurrency=..., timeout_s=...,
+proxies=...)`` and used as an async context manager that yields the `Backend`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["BACKENDS", "DEFAULT_KIND", "DEFAULT_RATE_LIMIT", "BackendKind", "backend_kind"]
+
+DEFAULT_RATE_LIMIT = "5/min"  # OpenAI's Tier-1 image limit: safe for a first real run
+
+
+@dataclass(frozen=True, slots=True)
+class BackendKind:
+    """What one kind of backend is: its needs, its defaults and its class."""
+
+    name: str
+    summary: str
+    backend_class: str  # "module:Class", imported when a run opens the backend
+    needs_key: bool = True
+    priced: bool = True  # False: rehearsals, which cost nothing
+    needs_project: bool = False  # True: the spec must name project_url
+    default_rate_limit: str | None = DEFAULT_RATE_LIMIT
+    proxied: bool = True  # False: always connect directly (a loopback server of our own)
+
+    def open_backend_class(self) -> type:
+        """The class that talks to this kind of API (imported now)."""
+        module, _, name = self.backend_class.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        assert isinstance(cls, type), self.backend_class
+        return cls
+
+
+BACKENDS: Mapping[str, BackendKind] = {
+    kind.name: kind
+    for kind in (
+        BackendKind(
+            "roboflow",
+            "Roboflow's POST /synthetic-image (OpenAI image models behind it)",
+            "pipeline.backends.roboflow:RoboflowBackend",
+            needs_project=True,
+        ),
+        BackendKind(
+            "mock",
+            "the embedded mock API on a loopback port: no key, no network, no spend",
+            "pipeline.backends.embedded:MockBackend",
+            needs_key=False,
+            priced=False,
+            default_rate_limit=None,
+            proxied=False,
+        ),
+    )
+}
+"""Every kind a spec may name, by name."""
+
+DEFAULT_KIND = "roboflow"
+
+
+def backend_kind(name: str) -> BackendKind:
+    """The registered kind called `name`; ValueError naming the kinds there are."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        names = [repr(kind) for kind in BACKENDS]
+        known = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+        raise ValueError(f"expected {known}, got {name!r}") from None
