@@ -29,7 +29,14 @@ from typing import Any, Literal
 from aiohttp import web
 from PIL import Image
 
-from pipeline.backends.mock_image import damage, draw_image, input_thumbnail, mock_color, paint
+from pipeline.backends.mock_image import (
+    damage,
+    draw_image,
+    input_thumbnail,
+    mock_color,
+    paint,
+    photo,
+)
 
 __all__ = [
     "DEFAULT_FAULT_WEIGHTS",
@@ -85,6 +92,9 @@ MAX_TOKENS = 50_000
 """Image URLs remembered (least recently used dropped first)."""
 MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_SIZE = (1024, 1024)
+PHOTO_VARIANTS = 4
+"""Photo-like images rendered per size (on first use) and reused for every answer."""
+PhotoFormat = Literal["png", "jpeg"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,7 @@ class MockConfig:
     refuse_word: str = "REFUSE"
     response_shape: ResponseShape = "data"
     max_px: int = 256
+    photo_format: PhotoFormat | None = None  # photo-like images instead of drawn ones
     send_rate_limit_headers: bool = False
     slow_s: float = 3.0
     pause_grace_s: float = DEFAULT_PAUSE_GRACE_S
@@ -144,6 +155,8 @@ class MockConfig:
             problems.append(f"clock_offset_s must be finite, got {self.clock_offset_s}")
         if self.retry_after_form not in ("seconds", "date", "none"):
             problems.append(f"unknown retry_after_form {self.retry_after_form!r}")
+        if self.photo_format not in (None, "png", "jpeg"):
+            problems.append(f"unknown photo_format {self.photo_format!r} (png or jpeg)")
         if self.response_shape not in ("data", "array", "images", "results", "b64_json"):
             problems.append(f"unknown response_shape {self.response_shape!r}")
         if problems:
@@ -225,12 +238,15 @@ class _MockApi:
         self._bucket_at = asyncio.get_running_loop().time()
         self._pause_from = -math.inf
         self._pause_until = -math.inf
+        self._photos: dict[tuple[int, int], list[tuple[bytes, str]]] = {}
+        self._photo_lock = asyncio.Lock()
 
     def app(self) -> web.Application:
         """The aiohttp application serving the API, the images and the stats."""
         application = web.Application(client_max_size=MAX_BODY_BYTES)
         application.router.add_post("/synthetic-image", self.generate)
         application.router.add_get("/images/{token}.png", self.serve_image)
+        application.router.add_get("/images/{token}.jpg", self.serve_image)
         application.router.add_get("/_stats", self.serve_stats)
         if self.config.clock_offset_s:
             application.on_response_prepare.append(self._stamp_date)
@@ -325,24 +341,50 @@ class _MockApi:
         if spec.fault == "image_404_once" and not spec.missed:
             spec.missed = True
             return _error(404, "not_found", "Image not ready yet.")
-        data = await asyncio.to_thread(_render, spec)
-        return web.Response(body=data, content_type="image/png")
+        data, _encoded = await self._image(request.match_info["token"], spec)
+        jpeg = self.config.photo_format == "jpeg"
+        return web.Response(body=data, content_type="image/jpeg" if jpeg else "image/png")
+
+    async def _image(self, token: str, spec: _ImageSpec) -> tuple[bytes, str | None]:
+        """The image for `spec`, and its base64 when that is cached (photo-like images)."""
+        if self.config.photo_format is None:
+            return await asyncio.to_thread(_render, spec), None
+        pool = await self._photo_pool(spec.width, spec.height)
+        data, encoded = pool[int(token[:8], 16) % len(pool)]
+        if spec.fault is None:
+            return data, encoded
+        return damage(data, spec.fault), None
+
+    async def _photo_pool(self, width: int, height: int) -> list[tuple[bytes, str]]:
+        """`PHOTO_VARIANTS` photo-like images of this size with their base64, made once."""
+        async with self._photo_lock:
+            if (width, height) not in self._photos:
+                fmt = self.config.photo_format or "png"
+                made = [
+                    await asyncio.to_thread(photo, seed, width, height, fmt)
+                    for seed in range(PHOTO_VARIANTS)
+                ]
+                self._photos[width, height] = [(data, _b64(data)) for data in made]
+            return self._photos[width, height]
 
     async def _payload(self, request: web.Request, body: dict[str, Any], fault: str | None) -> Any:
         specs = await asyncio.to_thread(self._specs, body, fault)
         tokens = [self._mint(spec) for spec in specs]
         shape = self.config.response_shape
         if shape == "b64_json":
-            blobs = [await asyncio.to_thread(_render, spec) for spec in specs]
+            images = [
+                await self._image(token, spec) for token, spec in zip(tokens, specs, strict=True)
+            ]
             return {
                 "data": [
-                    {"b64_json": _b64(blob), "id": token}
-                    for blob, token in zip(blobs, tokens, strict=True)
+                    {"b64_json": encoded or _b64(blob), "id": token}
+                    for (blob, encoded), token in zip(images, tokens, strict=True)
                 ],
                 "usage": _usage(body, len(specs)),  # as GPT image models report it
             }
         origin = str(request.url.origin())
-        urls = [f"{origin}/images/{token}.png" for token in tokens]
+        ext = "jpg" if self.config.photo_format == "jpeg" else "png"
+        urls = [f"{origin}/images/{token}.{ext}" for token in tokens]
         pairs = list(zip(urls, tokens, strict=True))
         if shape == "array":
             return urls

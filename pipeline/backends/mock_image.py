@@ -18,13 +18,24 @@ import io
 import math
 from importlib import resources
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageChops, ImageDraw, ImageFont, ImageOps
 
-__all__ = ["damage", "draw_image", "input_thumbnail", "mock_color", "paint"]
+__all__ = [
+    "PHOTO_FORMATS",
+    "damage",
+    "draw_image",
+    "input_thumbnail",
+    "mock_color",
+    "paint",
+    "photo",
+]
 
 FONT_FILE = "fonts/DejaVuSans.ttf"  # package data of `pipeline`, shared with the sheets
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_THUMB_PX = 8
+PHOTO_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
+_PHOTO_GRAIN = 1.0  # sigma of the per-pixel grain: a 1024² PNG of about 1.3 MB
+_PHOTO_BLOB_PX = 32  # one soft blob per this many pixels: the shapes of a photo
 
 RGB = tuple[int, int, int]
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
@@ -106,6 +117,29 @@ def paint(
         draw.text((width - right - 2, height - bottom - 2), label, fill=ink, font=font)
     out = io.BytesIO()
     canvas.save(out, format="PNG")
+    return out.getvalue()
+
+
+def photo(seed: int, width: int, height: int, fmt: str = "png") -> bytes:
+    """A photo-like picture that weighs what a real one does (a benchmark's answer).
+
+    Gradients, soft blobs and a fine grain per channel: a 1024² PNG is about 1.3 MB, a
+    JPEG (quality 90) about 120 kB, where a flat colour would be a few kB. `fmt` is
+    ``png`` or ``jpeg``. Costly (PNG: ~1 s for 1024²): the mock renders a few and reuses
+    them.
+    """
+    channels = []
+    for channel in range(3):
+        gradient = Image.linear_gradient("L").resize((width, height))
+        gradient = gradient.rotate(45 * channel + 17 * seed)
+        blobs = Image.effect_noise(
+            (max(width // _PHOTO_BLOB_PX, 1), max(height // _PHOTO_BLOB_PX, 1)), 90
+        ).resize((width, height), Image.Resampling.BICUBIC)
+        grain = Image.effect_noise((width, height), _PHOTO_GRAIN)
+        base = ImageChops.blend(gradient, blobs, 0.5)
+        channels.append(ImageChops.add(base, grain, scale=1.0, offset=-128))
+    out = io.BytesIO()
+    Image.merge("RGB", channels).save(out, format=PHOTO_FORMATS[fmt], quality=90)
     return out.getvalue()
 
 
