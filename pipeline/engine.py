@@ -53,8 +53,9 @@ from pipeline.records import (
 )
 from pipeline.retry import Retrier, RetryPolicy
 from pipeline.sources import InputChangedError, read_input_bytes
+from pipeline.spec import RunSettings
 
-__all__ = ["Engine", "EngineSettings", "RunStats", "StopReason"]
+__all__ = ["Engine", "RunStats", "StopReason"]
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +65,6 @@ CHUNK_SIZE = 256  # items that need work, handed over per trip to the worker thr
 SCAN_LIMIT = 64 * CHUNK_SIZE  # items looked at per trip (a resumed job skips most)
 DOWNLOAD_ATTEMPTS = 3  # tries of one image URL before the item regenerates
 LARGE_INPUT_BYTES = 256 * 1024  # base64 in a thread above this
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSettings:
-    """What the engine needs from the spec's `run` section and the command line."""
-
-    out_dir: Path
-    concurrency: int
-    max_attempts: int = 6
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    retry_failed: bool = True
-    retry_ambiguous: bool = True
-    max_images: int | None = None
-    max_cost_usd: float | None = None
-    max_consecutive_failures: int = 20
-    grace_period_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -148,8 +132,9 @@ class Engine:
 
     def __init__(
         self,
-        settings: EngineSettings,
+        run: RunSettings,
         *,
+        out_dir: Path,
         items: Iterable[ItemDraft],
         backend: Backend,
         limiter: Limiter,
@@ -163,12 +148,13 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        self._settings = settings
+        self._run = run
+        self._out_dir = out_dir
         self._items = iter(items)
         self._backend = backend
         self._limiter = limiter
         self._state = state
-        self._files = files or outputs.StoredFiles(settings.out_dir)
+        self._files = files or outputs.StoredFiles(out_dir)
         self._redo: set[str] | None = None  # ok keys whose files are gone (once decided)
         self._writer = writer
         # image folders are fsynced once per manifest sync, before it, not once per image
@@ -176,12 +162,7 @@ class Engine:
         writer.add_sync_hook(self._folders.flush)
         self._on_progress = on_progress or (lambda _stats: None)
         self._clock = clock
-        self._policy = RetryPolicy(
-            max_attempts=settings.max_attempts,
-            base_s=settings.backoff_base_s,
-            cap_s=settings.backoff_max_s,
-            retry_ambiguous=settings.retry_ambiguous,
-        )
+        self._policy = RetryPolicy.from_run(run)
         self._rng = rng or random.Random()
         # built once: a tenacity loop per item cost more CPU than the request it guarded
         self._retrier = Retrier(
@@ -190,7 +171,7 @@ class Engine:
         self.stats = RunStats(expected=expected)
         self.stop_reason: StopReason | None = None
         self._stopping = asyncio.Event()
-        self._budget = Budget(settings.max_images, settings.max_cost_usd, price, actual_cost)
+        self._budget = Budget(run.max_images, run.max_cost_usd, price, actual_cost)
         self._consecutive_failures = 0
         self.fatal_error: FatalError | None = None
         self.output_error: OutputError | None = None
@@ -212,11 +193,11 @@ class Engine:
     async def run(self) -> RunStats:
         """Process every item; return when all are settled or the run was stopped."""
         self.stats.started = self._clock()
-        queue: asyncio.Queue[_Todo | None] = asyncio.Queue(maxsize=self._settings.concurrency * 2)
+        queue: asyncio.Queue[_Todo | None] = asyncio.Queue(maxsize=self._run.concurrency * 2)
         producer = asyncio.create_task(self._produce(queue), name="producer")
         workers = [
             asyncio.create_task(self._worker(queue), name=f"worker-{i}")
-            for i in range(self._settings.concurrency)
+            for i in range(self._run.concurrency)
         ]
         try:
             await self._wait_until_done([producer, *workers])
@@ -242,7 +223,7 @@ class Engine:
         try:
             await asyncio.wait([everything, stop_wait], return_when=asyncio.FIRST_COMPLETED)
             if not everything.done():
-                grace = None if self.stop_reason == "budget" else self._settings.grace_period_s
+                grace = None if self.stop_reason == "budget" else self._run.grace_period_s
                 done, _ = await asyncio.wait({everything}, timeout=grace)
                 if not done:
                     log.warning(
@@ -261,7 +242,7 @@ class Engine:
     async def _produce(self, queue: asyncio.Queue[_Todo | None]) -> None:
         """Feed the queue lazily, then one end marker per worker."""
         await self._feed(queue)
-        for _ in range(self._settings.concurrency):
+        for _ in range(self._run.concurrency):
             await queue.put(None)
 
     async def _feed(self, queue: asyncio.Queue[_Todo | None]) -> None:
@@ -310,7 +291,7 @@ class Engine:
                     continue
                 log.info("%s: recorded ok but its files are missing or changed; redoing", key)
             entry = open_.get(key)
-            if entry is not None and entry.status == "failed" and not self._settings.retry_failed:
+            if entry is not None and entry.status == "failed" and not self._run.retry_failed:
                 self.stats.skipped_failed += 1
                 continue
             todos.append(_Todo(draft.build(), entry))
@@ -424,7 +405,7 @@ class Engine:
             self.output_error = exc
         else:
             self.output_error = OutputError(
-                f"cannot write in {self._settings.out_dir}: {exc.strerror or exc}; "
+                f"cannot write in {self._out_dir}: {exc.strerror or exc}; "
                 "fix the disk and run the same command again to resume"
             )
         self.stop("disk")
@@ -474,7 +455,7 @@ class Engine:
         except BaseException:
             # no manifest line will name these: leave no unnamed file behind
             await asyncio.shield(
-                asyncio.to_thread(outputs.discard_outputs, self._settings.out_dir, stored)
+                asyncio.to_thread(outputs.discard_outputs, self._out_dir, stored)
             )
             raise
         return tuple(stored)
@@ -486,7 +467,7 @@ class Engine:
                 data = await self._backend.download(image)
                 return await asyncio.to_thread(
                     outputs.store_image,
-                    self._settings.out_dir,
+                    self._out_dir,
                     source=item.source,
                     key=item.key,
                     index=index,
@@ -532,7 +513,7 @@ class Engine:
         if isinstance(exc, PermanentError):
             return  # a refusal or a 4xx is about this request, not about the API's health
         self._consecutive_failures += 1
-        if self._consecutive_failures >= self._settings.max_consecutive_failures:
+        if self._consecutive_failures >= self._run.max_consecutive_failures:
             self.stop("aborted")
 
 

@@ -33,6 +33,7 @@ from typing import Any, TypeVar, cast
 import tenacity
 
 from pipeline.errors import BackendError, RateLimitedError, TransientError
+from pipeline.spec import RunSettings
 
 __all__ = [
     "DEFAULT_BASE_S",
@@ -45,9 +46,10 @@ __all__ = [
     "should_retry",
 ]
 
-DEFAULT_MAX_ATTEMPTS = 6
-DEFAULT_BASE_S = 1.0
-DEFAULT_CAP_S = 60.0
+_RUN_DEFAULTS = RunSettings()  # the defaults are declared once, in the spec's `run` section
+DEFAULT_MAX_ATTEMPTS = _RUN_DEFAULTS.max_attempts
+DEFAULT_BASE_S = _RUN_DEFAULTS.backoff_base_s
+DEFAULT_CAP_S = _RUN_DEFAULTS.backoff_max_s
 # 2.0 ** 1024 overflows; any exponent this large is far past every cap anyway.
 _MAX_EXPONENT = 1000
 
@@ -67,6 +69,16 @@ class RetryPolicy:
     base_s: float = DEFAULT_BASE_S
     cap_s: float = DEFAULT_CAP_S
     retry_ambiguous: bool = True
+
+    @classmethod
+    def from_run(cls, run: RunSettings) -> RetryPolicy:
+        """The policy a spec's `run` section asks for."""
+        return cls(
+            max_attempts=run.max_attempts,
+            base_s=run.backoff_base_s,
+            cap_s=run.backoff_max_s,
+            retry_ambiguous=run.retry_ambiguous,
+        )
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

@@ -27,7 +27,7 @@ from pipeline import items as items_mod
 from pipeline import outputs
 from pipeline.backends.base import Backend
 from pipeline.credentials import DIRECT, ProxySettings, read_api_key, read_proxy_settings
-from pipeline.engine import Engine, EngineSettings, RunStats, StopReason, utc_now
+from pipeline.engine import Engine, RunStats, StopReason, utc_now
 from pipeline.errors import (
     EXIT_BUDGET,
     EXIT_FATAL,
@@ -136,19 +136,6 @@ async def _run_engine(
     control: RunControl,
 ) -> JobResult:
     run = spec.run
-    settings = EngineSettings(
-        out_dir=spec.output_dir,
-        concurrency=run.concurrency,
-        max_attempts=run.max_attempts,
-        backoff_base_s=run.backoff_base_s,
-        backoff_max_s=run.backoff_max_s,
-        retry_failed=run.retry_failed,
-        retry_ambiguous=run.retry_ambiguous,
-        max_images=run.max_images,
-        max_cost_usd=run.max_cost_usd,
-        max_consecutive_failures=run.max_consecutive_failures,
-        grace_period_s=run.grace_period_s,
-    )
     limiter = Limiter(
         rate=run.rate_limit,
         image_rate=run.image_rate_limit,
@@ -162,7 +149,8 @@ async def _run_engine(
         writer.add_append_hook(cache.add)
         await asyncio.to_thread(cache.start, state)
         engine = Engine(
-            settings,
+            run,
+            out_dir=spec.output_dir,
             items=items_mod.expand_drafts(spec),
             backend=backend,
             limiter=limiter,
