@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import selectors
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from unittest.mock import Mock
 
 import pytest
@@ -78,3 +80,76 @@ def spec_factory(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+T = TypeVar("T")
+
+
+class _VirtualSelector(selectors.DefaultSelector):
+    """Never waits for a timer: when nothing is ready, the clock jumps to the next one.
+
+    While work handed to a thread is outstanding (`busy`), it waits for real instead,
+    for that work to finish: thread work takes no virtual time, so the order of events
+    never depends on how fast the machine is.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.busy = 0
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        if self.busy and timeout != 0:
+            events: list[Any] = super().select(_THREAD_WORK_TIMEOUT_S)
+            if not events:
+                raise RuntimeError("work handed to a thread did not finish")
+            return events
+        events = super().select(0)
+        if events or timeout == 0:
+            return events
+        if timeout is None:  # nothing scheduled and nothing ready: the test would hang
+            raise RuntimeError("deadlock: every task waits and no timer is pending")
+        self.now += timeout
+        return events
+
+
+_THREAD_WORK_TIMEOUT_S = 60.0
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop on virtual time: `asyncio.sleep(3600)` returns at once, an hour later.
+
+    For tests of timing behaviour (pacing, backoff, grace periods) that must neither
+    sleep for real nor depend on how fast the machine is. Work sent to a thread
+    (`asyncio.to_thread`) completes before virtual time moves on.
+    """
+
+    def __init__(self) -> None:
+        self._virtual = _VirtualSelector()
+        super().__init__(self._virtual)
+
+    def time(self) -> float:
+        return self._virtual.now
+
+    def run_in_executor(self, executor: Any, func: Any, *args: Any) -> asyncio.Future[Any]:
+        future = super().run_in_executor(executor, func, *args)
+        self._virtual.busy += 1
+        future.add_done_callback(self._work_done)
+        return future
+
+    def _work_done(self, _future: asyncio.Future[Any]) -> None:
+        self._virtual.busy -= 1
+
+
+def run_virtual(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` to completion on a fresh virtual-time loop, then close it cleanly."""
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
