@@ -356,16 +356,20 @@ class Limiter:
         Starting from the planned time rather than the actual one means a late wake-up
         (a busy loop, a coarse timer) is made up by the next start instead of lowering
         the long-run rate; at most one interval is ever made up, so the API sees at most
-        one start of burst. After an idle spell the schedule restarts from now.
+        one start of burst. After an idle spell the schedule restarts from now. Once 429s
+        have shown the server's limit (the pace is below the configured one), nothing is
+        made up: near a strict limit, a start closer than one interval to the last is a 429.
 
         A start the schedule held back (due about now) is time spent pacing: the pace may
         grow by it. One after an idle spell or a concurrency wait proves nothing.
         """
         now = self._now()
         late = now - due
-        paced = self._last_start is not None and late < self._interval(now)
+        interval = self._interval(now)
+        paced = self._last_start is not None and late < interval
         self._pace.grow(now, paced=paced and self._adaptive)
-        self._last_start = due if 0.0 <= late < self._interval(now) else max(now, due)
+        make_up = 0.0 <= late < interval and self._pace.factor >= 1.0
+        self._last_start = due if make_up else max(now, due)
         self._last_n = n
         self._starts += 1
         self._in_flight += 1

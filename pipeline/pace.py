@@ -44,7 +44,7 @@ NEAR_BAND = 0.85
 APPROACH = 0.95
 """Fast growth stops here (share of the threshold); slow probing starts."""
 FAST_GROWTH_PER_S = 0.10  # x1.1 per second: from half the limit back to near it in ~7 s
-PROBE_PER_S = 0.003  # of the threshold per second: ~17 s from APPROACH to the threshold
+PROBE_PER_S = 0.0015  # of the threshold per second: ~33 s from APPROACH to the threshold
 ABOVE_GROWTH_PER_S = 0.02  # x1.02 per second past the threshold: the limit has risen
 FORGET_ABOVE = 1.5
 """Past this multiple of the threshold, the threshold is stale: forget it."""

@@ -55,3 +55,15 @@ def test_resume_benchmark_runs(tmp_path: Path) -> None:
     resumes = [r for r in data["resume"]["runs"] if r["command"].startswith("run")]
     assert len(resumes) == 3
     assert all((r["exit_code"], r["requests"], r["skipped_ok"]) == (0, 0, 40) for r in resumes)
+
+
+def test_overask_benchmark_runs(tmp_path: Path) -> None:
+    """`overask.py --quick` runs synthaug twice on one OUT against a strict mock."""
+    data = run_benchmark(tmp_path, "overask.py", "--quick")
+    first, second = data["overask_quick"]["runs"]
+    assert first["client"].startswith("synthaug, first")
+    assert second["client"].startswith("synthaug, second")
+    assert first["requests"] > 0
+    assert second["requests"] > 0
+    assert first["exit_code"] in (0, 130)  # stopped by SIGINT after its time
+    assert first["learned_rate_per_s"] is not None  # asked 4x the limit: it learned one
