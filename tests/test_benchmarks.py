@@ -57,6 +57,15 @@ def test_resume_benchmark_runs(tmp_path: Path) -> None:
     assert all((r["exit_code"], r["requests"], r["skipped_ok"]) == (0, 0, 40) for r in resumes)
 
 
+def test_realsize_benchmark_runs(tmp_path: Path) -> None:
+    """`realsize.py --tiny` runs synthaug and the floor client and records both."""
+    data = run_benchmark(tmp_path, "realsize.py", "--tiny")
+    runs = data["realsize_tiny"]["runs"]
+    assert [r["client"] for r in runs] == ["synthaug", "floor"]
+    assert all((r["exit_code"], r["ok"]) == (0, r["items"]) for r in runs)
+    assert all(r["cpu_ms_per_image"] > 0 and r["longest_stall_ms"] >= 0 for r in runs)
+
+
 def test_overask_benchmark_runs(tmp_path: Path) -> None:
     """`overask.py --quick` runs synthaug twice on one OUT against a strict mock."""
     data = run_benchmark(tmp_path, "overask.py", "--quick")
