@@ -43,6 +43,7 @@ from pipeline.items import expand_items
 from pipeline.manifest import MANIFEST_NAME, ManifestWriter
 from pipeline.outputs import output_path
 from pipeline.records import ItemRecord, OutputFile
+from pipeline.runner import _write_job_json
 from pipeline.snapshot import StateCache, cache_path
 from pipeline.spec import load_spec
 
@@ -69,6 +70,7 @@ def build_finished_job(spec_path: Path) -> dict[str, Any]:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 made.add(path.parent)
             path.write_bytes(data)
+            stat = path.stat()
             url = f"http://127.0.0.1:1/images/{item.key[:32]}.png"
             output = OutputFile(
                 path=path.relative_to(out).as_posix(),
@@ -77,7 +79,8 @@ def build_finished_job(spec_path: Path) -> dict[str, Any]:
                 height=64,
                 url=url,
                 id=item.key[:32],
-                bytes=len(data),  # as store_image records it
+                bytes=stat.st_size,  # as store_image records them
+                mtime_ns=stat.st_mtime_ns,
             )
             record = ItemRecord(
                 key=item.key,
@@ -98,6 +101,7 @@ def build_finished_job(spec_path: Path) -> dict[str, Any]:
             writer.append(record)
             count += 1
     cache.close()
+    _write_job_json(spec, spec_path)  # what a run leaves beside its manifest
     manifest = out / MANIFEST_NAME
     return {
         "items": count,

@@ -20,16 +20,15 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
-from itertools import chain, islice
-from operator import itemgetter
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import outputs
+from pipeline import freshness, outputs
 from pipeline.backends.base import Backend, encode_image
 from pipeline.budget import Budget
 from pipeline.errors import (
@@ -42,7 +41,7 @@ from pipeline.errors import (
 )
 from pipeline.items import ItemDraft
 from pipeline.limiter import Limiter
-from pipeline.manifest import Entry, ManifestState, ManifestWriter
+from pipeline.manifest import MANIFEST_NAME, Entry, Finished, ManifestState, ManifestWriter
 from pipeline.records import (
     ErrorInfo,
     GeneratedImage,
@@ -65,6 +64,7 @@ CHUNK_SIZE = 256  # items that need work, handed over per trip to the worker thr
 SCAN_LIMIT = 64 * CHUNK_SIZE  # items looked at per trip (a resumed job skips most)
 DOWNLOAD_ATTEMPTS = 3  # tries of one image URL before the item regenerates
 LARGE_INPUT_BYTES = 256 * 1024  # base64 in a thread above this
+VERIFIED_BATCH = 65536  # --verify: refreshed stats handed to `remember_stats` at a time
 
 
 @dataclass(slots=True)
@@ -79,6 +79,7 @@ class RunStats:
     skipped_failed: int = 0
     resumed_downloads: int = 0
     skipped_changed: int = 0  # input file changed after the run began: its key is stale
+    rehashed: int = 0  # stored images re-read by the resume check (stat differed, --verify)
     requests: int = 0
     images: int = 0
     retries: int = 0
@@ -141,6 +142,7 @@ class Engine:
         state: ManifestState,
         writer: ManifestWriter,
         files: outputs.StoredFiles | None = None,
+        remember_stats: Callable[[Mapping[str, Finished]], None] = lambda _entries: None,
         price: Callable[[WorkItem], float | None] = lambda _item: None,
         actual_cost: Callable[[WorkItem, Any], float | None] = lambda _item, _response: None,
         expected: int = 0,
@@ -156,6 +158,8 @@ class Engine:
         self._state = state
         self._files = files or outputs.StoredFiles(out_dir)
         self._redo: set[str] | None = None  # ok keys whose files are gone (once decided)
+        self._remember_stats = remember_stats
+        self._verified: dict[str, Finished] = {}  # --verify: matched with another stat
         self._writer = writer
         # image folders are fsynced once per manifest sync, before it, not once per image
         self._folders = outputs.FolderSync()
@@ -275,6 +279,9 @@ class Engine:
                 break
             scanned += len(chunk)
             self._decide(chunk, todos)
+        if self._verified and (not scanned or len(self._verified) >= VERIFIED_BATCH):
+            verified, self._verified = self._verified, {}
+            self._remember_stats(verified)
         return todos if scanned else None
 
     def _decide(self, drafts: list[ItemDraft], todos: list[_Todo]) -> None:
@@ -284,9 +291,7 @@ class Engine:
         for draft in drafts:
             key = draft.key
             if key in finished:
-                if key not in redo and (
-                    hashes is None or self._files.intact(finished[key][1], hashes.get(key, ()))
-                ):
+                if key not in redo and (hashes is None or self._verify(key, hashes.get(key, ()))):
                     self.stats.skipped_ok += 1
                     continue
                 log.info("%s: recorded ok but its files are missing or changed; redoing", key)
@@ -297,17 +302,30 @@ class Engine:
             todos.append(_Todo(draft.build(), entry))
 
     def _keys_missing_files(self) -> set[str]:
-        """The ok keys with a file gone: one C-level pass over every recorded file, and a
-        second one only when some are gone."""
-        finished = self._state.finished
+        """The ok keys whose files are gone or changed (`freshness.check_finished`: a stat
+        of every recorded file, a re-hash of those whose size or mtime differ); the ones
+        re-hashed and found unchanged are remembered with their new stats."""
+        if self._state.hashes is not None:
+            return set()  # --verify re-hashes every file as it decides (`_decide`)
+        found = freshness.check_finished(
+            self._state.finished, self._files, self._out_dir / MANIFEST_NAME
+        )
+        self.stats.rehashed += found.rehashed
+        if found.rehashed:
+            log.warning("%s", _rehash_message(found))
+        if found.missing:
+            log.info("%s recorded images are missing: their items run again", f"{found.missing:,}")
+        self._remember_stats(found.refreshed)
+        return found.redo
 
-        def all_paths() -> Iterator[str]:
-            return chain.from_iterable(map(itemgetter(1), finished.values()))
-
-        if self._files.all_present(all_paths()):
-            return set()
-        missing = self._files.missing(all_paths())
-        return {key for key, (_source, paths) in finished.items() if not missing.isdisjoint(paths)}
+    def _verify(self, key: str, sha256s: tuple[str, ...]) -> bool:
+        """``run --verify``: re-hash every file of an ok key; remember changed stats."""
+        entry = self._state.finished[key]
+        self.stats.rehashed += len(entry[1])
+        intact, fresh = freshness.verify_key(entry, sha256s, self._files)
+        if fresh is not None:
+            self._verified[key] = fresh
+        return intact
 
     async def _backoff_sleep(self, seconds: float) -> None:
         """Sleep between attempts, cut short by a stop (the next attempt then stands down)."""
@@ -515,6 +533,14 @@ class Engine:
         self._consecutive_failures += 1
         if self._consecutive_failures >= self._run.max_consecutive_failures:
             self.stop("aborted")
+
+
+def _rehash_message(found: freshness.Freshness) -> str:
+    """The one line that says why a resume read some images again, and what it found."""
+    head = f"re-hashed {found.rehashed:,} images whose size or mtime changed"
+    if not found.changed:
+        return f"{head} (a copy that did not keep mtimes?); all matched"
+    return f"{head}: {found.changed:,} differ from the manifest and their items run again"
 
 
 def _record(

@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,14 @@ __all__ = [
     "Finished",
     "ManifestState",
     "ManifestWriter",
+    "Stat",
     "apply_line",
     "gc_paused",
     "load_state",
     "read_latest",
     "read_lines",
     "read_more",
+    "recorded_hashes",
 ]
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -106,9 +108,14 @@ class Entry:
     attempts: int = 0
 
 
-Finished = tuple[str, tuple[str, ...]]
-"""An ok key's source and its files' paths (relative to OUT). A bare tuple on purpose: the
-state of a finished million-item job is a million of these, built in about a second."""
+Stat = tuple[int, int]
+"""A file's size and mtime in nanoseconds: what resume compares before it re-hashes."""
+
+Finished = tuple[str, tuple[str, ...], tuple[Stat | None, ...]]
+"""An ok key's source, its files' paths (relative to OUT) and their recorded stats (None
+where the line recorded none: a manifest from before mtimes were recorded). A bare tuple
+on purpose: the state of a finished million-item job is a million of these, built in
+about a second."""
 
 
 @dataclass(slots=True)
@@ -137,12 +144,19 @@ class ManifestState:
 
 
 # The writer's canonical `ok` line starts like this and lists its files right after
-# `params`; for such lines the key, source and paths are read without a full JSON parse
-# (5 us a line, 80% of a 1M-line resume). Anything else takes the full parse.
+# `params`; for such lines the key, source, paths and stats are read without a full JSON
+# parse (5 us a line, 80% of a 1M-line resume). Anything else takes the full parse. A
+# file object is matched field by field, in `OutputFile.to_json` order.
 _FAST_OK = re.compile(rb'\{"key":"([0-9a-f]{64})","status":"ok","source":"([A-Za-z0-9._-]+)",')
 _OUTPUTS_START = b',"outputs":['
 _OUTPUTS_END = b'],"attempts":'
-_FAST_PATH = re.compile(rb'\{"path":"(images/[A-Za-z0-9._-]+/[0-9a-f]{16}-[0-9]+\.[a-z0-9]+)","')
+_JSON_STR = rb'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, escapes and all
+_FAST_OUTPUT = re.compile(
+    rb'\{"path":"(images/[A-Za-z0-9._-]+/[0-9a-f]{16}-[0-9]+\.[a-z0-9]+)",'
+    rb'"sha256":"[0-9a-f]*","width":[0-9]+,"height":[0-9]+,'
+    rb'"url":(?:null|' + _JSON_STR + rb'),"id":(?:null|' + _JSON_STR + rb"),"
+    rb'"bytes":([0-9]+)(?:,"mtime_ns":(?:([0-9]+)|null))?\}'
+)
 
 
 def load_state(path: Path, *, with_hashes: bool = False) -> ManifestState:
@@ -168,8 +182,8 @@ def read_more(path: Path, state: ManifestState) -> None:
                 state.offset = offset + len(raw)
             fast = fast_ok(raw)
             if fast is not None:
-                key, source, paths = fast
-                finished[key] = (sources.setdefault(source, source), paths)
+                key, source, paths, stats = fast
+                finished[key] = (sources.setdefault(source, source), paths, stats)
                 if open_:
                     open_.pop(key, None)
                 continue
@@ -199,8 +213,9 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _fast_ok(raw: bytes) -> tuple[str, str, tuple[str, ...]] | None:
-    """Key, source and file paths of a canonical `ok` line, or None to parse it in full.
+def _fast_ok(raw: bytes) -> tuple[str, str, tuple[str, ...], tuple[Stat | None, ...]] | None:
+    """Key, source, file paths and stats of a canonical `ok` line, or None to parse it in
+    full.
 
     Exact for the lines `ManifestWriter` writes: outside JSON strings a quote is never
     escaped and inside them always is, so the markers below cannot match string
@@ -213,17 +228,19 @@ def _fast_ok(raw: bytes) -> tuple[str, str, tuple[str, ...]] | None:
     end = raw.find(_OUTPUTS_END, start)
     if start < 0 or end < 0:
         return None
-    found = _FAST_PATH.findall(raw, start, end)
+    found = _FAST_OUTPUT.findall(raw, start, end)
     if not found or len(found) != raw.count(b'{"', start, end):
         return None
     key, source = match.groups()
     prefix = b"images/%s/%s-" % (source, key[:16])
-    paths = []
-    for path in found:
+    paths: list[str] = []
+    stats: list[Stat | None] = []
+    for path, size, mtime in found:
         if not path.startswith(prefix):
             return None
         paths.append(path.decode())
-    return key.decode(), source.decode(), tuple(paths)
+        stats.append((int(size), int(mtime)) if mtime else None)
+    return key.decode(), source.decode(), tuple(paths), tuple(stats)
 
 
 def apply_line(state: ManifestState, record: Mapping[str, Any], source: str) -> None:
@@ -231,7 +248,8 @@ def apply_line(state: ManifestState, record: Mapping[str, Any], source: str) -> 
     key, status = record["key"], record["status"]
     if status == "ok":
         outputs = [o for o in record.get("outputs") or () if isinstance(o, Mapping)]
-        state.finished[key] = (source, tuple(str(o.get("path", "")) for o in outputs))
+        paths = tuple(str(o.get("path", "")) for o in outputs)
+        state.finished[key] = (source, paths, tuple(_recorded_stat(o) for o in outputs))
         state.open.pop(key, None)
         if state.hashes is not None:
             state.hashes[key] = tuple(str(o.get("sha256", "")) for o in outputs)
@@ -252,6 +270,38 @@ def apply_line(state: ManifestState, record: Mapping[str, Any], source: str) -> 
         error_kind=error.get("kind") if isinstance(error, dict) else None,
         attempts=int(record.get("attempts") or 0),
     )
+
+
+def _recorded_stat(output: Mapping[str, Any]) -> Stat | None:
+    """The size and mtime a line recorded for a file, or None when it lacks either."""
+    size, mtime = output.get("bytes"), output.get("mtime_ns")
+    if type(size) is int and type(mtime) is int:  # not bool, not a float from a hand edit
+        return size, mtime
+    return None
+
+
+def recorded_hashes(path: Path, keys: Collection[str]) -> dict[str, tuple[str, ...]]:
+    """The sha256 of each file of the last `ok` line of each of `keys`, in the order of
+    its paths: for the few files whose stat changed, read from the manifest (a pass over
+    its lines that parses only theirs), where the compact state keeps no hashes."""
+    wanted = {key.encode() for key in keys}
+    found: dict[str, tuple[str, ...]] = {}
+    for offset, raw in _raw_lines(path):
+        if raw.startswith(b'{"key":"') and raw[8:72] not in wanted:
+            continue  # canonical line of another key: no parse
+        record = _parse_line(raw)
+        if record is None:
+            _warn_unreadable(path, offset, raw)
+            continue
+        key = record["key"]
+        if key not in keys:
+            continue
+        if record["status"] == "ok":
+            outputs = [o for o in record.get("outputs") or () if isinstance(o, Mapping)]
+            found[key] = tuple(str(o.get("sha256", "")) for o in outputs)
+        else:
+            found.pop(key, None)
+    return found
 
 
 class ManifestWriter:

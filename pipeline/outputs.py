@@ -10,14 +10,16 @@ out.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import hashlib
 import json
 import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from pipeline.errors import OutputError, TransientError
@@ -29,6 +31,7 @@ __all__ = [
     "IMAGES_DIR",
     "FolderSync",
     "ImageInfo",
+    "Stat",
     "StoredFiles",
     "check_writable",
     "discard_outputs",
@@ -46,6 +49,11 @@ _EXT_RE = re.compile(r"[a-z0-9]+")
 _TMP_SUFFIX = ".tmp"
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _HASH_CHUNK = 1024 * 1024
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_SCANDIR_FD = os.scandir in os.supports_fd  # entries stat'ed relative to the folder
+
+Stat = tuple[int, int]
+"""A file's size and mtime in nanoseconds (the same shape as `pipeline.manifest.Stat`)."""
 
 
 def check_writable(out_dir: Path) -> None:
@@ -123,6 +131,10 @@ def store_image(
         _sync_folder(path)
     else:
         folders.mark(path.parent)
+    try:  # after the rename: the stat a resume compares the file with
+        stat = os.stat(path)
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
     return OutputFile(
         path=f"{IMAGES_DIR}/{source}/{path.name}",
         sha256=hashlib.sha256(data).hexdigest(),
@@ -130,7 +142,8 @@ def store_image(
         height=info.height,
         url=url,
         id=id,
-        bytes=len(data),
+        bytes=stat.st_size,
+        mtime_ns=stat.st_mtime_ns,
     )
 
 
@@ -239,21 +252,31 @@ def _fsync_dir(folder: Path) -> None:
 
 
 class StoredFiles:
-    """The image files under OUT, listed once, for the resume check.
+    """The image files under OUT with their size and mtime, listed once, for the resume
+    check.
 
-    Resume asks about every finished item's files: one listing of each image folder
-    answers a million of those questions in half a second, where a `stat` per file takes
-    three. A listed file is complete, because `store_image` fsyncs it before renaming it
-    into place; with hashes (``run --verify``) each file is also re-read and compared.
-    Only regular files directly in ``OUT/images/<source>/`` count, so a manifest path
-    that points anywhere else is never trusted. The listing is taken on first use and not
-    refreshed: use it under the OUT lock, before the run writes.
+    Resume asks about every finished item's files: one listing of each image folder,
+    with a `stat` of each file through the folder's descriptor, answers a million of
+    those questions. A listed file is complete, because `store_image` fsyncs it before
+    renaming it into place; whether it still holds the recorded bytes is told by its
+    size and mtime (as git's index does), and by re-reading it where those differ or
+    with ``run --verify``. Only regular files directly in ``OUT/images/<source>/`` count,
+    so a manifest path that points anywhere else is never trusted. The listing is taken
+    on first use and not refreshed: use it under the OUT lock, before the run writes.
     """
 
     def __init__(self, out_dir: Path) -> None:
         self._out = out_dir
-        self._paths: set[str] | None = None
+        self._stats: dict[str, Stat] | None = None
         self._temps: list[Path] = []
+
+    def stats(self) -> Mapping[str, Stat]:
+        """(size, mtime in ns) of every stored image file, by path relative to OUT."""
+        return self._listed()
+
+    def sha256(self, path: str) -> str | None:
+        """Hex SHA-256 of a stored file (path relative to OUT), None when unreadable."""
+        return _sha256_file(self._out / path)
 
     def intact(self, paths: Sequence[str], sha256s: Sequence[str] | None = None) -> bool:
         """True when every path (relative to OUT) is a stored image file, with its
@@ -263,7 +286,7 @@ class StoredFiles:
             if path not in listed:
                 return False
             if sha256s is not None and (
-                index >= len(sha256s) or _sha256_file(self._out / path) != sha256s[index]
+                index >= len(sha256s) or self.sha256(path) != sha256s[index]
             ):
                 return False
         return True
@@ -271,7 +294,7 @@ class StoredFiles:
     def all_present(self, paths: Iterable[str]) -> bool:
         """True when every one of `paths` is a stored image file (one C-level pass over
         a whole job's paths instead of a call per item)."""
-        return self._listed().issuperset(paths)
+        return self._listed().keys() >= set(paths)
 
     def missing(self, paths: Iterable[str]) -> set[str]:
         """Those of `paths` that are not stored image files."""
@@ -281,9 +304,9 @@ class StoredFiles:
         """Delete temp files left by killed runs in OUT and its image folders (call it
         under the OUT lock, before the run writes)."""
         self._listed()
-        _names, temps = _list_dir(self._out, "")
+        temps = [self._out / name for name in _list_dir(self._out, "", with_stats=False)[1]]
         count = 0
-        for path in [*(self._out / name for name in temps), *self._temps]:
+        for path in [*temps, *self._temps]:
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -292,16 +315,18 @@ class StoredFiles:
         self._temps = []
         return count
 
-    def _listed(self) -> set[str]:
-        if self._paths is None:
-            self._paths = set()
+    def _listed(self) -> dict[str, Stat]:
+        if self._stats is None:
+            stats: dict[str, Stat] = {}
             images = self._out / IMAGES_DIR
-            for source in _source_folders(images):
-                prefix = f"{IMAGES_DIR}/{source}/"
-                names, temps = _list_dir(images / source, prefix)
-                self._paths.update(names)
-                self._temps.extend(images / source / name for name in temps)
-        return self._paths
+            with _gc_paused():  # a million (size, mtime) tuples: no cycles to look for
+                for source in _source_folders(images):
+                    prefix = f"{IMAGES_DIR}/{source}/"
+                    found, temps = _list_dir(images / source, prefix, with_stats=True)
+                    stats.update(found)
+                    self._temps.extend(images / source / name for name in temps)
+            self._stats = stats
+        return self._stats
 
 
 def _source_folders(images: Path) -> list[str]:
@@ -312,23 +337,46 @@ def _source_folders(images: Path) -> list[str]:
         return []
 
 
-def _list_dir(folder: Path, prefix: str) -> tuple[list[str], list[str]]:
-    """`prefix` + name of each regular file in `folder` (none when it is missing), and
-    the names of its temp files."""
-    names: list[str] = []
+def _list_dir(folder: Path, prefix: str, *, with_stats: bool) -> tuple[dict[str, Stat], list[str]]:
+    """`prefix` + name of each regular file in `folder` with its (size, mtime_ns) (or
+    (0, 0) without `with_stats`; none when the folder is missing), and the names of its
+    temp files. Each file is stat'ed relative to the folder's descriptor: no path walk."""
+    found: dict[str, Stat] = {}
     temps: list[str] = []
     try:
-        with os.scandir(folder) as entries:
+        fd = os.open(folder, _DIR_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return found, temps
+    try:
+        with os.scandir(fd if _SCANDIR_FD else folder) as entries:
             for entry in entries:
                 if not entry.is_file(follow_symlinks=False):
                     continue
-                if entry.name.startswith(".") and entry.name.endswith(_TMP_SUFFIX):
-                    temps.append(entry.name)
+                name = entry.name
+                if name[0] == "." and name.endswith(_TMP_SUFFIX):
+                    temps.append(name)
+                elif not with_stats:
+                    found[prefix + name] = (0, 0)
                 else:
-                    names.append(prefix + entry.name)
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-    return names, temps
+                    try:
+                        stat = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # removed since the listing: not stored
+                    found[prefix + name] = (stat.st_size, stat.st_mtime_ns)
+    finally:
+        os.close(fd)
+    return found, temps
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _sha256_file(path: Path) -> str | None:

@@ -125,6 +125,7 @@ class OutputFile:
     url: str | None = None
     id: str | None = None
     bytes: int | None = None  # file size: lets resume check a file without reading it
+    mtime_ns: int | None = None  # the stored file's mtime: with `bytes`, its stat on resume
 
     def to_json(self) -> dict[str, Any]:
         """Manifest form of the output."""
@@ -136,6 +137,7 @@ class OutputFile:
             "url": self.url,
             "id": self.id,
             "bytes": self.bytes,
+            "mtime_ns": self.mtime_ns,
         }
 
     @classmethod
@@ -149,6 +151,7 @@ class OutputFile:
             url=data.get("url"),
             id=data.get("id"),
             bytes=data.get("bytes"),
+            mtime_ns=data.get("mtime_ns"),
         )
 
 

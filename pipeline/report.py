@@ -76,7 +76,7 @@ def status_report(out_dir: Path) -> dict[str, Any]:
 def _latest_per_key(manifest: Path) -> Iterator[_Tally]:
     """The last line of each key, reduced to what status needs."""
     state = load_cached_state(manifest)
-    for source, paths in state.finished.values():
+    for source, paths, _stats in state.finished.values():
         yield "ok", source, len(paths), None
     for entry in state.open.values():
         yield entry.status, entry.source, 0, entry.error_kind

@@ -44,6 +44,7 @@ from pipeline.pricing import check_cost_budget, cost_from_usage, is_free, price_
 from pipeline.records import WorkItem
 from pipeline.registry import backend_kind
 from pipeline.snapshot import StateCache
+from pipeline.sources import INPUT_HASHES_NAME, HashCache
 from pipeline.spec import Spec
 
 __all__ = ["JobResult", "RunControl", "check_key_scheme", "recorded_key_scheme", "run_job"]
@@ -148,15 +149,17 @@ async def _run_engine(
     ) as writer:
         writer.add_append_hook(cache.add)
         await asyncio.to_thread(cache.start, state)
+        hashes = HashCache(spec.output_dir / INPUT_HASHES_NAME)  # inputs: not re-read
         engine = Engine(
             run,
             out_dir=spec.output_dir,
-            items=items_mod.expand_drafts(spec),
+            items=items_mod.expand_drafts(spec, hashes=hashes),
             backend=backend,
             limiter=limiter,
             state=state,
             writer=writer,
             files=files,
+            remember_stats=cache.refresh,
             price=lambda item: _price(spec, item),
             actual_cost=lambda item, response: _actual_cost(spec, item, response),
             expected=sum(items_mod.count_items(spec).values()),
@@ -171,6 +174,7 @@ async def _run_engine(
             # our own second-signal cancel: the workers are down, finish the checkpoint
         finally:
             await asyncio.to_thread(cache.close)  # its last segment: marshal + write
+            await asyncio.to_thread(hashes.save, discard=engine.stats.skipped_changed > 0)
             summary = _summary(spec, spec_path, engine, limiter, started_at, time.monotonic() - t0)
             await _write_summary(spec.output_dir / SUMMARY_NAME, summary)
     return JobResult(
@@ -338,6 +342,7 @@ def _summary(
         "skipped_failed": stats.skipped_failed,
         "resumed_downloads": stats.resumed_downloads,
         "skipped_changed_inputs": stats.skipped_changed,
+        "rehashed_images": stats.rehashed,
         "requests": stats.requests,
         "images": stats.images,
         "retries": stats.retries,

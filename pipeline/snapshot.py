@@ -14,6 +14,11 @@ A copy of OUT that keeps mtimes (a restored CI cache, rsync -a) keeps its cache.
 doubt (another Python, a rewritten or different manifest, a damaged cache) means the
 manifest is read in full; a torn last segment is dropped. Deleting the cache is always
 safe.
+
+Beyond the manifest, the cache remembers one thing: the new stats of image files that a
+resume re-hashed because their size or mtime differed from the manifest's, and found
+unchanged (`refresh`; as git's index does). Without it such a file would be re-hashed on
+every resume; deleting the cache only costs that re-hash once more.
 """
 
 from __future__ import annotations
@@ -31,7 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.manifest import Entry, ManifestState, apply_line, gc_paused, load_state, read_more
+from pipeline.manifest import (
+    Entry,
+    Finished,
+    ManifestState,
+    apply_line,
+    gc_paused,
+    load_state,
+    read_more,
+)
 from pipeline.records import GeneratedImage
 
 __all__ = ["SEGMENT_LINES", "StateCache", "cache_path", "load_cached_state"]
@@ -40,7 +53,7 @@ log = logging.getLogger(__name__)
 
 SEGMENT_LINES = 8192  # manifest lines per segment: ~3 MB of state held while a run writes
 MAX_SEGMENTS = 256  # past this many, a run starts by writing the whole state as one
-_FORMAT = 3
+_FORMAT = 4  # 4: an ok key's files carry their stats
 _BLOCK = 4096  # bytes per sample of a manifest's fingerprint
 _SAMPLES = 16  # evenly spaced samples, plus the last block
 _PYTHON = f"{sys.implementation.name}-{sys.version_info[0]}.{sys.version_info[1]}"  # marshal
@@ -122,6 +135,20 @@ class StateCache:
         self._covered = self._buffer.offset
         self._buffer = ManifestState()
         self._lines = 0
+
+    def refresh(self, entries: Mapping[str, Finished]) -> None:
+        """Remember ok keys whose files were re-hashed and found unchanged, with the stats
+        they have now (a segment that covers no manifest bytes). Call it before the run
+        appends lines about these keys: a later line still wins over it."""
+        if self._fh is None or not entries:
+            return
+        self.flush()
+        try:
+            self._append_segment(
+                self._fh, ManifestState(dict(entries), offset=self._covered), self._covered
+            )
+        except OSError as exc:
+            self._give_up(exc)
 
     def close(self) -> None:
         """Flush and close; safe to call twice."""

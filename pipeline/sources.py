@@ -5,8 +5,9 @@ loop cannot hang a walk and the same tree lists in the same order on every machi
 (item order, and therefore the work queue, depends on it). Names starting with a dot
 are skipped: they are hidden files or macOS ``._`` resource forks, never images.
 
-A file's key value is the SHA-256 of its bytes; `HashCache` hashes each file once per
-process, and `read_input_bytes` re-checks the hash right before sending, because a file
+A file's key value is the SHA-256 of its bytes; `HashCache` hashes each file once, and
+keeps the hashes in OUT by path, size and mtime so that a resume does not read its
+inputs again; `read_input_bytes` re-checks the hash right before sending, because a file
 edited after planning would otherwise be sent under a key that describes other bytes.
 """
 
@@ -14,8 +15,12 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
+import logging
 import os
-from collections.abc import Collection, Iterator, Sequence
+import re
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -24,6 +29,7 @@ from pipeline.errors import PipelineError
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
+    "INPUT_HASHES_NAME",
     "MAX_INPUT_BYTES",
     "HashCache",
     "InputChangedError",
@@ -36,9 +42,15 @@ __all__ = [
 ]
 
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+INPUT_HASHES_NAME = ".inputs.json"  # in OUT: the inputs' hashes by path, size and mtime
+# A hash taken this close to the file's mtime is not stored: 2 s covers the coarsest
+# common mtime granularity (FAT).
+RACY_NS = 2_000_000_000
 MAX_INPUT_BYTES = 25 * 1024 * 1024
 _CHUNK = 1024 * 1024
 _MAGIC = frozenset("*?[")
+
+log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -180,20 +192,105 @@ def file_sha256(path: Path) -> str:
 
 
 class HashCache:
-    """Hashes each file once per instance; a changed size or mtime hashes it again."""
+    """Input files' hashes by absolute path, size and mtime: a changed size or mtime
+    hashes the file again.
 
-    def __init__(self) -> None:
-        self._known: dict[Path, tuple[int, int, str]] = {}
+    Given a `store` (``OUT/.inputs.json``), the hashes of earlier runs are loaded from it
+    on first use and `save` writes them back, so a resume never reads an untouched
+    input just to compute its key (``read_input_bytes`` still checks the bytes before
+    sending them). The store is disposable: a missing, unreadable or corrupt one costs
+    a re-hash, never the run. A hash taken within `RACY_NS` of the file's mtime is used
+    but not stored: the file could change again without its mtime moving.
+    """
+
+    def __init__(self, store: Path | None = None, *, clock_ns: Callable[[], int] = time.time_ns):
+        self._store = store
+        self._clock_ns = clock_ns
+        self._known: dict[str, _Known] | None = None if store is not None else {}
+        self._racy: set[str] = set()
+        self._dirty = False
 
     def sha256(self, path: Path) -> str:
         """Hex SHA-256 of `path`'s bytes."""
-        stat = path.stat()
-        known = self._known.get(path)
+        name = os.path.abspath(path)
+        stat = os.stat(name)
+        known = self._entries().get(name)
         if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
             return known[2]
+        hashed_at = self._clock_ns()
         digest = file_sha256(path)
-        self._known[path] = (stat.st_size, stat.st_mtime_ns, digest)
+        self._entries()[name] = (stat.st_size, stat.st_mtime_ns, digest)
+        if hashed_at - stat.st_mtime_ns < RACY_NS:
+            self._racy.add(name)
+        else:
+            self._racy.discard(name)
+        self._dirty = True
         return digest
+
+    def save(self, *, discard: bool = False) -> None:
+        """Write the known hashes to the store, atomically, if any were added; with
+        `discard`, delete the store instead (an input changed under the run). Never
+        raises: a store that cannot be written only costs a re-hash next time."""
+        if self._store is None:
+            return
+        try:
+            if discard:
+                self._store.unlink(missing_ok=True)
+            elif self._dirty:
+                _write_store(self._store, self._entries(), self._racy)
+                self._dirty = False
+        except OSError as exc:
+            log.info("not keeping input hashes in %s: %s", self._store, exc.strerror or exc)
+
+    def _entries(self) -> dict[str, _Known]:
+        if self._known is None:
+            self._known = _read_store(self._store) if self._store is not None else {}
+        return self._known
+
+
+_Known = tuple[int, int, str]  # size, mtime_ns, sha256 hex
+_STORE_FORMAT = 1
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _read_store(store: Path) -> dict[str, _Known]:
+    """The hashes a store holds; {} for a missing, unreadable or malformed one."""
+    try:
+        data = json.loads(store.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.info("ignoring the input hash store %s: %s", store, exc)
+        return {}
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or data.get("format") != _STORE_FORMAT:
+        log.info("ignoring the input hash store %s: not a format we know", store)
+        return {}
+    known: dict[str, _Known] = {}
+    for name, entry in files.items():
+        if (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and type(entry[0]) is int
+            and type(entry[1]) is int
+            and isinstance(entry[2], str)
+            and _HEX64.fullmatch(entry[2])
+        ):
+            known[name] = (entry[0], entry[1], entry[2])
+    return known
+
+
+def _write_store(store: Path, known: dict[str, _Known], racy: set[str]) -> None:
+    """Replace the store with `known` (less the racy entries): temp file, then rename."""
+    files = {name: list(entry) for name, entry in known.items() if name not in racy}
+    payload = json.dumps({"format": _STORE_FORMAT, "files": files}, separators=(",", ":"))
+    # a leftover of a killed run is swept with OUT's other temp files
+    tmp = store.with_name(f".{store.name.lstrip('.')}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(payload + "\n", encoding="utf-8")
+        os.replace(tmp, store)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_input_bytes(path: Path | str, expected_sha256: str) -> bytes:

@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "budget": 5,
     "items": 6,
     "snapshot": 6,  # a cache of what manifest reads
+    "freshness": 6,  # the resume check: manifest's recorded stats against outputs' files
     "engine": 7,
     "runner": 8,
     "plan": 10,

@@ -15,6 +15,7 @@ from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
 from pipeline.snapshot import StateCache, cache_path, load_cached_state
 
 KEYS = [f"{i:02x}" * 32 for i in range(6)]
+MTIME_NS = 1_700_000_000_123_456_789
 # Text meant to fool a line scanner: JSON markers, quotes, escapes, non-ASCII, newlines.
 TRICKY = st.lists(
     st.sampled_from(
@@ -37,6 +38,7 @@ def _record(key: str, status: str, prompt: str, n: int, source: str = "src") -> 
             url=f"https://x.test/{prompt}",
             id=prompt,
             bytes=100 + i,
+            mtime_ns=MTIME_NS + i,
         )
         for i in range(n if status == "ok" else 0)
     )
@@ -151,7 +153,8 @@ def test_writer_lines_take_the_fast_path(tmp_path: Path, prompt: str) -> None:
     path = tmp_path / "manifest.jsonl"
     _write(path, [(KEYS[0], "ok", prompt, 2)])
     paths = (f"images/src/{KEYS[0][:16]}-0.png", f"images/src/{KEYS[0][:16]}-1.png")
-    assert _fast_ok(path.read_bytes()) == (KEYS[0], "src", paths)
+    stats = ((100, MTIME_NS), (101, MTIME_NS + 1))
+    assert _fast_ok(path.read_bytes()) == (KEYS[0], "src", paths, stats)
 
 
 def test_state_cache_survives_a_copy_that_keeps_mtimes(tmp_path: Path) -> None:
@@ -177,7 +180,7 @@ def test_non_canonical_ok_line_is_read_in_full(tmp_path: Path) -> None:
         "source": "s",
     }
     path.write_text(json.dumps(line) + "\n")
-    assert load_state(path).finished == {key: ("s", (f"images/s/{key[:16]}-0.png",))}
+    assert load_state(path).finished == {key: ("s", (f"images/s/{key[:16]}-0.png",), (None,))}
 
 
 def _cached_run(tmp_path: Path) -> Path:

@@ -143,7 +143,8 @@ def _leftovers(root: Path) -> list[Path]:
 
 
 def test_store_image_writes_verified_file_and_describes_it(tmp_path: Path) -> None:
-    """A stored image lands at its contract path with its hash, size, url and id recorded."""
+    """A stored image lands at its contract path with its hash, size, mtime, url and id
+    recorded."""
     data = _image("PNG", (48, 32))
     out = store_image(
         tmp_path, source="maple-grid", key=KEY, index=0, data=data, url="https://x/1", id="i1"
@@ -156,6 +157,7 @@ def test_store_image_writes_verified_file_and_describes_it(tmp_path: Path) -> No
         url="https://x/1",
         id="i1",
         bytes=len(data),
+        mtime_ns=(tmp_path / out.path).stat().st_mtime_ns,
     )
     assert (tmp_path / out.path).read_bytes() == data
     assert _leftovers(tmp_path) == []

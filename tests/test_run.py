@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -283,16 +284,18 @@ async def test_max_cost_with_unknown_price_is_refused_before_sending(
 
 
 async def test_resume_trusts_existing_files_and_verify_rehashes(write_spec: SpecWriter) -> None:
-    """Resume trusts a stored image that exists (no re-read of the whole dataset each
-    night); --verify re-hashes and redoes one changed in place."""
+    """Resume trusts a stored image whose size and mtime are the recorded ones (no re-read
+    of the whole dataset each night); --verify re-hashes and redoes one changed in place."""
     async with MockServer(MockConfig()) as server:
         path = write_spec(server.base_url, prompts=3)
         await run(path)
         out = path.parent / "out"
         victim = out / ok_lines(out)[0]["outputs"][0]["path"]
+        before = victim.stat()
         data = bytearray(victim.read_bytes())
-        data[-20] ^= 0xFF  # same size, different bytes
+        data[-20] ^= 0xFF  # same size, different bytes, and the old mtime put back
         victim.write_bytes(bytes(data))
+        os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
         quick = await run(path)
         assert quick.summary["requests"] == 0
         verified = await run_job(
