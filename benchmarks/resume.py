@@ -2,6 +2,7 @@
 
     python benchmarks/resume.py            # 1M items (builds ~1M small files, ~4 GB, ~2 min)
     python benchmarks/resume.py --quick    # 100k items
+    python benchmarks/resume.py --inputs-only   # only the input-bytes measurement
 
 A finished job is synthesized directly, without the API: the spec's items are expanded
 exactly as `run` would, each gets a small image file at its output path, and a manifest
@@ -18,6 +19,12 @@ Then, each as its own process (wall time and peak RSS):
 The image files were just written, so they are in the page cache: these are warm figures
 (the build is flushed to disk with `os.sync` first, so its write-back does not land in
 the first timing).
+
+Then the input side: a folder job of `INPUT_PHOTOS` photo-like JPEGs (written an hour
+before the run, as photos are) runs once against the embedded mock, and a no-op resume
+of it counts the bytes its process reads (``rchar`` of /proc/self/io, from after the
+imports to the exit code): the share of the inputs' bytes it read to validate the spec
+and compute its keys.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +46,7 @@ from typing import Any
 from _common import print_table, run_child, save_results, write_spec
 
 from pipeline.backends.mock import draw_image
+from pipeline.backends.mock_image import photo
 from pipeline.engine import utc_now
 from pipeline.items import expand_items
 from pipeline.manifest import MANIFEST_NAME, ManifestWriter
@@ -48,6 +57,21 @@ from pipeline.snapshot import StateCache, cache_path
 from pipeline.spec import load_spec
 
 REPEAT = 3  # runs per resume case: the table shows the median
+INPUT_PHOTOS = 200  # inputs of the folder job whose no-op resume's reads are counted
+_READS_CHILD = """
+import sys
+from pipeline import cli, runner
+from pipeline.backends import mock
+def rchar():
+    with open("/proc/self/io") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith("rchar:"))
+before = rchar()
+try:
+    cli.main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print("READ", rchar() - before, code)
+"""
 
 
 def build_finished_job(spec_path: Path) -> dict[str, Any]:
@@ -110,6 +134,59 @@ def build_finished_job(spec_path: Path) -> dict[str, Any]:
     }
 
 
+def make_photos(folder: Path, count: int) -> int:
+    """`count` distinct photo-like JPEGs (1024x768, ~95 kB), dated an hour back; their
+    total size. A few are rendered and the rest differ by trailing bytes after the
+    image's end, which decoders ignore: distinct files, distinct keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rendered = [photo(seed, 1024, 768, "jpeg") for seed in range(4)]
+    hour_ago = time.time_ns() - 3600 * 10**9
+    total = 0
+    for i in range(count):
+        path = folder / f"photo-{i:04d}.jpg"
+        path.write_bytes(rendered[i % len(rendered)] + i.to_bytes(4, "big"))
+        os.utime(path, ns=(hour_ago, hour_ago))
+        total += path.stat().st_size
+    return total
+
+
+def measure_input_reads(tmp: Path, count: int = INPUT_PHOTOS) -> dict[str, Any]:
+    """Run a folder job once, then count what its no-op resume reads (see the docstring)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    input_bytes = make_photos(tmp / "photos", count)
+    spec = {
+        "version": 1,
+        "name": "inputs",
+        "output_dir": "out",
+        "backend": {"kind": "mock"},
+        "params": {"size": "64x64"},
+        "run": {"concurrency": 16, "rate_limit": "1000/s", "max_items": count},
+        "sources": [{"name": "photos", "prompt": "the same street at dusk", "folder": "photos"}],
+    }
+    path = tmp / "spec.yaml"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    first = run_child(["run", str(path), "--no-progress", "--no-grid"])
+    if first.returncode != 0:
+        raise RuntimeError(f"the folder job failed: {first.stderr[-2000:]}")
+    child = subprocess.run(
+        [sys.executable, "-c", _READS_CHILD, "run", str(path), "--no-progress", "--no-grid"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    line = next(ln for ln in child.stdout.splitlines() if ln.startswith("READ "))
+    _, read, code = line.split()
+    summary = json.loads((tmp / "out" / "summary.json").read_text())
+    return {
+        "inputs": count,
+        "input_mb": round(input_bytes / 1e6, 1),
+        "resume_read_mb": round(int(read) / 1e6, 2),
+        "read_pct_of_inputs": round(100 * int(read) / input_bytes, 2),
+        "resume_requests": summary["requests"],
+        "resume_exit_code": int(code),
+    }
+
+
 def measure(
     label: str, args: list[str], *, repeat: int = 1, before: Callable[[], None] | None = None
 ) -> dict[str, Any]:
@@ -141,7 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="100k items instead of 1M")
     parser.add_argument("--items", type=int, default=None, help="item count (default 1M)")
     parser.add_argument("--keep", type=Path, default=None, help="build here and keep it")
+    parser.add_argument(
+        "--inputs-only", action="store_true", help="only the folder job's input reads"
+    )
     args = parser.parse_args(argv)
+    if args.inputs_only:
+        with tempfile.TemporaryDirectory(prefix="synthaug-inputs-") as scratch:
+            reads = measure_input_reads(Path(scratch))
+        print(json.dumps(reads, indent=1))
+        save_results("resume_inputs", {"params": {"inputs": INPUT_PHOTOS}, "reads": reads})
+        return 0
     items = args.items or (100_000 if args.quick else 1_000_000)
     tmp = Path(tempfile.mkdtemp(prefix="synthaug-resume-")) if args.keep is None else args.keep
     try:
@@ -173,13 +259,15 @@ def main(argv: list[str] | None = None) -> int:
             rows[-1]["requests"] = summary["requests"]
         rows.append(measure("status", ["status", str(tmp / "out")], repeat=REPEAT))
         rows.append(measure("plan (finished manifest)", ["plan", str(spec)], repeat=REPEAT))
+        reads = measure_input_reads(tmp / "inputs", min(INPUT_PHOTOS, items))
     finally:
         if args.keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
     _show(items, rows)
+    print(f"no-op resume of a folder job: {json.dumps(reads)}")
     save_results(
         "resume_quick" if args.quick else "resume",
-        {"params": {"items": items, **build}, "runs": rows},
+        {"params": {"items": items, **build}, "runs": rows, "input_reads": reads},
     )
     return 0
 
