@@ -135,7 +135,7 @@ def mock_server(
     if burst > 1 or extra:
         config = {"latency_s": latency, "rate_limit": rate_limit, "burst": burst, **(extra or {})}
         code = (
-            "import json, sys; from pipeline.backends.mock import MockConfig, run_mock_server; "
+            "import json, sys; from pipeline.mockapi.server import MockConfig, run_mock_server; "
             "run_mock_server(MockConfig(**json.loads(sys.argv[1])), '127.0.0.1', int(sys.argv[2]))"
         )
         cmd = [PYTHON, "-c", code, json.dumps(config), str(port)]

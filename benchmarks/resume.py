@@ -45,23 +45,23 @@ from typing import Any
 
 from _common import print_table, run_child, save_results, write_spec
 
-from pipeline.backends.mock import draw_image
-from pipeline.backends.mock_image import photo
 from pipeline.engine import utc_now
 from pipeline.items import expand_items
-from pipeline.manifest import MANIFEST_NAME, ManifestWriter
-from pipeline.outputs import output_path
+from pipeline.manifest.cache import StateCache, cache_path
+from pipeline.manifest.log import MANIFEST_NAME, ManifestWriter
+from pipeline.mockapi.image import photo
+from pipeline.mockapi.server import draw_image
 from pipeline.records import ItemRecord, OutputFile
 from pipeline.runner import _write_job_json
-from pipeline.snapshot import StateCache, cache_path
-from pipeline.spec import load_spec
+from pipeline.spec.model import load_spec
+from pipeline.store.files import output_path
 
 REPEAT = 3  # runs per resume case: the table shows the median
 INPUT_PHOTOS = 200  # inputs of the folder job whose no-op resume's reads are counted
 _READS_CHILD = """
 import sys
 from pipeline import cli, runner
-from pipeline.backends import mock
+from pipeline.mockapi import server as mock
 def rchar():
     with open("/proc/self/io") as fh:
         return next(int(l.split()[1]) for l in fh if l.startswith("rchar:"))

@@ -3,6 +3,6 @@
 The Python API lives in `pipeline.api`; import it as ``synthaug`` (see that package).
 """
 
-from pipeline._version import __version__
+from ._version import __version__
 
 __all__ = ["__version__"]

@@ -28,14 +28,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from pipeline.engine import RunStats
-from pipeline.manifest import MANIFEST_NAME
-from pipeline.plan import Plan, build_plan
-from pipeline.report import status_report
-from pipeline.runner import RunControl, check_key_scheme, run_job
-from pipeline.snapshot import load_cached_state
-from pipeline.spec import Spec, spec_from_data
-from pipeline.spec import load_spec as _load_spec_file
+from .engine import RunStats
+from .manifest.cache import load_cached_state
+from .manifest.log import MANIFEST_NAME
+from .plan import Plan, build_plan
+from .runner import RunControl, check_key_scheme, run_job
+from .spec.model import Spec, spec_from_data
+from .spec.model import load_spec as _load_spec_file
+from .views.report import status_report
 
 __all__ = [
     "Plan",

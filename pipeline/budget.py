@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.records import WorkItem
+from .records import WorkItem
 
 __all__ = ["Budget"]
 

@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pipeline import __version__
-from pipeline.errors import EXIT_OK, EXIT_USAGE, PipelineError, UsageError
-from pipeline.lock import check_platform
-from pipeline.registry import BACKENDS
-from pipeline.spec import Spec
+from . import __version__
+from .errors import EXIT_OK, EXIT_USAGE, PipelineError, UsageError
+from .registry import BACKENDS
+from .spec.model import Spec
+from .store.lock import check_platform
 
 __all__ = ["build_parser", "main"]
 
@@ -196,7 +196,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _load(path: Path) -> Spec:
-    from pipeline.spec import load_spec
+    from .spec.model import load_spec
 
     if not path.exists():
         raise UsageError(f"{path}: no such spec file")
@@ -204,11 +204,11 @@ def _load(path: Path) -> Spec:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from pipeline.items import check_max_items
-    from pipeline.manifest import MANIFEST_NAME
-    from pipeline.plan import build_plan, format_plan
-    from pipeline.runner import check_key_scheme
-    from pipeline.snapshot import load_cached_state
+    from .items import check_max_items
+    from .manifest.cache import load_cached_state
+    from .manifest.log import MANIFEST_NAME
+    from .plan import build_plan, format_plan
+    from .runner import check_key_scheme
 
     spec = _load(args.spec)
     check_max_items(spec)
@@ -220,8 +220,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.runner import run_job
-    from pipeline.spec import apply_overrides
+    from .runner import run_job
+    from .spec.model import apply_overrides
 
     spec = apply_overrides(
         _load(args.spec),
@@ -270,8 +270,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _draw_views(out: Path, *, cell_px: int) -> list[Path]:
     """Contact sheets and index.html; a failure here never changes the run's outcome."""
-    from pipeline.gallery import write_gallery
-    from pipeline.grid import draw_grids
+    from .views.gallery import write_gallery
+    from .views.grid import draw_grids
 
     try:
         sheets = draw_grids(out, cell_px=cell_px)
@@ -287,7 +287,7 @@ def _draw_views(out: Path, *, cell_px: int) -> list[Path]:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.report import format_status, status_report
+    from .views.report import format_status, status_report
 
     report = status_report(args.out)
     print(json.dumps(report, indent=2) if args.json else format_status(report))
@@ -295,7 +295,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
-    from pipeline.manifest import MANIFEST_NAME
+    from .manifest.log import MANIFEST_NAME
 
     if not (args.out / MANIFEST_NAME).exists():
         raise UsageError(f"{args.out}: no {MANIFEST_NAME} here: run `synthaug run SPEC` first")
@@ -305,8 +305,8 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 
 def _cmd_mock_server(args: argparse.Namespace) -> int:
-    from pipeline.backends.mock import MockConfig, run_mock_server
-    from pipeline.spec import parse_rate
+    from .mockapi.server import MockConfig, run_mock_server
+    from .spec.model import parse_rate
 
     if not 0.0 <= args.error_rate <= 1.0:
         raise UsageError(f"--error-rate must be between 0 and 1, got {args.error_rate}")
@@ -319,7 +319,7 @@ def _cmd_mock_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from pipeline.spec import json_schema
+    from .spec.model import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return EXIT_OK

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from pipeline.errors import CredentialsError
-from pipeline.registry import backend_kind
-from pipeline.spec import BackendSettings
+from .errors import CredentialsError
+from .registry import backend_kind
+from .spec.model import BackendSettings
 
 __all__ = [
     "DIRECT",

@@ -28,10 +28,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import freshness, outputs
-from pipeline.backends.base import Backend, encode_image
-from pipeline.budget import Budget
-from pipeline.errors import (
+from .backends.base import Backend, encode_image
+from .budget import Budget
+from .errors import (
     BackendError,
     FatalError,
     OutputError,
@@ -39,10 +38,11 @@ from pipeline.errors import (
     RateLimitedError,
     TransientError,
 )
-from pipeline.items import ItemDraft
-from pipeline.limiter import Limiter
-from pipeline.manifest import MANIFEST_NAME, Entry, Finished, ManifestState, ManifestWriter
-from pipeline.records import (
+from .items import ItemDraft
+from .limiter import Limiter
+from .manifest import freshness as freshness
+from .manifest.log import MANIFEST_NAME, Entry, Finished, ManifestState, ManifestWriter
+from .records import (
     ErrorInfo,
     GeneratedImage,
     Generation,
@@ -50,9 +50,10 @@ from pipeline.records import (
     OutputFile,
     WorkItem,
 )
-from pipeline.retry import Retrier, RetryPolicy
-from pipeline.sources import InputChangedError, read_input_bytes
-from pipeline.spec import RunSettings
+from .retry import Retrier, RetryPolicy
+from .sources import InputChangedError, read_input_bytes
+from .spec.model import RunSettings
+from .store import files as outputs
 
 __all__ = ["Engine", "RunStats", "StopReason"]
 

@@ -17,10 +17,10 @@ from json.encoder import encode_basestring
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from pipeline.records import InputImage, WorkItem, request_body
-from pipeline.sources import HashCache
-from pipeline.spec import SourceSpec, Spec
-from pipeline.template import count_variants, iter_prompts, parse_template, resolve_values
+from .records import InputImage, WorkItem, request_body
+from .sources import HashCache
+from .spec.model import SourceSpec, Spec
+from .spec.template import count_variants, iter_prompts, parse_template, resolve_values
 
 __all__ = [
     "KEY_SCHEME",

@@ -42,8 +42,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from pipeline.pace import Pace
-from pipeline.records import RateLimitHint
+from .pace import Pace
+from .records import RateLimitHint
 
 __all__ = [
     "DEFAULT_MIN_RATE_FRACTION",

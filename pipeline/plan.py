@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.items import check_max_items, count_items, iter_source_drafts
-from pipeline.manifest import ManifestState
-from pipeline.pricing import check_cost_budget, is_free, price_per_image, unknown_price_reason
-from pipeline.sources import HashCache
-from pipeline.spec import SourceSpec, Spec
+from .items import check_max_items, count_items, iter_source_drafts
+from .manifest.log import ManifestState
+from .pricing import check_cost_budget, is_free, price_per_image, unknown_price_reason
+from .sources import HashCache
+from .spec.model import SourceSpec, Spec
 
 __all__ = ["Plan", "SourcePlan", "build_plan", "format_plan"]
 

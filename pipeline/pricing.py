@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.models import MODELS
-from pipeline.registry import backend_kind
-from pipeline.spec import Spec
+from .registry import backend_kind
+from .spec.model import Spec
+from .spec.models import MODELS
 
 __all__ = [
     "check_cost_budget",

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline.errors import ErrorKind
+from .errors import ErrorKind
 
 __all__ = [
     "ErrorInfo",

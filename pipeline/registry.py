@@ -28,7 +28,7 @@ class BackendKind:
 
     name: str
     summary: str
-    backend_class: str  # "module:Class", imported when a run opens the backend
+    backend_class: str  # "module:Class" within this package, imported when a run opens it
     needs_key: bool = True
     priced: bool = True  # False: rehearsals, which cost nothing
     needs_project: bool = False  # True: the spec must name project_url
@@ -38,7 +38,7 @@ class BackendKind:
     def open_backend_class(self) -> type:
         """The class that talks to this kind of API (imported now)."""
         module, _, name = self.backend_class.partition(":")
-        cls = getattr(importlib.import_module(module), name)
+        cls = getattr(importlib.import_module(f".{module}", __package__), name)
         assert isinstance(cls, type), self.backend_class
         return cls
 
@@ -49,13 +49,13 @@ BACKENDS: Mapping[str, BackendKind] = {
         BackendKind(
             "roboflow",
             "Roboflow's POST /synthetic-image (OpenAI image models behind it)",
-            "pipeline.backends.roboflow:RoboflowBackend",
+            "backends.roboflow:RoboflowBackend",
             needs_project=True,
         ),
         BackendKind(
             "mock",
             "the embedded mock API on a loopback port: no key, no network, no spend",
-            "pipeline.backends.embedded:MockBackend",
+            "backends.embedded:MockBackend",
             needs_key=False,
             priced=False,
             default_rate_limit=None,

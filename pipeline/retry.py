@@ -32,8 +32,8 @@ from typing import Any, TypeVar, cast
 
 import tenacity
 
-from pipeline.errors import BackendError, RateLimitedError, TransientError
-from pipeline.spec import RunSettings
+from .errors import BackendError, RateLimitedError, TransientError
+from .spec.model import RunSettings
 
 __all__ = [
     "DEFAULT_BASE_S",

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import items as items_mod
-from pipeline import outputs
-from pipeline.backends.base import Backend
-from pipeline.credentials import DIRECT, ProxySettings, read_api_key, read_proxy_settings
-from pipeline.engine import Engine, RunStats, StopReason, utc_now
-from pipeline.errors import (
+from . import items as items_mod
+from .backends.base import Backend
+from .credentials import DIRECT, ProxySettings, read_api_key, read_proxy_settings
+from .engine import Engine, RunStats, StopReason, utc_now
+from .errors import (
     EXIT_BUDGET,
     EXIT_FATAL,
     EXIT_OK,
@@ -37,15 +36,16 @@ from pipeline.errors import (
     EXIT_SOME_FAILED,
     OutputError,
 )
-from pipeline.limiter import LearnedPace, Limiter, learned_pace
-from pipeline.lock import acquire_lock
-from pipeline.manifest import MANIFEST_NAME, ManifestState, ManifestWriter, gc_paused
-from pipeline.pricing import check_cost_budget, cost_from_usage, is_free, price_per_image
-from pipeline.records import WorkItem
-from pipeline.registry import backend_kind
-from pipeline.snapshot import StateCache
-from pipeline.sources import INPUT_HASHES_NAME, HashCache
-from pipeline.spec import Spec
+from .limiter import LearnedPace, Limiter, learned_pace
+from .manifest.cache import StateCache
+from .manifest.log import MANIFEST_NAME, ManifestState, ManifestWriter, gc_paused
+from .pricing import check_cost_budget, cost_from_usage, is_free, price_per_image
+from .records import WorkItem
+from .registry import backend_kind
+from .sources import INPUT_HASHES_NAME, HashCache
+from .spec.model import Spec
+from .store import files as outputs
+from .store.lock import acquire_lock
 
 __all__ = ["JobResult", "RunControl", "check_key_scheme", "recorded_key_scheme", "run_job"]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.errors import PipelineError
+from .errors import PipelineError
 
 __all__ = [
     "DEFAULT_EXTENSIONS",

@@ -11,10 +11,10 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from pipeline.backends.mock import MockConfig, MockServer
-from pipeline.manifest import read_latest
+from pipeline.manifest.log import read_latest
+from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.runner import JobResult, run_job
-from pipeline.spec import load_spec
+from pipeline.spec.model import load_spec
 
 
 def assert_outputs_valid(out: Path) -> None:

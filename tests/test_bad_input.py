@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from checks import ThreadedMock
 
-from pipeline.backends.mock import MockConfig
 from pipeline.cli import main
+from pipeline.mockapi.server import MockConfig
 
 KEY = "sk-bad-input-93d2"
 

@@ -24,18 +24,18 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline import runner as runner_mod
-from pipeline.backends import mock as mock_mod
-from pipeline.backends.mock import (
+from pipeline.mockapi import server as mock_mod
+from pipeline.limiter import Limiter
+from pipeline.manifest.log import read_latest
+from pipeline.mockapi.server import (
     FAULT_KINDS,
     MockConfig,
     MockServer,
     ResponseShape,
     RetryAfterForm,
 )
-from pipeline.limiter import Limiter
-from pipeline.manifest import read_latest
 from pipeline.runner import JobResult, run_job
-from pipeline.spec import load_spec
+from pipeline.spec.model import load_spec
 
 KEY = "sk-chaos-0c5e1f"
 PROMPTS = 10

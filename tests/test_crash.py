@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from checks import assert_outputs_valid, write_job_spec
 
-from pipeline.manifest import read_lines
+from pipeline.manifest.log import read_lines
 
 KEY = "sk-crash-UNIQUE-5be1d0c4"
 CONCURRENCY = 4

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from checks import ThreadedMock, assert_outputs_valid, run_spec, write_job_spec
 
-from pipeline import manifest as manifest_mod
-from pipeline import outputs
-from pipeline.backends.mock import MockConfig, MockServer
 from pipeline.cli import main
-from pipeline.manifest import read_latest, read_lines
+from pipeline.manifest import log as manifest_mod
+from pipeline.manifest.log import read_latest, read_lines
+from pipeline.mockapi.server import MockConfig, MockServer
+from pipeline.store import files as outputs
 
 KEY = "sk-disk-4a1f0e"
 
@@ -169,7 +169,7 @@ def test_unwritable_out_exits_2_before_any_request(
 
 class DiskFull:
     """Make the disk fill up after `k` images are written: from then on a write under
-    OUT/images (or, with `everywhere`, any write of pipeline.outputs) fails with ENOSPC
+    OUT/images (or, with `everywhere`, any write of pipeline.store.files) fails with ENOSPC
     at the `os.write` level, until `free()` is called."""
 
     def __init__(self, patch: pytest.MonkeyPatch) -> None:

@@ -19,10 +19,10 @@ from pipeline.engine import Engine
 from pipeline.errors import FatalError, PermanentError, RateLimitedError, TransientError
 from pipeline.items import expand_drafts
 from pipeline.limiter import Limiter
-from pipeline.manifest import ManifestState, ManifestWriter, load_state, read_latest, read_lines
-from pipeline.outputs import StoredFiles
+from pipeline.manifest.log import ManifestState, ManifestWriter, load_state, read_latest, read_lines
 from pipeline.records import GeneratedImage, Generation, WorkItem
-from pipeline.spec import Spec, spec_from_data
+from pipeline.spec.model import Spec, spec_from_data
+from pipeline.store.files import StoredFiles
 
 
 def png(text: str) -> bytes:

@@ -13,10 +13,10 @@ import pytest
 from checks import run_spec
 from PIL import Image
 
-from pipeline.gallery import write_gallery
-from pipeline.grid import draw_grids
-from pipeline.manifest import ManifestWriter
+from pipeline.manifest.log import ManifestWriter
 from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
+from pipeline.views.gallery import write_gallery
+from pipeline.views.grid import draw_grids
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

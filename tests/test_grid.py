@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pipeline.grid import draw_grids
-from pipeline.manifest import ManifestWriter
+from pipeline.manifest.log import ManifestWriter
 from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
-from pipeline.sheet_text import FONT_FILE, Typeface
+from pipeline.views.grid import draw_grids
+from pipeline.views.sheet_text import FONT_FILE, Typeface
 
 RGB = tuple[int, int, int]
 SEASONS = ["early fall", "late fall"]

@@ -14,14 +14,14 @@ import yaml
 from aioresponses import aioresponses
 from checks import run_spec, write_job_spec
 
-from pipeline.backends.mock import MockConfig, MockServer
 from pipeline.backends.roboflow import RoboflowBackend
 from pipeline.cli import main
 from pipeline.errors import OutputError
 from pipeline.items import expand_items, item_key
-from pipeline.manifest import read_lines
+from pipeline.manifest.log import read_lines
+from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.pricing import cost_from_usage
-from pipeline.spec import load_spec
+from pipeline.spec.model import load_spec
 
 KEY = "test-key-honest"
 OPENAI_KEYS = {"model", "quality", "style", "size", "n", "output_format", "background"}
@@ -167,7 +167,7 @@ def test_old_key_scheme_exits_2_with_one_line_for_run_and_plan(
 
 def test_newer_key_scheme_asks_for_an_upgrade(tmp_path: Path) -> None:
     """An OUT written by a newer synthaug is refused with the command that fixes it."""
-    from pipeline.manifest import ManifestWriter, load_state
+    from pipeline.manifest.log import ManifestWriter, load_state
     from pipeline.runner import check_key_scheme
 
     (tmp_path / "job.json").write_text(json.dumps({"key_scheme": 99}))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.errors import TransientError
-from pipeline.image_check import ImageInfo, check_image, decode_image
+from pipeline.store.image_check import ImageInfo, check_image, decode_image
 
 EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import OutputError
-from pipeline.lock import LOCK_NAME, acquire_lock
+from pipeline.store.lock import LOCK_NAME, acquire_lock
 
 # Holds the lock on argv[1] until its stdin closes (or it is killed).
 HOLDER = """
 import sys
 from pathlib import Path
-from pipeline.lock import acquire_lock
+from pipeline.store.lock import acquire_lock
 with acquire_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     sys.stdin.readline()

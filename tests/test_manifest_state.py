@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.manifest import ManifestState, ManifestWriter, _fast_ok, load_state
+from pipeline.manifest.cache import StateCache, cache_path, load_cached_state
+from pipeline.manifest.log import ManifestState, ManifestWriter, _fast_ok, load_state
 from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
-from pipeline.snapshot import StateCache, cache_path, load_cached_state
 
 KEYS = [f"{i:02x}" * 32 for i in range(6)]
 MTIME_NS = 1_700_000_000_123_456_789

@@ -14,8 +14,6 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from pipeline.backends.mock import MockConfig, MockServer
-from pipeline.backends.mock_image import draw_image, mock_color, paint
 from pipeline.backends.roboflow import RoboflowBackend
 from pipeline.errors import (
     BackendError,
@@ -24,6 +22,8 @@ from pipeline.errors import (
     RateLimitedError,
     TransientError,
 )
+from pipeline.mockapi.image import draw_image, mock_color, paint
+from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.records import GeneratedImage, Generation, InputImage, RateLimitHint, WorkItem
 
 KEY = "mock-key"

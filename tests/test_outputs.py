@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline import outputs
 from pipeline.errors import OutputError, TransientError
-from pipeline.outputs import (
+from pipeline.records import OutputFile
+from pipeline.store import files as outputs
+from pipeline.store.files import (
     ImageInfo,
     StoredFiles,
     check_writable,
@@ -27,7 +28,6 @@ from pipeline.outputs import (
     verify_image,
     write_json_atomic,
 )
-from pipeline.records import OutputFile
 
 KEY = "3f2a" * 16
 

@@ -54,7 +54,7 @@ def test_package_imports_and_library_lock_refuses(tmp_path: Path) -> None:
         "        importlib.import_module(m.name)\n"
         "from pathlib import Path\n"
         "from pipeline.errors import UsageError\n"
-        "from pipeline.lock import acquire_lock\n"
+        "from pipeline.store.lock import acquire_lock\n"
         "try:\n"
         "    acquire_lock(Path('out'))\n"
         "except UsageError as exc:\n"

@@ -21,10 +21,10 @@ from aiohttp import web
 from checks import run_spec, write_job_spec
 from yarl import URL
 
-from pipeline.backends.mock import MockConfig, MockServer
 from pipeline.backends.roboflow import RoboflowBackend
 from pipeline.credentials import ProxySettings, bypasses_proxy, read_proxy_settings
 from pipeline.errors import CredentialsError, TransientError
+from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.records import WorkItem
 
 KEY = "sk-test-proxy-4b8e"

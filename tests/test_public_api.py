@@ -20,7 +20,7 @@ from checks import ThreadedMock, write_job_spec
 import pipeline
 import synthaug
 from pipeline import api as pipeline_api
-from pipeline.backends.mock import MockConfig
+from pipeline.mockapi.server import MockConfig
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "public-api-test-key"

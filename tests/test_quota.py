@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from checks import run_spec, write_job_spec
 
-from pipeline.backends.mock import MockConfig, MockServer
 from pipeline.errors import EXIT_FATAL
 from pipeline.limiter import LearnedPace
+from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.runner import read_learned_pace
-from pipeline.spec import load_spec
+from pipeline.spec.model import load_spec
 
 KEY = "sk-test-quota-5b1e"
 

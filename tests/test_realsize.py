@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from checks import assert_outputs_valid, run_spec, write_job_spec
 
-from pipeline.backends.mock import MockConfig, MockServer, PhotoFormat, ResponseShape
-from pipeline.backends.mock_image import photo
-from pipeline.image_check import check_image
-from pipeline.manifest import read_latest
+from pipeline.manifest.log import read_latest
+from pipeline.mockapi.image import photo
+from pipeline.mockapi.server import MockConfig, MockServer, PhotoFormat, ResponseShape
+from pipeline.store.image_check import check_image
 
 
 @pytest.mark.parametrize(("fmt", "ext"), [("png", "png"), ("jpeg", "jpg")])

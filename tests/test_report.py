@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from pipeline.errors import ErrorKind, UsageError
-from pipeline.manifest import ManifestWriter
+from pipeline.manifest.log import ManifestWriter
 from pipeline.records import ErrorInfo, ItemRecord, ItemStatus, OutputFile
-from pipeline.report import format_status, status_report
+from pipeline.views.report import format_status, status_report
 
 JOB = {
     "name": "fall-leaves",

@@ -17,12 +17,12 @@ import yaml
 from checks import assert_outputs_valid, run_spec, write_job_spec
 from PIL import Image, PngImagePlugin
 
-from pipeline.backends.mock import MockConfig, MockServer
-from pipeline.manifest import read_latest
+from pipeline.manifest.cache import cache_path
+from pipeline.manifest.log import read_latest
+from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.runner import JobResult, run_job
-from pipeline.snapshot import cache_path
 from pipeline.sources import INPUT_HASHES_NAME, HashCache
-from pipeline.spec import load_spec
+from pipeline.spec.model import load_spec
 
 KEY = "sk-test-resume-stat-51c2"
 HOUR_NS = 3600 * 10**9

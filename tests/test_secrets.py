@@ -14,10 +14,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from checks import ThreadedMock, assert_outputs_valid, run_spec, write_job_spec
 
-from pipeline.backends.mock import MockConfig, MockServer
 from pipeline.backends.roboflow import LARGE_ANSWER_BYTES, RoboflowBackend
 from pipeline.errors import BackendError
-from pipeline.manifest import read_latest
+from pipeline.manifest.log import read_latest
+from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.records import WorkItem
 
 SECRET = "sk-SECRET-e2b7c9d14f6a-do-not-leak"

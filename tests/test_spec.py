@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.credentials import read_api_key
 from pipeline.errors import CredentialsError, SpecError, UsageError
-from pipeline.spec import BackendSettings, apply_overrides, load_spec, parse_rate
+from pipeline.spec.model import BackendSettings, apply_overrides, load_spec, parse_rate
 
 HEAD = """\
 version: 1

@@ -10,7 +10,7 @@ def test_runner_does_not_load_the_mock_server() -> None:
     """Importing the run path leaves the mock API (aiohttp.web, Pillow drawing) unloaded."""
     code = (
         "import sys, pipeline.cli, pipeline.runner; "
-        "print(sorted(m for m in ('pipeline.backends.mock', 'aiohttp.web', 'PIL.ImageDraw') "
+        "print(sorted(m for m in ('pipeline.mockapi.server', 'aiohttp.web', 'PIL.ImageDraw') "
         "if m in sys.modules))"
     )
     done = subprocess.run(

@@ -15,12 +15,12 @@ import pytest
 from checks import run_spec, write_job_spec
 from PIL import Image
 
-from pipeline import outputs
-from pipeline.backends.mock import MockConfig, MockServer
 from pipeline.errors import TransientError
-from pipeline.manifest import ManifestWriter
-from pipeline.outputs import FolderSync, store_image, verify_image, write_json_atomic
+from pipeline.manifest.log import ManifestWriter
+from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.records import ItemRecord
+from pipeline.store import files as outputs
+from pipeline.store.files import FolderSync, store_image, verify_image, write_json_atomic
 
 KEY = "ab" * 32
 

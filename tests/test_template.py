@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.template import (
+from pipeline.spec.template import (
     TemplateError,
     count_variants,
     iter_variants,

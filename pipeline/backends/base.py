@@ -17,14 +17,14 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from pipeline.errors import (
+from ..errors import (
     BackendError,
     FatalError,
     PermanentError,
     RateLimitedError,
     TransientError,
 )
-from pipeline.records import GeneratedImage, Generation, RateLimitHint, WorkItem
+from ..records import GeneratedImage, Generation, RateLimitHint, WorkItem
 
 __all__ = [
     "EXCERPT_CHARS",

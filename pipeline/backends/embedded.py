@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from pipeline.backends.base import Backend
-from pipeline.backends.mock import MockConfig, MockServer
-from pipeline.backends.roboflow import RoboflowBackend
+from ..mockapi.server import MockConfig, MockServer
+from .base import Backend
+from .roboflow import RoboflowBackend
 
 __all__ = ["MockBackend"]
 

@@ -23,8 +23,11 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from pipeline import __version__
-from pipeline.backends.base import (
+from .. import __version__
+from ..credentials import DIRECT, ProxySettings
+from ..errors import BackendError, FatalError, TransientError
+from ..records import GeneratedImage, Generation, WorkItem, request_body
+from .base import (
     classify_http,
     elide_images,
     excerpt,
@@ -33,9 +36,6 @@ from pipeline.backends.base import (
     redact,
     scrub_strings,
 )
-from pipeline.credentials import DIRECT, ProxySettings
-from pipeline.errors import BackendError, FatalError, TransientError
-from pipeline.records import GeneratedImage, Generation, WorkItem, request_body
 
 __all__ = ["DOWNLOAD_CONNECTIONS", "LARGE_ANSWER_BYTES", "RoboflowBackend", "utc_now"]
 

@@ -34,7 +34,7 @@ from io import BytesIO
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.errors import TransientError
+from ..errors import TransientError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageInfo", "check_image", "decode_image"]
 

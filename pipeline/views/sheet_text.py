@@ -1,5 +1,5 @@
 """Words on contact sheets (the shipped font, measuring, wrapping, ellipsizing), and the
-few facts about OUT that the sheets (`pipeline.grid`) and the page (`pipeline.gallery`)
+few facts about OUT that the sheets (`pipeline.views.grid`) and the page (`pipeline.views.gallery`)
 both read.
 
 Sheets are drawn in DejaVu Sans, shipped inside the package (``pipeline/fonts``, Bitstream
@@ -21,7 +21,6 @@ import secrets
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from io import BytesIO
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -43,6 +42,8 @@ __all__ = [
     "write_atomic",
 ]
 
+# the package folder (either import name): where its data files are
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 FONT_FILE = "fonts/DejaVuSans.ttf"  # package data of `pipeline`
 GRIDS_DIR = "grids"
 JOB_NAME = "job.json"
@@ -80,7 +81,7 @@ class Typeface:
     def load(cls) -> Typeface:
         """The shipped DejaVu Sans, or Pillow's own font (with a warning) if it is unreadable."""
         try:
-            data = resources.files("pipeline").joinpath(FONT_FILE).read_bytes()
+            data = (PACKAGE_DIR / FONT_FILE).read_bytes()
             ImageFont.truetype(BytesIO(data), 10)  # fails early without FreeType
         except (OSError, ImportError) as exc:
             log.warning("drawing sheets in Pillow's ASCII-only font: %s: %s", FONT_FILE, exc)

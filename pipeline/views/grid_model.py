@@ -1,6 +1,6 @@
 """Which manifest line belongs in which cell of a contact sheet, from OUT alone.
 
-This module exists to keep the model of a sheet apart from its drawing (`pipeline.grid`):
+This module exists to keep the model of a sheet apart from its drawing (`pipeline.views.grid`):
 a source's variables come from ``OUT/job.json`` and are completed from the manifest; each
 cell is indexed by (variable values, input, repeat) and says what it shows, an image file
 or a placeholder with its reason; and whether a combination without a record belongs to
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.sheet_text import path_inside
+from .sheet_text import path_inside
 
 __all__ = ["Cell", "Grid", "Sample", "Source", "Tone", "collect_sources"]
 

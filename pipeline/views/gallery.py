@@ -20,8 +20,8 @@ from urllib.parse import quote
 
 from PIL import Image, ImageOps
 
-from pipeline.manifest import MANIFEST_NAME, read_latest
-from pipeline.sheet_text import GRIDS_DIR, META_SOURCE, path_inside, read_job, write_atomic
+from ..manifest.log import MANIFEST_NAME, read_latest
+from .sheet_text import GRIDS_DIR, META_SOURCE, path_inside, read_job, write_atomic
 
 __all__ = ["INDEX_NAME", "THUMBS_DIR", "THUMB_PX", "write_gallery"]
 

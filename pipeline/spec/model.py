@@ -3,7 +3,7 @@
 This module is the spec model: the settings classes with their defaults and validators,
 the rules that span several keys, the command-line overrides and the JSON schema. Reading
 the file and wording its mistakes (``spec.yaml:14 sources[2].folder: ...``, key paths
-mapped back to lines, "did you mean") live one layer down in `pipeline.specfile`.
+mapped back to lines, "did you mean") live one layer down in `pipeline.spec.yamlfile`.
 
 Beyond the model itself, `load_spec` checks what only the disk can tell: that globs
 match, folders hold images, files are images, and every template placeholder has values.
@@ -36,18 +36,18 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.errors import SpecError, UsageError
-from pipeline.models import MODELS, RETIRED_MODELS
-from pipeline.registry import BACKENDS, DEFAULT_KIND, backend_kind
-from pipeline.sources import (
+from ..errors import SpecError, UsageError
+from ..registry import BACKENDS, DEFAULT_KIND, backend_kind
+from ..sources import (
     DEFAULT_EXTENSIONS,
     InputError,
     check_image_file,
     iter_folder,
     list_globs,
 )
-from pipeline.specfile import did_you_mean, line_for, read_yaml, show_value, validation_error
-from pipeline.template import TemplateError, count_variants, parse_template, resolve_values
+from .models import MODELS, RETIRED_MODELS
+from .template import TemplateError, count_variants, parse_template, resolve_values
+from .yamlfile import did_you_mean, line_for, read_yaml, show_value, validation_error
 
 __all__ = [
     "DEFAULT_API_KEY_ENV",

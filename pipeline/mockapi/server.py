@@ -1,6 +1,6 @@
 """The embedded mock of Roboflow's ``POST /synthetic-image`` (aiohttp.web).
 
-It answers with placeholder images (drawn by `pipeline.backends.mock_image`: deterministic
+It answers with placeholder images (drawn by `pipeline.mockapi.image`: deterministic
 from prompt and input, served by URL from the same server), and can inject the faults a
 nightly job meets: 429 with Retry-After, 5xx, dropped connections, slow and malformed
 answers, corrupt images, an enforced rate limit. `MockStats` counts what a client did to
@@ -29,7 +29,7 @@ from typing import Any, Literal
 from aiohttp import web
 from PIL import Image
 
-from pipeline.backends.mock_image import (
+from .image import (
     damage,
     draw_image,
     input_thumbnail,

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.manifest import (
+from ..records import GeneratedImage
+from .log import (
     Entry,
     Finished,
     ManifestState,
@@ -45,7 +46,6 @@ from pipeline.manifest import (
     load_state,
     read_more,
 )
-from pipeline.records import GeneratedImage
 
 __all__ = ["SEGMENT_LINES", "StateCache", "cache_path", "load_cached_state"]
 

@@ -1,6 +1,6 @@
 """Verified, atomic image files under OUT.
 
-An image is checked to be whole (`pipeline.image_check`) before it is written, written
+An image is checked to be whole (`pipeline.store.image_check`) before it is written, written
 under a temporary name in its final folder, fsynced, and renamed into place: a reader
 (or a resumed run) sees either no file or a complete one, never a torn one.
 Everything here is synchronous file work; the engine calls it through
@@ -22,9 +22,9 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from pipeline.errors import OutputError, TransientError
-from pipeline.image_check import DEFAULT_MAX_PIXELS, ImageInfo, check_image
-from pipeline.records import OutputFile
+from ..errors import OutputError, TransientError
+from ..records import OutputFile
+from .image_check import DEFAULT_MAX_PIXELS, ImageInfo, check_image
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -86,7 +86,7 @@ def verify_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageI
     """Format and size of `data`, or a retryable ``bad_image`` error if it is not whole.
 
     The cheapest sound check per format (PNG chunk CRCs to IEND, JPEG markers to EOI,
-    WebP RIFF sizes, a full decode for anything else): see `pipeline.image_check`.
+    WebP RIFF sizes, a full decode for anything else): see `pipeline.store.image_check`.
     """
     return check_image(data, max_pixels=max_pixels)
 

@@ -22,8 +22,8 @@ from itertools import chain
 from operator import eq, itemgetter
 from pathlib import Path
 
-from pipeline.manifest import Finished, Stat, recorded_hashes
-from pipeline.outputs import StoredFiles
+from ..store.files import StoredFiles
+from .log import Finished, Stat, recorded_hashes
 
 __all__ = ["RACY_NS", "Freshness", "check_finished", "verify_key"]
 

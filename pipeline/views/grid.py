@@ -25,12 +25,12 @@ Each sheet explains itself later through PNG iTXt metadata: ``synthaug.spec``,
 ``y0``, ``cell`` size, ``step`` between cells, the ``columns`` and ``rows`` shown).
 
 Text is drawn in the DejaVu Sans font shipped inside the package, so a sheet looks the same
-on every machine; measuring, wrapping and ellipsizing live in `pipeline.sheet_text`, which
+on every machine; measuring, wrapping and ellipsizing live in `pipeline.views.sheet_text`, which
 also says which characters render. The row headers are as wide as their longest label needs,
 up to the cell size (at least 120 px, at most 280 px); longer labels wrap, then end in "…".
 
 This module is the drawing and layout; which manifest line belongs in which cell, and what
-a cell without one means, is `pipeline.grid_model`.
+a cell without one means, is `pipeline.views.grid_model`.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from pipeline.grid_model import Cell, Grid, Sample, Source, Tone, collect_sources
-from pipeline.manifest import MANIFEST_NAME, read_latest
-from pipeline.sheet_text import (
+from ..manifest.log import MANIFEST_NAME, read_latest
+from .grid_model import Cell, Grid, Sample, Source, Tone, collect_sources
+from .sheet_text import (
     GRIDS_DIR,
     META_SOURCE,
     Font,

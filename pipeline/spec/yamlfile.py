@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from pipeline.errors import SpecError
+from ..errors import SpecError
 
 __all__ = [
     "did_you_mean",

@@ -14,10 +14,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from pipeline.errors import UsageError
-from pipeline.manifest import MANIFEST_NAME
-from pipeline.records import ItemStatus
-from pipeline.snapshot import load_cached_state
+from ..errors import UsageError
+from ..manifest.cache import load_cached_state
+from ..manifest.log import MANIFEST_NAME
+from ..records import ItemStatus
 
 __all__ = ["JOB_NAME", "SUMMARY_NAME", "format_status", "status_report"]
 

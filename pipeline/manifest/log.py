@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.records import GeneratedImage, ItemRecord, ItemStatus
+from ..records import GeneratedImage, ItemRecord, ItemStatus
 
 __all__ = [
     "MANIFEST_NAME",

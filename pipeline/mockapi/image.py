@@ -16,7 +16,7 @@ import binascii
 import hashlib
 import io
 import math
-from importlib import resources
+from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw, ImageFont, ImageOps
 
@@ -30,6 +30,8 @@ __all__ = [
     "photo",
 ]
 
+# the package folder (either import name): where its data files are
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 FONT_FILE = "fonts/DejaVuSans.ttf"  # package data of `pipeline`, shared with the sheets
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_THUMB_PX = 8
@@ -165,7 +167,7 @@ def _thumb_box(width: int, height: int) -> tuple[int, int]:
 
 def _font(size: int) -> Font:
     try:
-        data = resources.files("pipeline").joinpath(FONT_FILE).read_bytes()
+        data = (PACKAGE_DIR / FONT_FILE).read_bytes()
         return ImageFont.truetype(io.BytesIO(data), size)
     except (OSError, ImportError):
         return ImageFont.load_default(size=size)

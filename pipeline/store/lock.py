@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import OutputError, UsageError
+from ..errors import OutputError, UsageError
 
 try:
     import fcntl
