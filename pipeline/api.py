@@ -30,11 +30,11 @@ from typing import Any
 
 from .engine import RunStats
 from .manifest.cache import load_cached_state
-from .manifest.log import MANIFEST_NAME
 from .plan import Plan, build_plan
 from .runner import RunControl, check_key_scheme, run_job
 from .spec.model import Spec, spec_from_data
 from .spec.model import load_spec as _load_spec_file
+from .store.layout import MANIFEST_NAME
 from .views.report import status_report
 
 __all__ = [

@@ -206,9 +206,9 @@ def _load(path: Path) -> Spec:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .items import check_max_items
     from .manifest.cache import load_cached_state
-    from .manifest.log import MANIFEST_NAME
     from .plan import build_plan, format_plan
     from .runner import check_key_scheme
+    from .store.layout import MANIFEST_NAME
 
     spec = _load(args.spec)
     check_max_items(spec)
@@ -295,7 +295,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
-    from .manifest.log import MANIFEST_NAME
+    from .store.layout import MANIFEST_NAME
 
     if not (args.out / MANIFEST_NAME).exists():
         raise UsageError(f"{args.out}: no {MANIFEST_NAME} here: run `synthaug run SPEC` first")

@@ -41,7 +41,7 @@ from .errors import (
 from .items import ItemDraft
 from .limiter import Limiter
 from .manifest import freshness as freshness
-from .manifest.log import MANIFEST_NAME, Entry, Finished, ManifestState, ManifestWriter
+from .manifest.log import Entry, Finished, ManifestState, ManifestWriter
 from .records import (
     ErrorInfo,
     GeneratedImage,
@@ -54,6 +54,7 @@ from .retry import Retrier, RetryPolicy
 from .sources import InputChangedError, read_input_bytes
 from .spec.model import RunSettings
 from .store import files as outputs
+from .store.layout import MANIFEST_NAME
 
 __all__ = ["Engine", "RunStats", "StopReason"]
 

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import signal
 import socket
@@ -38,21 +37,21 @@ from .errors import (
 )
 from .limiter import LearnedPace, Limiter, learned_pace
 from .manifest.cache import StateCache
-from .manifest.log import MANIFEST_NAME, ManifestState, ManifestWriter, gc_paused
+from .manifest.log import ManifestState, ManifestWriter, gc_paused
 from .pricing import check_cost_budget, cost_from_usage, is_free, price_per_image
 from .records import WorkItem
 from .registry import backend_kind
 from .sources import INPUT_HASHES_NAME, HashCache
 from .spec.model import Spec
 from .store import files as outputs
+from .store import layout
+from .store.layout import JOB_NAME, MANIFEST_NAME, SUMMARY_NAME
 from .store.lock import acquire_lock
 
 __all__ = ["JobResult", "RunControl", "check_key_scheme", "recorded_key_scheme", "run_job"]
 
 log = logging.getLogger(__name__)
 
-SUMMARY_NAME = "summary.json"
-JOB_NAME = "job.json"
 
 _EXIT_BY_REASON: dict[StopReason, int] = {
     "sigint": EXIT_SIGINT,
@@ -192,11 +191,8 @@ def read_learned_pace(spec: Spec) -> LearnedPace | None:
     summary, or one written for another backend, starts from the spec's rate; the
     limiter never goes above the spec's rate, even if it changed since.
     """
-    try:
-        data = json.loads((spec.output_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("backend") != spec.backend.kind:
+    data = layout.read_json(spec.output_dir / SUMMARY_NAME)
+    if data is None or data.get("backend") != spec.backend.kind:
         return None
     return learned_pace(data.get("limiter"))
 
@@ -268,7 +264,7 @@ async def _write_summary(path: Path, summary: dict[str, Any]) -> None:
     """The summary is a report, not the checkpoint: failing to write it (a full disk)
     must not hide how the run ended."""
     try:
-        await asyncio.to_thread(outputs.write_json_atomic, path, summary)
+        await asyncio.to_thread(layout.write_json_atomic, path, summary)
     except (OSError, OutputError) as exc:
         log.error("could not write %s: %s", path, exc)
 
@@ -382,11 +378,7 @@ def check_key_scheme(out_dir: Path, state: ManifestState) -> None:
 
 def recorded_key_scheme(out_dir: Path) -> int:
     """The key scheme OUT/job.json records; 1 when it records none (synthaug 0.1)."""
-    try:
-        job = json.loads((out_dir / JOB_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return 1
-    scheme = job.get("key_scheme", 1) if isinstance(job, dict) else 1
+    scheme = layout.read_job(out_dir).get("key_scheme", 1)
     return scheme if isinstance(scheme, int) and not isinstance(scheme, bool) else 1
 
 
@@ -403,7 +395,7 @@ def _write_job_json(spec: Spec, spec_path: Path) -> None:
         "host": socket.gethostname(),
         "sources": sources,
     }
-    outputs.write_json_atomic(spec.output_dir / JOB_NAME, job)
+    layout.write_json_atomic(spec.output_dir / JOB_NAME, job)
 
 
 @contextlib.asynccontextmanager

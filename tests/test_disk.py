@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +19,9 @@ import pytest
 from checks import ThreadedMock, assert_outputs_valid, run_spec, write_job_spec
 
 from pipeline.cli import main
-from pipeline.manifest import log as manifest_mod
 from pipeline.manifest.log import read_latest, read_lines
 from pipeline.mockapi.server import MockConfig, MockServer
-from pipeline.store import files as outputs
+from pipeline.store.layout import IMAGES_DIR, MANIFEST_NAME
 
 KEY = "sk-disk-4a1f0e"
 
@@ -167,29 +167,33 @@ def test_unwritable_out_exits_2_before_any_request(
 # ------------------------------------------------------------ disk full
 
 
-class DiskFull:
-    """Make the disk fill up after `k` images are written: from then on a write under
-    OUT/images (or, with `everywhere`, any write of pipeline.store.files) fails with ENOSPC
-    at the `os.write` level, until `free()` is called."""
+def fd_path(fd: int) -> str | None:
+    """The file an open descriptor writes to (Linux), or None."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
 
-    def __init__(self, patch: pytest.MonkeyPatch) -> None:
+
+class DiskFull:
+    """Make the disk fill up after `k` images are written: from then on `os.write` to an
+    image under `root` (or, with `everywhere`, to any file under `root` but the manifest)
+    fails with ENOSPC, until `free()` is called. The fault is injected where a full disk
+    raises it, at the OS call, so every layer above meets the real error."""
+
+    def __init__(self, patch: pytest.MonkeyPatch, root: Path) -> None:
         self._left: int | None = None
         self._everywhere = False
         self._lock = threading.Lock()
-        self._local = threading.local()
-        real_atomic, real_write_all = outputs._write_atomic, outputs._write_all
+        real_write = os.write
 
-        def write_atomic(path: Path, data: bytes) -> None:
-            self._local.path = path
-            real_atomic(path, data)
-
-        def write_all(fd: int, data: bytes) -> None:
-            if self._refuse(self._local.path):
+        def write(fd: int, data: Any) -> int:
+            path = fd_path(fd)
+            if path is not None and path.startswith(str(root)) and self._refuse(path):
                 raise OSError(errno.ENOSPC, "No space left on device")
-            real_write_all(fd, data)
+            return real_write(fd, data)
 
-        patch.setattr(outputs, "_write_atomic", write_atomic)
-        patch.setattr(outputs, "_write_all", write_all)
+        patch.setattr(os, "write", write)
 
     def fill_after(self, k: int, *, everywhere: bool = False) -> None:
         self._left, self._everywhere = k, everywhere
@@ -197,10 +201,11 @@ class DiskFull:
     def free(self) -> None:
         self._left = None
 
-    def _refuse(self, path: Path) -> bool:
-        image = outputs.IMAGES_DIR in path.parts
+    def _refuse(self, path: str) -> bool:
+        image = f"/{IMAGES_DIR}/" in path
+        other = not path.endswith(MANIFEST_NAME)
         with self._lock:
-            if self._left is None or not (image or self._everywhere):
+            if self._left is None or not (image or (self._everywhere and other)):
                 return False
             if self._left == 0:
                 return True
@@ -210,9 +215,9 @@ class DiskFull:
 
 
 @pytest.fixture
-def disk(monkeypatch: pytest.MonkeyPatch) -> DiskFull:
+def disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> DiskFull:
     """A disk with room for now; `fill_after(k)` fills it, `free()` empties it again."""
-    return DiskFull(monkeypatch)
+    return DiskFull(monkeypatch, tmp_path)
 
 
 def assert_consistent(out: Path) -> None:
@@ -290,17 +295,20 @@ async def test_disk_full_on_manifest_append_leaves_no_torn_line(
 ) -> None:
     """A manifest line the disk refuses halfway (ENOSPC) is cut back off: the run stops
     with exit 3, every line on disk parses, and the same command completes afterwards."""
-    real = manifest_mod._write_all
+    real_write = os.write
     left = {"lines": 5}
 
-    def half_then_full(fd: int, data: bytes) -> None:
+    def half_then_full(fd: int, data: Any) -> int:
+        path = fd_path(fd)
+        if path is None or not path.endswith(MANIFEST_NAME):
+            return real_write(fd, data)
         if left["lines"] == 0:
-            real(fd, data[: len(data) // 2])
+            real_write(fd, bytes(data)[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
         left["lines"] -= 1
-        real(fd, data)
+        return real_write(fd, data)
 
-    monkeypatch.setattr(manifest_mod, "_write_all", half_then_full)
+    monkeypatch.setattr(os, "write", half_then_full)
     async with MockServer(MockConfig(latency_s=0.01)) as server:
         path = write_spec(server.base_url, prompts=10, concurrency=2)
         out = path.parent / "out"

@@ -12,13 +12,13 @@ import zlib
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image, ImageFile
 
 from pipeline.errors import OutputError, TransientError
 from pipeline.records import OutputFile
-from pipeline.store import files as outputs
 from pipeline.store.files import (
     ImageInfo,
     StoredFiles,
@@ -26,8 +26,8 @@ from pipeline.store.files import (
     output_path,
     store_image,
     verify_image,
-    write_json_atomic,
 )
+from pipeline.store.layout import write_json_atomic
 
 KEY = "3f2a" * 16
 
@@ -184,13 +184,13 @@ def test_store_image_disk_full_tells_the_user_to_free_space(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     """A full disk mid-write leaves neither a temp nor a partial file and says how to resume."""
-    real_write_all = outputs._write_all
+    real_write = os.write
 
-    def half_then_full(fd: int, data: bytes) -> None:
-        real_write_all(fd, data[: len(data) // 2])
+    def half_then_full(fd: int, data: Any) -> int:
+        real_write(fd, bytes(data)[: len(data) // 2])
         raise OSError(code, "No space left on device")
 
-    monkeypatch.setattr(outputs, "_write_all", half_then_full)
+    monkeypatch.setattr(os, "write", half_then_full)  # the disk fills mid-write
     with pytest.raises(OutputError, match=r"disk full writing .*run the same command again"):
         store_image(tmp_path, source="s", key=KEY, index=0, data=_image())
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
@@ -361,9 +361,13 @@ def test_check_writable_refuses_read_only_dir(
 ) -> None:
     """An OUT where files cannot be created is refused before anything is spent."""
 
-    def denied(out_dir: Path) -> None:
-        raise PermissionError(errno.EACCES, "Permission denied")
+    real_open = os.open
 
-    monkeypatch.setattr(outputs, "_probe_write", denied)
+    def denied(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if ".synthaug-probe" in str(path):  # what a read-only folder answers (root ignores modes)
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(OutputError, match=r"\(Permission denied\): fix its permissions"):
         check_writable(tmp_path)

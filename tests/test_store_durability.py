@@ -20,7 +20,8 @@ from pipeline.manifest.log import ManifestWriter
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.records import ItemRecord
 from pipeline.store import files as outputs
-from pipeline.store.files import FolderSync, store_image, verify_image, write_json_atomic
+from pipeline.store.files import FolderSync, store_image, verify_image
+from pipeline.store.layout import write_json_atomic
 
 KEY = "ab" * 32
 

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import marshal
-import os
 import sys
 import zlib
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..records import GeneratedImage
+from ..store import layout
 from .log import (
     Entry,
     Finished,
@@ -174,15 +174,11 @@ class StateCache:
 
     def _rewrite(self, state: ManifestState) -> IO[bytes]:
         """Replace the cache by one segment holding all of `state` (atomically)."""
-        tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")
-        try:
-            with tmp.open("wb") as fh:
-                self._append_segment(fh, state, 0)
-            os.replace(tmp, self._path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        fh = self._path.open("ab")
-        return fh
+        # disposable: atomic (no reader sees half a segment), not worth an fsync
+        layout.write_atomic(
+            self._path, lambda fh: self._append_segment(fh, state, 0), fsync=False
+        )
+        return self._path.open("ab")
 
     def _append_segment(self, fh: IO[bytes], state: ManifestState, start: int) -> None:
         rows = [_entry_row(key, entry) for key, entry in state.open.items()]

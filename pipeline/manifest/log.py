@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..records import GeneratedImage, ItemRecord, ItemStatus
+from ..store.layout import MANIFEST_NAME, write_all
 
 __all__ = [
     "MANIFEST_NAME",
@@ -40,7 +41,6 @@ __all__ = [
     "recorded_hashes",
 ]
 
-MANIFEST_NAME = "manifest.jsonl"
 DEFAULT_FSYNC_INTERVAL_S = 0.5
 
 log = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ class ManifestWriter:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             if os.fstat(fd).st_size > 0 and not _ends_with_newline(path):
-                _write_all(fd, b"\n")  # fence off a torn line so the next record parses
+                write_all(fd, b"\n")  # fence off a torn line so the next record parses
         except BaseException:
             os.close(fd)
             raise
@@ -364,7 +364,7 @@ class ManifestWriter:
             payload = b"\n" + payload
         size = os.fstat(self._fd).st_size  # one writer holds the OUT lock: this is our end
         try:
-            _write_all(self._fd, payload)
+            write_all(self._fd, payload)
         except OSError:
             self._cut(size)
             raise
@@ -433,13 +433,6 @@ class ManifestWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -11,10 +11,8 @@ out.
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -24,7 +22,9 @@ from pathlib import Path
 
 from ..errors import OutputError, TransientError
 from ..records import OutputFile
+from . import layout
 from .image_check import DEFAULT_MAX_PIXELS, ImageInfo, check_image
+from .layout import IMAGES_DIR, TMP_SUFFIX
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -38,16 +38,11 @@ __all__ = [
     "output_path",
     "store_image",
     "verify_image",
-    "write_json_atomic",
 ]
 
-IMAGES_DIR = "images"
-_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _SOURCE_RE = re.compile(r"[A-Za-z0-9._-]+")
 _KEY_RE = re.compile(r"[0-9A-Za-z]+")
 _EXT_RE = re.compile(r"[a-z0-9]+")
-_TMP_SUFFIX = ".tmp"
-_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _HASH_CHUNK = 1024 * 1024
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _SCANDIR_FD = os.scandir in os.supports_fd  # entries stat'ed relative to the folder
@@ -73,7 +68,7 @@ def check_writable(out_dir: Path) -> None:
 
 def _probe_write(out_dir: Path) -> None:
     """Create, write and remove a probe file: the only test that holds for root and ACLs."""
-    probe = out_dir / f".synthaug-probe-{secrets.token_hex(4)}{_TMP_SUFFIX}"
+    probe = out_dir / f".synthaug-probe-{secrets.token_hex(4)}{TMP_SUFFIX}"
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, b"ok")
@@ -134,7 +129,7 @@ def store_image(
     try:  # after the rename: the stat a resume compares the file with
         stat = os.stat(path)
     except OSError as exc:
-        raise _output_error(path, exc) from exc
+        raise layout.output_error(path, exc) from exc
     return OutputFile(
         path=f"{IMAGES_DIR}/{source}/{path.name}",
         sha256=hashlib.sha256(data).hexdigest(),
@@ -147,13 +142,6 @@ def store_image(
     )
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    """Replace `path` with `data` as JSON, atomically (summary.json, job.json)."""
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
-    _write_atomic(path, text.encode("utf-8"))
-    _sync_folder(path)
-
-
 class FolderSync:
     """Folders holding renames not yet durable, to fsync in one go before the manifest's.
 
@@ -162,7 +150,7 @@ class FolderSync:
     """
 
     def __init__(self, fsync_dir: Callable[[Path], None] | None = None) -> None:
-        self._fsync_dir = fsync_dir or _fsync_dir
+        self._fsync_dir = fsync_dir or layout.fsync_dir
         self._pending: set[Path] = set()
         self._lock = threading.Lock()
 
@@ -187,68 +175,19 @@ class FolderSync:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: no torn final file.
-
-    The caller makes the rename durable (`_sync_folder` or `FolderSync`). The folder is
-    created only when opening the temp file finds it missing: a stat per image saved.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
-    renamed = False
+    """`layout.write_atomic`, with the user's wording of a failure (`OutputError`)."""
     try:
-        try:
-            fd = os.open(tmp, _TMP_FLAGS, 0o644)
-        except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, _TMP_FLAGS, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        renamed = True
+        layout.write_atomic(path, data)
     except OSError as exc:
-        raise _output_error(path, exc) from exc
-    finally:
-        if not renamed:
-            tmp.unlink(missing_ok=True)
+        raise layout.output_error(path, exc) from exc
 
 
 def _sync_folder(path: Path) -> None:
     """fsync the folder of `path` at once, as an `OutputError` on failure."""
     try:
-        _fsync_dir(path.parent)
+        layout.fsync_dir(path.parent)
     except OSError as exc:
-        raise _output_error(path, exc) from exc
-
-
-def _output_error(path: Path, exc: OSError) -> OutputError:
-    """What the user is told when writing `path` failed, and how to go on."""
-    if exc.errno in _DISK_FULL:
-        return OutputError(
-            f"disk full writing {path}: free space and run the same command again to resume"
-        )
-    reason = exc.strerror or type(exc).__name__
-    return OutputError(f"cannot write {path} ({reason}): fix the output dir and run again")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable; some filesystems cannot fsync a folder."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
+        raise layout.output_error(path, exc) from exc
 
 
 class StoredFiles:
@@ -353,7 +292,7 @@ def _list_dir(folder: Path, prefix: str, *, with_stats: bool) -> tuple[dict[str,
                 if not entry.is_file(follow_symlinks=False):
                     continue
                 name = entry.name
-                if name[0] == "." and name.endswith(_TMP_SUFFIX):
+                if name[0] == "." and name.endswith(TMP_SUFFIX):
                     temps.append(name)
                 elif not with_stats:
                     found[prefix + name] = (0, 0)

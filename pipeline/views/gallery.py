@@ -20,13 +20,19 @@ from urllib.parse import quote
 
 from PIL import Image, ImageOps
 
-from ..manifest.log import MANIFEST_NAME, read_latest
-from .sheet_text import GRIDS_DIR, META_SOURCE, path_inside, read_job, write_atomic
+from ..manifest.log import read_latest
+from ..store.layout import (
+    GRIDS_DIR,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    THUMBS_DIR,
+    read_job,
+    write_atomic,
+)
+from .sheet_text import META_SOURCE, path_inside
 
-__all__ = ["INDEX_NAME", "THUMBS_DIR", "THUMB_PX", "write_gallery"]
+__all__ = ["THUMB_PX", "write_gallery"]
 
-INDEX_NAME = "index.html"
-THUMBS_DIR = "thumbs"
 THUMB_PX = 320
 
 log = logging.getLogger(__name__)
@@ -78,7 +84,7 @@ def write_gallery(out_dir: Path) -> Path:
     page = _page(job, names, by_source, sections)
     path = out_dir / INDEX_NAME
     data = page.encode("utf-8")
-    write_atomic(path, lambda fh: fh.write(data))
+    write_atomic(path, data, fsync=False)  # a view: drawn again on demand
     thumbs.remove_unused()
     return path
 
@@ -143,7 +149,7 @@ class _Thumbs:
         flat = Image.new("RGB", thumb.size, (255, 255, 255))
         flat.paste(thumb, (0, 0), thumb)
         self._dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(target, lambda fh: flat.save(fh, format="JPEG", quality=85))
+        write_atomic(target, lambda fh: flat.save(fh, format="JPEG", quality=85), fsync=False)
 
     def remove_unused(self) -> None:
         """Delete thumbnails of images no longer in the manifest (only our own names)."""

@@ -50,18 +50,10 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from ..manifest.log import MANIFEST_NAME, read_latest
+from ..manifest.log import read_latest
+from ..store.layout import GRIDS_DIR, MANIFEST_NAME, read_job, write_atomic
 from .grid_model import Cell, Grid, Sample, Source, Tone, collect_sources
-from .sheet_text import (
-    GRIDS_DIR,
-    META_SOURCE,
-    Font,
-    Typeface,
-    line_height,
-    read_job,
-    text_width,
-    write_atomic,
-)
+from .sheet_text import META_SOURCE, Font, Typeface, line_height, text_width
 
 __all__ = ["DEFAULT_CELL_PX", "DEFAULT_MAX_SHEET_PX", "GRIDS_DIR", "META_SOURCE", "draw_grids"]
 
@@ -454,7 +446,8 @@ def _metadata(
 
 def _save_png(image: Image.Image, path: Path, info: PngInfo) -> None:
     """Write atomically: no reader (index.html, a viewer) sees half a sheet."""
-    write_atomic(path, lambda fh: image.save(fh, format="PNG", pnginfo=info))
+    # a view is drawn again on demand: atomic, but not worth an fsync
+    write_atomic(path, lambda fh: image.save(fh, format="PNG", pnginfo=info), fsync=False)
 
 
 def _remove_stale(grids_dir: Path, keep: set[Path]) -> None:

@@ -7,7 +7,6 @@ Built from the manifest alone (last line per key wins; a torn last line is ignor
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -16,13 +15,11 @@ from typing import Any, TypeAlias
 
 from ..errors import UsageError
 from ..manifest.cache import load_cached_state
-from ..manifest.log import MANIFEST_NAME
 from ..records import ItemStatus
+from ..store.layout import JOB_NAME, MANIFEST_NAME, SUMMARY_NAME, read_json
 
-__all__ = ["JOB_NAME", "SUMMARY_NAME", "format_status", "status_report"]
+__all__ = ["format_status", "status_report"]
 
-JOB_NAME = "job.json"
-SUMMARY_NAME = "summary.json"
 _UNKNOWN_KIND = "unknown"
 
 # (status, source, images, error kind) of one key
@@ -43,7 +40,7 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     manifest = out_dir / MANIFEST_NAME
     if not manifest.is_file():
         raise UsageError(f"no manifest in {out_dir}: run `synthaug run SPEC` first")
-    job = _read_json(out_dir / JOB_NAME)
+    job = read_json(out_dir / JOB_NAME)
     by_source: dict[str, dict[str, int]] = {}
     for name, _ in _job_sources(job):
         by_source[name] = _empty_counts()
@@ -67,7 +64,7 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     }
     if job is not None:
         _add_pending(report, job)
-    summary = _read_json(out_dir / SUMMARY_NAME)
+    summary = read_json(out_dir / SUMMARY_NAME)
     if summary is not None:
         report["last_run"] = summary
     return report
@@ -114,21 +111,6 @@ def _job_sources(job: Mapping[str, Any] | None) -> list[tuple[str, int]]:
         if isinstance(name, str) and isinstance(items, int) and not isinstance(items, bool):
             found.append((name, items))
     return found
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """An optional JSON object file; None (with a warning if it is broken) when unusable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return None
-    if not isinstance(data, dict):
-        log.warning("ignoring %s: not a JSON object", path)
-        return None
-    return data
 
 
 def format_status(report: Mapping[str, Any]) -> str:

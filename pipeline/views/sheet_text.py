@@ -13,40 +13,29 @@ drawn as their closest ASCII (``é`` → ``e``, ``ß`` → ``ss``).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import secrets
 import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
 
 from PIL import ImageFont
 
 __all__ = [
     "ELLIPSIS",
     "FONT_FILE",
-    "GRIDS_DIR",
-    "JOB_NAME",
     "META_SOURCE",
     "Font",
     "Typeface",
     "line_height",
     "path_inside",
-    "read_job",
     "text_width",
-    "write_atomic",
 ]
 
 # the package folder (either import name): where its data files are
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 FONT_FILE = "fonts/DejaVuSans.ttf"  # package data of `pipeline`
-GRIDS_DIR = "grids"
-JOB_NAME = "job.json"
 META_SOURCE = "synthaug.source"  # every sheet grid.py writes has it; gallery finds sheets by it
 ELLIPSIS = "…"
 ASCII_ELLIPSIS = "..."
@@ -185,26 +174,6 @@ def _fit_chars(font: Font, word: str, width: int) -> int:
 # --- what grid.py and gallery.py both read from OUT ------------------------------------------
 
 
-def read_job(out_dir: Path) -> dict[str, Any]:
-    """``OUT/job.json`` as a dict, or ``{}`` when it is absent or unreadable (never required).
-
-    Its ``spec`` is cut to the file name: OUT is meant to be zipped and shared, and an
-    older synthaug recorded the spec's absolute path (the author's home folder).
-    """
-    try:
-        data = json.loads((out_dir / JOB_NAME).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring %s: %s", out_dir / JOB_NAME, exc)
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    if data.get("spec"):
-        data["spec"] = PurePosixPath(str(data["spec"]).replace("\\", "/")).name
-    return data
-
-
 def path_inside(out_dir: Path, relative: str) -> Path | None:
     """`relative` under OUT, or None when it is absolute or climbs out (a hand-edited line)."""
     pure = PurePosixPath(relative)
@@ -213,13 +182,3 @@ def path_inside(out_dir: Path, relative: str) -> Path | None:
     return out_dir.joinpath(*pure.parts)
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Let `write` fill a temporary file beside `path`, then rename: no reader sees half a file."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # umask applies
-    try:
-        with tmp.open("xb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

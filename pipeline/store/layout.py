@@ -1,0 +1,165 @@
+"""OUT's layout: what a run leaves in its output folder, under which names, and the one
+way synthaug replaces a file there.
+
+    OUT/manifest.jsonl                     the checkpoint (`pipeline.manifest`)
+    OUT/images/<source>/<key16>-<i>.<ext>  the images (`pipeline.store.files`)
+    OUT/job.json                           what the last run was asked to do
+    OUT/summary.json                       how the last run ended
+    OUT/grids/<source>.png, OUT/index.html, OUT/thumbs/   the views (`pipeline.views`)
+    OUT/.manifest.jsonl.state, OUT/.inputs.json           disposable caches
+    OUT/.synthaug.lock                     held while a run writes
+
+A file synthaug replaces is written under a temporary name in its own folder, fsynced and
+renamed over the old one (`write_atomic`): a reader, or a run that resumes after a crash,
+sees the old file or the new one, never half of either. Temporary names start with a dot
+and end in `TMP_SUFFIX`, so a sweep can find what a killed run left.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from ..errors import OutputError
+
+__all__ = [
+    "GRIDS_DIR",
+    "IMAGES_DIR",
+    "INDEX_NAME",
+    "JOB_NAME",
+    "MANIFEST_NAME",
+    "SUMMARY_NAME",
+    "THUMBS_DIR",
+    "TMP_SUFFIX",
+    "fsync_dir",
+    "output_error",
+    "read_job",
+    "read_json",
+    "temp_path",
+    "write_all",
+    "write_atomic",
+    "write_json_atomic",
+]
+
+MANIFEST_NAME = "manifest.jsonl"
+IMAGES_DIR = "images"
+JOB_NAME = "job.json"
+SUMMARY_NAME = "summary.json"
+GRIDS_DIR = "grids"
+INDEX_NAME = "index.html"
+THUMBS_DIR = "thumbs"
+TMP_SUFFIX = ".tmp"
+
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+log = logging.getLogger(__name__)
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh temporary name beside `path` (a dot file ending in `TMP_SUFFIX`)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (os.write may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def write_atomic(
+    path: Path, data: bytes | Callable[[IO[bytes]], object], *, fsync: bool = True
+) -> None:
+    """Replace `path` by `data` (bytes, or a function that writes to a file): temporary
+    file in the same folder, fsync, rename. Raises `OSError`; no temp file is left.
+
+    The folder is created only when opening the temporary file finds it missing (a stat
+    per image saved). The caller makes the rename durable (`fsync_dir`) when it must.
+    `fsync=False` is for disposable files (caches), where a crash may lose the update.
+    """
+    tmp = temp_path(path)
+    renamed = False
+    try:
+        try:
+            fd = os.open(tmp, _TMP_FLAGS, 0o644)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, _TMP_FLAGS, 0o644)
+        with os.fdopen(fd, "wb", buffering=0) as fh:
+            if isinstance(data, bytes):
+                write_all(fd, data)
+            else:
+                data(fh)
+            if fsync:
+                os.fsync(fd)
+        os.replace(tmp, path)
+        renamed = True
+    finally:
+        if not renamed:
+            tmp.unlink(missing_ok=True)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable; some filesystems cannot fsync a folder."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def output_error(path: Path, exc: OSError) -> OutputError:
+    """What the user is told when writing `path` failed, and how to go on."""
+    if exc.errno in _DISK_FULL:
+        return OutputError(
+            f"disk full writing {path}: free space and run the same command again to resume"
+        )
+    reason = exc.strerror or type(exc).__name__
+    return OutputError(f"cannot write {path} ({reason}): fix the output dir and run again")
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Replace `path` with `data` as JSON, durably (job.json, summary.json); `OutputError`
+    when the disk refuses."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+    try:
+        write_atomic(path, text.encode("utf-8"))
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise output_error(path, exc) from exc
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file of OUT, or None when it is absent, unreadable or not an object
+    (these files describe a run; none of them is ever required)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_job(out_dir: Path) -> dict[str, Any]:
+    """``OUT/job.json`` as a dict, ``{}`` when it is absent or unreadable.
+
+    Its ``spec`` is cut to the file name: OUT is meant to be zipped and shared, and an
+    older synthaug recorded the spec's absolute path (the author's home folder).
+    """
+    job = read_json(out_dir / JOB_NAME) or {}
+    if job.get("spec"):
+        job["spec"] = PurePosixPath(str(job["spec"]).replace("\\", "/")).name
+    return job
