@@ -28,10 +28,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .control import RunControl
 from .engine import RunStats
 from .manifest.cache import load_cached_state
 from .plan import Plan, build_plan
-from .runner import RunControl, check_key_scheme, run_job
+from .runner import check_key_scheme, run_job
 from .spec.model import Spec, spec_from_data
 from .spec.model import load_spec as _load_spec_file
 from .store.layout import MANIFEST_NAME

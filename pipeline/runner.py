@@ -13,9 +13,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
-import signal
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from typing import Any
 
 from . import items as items_mod
 from .backends.base import Backend
+from .control import RunControl, signal_handlers
 from .credentials import DIRECT, ProxySettings, read_api_key, read_proxy_settings
 from .engine import Engine, RunStats, StopReason, utc_now
 from .errors import (
@@ -48,7 +47,7 @@ from .store import layout
 from .store.layout import JOB_NAME, MANIFEST_NAME, SUMMARY_NAME
 from .store.lock import acquire_lock
 
-__all__ = ["JobResult", "RunControl", "check_key_scheme", "recorded_key_scheme", "run_job"]
+__all__ = ["JobResult", "check_key_scheme", "recorded_key_scheme", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ async def _run_engine(
             on_progress=on_progress,
         )
         try:
-            async with _signal_handlers(engine, enabled=install_signals), control.attached(engine):
+            async with signal_handlers(engine, enabled=install_signals), control.attached(engine):
                 await engine.run()
         except asyncio.CancelledError:
             if engine.stop_reason not in ("sigint", "sigterm"):
@@ -216,48 +215,6 @@ def _gc_spares_state(frozen: bool) -> Iterator[None]:
     finally:
         if frozen:
             gc.unfreeze()
-
-
-class RunControl:
-    """Stops a run gracefully from any thread: what a scheduler's cancel hook calls.
-
-    Like a first SIGINT: nothing new starts, in-flight items get the grace period, the
-    manifest stays consistent, and the result's stop reason is ``stopped`` (exit 130).
-    A stop asked for before the run starts takes effect as soon as it does.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._target: tuple[asyncio.AbstractEventLoop, Engine] | None = None
-        self._requested = False
-
-    @property
-    def stop_requested(self) -> bool:
-        """True once `stop` was called."""
-        return self._requested
-
-    def stop(self) -> None:
-        """Ask the run to stop; safe from any thread, and more than once."""
-        with self._lock:
-            self._requested = True
-            target = self._target
-        if target is not None:
-            loop, engine = target
-            loop.call_soon_threadsafe(engine.stop, "stopped")
-
-    @contextlib.asynccontextmanager
-    async def attached(self, engine: Engine) -> AsyncIterator[None]:
-        """Route `stop` to `engine` while the run lasts."""
-        with self._lock:
-            self._target = (asyncio.get_running_loop(), engine)
-            requested = self._requested
-        if requested:
-            engine.stop("stopped")
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._target = None
 
 
 async def _write_summary(path: Path, summary: dict[str, Any]) -> None:
@@ -415,32 +372,3 @@ async def _open_backend(
         proxies=proxies,
     ) as backend:
         yield backend
-
-
-@contextlib.asynccontextmanager
-async def _signal_handlers(engine: Engine, *, enabled: bool) -> AsyncIterator[None]:
-    """First SIGINT/SIGTERM: stop starting, let in-flight finish; second: cancel at once."""
-    if not enabled:
-        yield
-        return
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-
-    def on_signal(reason: StopReason) -> None:
-        if engine.stopping and engine.stop_reason in ("sigint", "sigterm"):
-            log.warning("second signal: cancelling in-flight requests now")
-            task.cancel()
-            return
-        log.warning(
-            "%s received: finishing in-flight requests (again to cancel them)", reason.upper()
-        )
-        engine.stop(reason)
-
-    loop.add_signal_handler(signal.SIGINT, on_signal, "sigint")
-    loop.add_signal_handler(signal.SIGTERM, on_signal, "sigterm")
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
-        loop.remove_signal_handler(signal.SIGTERM)
