@@ -106,7 +106,7 @@ async def _measured(work: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, 
 
 async def _run_synthaug(spec_path: Path) -> dict[str, Any]:
     from pipeline.runner import run_job
-    from pipeline.spec.model import load_spec
+    from pipeline.spec.load import load_spec
 
     spec = load_spec(spec_path)
     result = await run_job(spec, spec_path=spec_path, install_signals=False)

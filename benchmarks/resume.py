@@ -53,7 +53,7 @@ from pipeline.mockapi.image import photo
 from pipeline.mockapi.server import draw_image
 from pipeline.records import ItemRecord, OutputFile
 from pipeline.runner import _write_job_json
-from pipeline.spec.model import load_spec
+from pipeline.spec.load import load_spec
 from pipeline.store.files import output_path
 
 REPEAT = 3  # runs per resume case: the table shows the median

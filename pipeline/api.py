@@ -33,8 +33,9 @@ from .engine import RunStats
 from .manifest.cache import load_cached_state
 from .plan import Plan, build_plan
 from .runner import check_key_scheme, run_job
-from .spec.model import Spec, spec_from_data
-from .spec.model import load_spec as _load_spec_file
+from .spec.load import load_spec as _load_spec_file
+from .spec.load import spec_from_data
+from .spec.model import Spec
 from .store.layout import MANIFEST_NAME
 from .views.report import status_report
 
@@ -148,9 +149,7 @@ def run(
         pass
     else:
         raise RuntimeError("synthaug.run() blocks: in async code, await synthaug.run_async()")
-    return asyncio.run(
-        run_async(spec, verify=verify, control=control, on_progress=on_progress)
-    )
+    return asyncio.run(run_async(spec, verify=verify, control=control, on_progress=on_progress))
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,9 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument("spec", type=Path, metavar="SPEC.yaml")
-    run.add_argument(
-        "--backend", choices=list(BACKENDS), help="override backend.kind"
-    )
+    run.add_argument("--backend", choices=list(BACKENDS), help="override backend.kind")
     run.add_argument("--concurrency", type=int, metavar="N", help="requests in flight at most")
     run.add_argument("--rate", metavar="R", help="request starts: N/s, N/min, N/h or per second")
     run.add_argument("--max-attempts", type=int, metavar="N", help="tries per item")
@@ -196,7 +194,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _load(path: Path) -> Spec:
-    from .spec.model import load_spec
+    from .spec.load import load_spec
 
     if not path.exists():
         raise UsageError(f"{path}: no such spec file")
@@ -221,7 +219,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_job
-    from .spec.model import apply_overrides
+    from .spec.load import apply_overrides
 
     spec = apply_overrides(
         _load(args.spec),
@@ -306,7 +304,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 def _cmd_mock_server(args: argparse.Namespace) -> int:
     from .mockapi.server import MockConfig, run_mock_server
-    from .spec.model import parse_rate
+    from .spec.fields import parse_rate
 
     if not 0.0 <= args.error_rate <= 1.0:
         raise UsageError(f"--error-rate must be between 0 and 1, got {args.error_rate}")
@@ -319,7 +317,7 @@ def _cmd_mock_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from .spec.model import json_schema
+    from .spec.load import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return EXIT_OK

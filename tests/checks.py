@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.runner import JobResult, run_job
-from pipeline.spec.model import load_spec
+from pipeline.spec.load import load_spec
 
 
 def assert_outputs_valid(out: Path) -> None:

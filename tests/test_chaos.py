@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline import runner as runner_mod
-from pipeline.mockapi import server as mock_mod
 from pipeline.limiter import Limiter
 from pipeline.manifest.log import read_latest
+from pipeline.mockapi import server as mock_mod
 from pipeline.mockapi.server import (
     FAULT_KINDS,
     MockConfig,
@@ -35,7 +35,7 @@ from pipeline.mockapi.server import (
     RetryAfterForm,
 )
 from pipeline.runner import JobResult, run_job
-from pipeline.spec.model import load_spec
+from pipeline.spec.load import load_spec
 
 KEY = "sk-chaos-0c5e1f"
 PROMPTS = 10

@@ -21,7 +21,8 @@ from pipeline.items import expand_drafts
 from pipeline.limiter import Limiter
 from pipeline.manifest.log import ManifestState, ManifestWriter, load_state, read_latest, read_lines
 from pipeline.records import GeneratedImage, Generation, WorkItem
-from pipeline.spec.model import Spec, spec_from_data
+from pipeline.spec.load import spec_from_data
+from pipeline.spec.model import Spec
 from pipeline.store.files import StoredFiles
 
 

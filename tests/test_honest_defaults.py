@@ -21,7 +21,7 @@ from pipeline.items import expand_items, item_key
 from pipeline.manifest.log import read_lines
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.pricing import cost_from_usage
-from pipeline.spec.model import load_spec
+from pipeline.spec.load import load_spec
 
 KEY = "test-key-honest"
 OPENAI_KEYS = {"model", "quality", "style", "size", "n", "output_format", "background"}

@@ -27,7 +27,7 @@ from pipeline.items import (
 )
 from pipeline.records import request_body
 from pipeline.sources import HashCache, InputChangedError, read_input_bytes
-from pipeline.spec.model import load_spec
+from pipeline.spec.load import load_spec
 
 
 def write_png(path: Path, colour: tuple[int, int, int]) -> None:

@@ -14,7 +14,8 @@ from pipeline.items import expand_items
 from pipeline.manifest.log import ManifestState, ManifestWriter, load_state
 from pipeline.plan import build_plan, format_plan
 from pipeline.pricing import price_per_image
-from pipeline.spec.model import Spec, load_spec
+from pipeline.spec.load import load_spec
+from pipeline.spec.model import Spec
 
 GRID = {"name": "grid", "prompt": "{s} {t}", "vars": {"s": ["fall", "winter"], "t": ["oak", "elm"]}}
 PAIRS = {"name": "pairs", "prompt": "two cats", "repeats": 3, "params": {"n": 2}}

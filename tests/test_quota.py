@@ -12,7 +12,7 @@ from pipeline.errors import EXIT_FATAL
 from pipeline.limiter import LearnedPace
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.runner import read_learned_pace
-from pipeline.spec.model import load_spec
+from pipeline.spec.load import load_spec
 
 KEY = "sk-test-quota-5b1e"
 

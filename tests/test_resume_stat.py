@@ -22,7 +22,7 @@ from pipeline.manifest.log import read_latest
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.runner import JobResult, run_job
 from pipeline.sources import INPUT_HASHES_NAME, HashCache
-from pipeline.spec.model import load_spec
+from pipeline.spec.load import load_spec
 
 KEY = "sk-test-resume-stat-51c2"
 HOUR_NS = 3600 * 10**9

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.items import check_max_items
-from pipeline.spec.model import json_schema, load_spec
+from pipeline.spec.load import json_schema, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 

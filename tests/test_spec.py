@@ -12,7 +12,9 @@ from PIL import Image
 
 from pipeline.credentials import read_api_key
 from pipeline.errors import CredentialsError, SpecError, UsageError
-from pipeline.spec.model import BackendSettings, apply_overrides, load_spec, parse_rate
+from pipeline.spec.fields import parse_rate
+from pipeline.spec.load import apply_overrides, load_spec
+from pipeline.spec.model import BackendSettings
 
 HEAD = """\
 version: 1

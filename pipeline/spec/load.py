@@ -1,0 +1,308 @@
+"""Loading a job spec: read once into frozen settings, or fail with one clear line.
+
+`load_spec` (a YAML file) and `spec_from_data` (a dict) validate the model, then apply the
+rules that span several keys and the checks only the disk can answer (globs match,
+folders hold images, files are images, every template placeholder has values), each as a
+`SpecError` naming the file, key path and line. Command-line flags are applied by
+`apply_overrides`, validated like the YAML values; `json_schema` is the editors' schema.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import (
+    ValidationError,
+)
+
+from ..errors import SpecError, UsageError
+from ..registry import BACKENDS, backend_kind
+from ..sources import (
+    DEFAULT_EXTENSIONS,
+    InputError,
+    check_image_file,
+    list_globs,
+)
+from .fields import INPUT_KINDS, parse_rate
+from .model import BackendSettings, Params, SourceSpec, Spec
+from .models import MODELS
+from .template import TemplateError, count_variants, parse_template, resolve_values
+from .yamlfile import did_you_mean, read_yaml, show_value, validation_error
+
+__all__ = [
+    "apply_overrides",
+    "json_schema",
+    "load_spec",
+    "spec_from_data",
+]
+
+
+class _Problem(Exception):
+    """A spec problem found after validation, at `key_path`."""
+
+    def __init__(self, key_path: str, message: str, value: object = None) -> None:
+        super().__init__(message)
+        self.key_path, self.message, self.value = key_path, message, value
+
+
+def load_spec(path: Path | str) -> Spec:
+    """Read, validate and check the spec at `path`; raise one `SpecError` for any mistake."""
+    shown = str(path)
+    data, lines = read_yaml(Path(path), shown)
+    return _build_checked(data, Path(path).absolute().parent, shown, lines)
+
+
+def spec_from_data(
+    data: Mapping[str, Any], *, base_dir: Path | str | None = None, name: str = "<dict>"
+) -> Spec:
+    """Validate and check a spec given as data (what YAML would load to).
+
+    Relative paths resolve against `base_dir` (default: the current directory); errors
+    name `name` where a file's would name the file, without line numbers.
+    """
+    if not isinstance(data, Mapping):
+        raise SpecError(f"a spec is a mapping of keys, got {type(data).__name__}", file=name)
+    folder = Path(base_dir if base_dir is not None else Path.cwd()).absolute()
+    return _build_checked(copy.deepcopy(dict(data)), folder, name, {})
+
+
+def _build_checked(
+    data: Mapping[str, Any], spec_dir: Path, shown: str, lines: Mapping[str, int]
+) -> Spec:
+    """`_build`, then the checks only the disk can answer."""
+    spec = _build(data, spec_dir, shown, lines)
+    try:
+        _check_inputs(spec)
+    except _Problem as exc:
+        raise spec.error(exc.key_path, exc.message, exc.value) from None
+    return spec
+
+
+def _build(data: Mapping[str, Any], spec_dir: Path, shown: str, lines: Mapping[str, int]) -> Spec:
+    """Validate `data` into a `Spec` and run the checks that span several keys."""
+    context = {"spec_dir": spec_dir, "spec_file": shown, "lines": lines, "raw": data}
+    try:
+        spec = Spec.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise validation_error(exc, Spec, shown, lines) from None
+    try:
+        _check_semantics(spec)
+    except _Problem as exc:
+        raise spec.error(exc.key_path, exc.message, exc.value) from None
+    return spec
+
+
+def _check_semantics(spec: Spec) -> None:
+    """Rules spanning several keys; raise `_Problem` at the key to fix."""
+    _check_base_url(spec.backend)
+    if backend_kind(spec.backend.kind).needs_project and not spec.project_url:
+        raise _Problem(
+            "project_url",
+            f"required for backend {spec.backend.kind} (the project to add images to)",
+        )
+    seen: dict[str, int] = {}
+    for index, source in enumerate(spec.sources):
+        at = f"sources[{index}]"
+        if source.name in seen:
+            raise _Problem(
+                f"{at}.name",
+                f"duplicate source name '{source.name}' (see sources[{seen[source.name]}])",
+            )
+        seen[source.name] = index
+        _check_source_keys(source, at)
+        _check_params(spec.source_params(source), source.params, at)
+
+
+def _check_params(params: Mapping[str, Any], own: Params, at: str) -> None:
+    """Combinations the API would refuse, caught before anything is paid for.
+
+    `params` are a source's merged parameters; the key path names the source's own
+    key when it set it, the global one otherwise.
+    """
+
+    def where(key: str) -> str:
+        return f"{at}.params.{key}" if getattr(own, key) is not None else f"params.{key}"
+
+    model = MODELS.get(str(params.get("model")))
+    size = params.get("size")
+    if model is not None and size is not None and size not in model.sizes:
+        raise _Problem(
+            where("size"),
+            f"{model.name} makes {', '.join(model.sizes)}, not {size}",
+            size,
+        )
+    output_format = params.get("output_format")
+    if params.get("output_compression") is not None and output_format not in ("jpeg", "webp"):
+        raise _Problem(where("output_compression"), "only applies with output_format jpeg or webp")
+    if params.get("background") == "transparent" and output_format == "jpeg":
+        raise _Problem(
+            where("background"), "a transparent background needs output_format png or webp"
+        )
+
+
+def _check_base_url(backend: BackendSettings) -> None:
+    parts = urlsplit(backend.base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Problem(
+            "backend.base_url", f"expected an http(s) URL, got {show_value(backend.base_url)}"
+        )
+    if (
+        parts.scheme == "http"
+        and not backend.allow_insecure_http
+        and not _is_loopback(parts.hostname)
+    ):
+        raise _Problem(
+            "backend.base_url",
+            "plain http would send the API key in clear; use https "
+            "(or set backend.allow_insecure_http: true)",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_source_keys(source: SourceSpec, at: str) -> None:
+    given = [kind for kind in INPUT_KINDS if getattr(source, kind) is not None]
+    if len(given) > 1:
+        raise _Problem(
+            f"{at}.{given[1]}", f"a source takes one input kind, found {' and '.join(given)}"
+        )
+    for key in ("recursive", "extensions"):
+        if source.folder is None and getattr(source, key) is not None:
+            raise _Problem(f"{at}.{key}", "only applies to a folder source")
+    if source.combine == "sample" and source.samples is None:
+        raise _Problem(f"{at}.samples", "required with combine: sample")
+    for key in ("samples", "seed"):
+        if source.combine != "sample" and getattr(source, key) is not None:
+            raise _Problem(f"{at}.{key}", "only applies with combine: sample")
+    if source.params.force_caption_regenerate is not None and source.roboflow_ids is None:
+        raise _Problem(f"{at}.params.force_caption_regenerate", "only applies to roboflow_ids")
+
+
+def _check_inputs(spec: Spec) -> None:
+    """What only the disk can tell: templates resolve, globs match, files are images."""
+    for index, source in enumerate(spec.sources):
+        at = f"sources[{index}]"
+        _check_prompt(spec, source, at)
+        if source.images is not None:
+            for number, pattern in enumerate(source.images):
+                files = list_globs([pattern], spec.spec_dir)
+                if not files:
+                    raise _Problem(f"{at}.images[{number}]", f"no files match {pattern}", pattern)
+                _check_files(files, f"{at}.images[{number}]")
+        elif source.folder is not None:
+            _check_folder(spec, source, at)
+
+
+def _check_prompt(spec: Spec, source: SourceSpec, at: str) -> None:
+    try:
+        template = parse_template(source.prompt)
+    except TemplateError as exc:
+        raise _Problem(f"{at}.prompt", str(exc), source.prompt) from None
+    try:
+        values = resolve_values(template, source.vars, spec.spec_dir)
+    except TemplateError as exc:
+        if exc.var in source.vars:
+            raise _Problem(f"{at}.vars.{exc.var}", str(exc)) from None
+        hint = did_you_mean(exc.var or "", source.vars)
+        raise _Problem(f"{at}.prompt", f"{exc}{hint}", source.prompt) from None
+    try:
+        count_variants(values, source.combine, source.samples)
+    except TemplateError as exc:
+        key = "samples" if source.combine == "sample" else "vars"
+        raise _Problem(f"{at}.{key}", str(exc)) from None
+
+
+def _check_folder(spec: Spec, source: SourceSpec, at: str) -> None:
+    folder = spec.spec_dir / str(source.folder)
+    if not folder.is_dir():
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise _Problem(f"{at}.folder", f"{source.folder} {state}", source.folder)
+    if not _check_files(source.iter_files(spec.spec_dir), f"{at}.folder"):
+        extensions = ", ".join(source.extensions or DEFAULT_EXTENSIONS)
+        recursive = ", recursive" if source.recursive else ""
+        raise _Problem(
+            f"{at}.folder", f"no images in {source.folder} (extensions {extensions}{recursive})"
+        )
+
+
+def _check_files(files: Iterator[Path] | list[Path], key_path: str) -> int:
+    count = 0
+    for path in files:
+        try:
+            check_image_file(path)
+        except InputError as exc:
+            raise _Problem(key_path, str(exc), str(path)) from None
+        count += 1
+    return count
+
+
+def apply_overrides(
+    spec: Spec,
+    *,
+    backend: str | None = None,
+    concurrency: int | None = None,
+    rate_limit: str | None = None,
+    max_attempts: int | None = None,
+    max_images: int | None = None,
+    output_dir: Path | str | None = None,
+    retry_failed: bool | None = None,
+) -> Spec:
+    """`spec` with command-line flags applied, validated like the YAML values.
+
+    A flag value that is wrong raises `UsageError`; a combination the new values make
+    invalid (``--backend roboflow`` on a spec without project_url) raises `SpecError`.
+    `output_dir` is relative to the current directory, like any path on a command line.
+    """
+    raw: dict[str, Any] = copy.deepcopy(dict(spec._raw))
+    sections = {key: dict(raw.get(key) or {}) for key in ("backend", "run")}
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise UsageError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+        sections["backend"]["kind"] = backend
+    for flag, key, value in (
+        ("--concurrency", "concurrency", concurrency),
+        ("--max-attempts", "max_attempts", max_attempts),
+        ("--max-images", "max_images", max_images),
+    ):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{flag}: must be a whole number of at least 1, got {value!r}")
+            sections["run"][key] = value
+    if rate_limit is not None:
+        try:
+            sections["run"]["rate_limit"] = parse_rate(rate_limit)
+        except ValueError as exc:
+            raise UsageError(f"--rate: {exc}") from None
+    if retry_failed is not None:
+        sections["run"]["retry_failed"] = retry_failed
+    if output_dir is not None:
+        raw["output_dir"] = str(Path(output_dir).expanduser().absolute())
+    raw.update({key: value for key, value in sections.items() if value or key in raw})
+    return _build(raw, spec.spec_dir, spec.spec_file, spec._lines)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of a job spec (``configs/schema.json``), for editors and CI."""
+    schema = Spec.model_json_schema()
+    schema["required"] = [k for k in schema["required"] if k != "output_dir"]  # has a default
+    schema["properties"]["version"]["const"] = 1
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+if __name__ == "__main__":  # python -m pipeline.spec.load > configs/schema.json
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
