@@ -194,9 +194,7 @@ def _plan_source(
         failed=status["failed"],
         generated=status["generated"],
         to_run=items - status["ok"] - skipped,
-        price_per_image=price_per_image(
-            params, spec.run.price_per_image, free=is_free(spec)
-        ),
+        price_per_image=price_per_image(params, spec.run.price_per_image, free=is_free(spec)),
         price_note=unknown_price_reason(params),
     )
 

@@ -65,9 +65,7 @@ def check_cost_budget(spec: Spec) -> None:
         return
     for index, source in enumerate(spec.sources):
         params = spec.source_params(source)
-        if (
-            price_per_image(params, spec.run.price_per_image, free=is_free(spec)) is None
-        ):
+        if price_per_image(params, spec.run.price_per_image, free=is_free(spec)) is None:
             raise spec.error(
                 "run.max_cost_usd",
                 f"needs a known price, and sources[{index}] ('{source.name}') has none: "

@@ -180,5 +180,3 @@ def path_inside(out_dir: Path, relative: str) -> Path | None:
     if not relative or pure.is_absolute() or ".." in pure.parts:
         return None
     return out_dir.joinpath(*pure.parts)
-
-
