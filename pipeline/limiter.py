@@ -129,6 +129,7 @@ class Limiter:
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         default_pause_s: float = DEFAULT_PAUSE_S,
+        max_default_pause_s: float = MAX_DEFAULT_PAUSE_S,
         min_rate_fraction: float = DEFAULT_MIN_RATE_FRACTION,
         learned: LearnedPace | None = None,
     ) -> None:
@@ -146,6 +147,7 @@ class Limiter:
         self._clock = clock
         self._sleep = sleep
         self._default_pause_s = default_pause_s
+        self._max_default_pause_s = max(max_default_pause_s, default_pause_s)
         self._adaptive = rate is not None or image_rate is not None
         factor, threshold = _learned_factors(learned, rate, image_rate)
         self._pace = Pace(
@@ -260,7 +262,7 @@ class Limiter:
         if retry_after is not None:
             return max(0.0, retry_after)
         doublings = max(self._silent_429s - 1, 0)
-        return min(self._default_pause_s * 2.0 ** min(doublings, 32), MAX_DEFAULT_PAUSE_S)
+        return min(self._default_pause_s * 2.0 ** min(doublings, 32), self._max_default_pause_s)
 
     async def _acquire(self, n: int) -> None:
         """Queue up, wait until at the head and admitted, then count the start."""

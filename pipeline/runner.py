@@ -139,6 +139,9 @@ async def _run_engine(
         rate=run.rate_limit,
         image_rate=run.image_rate_limit,
         concurrency=run.concurrency,
+        # a 429 without Retry-After waits like a first retry, doubling like retries do
+        default_pause_s=run.backoff_base_s,
+        max_default_pause_s=run.backoff_max_s,
         learned=await asyncio.to_thread(read_learned_pace, spec),
     )
     started_at, t0 = utc_now(), time.monotonic()

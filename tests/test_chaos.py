@@ -10,7 +10,6 @@ Derandomized: the same examples run on every machine.
 from __future__ import annotations
 
 import asyncio
-import functools
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Mapping
@@ -23,8 +22,6 @@ from checks import assert_outputs_valid, write_job_spec
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pipeline import runner as runner_mod
-from pipeline.limiter import Limiter
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi import server as mock_mod
 from pipeline.mockapi.server import (
@@ -43,7 +40,6 @@ TIMEOUT_S = 0.75
 SLOW_S = 1.0  # > TIMEOUT_S: a slow answer is a client timeout
 RETRY_AFTER_S = 0.2  # > the mock's pause grace, so a start in the pause is caught
 LATENCY_S = 0.03  # spreads starts out, so a client ignoring a pause would start inside it
-NO_RETRY_AFTER_PAUSE_S = 0.05  # the limiter's pause for a 429 without Retry-After
 
 # The error kind an item must end with when this fault hit its last attempt.
 EXPECTED_KIND: Mapping[str, str] = {
@@ -227,12 +223,6 @@ def test_any_fault_mix_ends_every_item_ok_or_failed_with_its_kind(
     log = FaultLog()
     with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as tmp:
         log.install(patch)
-        # A 429 without Retry-After pauses 5 s by default; the spec has no knob for it.
-        patch.setattr(
-            runner_mod,
-            "Limiter",
-            functools.partial(Limiter, default_pause_s=NO_RETRY_AFTER_PAUSE_S),
-        )
         result, server = asyncio.run(run_scenario(Path(tmp), scenario))
         check_invariants(Path(tmp) / "out", scenario, result, server, log)
 

@@ -159,7 +159,10 @@ class RunSettings(_Model):
     image_rate_limit: Rate = Field(default=None, description="images (requests x n) per period")
     max_attempts: int = Field(default=6, ge=1, le=MAX_ATTEMPTS)
     backoff_base_s: float = Field(
-        default=1.0, gt=0, description="first retry waits up to this (full jitter), doubling"
+        default=1.0, gt=0, description=(
+            "first retry waits up to this (full jitter), doubling; a 429 without "
+            "Retry-After pauses every start this long, doubling"
+        )
     )
     backoff_max_s: float = Field(default=60.0, gt=0, description="longest wait between attempts")
     max_images: int | None = Field(default=None, ge=1, description="image budget for this run")
