@@ -140,20 +140,6 @@ class OutputFile:
             "mtime_ns": self.mtime_ns,
         }
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> OutputFile:
-        """Read the manifest form back."""
-        return cls(
-            path=str(data["path"]),
-            sha256=str(data["sha256"]),
-            width=int(data.get("width", 0)),
-            height=int(data.get("height", 0)),
-            url=data.get("url"),
-            id=data.get("id"),
-            bytes=data.get("bytes"),
-            mtime_ns=data.get("mtime_ns"),
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:

@@ -4,59 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import selectors
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from conftest import run_virtual as run
 
 from pipeline.limiter import LearnedPace, Limiter, LimiterStats, learned_pace
 from pipeline.records import RateLimitHint
-
-T = TypeVar("T")
-
-
-class _VirtualSelector(selectors.DefaultSelector):
-    """Never blocks: when nothing is ready, the virtual clock jumps to the next timer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.now = 0.0
-
-    def select(self, timeout: float | None = None) -> list[Any]:
-        events: list[Any] = super().select(0)
-        if events or timeout == 0:
-            return events
-        if timeout is None:  # nothing scheduled and nothing ready: the test would hang
-            raise RuntimeError("deadlock: every task waits and no timer is pending")
-        self.now += timeout
-        return events
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    """An event loop on virtual time: `asyncio.sleep(3600)` returns at once, an hour later."""
-
-    def __init__(self) -> None:
-        self._virtual = _VirtualSelector()
-        super().__init__(self._virtual)
-
-    def time(self) -> float:
-        return self._virtual.now
-
-
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` to completion on a fresh virtual-time loop."""
-    loop = VirtualTimeLoop()
-    try:
-        return loop.run_until_complete(main)
-    finally:
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()
 
 
 class Recorder:

@@ -78,11 +78,6 @@ class ImageInfo:
     width: int
     height: int
 
-    @property
-    def ext(self) -> str:
-        """The file extension for this format (same as `format`)."""
-        return self.format
-
 
 def check_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Format and size of `data`; a retryable ``bad_image`` error if it is not whole.
