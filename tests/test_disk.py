@@ -21,6 +21,7 @@ from checks import ThreadedMock, assert_outputs_valid, run_spec, write_job_spec
 from pipeline.cli import main
 from pipeline.manifest.log import read_latest, read_lines
 from pipeline.mockapi.server import MockConfig, MockServer
+from pipeline.store.files import TEMP_DIR
 from pipeline.store.layout import IMAGES_DIR, MANIFEST_NAME
 
 KEY = "sk-disk-4a1f0e"
@@ -58,8 +59,8 @@ def kill_before_ok_line(out: Path, victims: int, *, torn: bool, renamed: bool) -
     """Rewrite OUT as if the run died while finishing the last `victims` items.
 
     Their ``ok`` lines go (the last one torn halfway when `torn`), each leaves a
-    half-written temp file beside its image, and its image is either already renamed
-    into place (`renamed`) or not there yet. Returns the victims' keys.
+    half-written temp file where `store_image` writes them (OUT/images/.incoming), and
+    its image is either already renamed into place (`renamed`) or not there yet. Returns the victims' keys.
     """
     manifest = out / "manifest.jsonl"
     lines = manifest.read_bytes().splitlines(keepends=True)
@@ -69,7 +70,9 @@ def kill_before_ok_line(out: Path, victims: int, *, torn: bool, renamed: bool) -
         for output in json.loads(lines[i])["outputs"]:
             image = out / output["path"]
             data = image.read_bytes()
-            image.with_name(f".{image.name}.dead{i:04d}.tmp").write_bytes(data[: len(data) // 2])
+            temp = out / IMAGES_DIR / TEMP_DIR / f".{image.name}.dead{i:04d}.tmp"
+            temp.parent.mkdir(exist_ok=True)
+            temp.write_bytes(data[: len(data) // 2])
             if not renamed:
                 image.unlink()
     kept = [raw for i, raw in enumerate(lines) if i not in ok_at]

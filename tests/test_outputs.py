@@ -20,6 +20,7 @@ from PIL import Image, ImageFile
 from pipeline.errors import OutputError, TransientError
 from pipeline.records import OutputFile
 from pipeline.store.files import (
+    TEMP_DIR,
     ImageInfo,
     StoredFiles,
     check_writable,
@@ -139,7 +140,7 @@ def test_output_path_refuses_source_names_that_escape_out(tmp_path: Path, source
 
 
 def _leftovers(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.name.endswith(".tmp"))
+    return sorted(p for p in root.rglob("*.tmp") if p.is_file())
 
 
 def test_store_image_writes_verified_file_and_describes_it(tmp_path: Path) -> None:
@@ -306,9 +307,11 @@ def test_stored_files_ignores_a_symlink_in_place_of_an_image(tmp_path: Path) -> 
 def test_sweep_temp_files_removes_only_leftover_temps(tmp_path: Path) -> None:
     """Temp files from killed runs are deleted and counted; real files stay."""
     folder = tmp_path / "images" / "s"
+    incoming = tmp_path / "images" / TEMP_DIR
     folder.mkdir(parents=True)
-    keep = [folder / "abc-0.png", folder / "notes.tmp", tmp_path / "manifest.jsonl"]
-    temps = [folder / ".abc-0.png.1a2b3c4d.tmp", tmp_path / ".summary.json.5e6f7a8b.tmp"]
+    incoming.mkdir()
+    keep = [folder / "abc-0.png", incoming / "notes.tmp", tmp_path / "manifest.jsonl"]
+    temps = [incoming / ".abc-0.png.1a2b3c4d.tmp", tmp_path / ".summary.json.5e6f7a8b.tmp"]
     for path in keep + temps:
         path.write_bytes(b"x")
     files = StoredFiles(tmp_path)
@@ -316,6 +319,7 @@ def test_sweep_temp_files_removes_only_leftover_temps(tmp_path: Path) -> None:
     assert all(p.exists() for p in keep)
     assert not any(p.exists() for p in temps)
     assert files.intact(["images/s/abc-0.png"])
+    (folder / ".abc-0.png.1a2b3c4d.tmp").write_bytes(b"x")
     assert not files.intact(["images/s/.abc-0.png.1a2b3c4d.tmp"])
 
 

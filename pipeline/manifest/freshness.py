@@ -16,16 +16,17 @@ its mtime, so such a "racy" stat is left to be re-hashed next time instead.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from bisect import bisect_right
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from itertools import chain
-from operator import eq, itemgetter
+from itertools import accumulate, chain
+from operator import itemgetter
 from pathlib import Path
 
 from ..store.files import StoredFiles
 from .log import Finished, Stat, recorded_hashes
 
-__all__ = ["RACY_NS", "Freshness", "check_finished", "verify_key"]
+__all__ = ["RACY_NS", "Freshness", "check_finished", "recorded_files", "settle", "verify_key"]
 
 # A stat this close to its hashing is not remembered: 2 s covers the coarsest common
 # mtime granularity (FAT); ext4, XFS, APFS and NTFS are far finer.
@@ -50,44 +51,79 @@ def check_finished(
     *,
     clock_ns: Callable[[], int] = time.time_ns,
 ) -> Freshness:
-    """Compare every finished key's files with the listing of OUT; re-hash the ones
-    whose stat differs (their hashes are read from `manifest`).
+    """Stat every finished key's files and compare with the recorded stats; re-hash the
+    ones whose stat differs (their hashes are read from `manifest`).
 
-    With nothing changed this is one C-level pass over every recorded file; the
-    per-key walk runs only when some file differs.
+    With nothing changed this is one C-level pass over every recorded file
+    (`StoredFiles.differing`); the per-key walk runs only for keys with a differing file.
     """
-    listed = files.stats()
-    paths = chain.from_iterable(map(itemgetter(1), finished.values()))
-    stats = chain.from_iterable(map(itemgetter(2), finished.values()))
-    if all(map(eq, map(listed.get, paths), stats)):
-        return Freshness()
+    paths, stats = recorded_files(finished)
+    return settle(finished, files.differing(paths, stats), files, manifest, clock_ns=clock_ns)
+
+
+def recorded_files(
+    finished: Mapping[str, Finished],
+) -> tuple[list[str], list[Stat | None]]:
+    """Every finished key's file paths and recorded stats, flattened in key order (what
+    `StoredFiles.differing` compares; `settle` maps its indexes back to keys)."""
+    values = finished.values()
+    paths = list(chain.from_iterable(map(itemgetter(1), values)))
+    return paths, list(chain.from_iterable(map(itemgetter(2), values)))
+
+
+def settle(
+    finished: Mapping[str, Finished],
+    differing: Collection[int],
+    files: StoredFiles,
+    manifest: Path,
+    *,
+    clock_ns: Callable[[], int] = time.time_ns,
+) -> Freshness:
+    """The verdict on the keys owning the files at the `differing` indexes of
+    `recorded_files(finished)`: each of their files is looked at again; a missing one
+    makes its key run again, one with another stat is re-hashed."""
     found = Freshness()
     suspects: dict[str, list[int]] = {}  # key -> indexes of files whose stat differs
-    for key, (_source, key_paths, key_stats) in finished.items():
-        now = [listed.get(path) for path in key_paths]
+    now_stats: dict[str, list[Stat | None]] = {}
+    for key in _keys_at(finished, differing):
+        _source, key_paths, key_stats = finished[key]
+        now = [files.stat(path) for path in key_paths]
         if now == list(key_stats):
-            continue
+            continue  # changed back since, or a racy first look
         if None in now:
             found.redo.add(key)
             found.missing += now.count(None)
             continue
         suspects[key] = [i for i, stat in enumerate(now) if stat != key_stats[i]]
+        now_stats[key] = now
     if suspects:
-        _rehash(found, suspects, finished, files, recorded_hashes(manifest, suspects), clock_ns)
+        hashes = recorded_hashes(manifest, suspects)
+        _rehash(found, suspects, now_stats, finished, files, hashes, clock_ns)
     return found
+
+
+def _keys_at(finished: Mapping[str, Finished], indexes: Collection[int]) -> list[str]:
+    """The keys whose files are at `indexes` of `recorded_files(finished)`, in key order."""
+    if not indexes:
+        return []
+    ends = list(accumulate(map(len, map(itemgetter(1), finished.values()))))
+    keys = list(finished)
+    owners = {bisect_right(ends, index) for index in indexes}
+    return [keys[owner] for owner in sorted(owners) if owner < len(keys)]
 
 
 def _rehash(
     found: Freshness,
     suspects: Mapping[str, list[int]],
+    now_stats: Mapping[str, list[Stat | None]],
     finished: Mapping[str, Finished],
     files: StoredFiles,
     hashes: Mapping[str, tuple[str, ...]],
     clock_ns: Callable[[], int],
 ) -> None:
     """Re-hash the files whose stat differs: a key with one changed file runs again, a
-    key whose files all match is refreshed with their current stats."""
-    listed = files.stats()
+    key whose files all match is refreshed with their current stats (taken before
+    the re-hash)."""
     for key, indexes in suspects.items():
         source, paths, stats = finished[key]
         recorded = hashes.get(key, ())
@@ -101,7 +137,7 @@ def _rehash(
         if not matched:
             found.redo.add(key)
             continue
-        fresh = _fresh_stats(paths, stats, indexes, listed, hashed_at)
+        fresh = _fresh_stats(stats, indexes, now_stats[key], hashed_at)
         if fresh != stats:
             found.refreshed[key] = (source, paths, fresh)
 
@@ -116,28 +152,27 @@ def verify_key(
     """``run --verify`` for one key: every file re-hashed. Whether the key is intact,
     and its entry with refreshed stats when those differ from the recorded ones."""
     source, paths, stats = entry
-    listed = files.stats()
+    now = [files.stat(path) for path in paths]  # before the hash, as `_rehash` takes them
     hashed_at = clock_ns()
-    if len(sha256s) < len(paths) or not files.intact(paths, sha256s):
+    if len(sha256s) < len(paths) or None in now or not files.intact(paths, sha256s):
         return False, None
-    changed = [i for i, path in enumerate(paths) if listed.get(path) != stats[i]]
+    changed = [i for i, stat in enumerate(now) if stat != stats[i]]
     if not changed:
         return True, None
-    fresh = _fresh_stats(paths, stats, changed, listed, hashed_at)
+    fresh = _fresh_stats(stats, changed, now, hashed_at)
     return True, (source, paths, fresh) if fresh != stats else None
 
 
 def _fresh_stats(
-    paths: tuple[str, ...],
     stats: tuple[Stat | None, ...],
     indexes: list[int],
-    listed: Mapping[str, Stat],
+    now: list[Stat | None],
     hashed_at: int,
 ) -> tuple[Stat | None, ...]:
-    """`stats` with the listed stat of each re-hashed file, unless it is racy."""
+    """`stats` with the current stat of each re-hashed file, unless it is racy."""
     fresh = list(stats)
     for i in indexes:
-        stat = listed.get(paths[i])
+        stat = now[i]
         if stat is not None and hashed_at - stat[1] >= RACY_NS:
             fresh[i] = stat
     return tuple(fresh)

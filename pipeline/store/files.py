@@ -1,7 +1,7 @@
 """Verified, atomic image files under OUT.
 
 An image is checked to be whole (`pipeline.store.image_check`) before it is written, written
-under a temporary name in its final folder, fsynced, and renamed into place: a reader
+under a temporary name in OUT/images/.incoming, fsynced, and renamed into place: a reader
 (or a resumed run) sees either no file or a complete one, never a torn one.
 Everything here is synchronous file work; the engine calls it through
 `asyncio.to_thread`. Outputs never see HTTP: bytes come in, an `OutputFile` record goes
@@ -11,14 +11,18 @@ out.
 from __future__ import annotations
 
 import contextlib
-import gc
+import errno
 import hashlib
 import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from itertools import compress, count, tee
+from operator import attrgetter, length_hint, ne, not_, or_
 from pathlib import Path
+from stat import S_ISREG
 
 from ..errors import OutputError, TransientError
 from ..records import OutputFile
@@ -29,6 +33,7 @@ from .layout import IMAGES_DIR, TMP_SUFFIX
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGES_DIR",
+    "TEMP_DIR",
     "FolderSync",
     "ImageInfo",
     "Stat",
@@ -45,7 +50,12 @@ _KEY_RE = re.compile(r"[0-9A-Za-z]+")
 _EXT_RE = re.compile(r"[a-z0-9]+")
 _HASH_CHUNK = 1024 * 1024
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-_SCANDIR_FD = os.scandir in os.supports_fd  # entries stat'ed relative to the folder
+_STAT_DIR_FD = os.stat in os.supports_dir_fd  # stat relative to OUT's descriptor
+_NAME = r"[0-9A-Za-z]+-[0-9]+\.[a-z0-9]+"  # an image's file name, as `output_path` gives it
+_STAT_KEY = attrgetter("st_size", "st_mtime_ns")
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+TEMP_DIR = ".incoming"
+"""OUT/images/.incoming: where images are written before their rename into place."""
 
 Stat = tuple[int, int]
 """A file's size and mtime in nanoseconds (the same shape as `pipeline.manifest.Stat`)."""
@@ -121,7 +131,7 @@ def store_image(
     except TransientError as exc:
         raise TransientError(exc.message, kind="bad_image", item_key=key) from exc
     path = output_path(out_dir, source, key, index, info.format)
-    _write_atomic(path, data)
+    _write_image(path, data)
     if folders is None:
         _sync_folder(path)
     else:
@@ -182,6 +192,44 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise layout.output_error(path, exc) from exc
 
 
+def _write_image(path: Path, data: bytes) -> None:
+    """Write an image through a temp file in OUT/images/.incoming (fsync, then a rename into
+    its source folder: atomic within one file system), so that the sweep finds what a
+    killed run left without listing a million images. Where that rename would cross file
+    systems (a source folder mounted elsewhere), the temp file is written beside.
+
+    The caller makes the rename durable with an fsync of the destination folder.
+    """
+    tmp = path.parent.parent / TEMP_DIR / layout.temp_path(path).name
+    renamed = False
+    try:
+        try:
+            fd = os.open(tmp, _TMP_FLAGS, 0o644)
+        except FileNotFoundError:  # a new OUT: its first image
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(exist_ok=True)
+            fd = os.open(tmp, _TMP_FLAGS, 0o644)
+        try:
+            layout.write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, path)
+        except FileNotFoundError:  # a new source's first image
+            path.parent.mkdir(exist_ok=True)
+            os.replace(tmp, path)
+        renamed = True
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise layout.output_error(path, exc) from exc
+    finally:
+        if not renamed:
+            tmp.unlink(missing_ok=True)
+    if not renamed:
+        _write_atomic(path, data)
+
+
 def _sync_folder(path: Path) -> None:
     """fsync the folder of `path` at once, as an `OutputError` on failure."""
     try:
@@ -191,27 +239,58 @@ def _sync_folder(path: Path) -> None:
 
 
 class StoredFiles:
-    """The image files under OUT with their size and mtime, listed once, for the resume
-    check.
+    """The stored image files under OUT, asked about by path, for the resume check.
 
-    Resume asks about every finished item's files: one listing of each image folder,
-    with a `stat` of each file through the folder's descriptor, answers a million of
-    those questions. A listed file is complete, because `store_image` fsyncs it before
-    renaming it into place; whether it still holds the recorded bytes is told by its
-    size and mtime (as git's index does), and by re-reading it where those differ or
-    with ``run --verify``. Only regular files directly in ``OUT/images/<source>/`` count,
-    so a manifest path that points anywhere else is never trusted. The listing is taken
-    on first use and not refreshed: use it under the OUT lock, before the run writes.
+    Resume asks about every finished item's files. `differing` answers a million of
+    those questions in one C-level pass: a `stat` of each recorded path through OUT's
+    descriptor (no listing, no dict of a million entries), compared with the recorded
+    size and mtime (as git's index does). A stored file is complete, because
+    `store_image` fsyncs it before renaming it into place; whether it still holds the
+    recorded bytes is told by that stat, and by re-reading it where the stat differs or
+    with ``run --verify``.
+
+    Only regular files directly in a real ``OUT/images/<source>/`` folder, under the
+    names `output_path` gives, count: a manifest path that is absolute, has ``..``, is
+    nested, or names a symlink (or a symlinked source folder) is never taken as present.
+    The source folders are looked at on first use: use this under the OUT lock.
     """
 
     def __init__(self, out_dir: Path) -> None:
         self._out = out_dir
-        self._stats: dict[str, Stat] | None = None
-        self._temps: list[Path] = []
+        self._shape: re.Pattern[str] | None = None
 
-    def stats(self) -> Mapping[str, Stat]:
-        """(size, mtime in ns) of every stored image file, by path relative to OUT."""
-        return self._listed()
+    def stat(self, path: str) -> Stat | None:
+        """(size, mtime in ns) of the stored image file at `path` (relative to OUT), or
+        None when `path` names none."""
+        if not self._shape_re().fullmatch(path):
+            return None
+        try:
+            info = os.stat(self._out / path, follow_symlinks=False)
+        except OSError:
+            return None
+        return (info.st_size, info.st_mtime_ns) if S_ISREG(info.st_mode) else None
+
+    def differing(self, paths: Sequence[str], stats: Sequence[Stat | None]) -> list[int]:
+        """The indexes of `paths` whose stored file is missing or whose (size, mtime)
+        differs from `stats` (the one at the same index): for a whole job's files,
+        one C-level pass, a Python step only where a file is missing."""
+        shape = self._shape_re()
+        refused = list(compress(count(), map(not_, map(shape.fullmatch, paths))))
+        if refused:  # never stat'ed: "" names no file
+            paths = list(paths)
+            for index in refused:
+                paths[index] = ""
+        if not _STAT_DIR_FD:  # no stat relative to a folder's descriptor: whole paths
+            whole = [str(self._out / path) if path else "" for path in paths]
+            return _differing(partial(os.stat, follow_symlinks=False), whole, stats)
+        try:
+            fd = os.open(self._out, _DIR_FLAGS)
+        except OSError:
+            return list(range(len(paths)))  # no OUT: no file is stored
+        try:
+            return _differing(partial(os.stat, dir_fd=fd, follow_symlinks=False), paths, stats)
+        finally:
+            os.close(fd)
 
     def sha256(self, path: str) -> str | None:
         """Hex SHA-256 of a stored file (path relative to OUT), None when unreadable."""
@@ -220,9 +299,8 @@ class StoredFiles:
     def intact(self, paths: Sequence[str], sha256s: Sequence[str] | None = None) -> bool:
         """True when every path (relative to OUT) is a stored image file, with its
         recorded hash when `sha256s` is given."""
-        listed = self._listed()
         for index, path in enumerate(paths):
-            if path not in listed:
+            if self.stat(path) is None:
                 return False
             if sha256s is not None and (
                 index >= len(sha256s) or self.sha256(path) != sha256s[index]
@@ -230,92 +308,81 @@ class StoredFiles:
                 return False
         return True
 
-    def all_present(self, paths: Iterable[str]) -> bool:
-        """True when every one of `paths` is a stored image file (one C-level pass over
-        a whole job's paths instead of a call per item)."""
-        return self._listed().keys() >= set(paths)
-
-    def missing(self, paths: Iterable[str]) -> set[str]:
-        """Those of `paths` that are not stored image files."""
-        return set(paths).difference(self._listed())
-
     def sweep_temp_files(self) -> int:
-        """Delete temp files left by killed runs in OUT and its image folders (call it
-        under the OUT lock, before the run writes)."""
-        self._listed()
-        temps = [self._out / name for name in _list_dir(self._out, "", with_stats=False)[1]]
-        count = 0
-        for path in [*temps, *self._temps]:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                continue
-            count += 1
-        self._temps = []
-        return count
+        """Delete temp files left by killed runs in OUT and in OUT/images/.incoming (where
+        `store_image` writes them: no listing of a million images to find them). Call it
+        under the OUT lock, before the run writes."""
+        count_ = 0
+        for folder in (self._out, self._out / IMAGES_DIR / TEMP_DIR):
+            for name in _temp_names(folder):
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+                    count_ += 1
+        return count_
 
-    def _listed(self) -> dict[str, Stat]:
-        if self._stats is None:
-            stats: dict[str, Stat] = {}
-            images = self._out / IMAGES_DIR
-            with _gc_paused():  # a million (size, mtime) tuples: no cycles to look for
-                for source in _source_folders(images):
-                    prefix = f"{IMAGES_DIR}/{source}/"
-                    found, temps = _list_dir(images / source, prefix, with_stats=True)
-                    stats.update(found)
-                    self._temps.extend(images / source / name for name in temps)
-            self._stats = stats
-        return self._stats
+    def _shape_re(self) -> re.Pattern[str]:
+        """What a stored file's path looks like: ``images/<source>/<name>`` with a
+        source folder that is a real folder now and a name as `output_path` gives."""
+        if self._shape is None:
+            sources = "|".join(map(re.escape, _source_folders(self._out / IMAGES_DIR)))
+            self._shape = re.compile(f"{IMAGES_DIR}/(?:{sources})/{_NAME}" if sources else "(?!)")
+        return self._shape
+
+
+def _differing(
+    stat: Callable[[str], os.stat_result], paths: Sequence[str], stats: Sequence[Stat | None]
+) -> list[int]:
+    """`StoredFiles.differing` once the paths are safe to stat: a missing file stops the
+    C-level pass with an exception, which is noted, and the pass goes on after it."""
+    names = iter(paths)
+    recorded = iter(stats)
+    found: list[int] = []
+    start = 0
+    while True:
+        results, modes = tee(map(stat, names))
+        differs = map(or_, map(ne, map(_STAT_KEY, results), recorded), map(_not_regular, modes))
+        try:
+            found.extend(compress(count(start), differs))
+            return found
+        except OSError:  # the file at the current position is gone (or unreadable)
+            position = len(paths) - length_hint(names) - 1
+            found.append(position)
+            next(recorded, None)  # its recorded stat was not taken yet
+            start = position + 1
+
+
+def _not_regular(info: os.stat_result) -> bool:
+    return not S_ISREG(info.st_mode)
 
 
 def _source_folders(images: Path) -> list[str]:
+    """The real folders in OUT/images that can hold a source's images (no symlinks)."""
     try:
         with os.scandir(images) as entries:
-            return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+            return sorted(
+                e.name
+                for e in entries
+                if e.is_dir(follow_symlinks=False)
+                and _SOURCE_RE.fullmatch(e.name)
+                and e.name not in (".", "..")
+            )
     except OSError:
         return []
 
 
-def _list_dir(folder: Path, prefix: str, *, with_stats: bool) -> tuple[dict[str, Stat], list[str]]:
-    """`prefix` + name of each regular file in `folder` with its (size, mtime_ns) (or
-    (0, 0) without `with_stats`; none when the folder is missing), and the names of its
-    temp files. Each file is stat'ed relative to the folder's descriptor: no path walk."""
-    found: dict[str, Stat] = {}
-    temps: list[str] = []
+def _temp_names(folder: Path) -> list[str]:
+    """Names of the temp files (dot files ending in `TMP_SUFFIX`) directly in `folder`."""
     try:
-        fd = os.open(folder, _DIR_FLAGS)
-    except (FileNotFoundError, NotADirectoryError):
-        return found, temps
-    try:
-        with os.scandir(fd if _SCANDIR_FD else folder) as entries:
-            for entry in entries:
-                if not entry.is_file(follow_symlinks=False):
-                    continue
-                name = entry.name
-                if name[0] == "." and name.endswith(TMP_SUFFIX):
-                    temps.append(name)
-                elif not with_stats:
-                    found[prefix + name] = (0, 0)
-                else:
-                    try:
-                        stat = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue  # removed since the listing: not stored
-                    found[prefix + name] = (stat.st_size, stat.st_mtime_ns)
-    finally:
-        os.close(fd)
-    return found, temps
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+        with os.scandir(folder) as entries:
+            return [
+                e.name
+                for e in entries
+                if e.name[0] == "."
+                and e.name.endswith(TMP_SUFFIX)
+                and e.is_file(follow_symlinks=False)
+            ]
+    except OSError:
+        return []
 
 
 def _sha256_file(path: Path) -> str | None:
