@@ -474,9 +474,7 @@ class Engine:
                 stored.append(await self._fetch_one(item, index, image))
         except BaseException:
             # no manifest line will name these: leave no unnamed file behind
-            await asyncio.shield(
-                asyncio.to_thread(outputs.discard_outputs, self._out_dir, stored)
-            )
+            await asyncio.shield(asyncio.to_thread(outputs.discard_outputs, self._out_dir, stored))
             raise
         return tuple(stored)
 
@@ -506,10 +504,7 @@ class Engine:
     # ---------------------------------------------------------------- manifest
 
     def _append_generated(self, run: _ItemRun, images: tuple[GeneratedImage, ...]) -> None:
-        line = _record(run, "generated").to_json()
-        line["response"] = run.response
-        line["pending"] = [{"url": img.url, "id": img.id} for img in images]
-        self._writer.append(line)
+        self._writer.append(_record(run, "generated", pending=images))
 
     def _finish_ok(self, run: _ItemRun, stored: tuple[OutputFile, ...]) -> None:
         elapsed = self._clock() - run.t0
@@ -552,6 +547,7 @@ def _record(
     outputs: tuple[OutputFile, ...] = (),
     error: ErrorInfo | None = None,
     elapsed: float | None = None,
+    pending: tuple[GeneratedImage, ...] = (),
 ) -> ItemRecord:
     item = run.item
     return ItemRecord(
@@ -569,5 +565,6 @@ def _record(
         started_at=run.started_at,
         finished_at=utc_now() if status != "generated" else None,
         elapsed_s=round(elapsed, 3) if elapsed is not None else None,
-        response=run.response if status == "ok" else None,
+        response=run.response if status != "failed" else None,
+        pending=pending,
     )

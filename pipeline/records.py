@@ -173,6 +173,7 @@ class ItemRecord:
     finished_at: str | None = None
     elapsed_s: float | None = None
     response: Any = None
+    pending: tuple[GeneratedImage, ...] = ()  # a `generated` line: the images to download
 
     def to_json(self) -> dict[str, Any]:
         """The manifest line as a JSON-ready dict, in the contract's field order."""
@@ -194,6 +195,8 @@ class ItemRecord:
         }
         if self.response is not None:
             out["response"] = self.response
+        if self.pending:
+            out["pending"] = [{"url": image.url, "id": image.id} for image in self.pending]
         return out
 
 

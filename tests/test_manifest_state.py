@@ -254,3 +254,66 @@ def test_state_cache_is_ignored_when_it_no_longer_matches(tmp_path: Path, change
     path = _cached_run(tmp_path)
     change(path)  # type: ignore[operator]
     assert _view(load_cached_state(path)) == _view(load_state(path, with_hashes=True))
+
+
+def _records_of_every_kind() -> list[ItemRecord]:
+    from pipeline.records import ErrorInfo, GeneratedImage, InputImage, OutputFile
+
+    base = {
+        "source": "s",
+        "vars": {"season": "late fall"},
+        "repeat": 1,
+        "input": InputImage("file", "/data/a.png", "ab" * 32),
+        "prompt": 'a "quoted" prompt',
+        "params": {"n": 1},
+        "attempts": 2,
+        "started_at": "2026-11-30T00:00:00.000Z",
+    }
+    return [
+        ItemRecord(
+            key="a" * 64,
+            status="ok",
+            outputs=(OutputFile("images/s/aaaa-0.png", "cd" * 32, 8, 8, None, None, 120, 10**18),),
+            finished_at="2026-11-30T00:00:01.000Z",
+            elapsed_s=1.0,
+            response={"data": [{"b64_json": "<elided>"}]},
+            **base,  # type: ignore[arg-type]
+        ),
+        ItemRecord(
+            key="b" * 64,
+            status="failed",
+            error=ErrorInfo(kind="http_status", status=400, message="bad"),
+            **base,  # type: ignore[arg-type]
+        ),
+        ItemRecord(
+            key="c" * 64,
+            status="generated",
+            response={"data": [{"url": "http://x/1.png"}]},
+            pending=(GeneratedImage(url="http://x/1.png", id="1"),),
+            **base,  # type: ignore[arg-type]
+        ),
+    ]
+
+
+@pytest.mark.parametrize("record", _records_of_every_kind(), ids=lambda r: r.status)
+def test_a_record_reads_back_as_it_was_written(record: ItemRecord, tmp_path: Path) -> None:
+    """The one record type: what the writer appends, the views read back unchanged."""
+    from pipeline.manifest.log import read_records
+
+    path = tmp_path / "manifest.jsonl"
+    with ManifestWriter(path) as writer:
+        writer.append(record)
+    assert read_records(path) == {record.key: record}
+
+
+def test_a_hand_edited_line_reads_as_what_is_left(tmp_path: Path) -> None:
+    """Wrong types read as absent; a line without key or status is not a record."""
+    from pipeline.manifest.log import read_records
+
+    path = tmp_path / "manifest.jsonl"
+    path.write_text(
+        '{"key": "k", "status": "ok", "vars": 3, "outputs": [1, {"path": 5}], "repeat": "x"}\n'
+        '{"status": "ok"}\n'
+    )
+    (record,) = read_records(path).values()
+    assert (record.vars, record.repeat, record.outputs[0].path) == ({}, 0, "5")

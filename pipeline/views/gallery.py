@@ -20,7 +20,8 @@ from urllib.parse import quote
 
 from PIL import Image, ImageOps
 
-from ..manifest.log import read_latest
+from ..manifest.log import read_records
+from ..records import ErrorInfo, ItemRecord, OutputFile
 from ..store.layout import (
     GRIDS_DIR,
     INDEX_NAME,
@@ -70,9 +71,9 @@ def write_gallery(out_dir: Path) -> Path:
     which the manifest first mentions them). CPU-bound (thumbnails) and sync.
     """
     job = read_job(out_dir)
-    by_source: dict[str, list[dict[str, Any]]] = {}
-    for record in read_latest(out_dir / MANIFEST_NAME).values():
-        by_source.setdefault(str(record.get("source", "")), []).append(record)
+    by_source: dict[str, list[ItemRecord]] = {}
+    for record in read_records(out_dir / MANIFEST_NAME).values():
+        by_source.setdefault(record.source, []).append(record)
     declared = {str(s.get("name")): s for s in job.get("sources") or () if isinstance(s, dict)}
     names = [*declared, *(n for n in by_source if n not in declared)]
     sheets = _sheets(out_dir)
@@ -121,13 +122,13 @@ class _Thumbs:
         self._dir = out_dir / THUMBS_DIR
         self._used: set[str] = set()
 
-    def get(self, output: Mapping[str, Any]) -> tuple[str, int, int] | None:
+    def get(self, output: OutputFile) -> tuple[str, int, int] | None:
         """(relative path, width, height) of the thumbnail, or None if the image is unreadable."""
-        relative = str(output.get("path") or "")
+        relative = output.path
         source = path_inside(self._out, relative)
         if source is None or not source.is_file():
             return None
-        digest = str(output.get("sha256") or hashlib.sha256(relative.encode()).hexdigest())
+        digest = output.sha256 or hashlib.sha256(relative.encode()).hexdigest()
         name = f"{digest[:16]}.jpg"
         target = self._dir / name
         try:
@@ -163,7 +164,7 @@ class _Thumbs:
 def _page(
     job: Mapping[str, Any],
     names: Sequence[str],
-    by_source: Mapping[str, Sequence[Mapping[str, Any]]],
+    by_source: Mapping[str, Sequence[ItemRecord]],
     sections: Iterable[str],
 ) -> str:
     title = f"synthaug: {job.get('name') or 'run'}"
@@ -191,9 +192,9 @@ def _anchor(name: str) -> str:
     return "src-" + quote(name, safe="")
 
 
-def _counts(records: Sequence[Mapping[str, Any]]) -> str:
-    statuses = [r.get("status") for r in records]
-    images = sum(len(r.get("outputs") or ()) for r in records if r.get("status") == "ok")
+def _counts(records: Sequence[ItemRecord]) -> str:
+    statuses = [r.status for r in records]
+    images = sum(len(r.outputs) for r in records if r.status == "ok")
     parts = [
         ("ok", statuses.count("ok")),
         ("failed", statuses.count("failed")),
@@ -207,7 +208,7 @@ def _section(
     out_dir: Path,
     name: str,
     spec: Mapping[str, Any],
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[ItemRecord],
     sheets: Mapping[str, Sequence[str]],
     thumbs: _Thumbs,
 ) -> str:
@@ -222,9 +223,9 @@ def _section(
         for rel in sheets.get(name, ())
     )
     records = sorted(records, key=_job_order(spec))
-    items = "".join(_figure(r, thumbs) for r in records if r.get("status") == "ok")
-    failed = [r for r in records if r.get("status") == "failed"]
-    pending = [r for r in records if r.get("status") not in ("ok", "failed")]
+    items = "".join(_figure(r, thumbs) for r in records if r.status == "ok")
+    failed = [r for r in records if r.status == "failed"]
+    pending = [r for r in records if r.status not in ("ok", "failed")]
     return (
         head
         + (f'<div class="sheets">{grid}</div>' if grid else "")
@@ -235,7 +236,7 @@ def _section(
     )
 
 
-def _job_order(spec: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+def _job_order(spec: Mapping[str, Any]) -> Callable[[ItemRecord], tuple[Any, ...]]:
     """Sort key reading like the contact sheets (further variables' sheets, then rows, then
     input and repeat, then columns), not in the order the requests happened to finish."""
     declared = {str(k): [str(v) for v in vs] for k, vs in (spec.get("vars") or {}).items()}
@@ -247,15 +248,14 @@ def _job_order(spec: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], tuple[A
         values = declared[name]
         return (values.index(value) if value in values else len(values), value)
 
-    def key(record: Mapping[str, Any]) -> tuple[Any, ...]:
-        found = record.get("vars") or {}
-        given = record.get("input")
-        source = str(given.get("value")) if isinstance(given, dict) else ""
-        extra = sorted((str(k), str(v)) for k, v in found.items() if k not in declared)
+    def key(record: ItemRecord) -> tuple[Any, ...]:
+        found = record.vars
+        source = record.input.value if record.input is not None else ""
+        extra = sorted((k, v) for k, v in found.items() if k not in declared)
         return (
             *(rank(found, n) for n in sheet_order),
             source,
-            int(record.get("repeat") or 0),
+            record.repeat,
             *(rank(found, n) for n in names[:1]),
             extra,
         )
@@ -263,25 +263,24 @@ def _job_order(spec: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], tuple[A
     return key
 
 
-def _vars(record: Mapping[str, Any]) -> str:
+def _vars(record: ItemRecord) -> str:
     """The item's variables, and its input image (file name; the full value on hover)."""
-    found = record.get("vars") or {}
-    chips = [f'<span class="var"><b>{_e(k)}</b> {_e(v)}</span>' for k, v in found.items()]
-    given = record.get("input")
-    if isinstance(given, dict) and given.get("value"):
-        value = str(given["value"])
+    chips = [f'<span class="var"><b>{_e(k)}</b> {_e(v)}</span>' for k, v in record.vars.items()]
+    given = record.input
+    if given is not None and given.value:
+        value = given.value
         name = value.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or value
-        kind = {"url": "input url", "id": "input id"}.get(str(given.get("kind")), "input")
+        kind = {"url": "input url", "id": "input id"}.get(given.kind, "input")
         chip = f'<span class="var" title="{_e(value)}"><b>{_e(kind)}</b> {_e(name)}</span>'
         chips.insert(0, chip)
     return "".join(chips)
 
 
-def _figure(record: Mapping[str, Any], thumbs: _Thumbs) -> str:
+def _figure(record: ItemRecord, thumbs: _Thumbs) -> str:
     """One ok item: its images (thumbnail → full file) and what made them."""
     images, links = [], []
-    for output in record.get("outputs") or ():
-        relative = str(output.get("path") or "")
+    for output in record.outputs:
+        relative = output.path
         thumb = thumbs.get(output)
         name = PurePosixPath(relative).name
         if thumb is None:
@@ -290,28 +289,28 @@ def _figure(record: Mapping[str, Any], thumbs: _Thumbs) -> str:
         src, width, height = thumb
         images.append(
             f'<a href="{_href(relative)}"><img src="{_href(src)}" width="{width}" '
-            f'height="{height}" loading="lazy" alt="{_e(record.get("prompt", ""))}"></a>'
+            f'height="{height}" loading="lazy" alt="{_e(record.prompt)}"></a>'
         )
         links.append(f'<a href="{_href(relative)}">{_e(name)}</a>')
-    attempts = int(record.get("attempts") or 0)
+    attempts = record.attempts
     return (
         f'<figure class="item"><div class="thumbs">{"".join(images)}</div><figcaption>'
-        f"<p>{_e(record.get('prompt', ''))}</p><p>{_vars(record)}</p>"
+        f"<p>{_e(record.prompt)}</p><p>{_vars(record)}</p>"
         f'<p><span class="status ok">ok</span> · {attempts} attempt{"s" * (attempts != 1)}'
         f" · {' '.join(links)}</p></figcaption></figure>"
     )
 
 
-def _failed_table(records: Sequence[Mapping[str, Any]]) -> str:
+def _failed_table(records: Sequence[ItemRecord]) -> str:
     rows = []
     for record in records:
-        error = record.get("error") or {}
+        error = record.error or ErrorInfo(kind="?", status=None, message="")  # type: ignore[arg-type]
         rows.append(
             f'<tr class="failed-item"><td>{_vars(record)}</td>'
-            f"<td>{_e(record.get('prompt', ''))}</td>"
-            f'<td class="failed">{_e(error.get("kind", "?"))}</td>'
-            f"<td>{_e(error.get('status') or '')}</td><td>{_e(error.get('message', ''))}</td>"
-            f"<td>{_e(record.get('attempts', 0))}</td></tr>"
+            f"<td>{_e(record.prompt)}</td>"
+            f'<td class="failed">{_e(error.kind)}</td>'
+            f"<td>{_e(error.status or '')}</td><td>{_e(error.message)}</td>"
+            f"<td>{_e(record.attempts)}</td></tr>"
         )
     return (
         f"<h3 class='failed'>Failed ({len(records)})</h3><table><thead><tr><th>vars</th>"
@@ -320,11 +319,11 @@ def _failed_table(records: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def _pending_table(records: Sequence[Mapping[str, Any]]) -> str:
+def _pending_table(records: Sequence[ItemRecord]) -> str:
     rows = "".join(
-        f"<tr><td>{_vars(r)}</td><td>{_e(r.get('prompt', ''))}</td>"
+        f"<tr><td>{_vars(r)}</td><td>{_e(r.prompt)}</td>"
         '<td class="generated">answered, not downloaded</td>'
-        f"<td>{_e(r.get('attempts', 0))}</td></tr>"
+        f"<td>{_e(r.attempts)}</td></tr>"
         for r in records
     )
     return (

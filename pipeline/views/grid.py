@@ -50,7 +50,8 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from ..manifest.log import read_latest
+from ..manifest.log import read_records
+from ..records import ItemRecord
 from ..store.layout import GRIDS_DIR, MANIFEST_NAME, read_job, write_atomic
 from .grid_model import Cell, Grid, Sample, Source, Tone, collect_sources
 from .sheet_text import META_SOURCE, Font, Typeface, line_height, text_width
@@ -95,10 +96,10 @@ def draw_grids(
         raise ValueError(f"cell_px must be at least {MIN_CELL_PX}, got {cell_px}")
     style = _Style.for_cell(cell_px, Typeface.load())
     job = read_job(out_dir)
-    records = read_latest(out_dir / MANIFEST_NAME)
-    by_source: dict[str, list[dict[str, Any]]] = {}
+    records = read_records(out_dir / MANIFEST_NAME)
+    by_source: dict[str, list[ItemRecord]] = {}
     for record in records.values():
-        by_source.setdefault(str(record.get("source", "")), []).append(record)
+        by_source.setdefault(record.source, []).append(record)
     grids_dir = out_dir / GRIDS_DIR
     written: list[Path] = []
     for source in collect_sources(job, by_source):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..records import ItemRecord
 from .sheet_text import path_inside
 
 __all__ = ["Cell", "Grid", "Sample", "Source", "Tone", "collect_sources"]
@@ -38,7 +39,7 @@ class Source:
 
 
 def collect_sources(
-    job: Mapping[str, Any], by_source: Mapping[str, list[dict[str, Any]]]
+    job: Mapping[str, Any], by_source: Mapping[str, list[ItemRecord]]
 ) -> list[Source]:
     """Sources in job.json order, then those only the manifest knows, in order of appearance."""
     declared = {str(s.get("name")): s for s in job.get("sources") or () if isinstance(s, dict)}
@@ -49,10 +50,10 @@ def collect_sources(
             str(k): [str(v) for v in vs] for k, vs in (spec.get("vars") or {}).items()
         }
         for record in by_source.get(name, ()):
-            for key, value in (record.get("vars") or {}).items():
-                values = names.setdefault(str(key), [])
-                if str(value) not in values:
-                    values.append(str(value))
+            for key, value in record.vars.items():
+                values = names.setdefault(key, [])
+                if value not in values:
+                    values.append(value)
         out.append(
             Source(
                 name=name,
@@ -83,17 +84,15 @@ class Grid:
     source: Source
     out_dir: Path
     samples: list[Sample]
-    records: dict[tuple[tuple[str, ...], str | None, int], dict[str, Any]]
+    records: dict[tuple[tuple[str, ...], str | None, int], ItemRecord]
     expected: Callable[[tuple[str, ...]], bool | None]
     slices: list[tuple[str, ...]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, source: Source, records: Sequence[dict[str, Any]], out_dir: Path) -> Grid:
-        """Index the manifest lines of `source` and work out rows, slices and expectations."""
+    def build(cls, source: Source, records: Sequence[ItemRecord], out_dir: Path) -> Grid:
+        """Index the manifest records of `source`; work out rows, slices and expectations."""
         names = list(source.vars)
-        indexed = {
-            (_values(r, names), _input_value(r), int(r.get("repeat") or 0)): r for r in records
-        }
+        indexed = {(_values(r, names), _input_value(r), r.repeat): r for r in records}
         seen = _unique(values for values, _, _ in indexed)
         expected = _expectation(source, seen)
         slices = _unique([*(c[2:] for c in _expected_combos(source)), *(v[2:] for v in seen)])
@@ -120,31 +119,28 @@ class Grid:
             if verdict is False:
                 return Cell("absent", lines=("not in job",))
             return Cell("pending", lines=("PENDING",) if verdict else ("NO RECORD",))
-        status = record.get("status")
-        if status == "failed":
-            error = record.get("error") or {}
-            detail = f"HTTP {error['status']}" if error.get("status") else ""
-            message = str(error.get("message") or "")
-            return Cell("failed", lines=(f"FAILED: {error.get('kind', '?')}", detail, message))
-        if status != "ok":
+        if record.status == "failed":
+            error = record.error
+            kind = error.kind if error else "?"
+            detail = f"HTTP {error.status}" if error and error.status else ""
+            return Cell("failed", lines=(f"FAILED: {kind}", detail, error.message if error else ""))
+        if record.status != "ok":
             return Cell("pending", lines=("PENDING", "answered, not downloaded"))
-        outputs = record.get("outputs") or []
-        if sample[2] >= len(outputs):
+        if sample[2] >= len(record.outputs):
             return Cell("absent", lines=("no image",))
-        path = path_inside(self.out_dir, str(outputs[sample[2]].get("path", "")))
+        relative = record.outputs[sample[2]].path
+        path = path_inside(self.out_dir, relative)
         if path is None or not path.is_file():
-            return Cell("failed", lines=("MISSING FILE", str(outputs[sample[2]].get("path"))))
+            return Cell("failed", lines=("MISSING FILE", relative))
         return Cell("image", image=path)
 
 
-def _values(record: Mapping[str, Any], names: Sequence[str]) -> tuple[str, ...]:
-    found = record.get("vars") or {}
-    return tuple(str(found.get(name, "")) for name in names)
+def _values(record: ItemRecord, names: Sequence[str]) -> tuple[str, ...]:
+    return tuple(record.vars.get(name, "") for name in names)
 
 
-def _input_value(record: Mapping[str, Any]) -> str | None:
-    found = record.get("input")
-    return str(found.get("value")) if isinstance(found, dict) else None
+def _input_value(record: ItemRecord) -> str | None:
+    return record.input.value if record.input is not None else None
 
 
 def _expected_combos(source: Source) -> Iterable[tuple[str, ...]]:
@@ -167,17 +163,16 @@ def _expectation(
     return lambda values: values in wanted
 
 
-def _samples(source: Source, records: Sequence[Mapping[str, Any]]) -> list[Sample]:
+def _samples(source: Source, records: Sequence[ItemRecord]) -> list[Sample]:
     """Sub-rows: every (input, repeat, output index) the job asks for or the manifest shows."""
     found: dict[Sample, None] = {}
     if source.no_input:
         for repeat, index in itertools.product(range(source.repeats), range(source.n)):
             found[(None, repeat, index)] = None
     for record in records:
-        outputs = record.get("outputs") or ()
-        count = len(outputs) if record.get("status") == "ok" else source.n
+        count = len(record.outputs) if record.status == "ok" else source.n
         for index in range(max(count, 1)):
-            found[(_input_value(record), int(record.get("repeat") or 0), index)] = None
+            found[(_input_value(record), record.repeat, index)] = None
     inputs = _unique(s[0] for s in found)
     ordered = sorted(found, key=lambda s: (inputs.index(s[0]), s[1], s[2]))
     return ordered or [(None, 0, 0)]
