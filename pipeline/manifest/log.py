@@ -30,7 +30,7 @@ from ..records import (
     ItemStatus,
     OutputFile,
 )
-from ..store.layout import MANIFEST_NAME, write_all
+from ..store.layout import IMAGES_DIR, MANIFEST_NAME, write_all
 
 __all__ = [
     "MANIFEST_NAME",
@@ -253,8 +253,9 @@ _FAST_OK = re.compile(rb'\{"key":"([0-9a-f]{64})","status":"ok","source":"([A-Za
 _OUTPUTS_START = b',"outputs":['
 _OUTPUTS_END = b'],"attempts":'
 _JSON_STR = rb'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, escapes and all
+_IMAGES = re.escape(IMAGES_DIR.encode())  # the layout's image folder, as `store_image` names it
 _FAST_OUTPUT = re.compile(
-    rb'\{"path":"(images/[A-Za-z0-9._-]+/[0-9a-f]{16}-[0-9]+\.[a-z0-9]+)",'
+    rb'\{"path":"(' + _IMAGES + rb'/[A-Za-z0-9._-]+/[0-9a-f]{16}-[0-9]+\.[a-z0-9]+)",'
     rb'"sha256":"[0-9a-f]*","width":[0-9]+,"height":[0-9]+,'
     rb'"url":(?:null|' + _JSON_STR + rb'),"id":(?:null|' + _JSON_STR + rb"),"
     rb'"bytes":([0-9]+)(?:,"mtime_ns":(?:([0-9]+)|null))?\}'
@@ -334,7 +335,7 @@ def _fast_ok(raw: bytes) -> tuple[str, str, tuple[str, ...], tuple[Stat | None, 
     if not found or len(found) != raw.count(b'{"', start, end):
         return None
     key, source = match.groups()
-    prefix = b"images/%s/%s-" % (source, key[:16])
+    prefix = b"%s/%s/%s-" % (IMAGES_DIR.encode(), source, key[:16])
     paths: list[str] = []
     stats: list[Stat | None] = []
     for path, size, mtime in found:
