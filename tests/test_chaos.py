@@ -24,13 +24,8 @@ from hypothesis import strategies as st
 
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi import server as mock_mod
-from pipeline.mockapi.server import (
-    FAULT_KINDS,
-    MockConfig,
-    MockServer,
-    ResponseShape,
-    RetryAfterForm,
-)
+from pipeline.mockapi.config import FAULT_KINDS, MockConfig, ResponseShape, RetryAfterForm
+from pipeline.mockapi.server import MockServer
 from pipeline.runner import JobResult, run_job
 from pipeline.spec.load import load_spec
 

@@ -8,8 +8,9 @@ import pytest
 from checks import assert_outputs_valid, run_spec, write_job_spec
 
 from pipeline.manifest.log import read_latest
+from pipeline.mockapi.config import PhotoFormat, ResponseShape
 from pipeline.mockapi.image import photo
-from pipeline.mockapi.server import MockConfig, MockServer, PhotoFormat, ResponseShape
+from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.store.image_check import check_image
 
 

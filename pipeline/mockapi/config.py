@@ -1,0 +1,181 @@
+"""The embedded mock API's settings and counters: what to answer and which faults to
+inject (`MockConfig`), and what clients did (`MockStats`, also served at ``GET /_stats``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+__all__ = [
+    "DEFAULT_FAULT_WEIGHTS",
+    "DEFAULT_PAUSE_GRACE_S",
+    "DEFAULT_SIZE",
+    "FATAL_FAULT_KINDS",
+    "FAULT_KINDS",
+    "MAX_BODY_BYTES",
+    "MAX_TOKENS",
+    "PHOTO_VARIANTS",
+    "MockConfig",
+    "MockStats",
+    "PhotoFormat",
+    "ResponseShape",
+    "RetryAfterForm",
+]
+
+FAULT_KINDS: tuple[str, ...] = (
+    "429",
+    "500",
+    "502",
+    "503",
+    "504",
+    "drop",
+    "malformed",
+    "wrong_shape",
+    "corrupt_image",
+    "truncated_image",
+    "slow",
+    "image_404_once",
+)
+FATAL_FAULT_KINDS: tuple[str, ...] = ("insufficient_quota",)
+"""Faults no retry survives (the run must abort): never part of a survivable fault mix."""
+DEFAULT_FAULT_WEIGHTS: Mapping[str, float] = MappingProxyType(
+    {
+        "429": 4.0,
+        "500": 2.0,
+        "502": 1.0,
+        "503": 2.0,
+        "504": 1.0,
+        "drop": 1.0,
+        "malformed": 1.0,
+        "wrong_shape": 1.0,
+        "corrupt_image": 1.0,
+        "truncated_image": 1.0,
+        "slow": 1.0,
+        "image_404_once": 1.0,
+    }
+)
+ResponseShape = Literal["data", "array", "images", "results", "b64_json"]
+RetryAfterForm = Literal["seconds", "date", "none"]
+
+DEFAULT_PAUSE_GRACE_S = 0.05
+"""Requests arriving this soon after a 429 were already in flight: not a pause violation."""
+MAX_TOKENS = 50_000
+"""Image URLs remembered (least recently used dropped first)."""
+MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_SIZE = (1024, 1024)
+PHOTO_VARIANTS = 4
+"""Photo-like images rendered per size (on first use) and reused for every answer."""
+PhotoFormat = Literal["png", "jpeg"]
+
+
+@dataclass(frozen=True)
+class MockConfig:
+    """How the mock behaves: latency, injected faults, rate limit, auth and answer shape.
+
+    `error_rate` is the share of requests that get a fault drawn from `faults` (name →
+    weight) with `random.Random(seed)`; `rate_limit` (requests/s, token bucket of
+    `burst`) is enforced with 429s independently of it, whose Retry-After is the time to
+    the next token but at least `min_retry_after_s`, in `retry_after_form`. The server's
+    clock (its ``Date`` header and Retry-After dates) runs `clock_offset_s` ahead of the
+    host's. The ``insufficient_quota`` fault answers as OpenAI does when the account has
+    no credit left.
+    """
+
+    latency_s: float = 0.0
+    error_rate: float = 0.0
+    faults: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_FAULT_WEIGHTS))
+    retry_after_s: float = 1.0
+    retry_after_form: RetryAfterForm = "seconds"
+    rate_limit: float | None = None
+    burst: int = 2  # a real API's bucket holds more than one request: jitter is no 429
+    seed: int | None = 0
+    api_key: str | None = None
+    projects: frozenset[str] | None = None
+    refuse_word: str = "REFUSE"
+    response_shape: ResponseShape = "data"
+    max_px: int = 256
+    photo_format: PhotoFormat | None = None  # photo-like images instead of drawn ones
+    send_rate_limit_headers: bool = False
+    slow_s: float = 3.0
+    pause_grace_s: float = DEFAULT_PAUSE_GRACE_S
+    min_retry_after_s: float = 0.0
+    clock_offset_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"unknown fault {name!r} (known: {', '.join(FAULT_KINDS)})"
+            for name in self.faults
+            if name not in FAULT_KINDS and name not in FATAL_FAULT_KINDS
+        ]
+        if any(weight < 0 for weight in self.faults.values()):
+            problems.append("fault weights must be >= 0")
+        if not 0.0 <= self.error_rate <= 1.0:
+            problems.append(f"error_rate must be within 0..1, got {self.error_rate}")
+        if self.error_rate > 0 and sum(self.faults.values()) <= 0:
+            problems.append("error_rate > 0 needs a fault with a positive weight")
+        if self.rate_limit is not None and self.rate_limit <= 0:
+            problems.append(f"rate_limit must be > 0, got {self.rate_limit}")
+        if self.burst < 1 or self.max_px < 1:
+            problems.append("burst and max_px must be >= 1")
+        if (
+            min(self.latency_s, self.retry_after_s, self.slow_s, self.pause_grace_s) < 0
+            or self.min_retry_after_s < 0
+        ):
+            problems.append("durations (latency_s, retry_after_s, ...) must be >= 0")
+        if not math.isfinite(self.clock_offset_s):
+            problems.append(f"clock_offset_s must be finite, got {self.clock_offset_s}")
+        if self.retry_after_form not in ("seconds", "date", "none"):
+            problems.append(f"unknown retry_after_form {self.retry_after_form!r}")
+        if self.photo_format not in (None, "png", "jpeg"):
+            problems.append(f"unknown photo_format {self.photo_format!r} (png or jpeg)")
+        if self.response_shape not in ("data", "array", "images", "results", "b64_json"):
+            problems.append(f"unknown response_shape {self.response_shape!r}")
+        if problems:
+            raise ValueError("invalid mock config: " + "; ".join(problems))
+
+
+@dataclass
+class MockStats:
+    """What clients did to the mock; also served as JSON at ``GET /_stats``."""
+
+    requests: int = 0
+    generations: int = 0
+    images: int = 0
+    generations_by_body: dict[str, int] = field(default_factory=dict)
+    rate_limited: int = 0
+    starts_during_pause: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+    unauthorized: int = 0
+    unknown_project: int = 0
+    refused: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    downloads: int = 0
+
+    @property
+    def duplicates(self) -> int:
+        """Generations beyond the first of an identical request body (paid twice)."""
+        return sum(count - 1 for count in self.generations_by_body.values() if count > 1)
+
+    def to_json(self) -> dict[str, Any]:
+        """The stats as a JSON-ready dict (without the per-body table's keys)."""
+        return {
+            "requests": self.requests,
+            "generations": self.generations,
+            "images": self.images,
+            "unique_bodies": len(self.generations_by_body),
+            "duplicates": self.duplicates,
+            "rate_limited": self.rate_limited,
+            "starts_during_pause": self.starts_during_pause,
+            "faults": dict(self.faults),
+            "unauthorized": self.unauthorized,
+            "unknown_project": self.unknown_project,
+            "refused": self.refused,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "downloads": self.downloads,
+        }
