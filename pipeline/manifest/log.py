@@ -23,12 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ..records import (
-    ErrorInfo,
     GeneratedImage,
-    InputImage,
     ItemRecord,
     ItemStatus,
-    OutputFile,
 )
 from ..store.layout import IMAGES_DIR, MANIFEST_NAME, write_all
 
@@ -46,7 +43,6 @@ __all__ = [
     "read_lines",
     "read_more",
     "read_records",
-    "record_from_json",
     "recorded_hashes",
 ]
 
@@ -110,93 +106,10 @@ def read_records(path: Path) -> dict[str, ItemRecord]:
     """The last line for each key as an `ItemRecord` (for the views, not hot paths)."""
     latest: dict[str, ItemRecord] = {}
     for line in read_lines(path):
-        record = record_from_json(line)
+        record = ItemRecord.from_json(line)
         if record is not None:
             latest[record.key] = record
     return latest
-
-
-def record_from_json(line: Mapping[str, Any]) -> ItemRecord | None:
-    """A manifest line as the `ItemRecord` the writer made of it; None when it is not one.
-
-    Lines may be edited by hand: a field of the wrong type reads as absent, so a view
-    shows what is left rather than failing on one line.
-    """
-    key, status = line.get("key"), line.get("status")
-    if not isinstance(key, str) or status not in ("ok", "failed", "generated"):
-        return None
-    return ItemRecord(
-        key=key,
-        status=status,
-        source=str(line.get("source") or ""),
-        vars=_str_map(line.get("vars")),
-        repeat=_int(line.get("repeat")),
-        input=_input(line.get("input")),
-        prompt=str(line.get("prompt") or ""),
-        params=dict(line["params"]) if isinstance(line.get("params"), Mapping) else {},
-        outputs=tuple(_output(o) for o in _dicts(line.get("outputs"))),
-        attempts=_int(line.get("attempts")),
-        error=_error(line.get("error")),
-        started_at=_str_or_none(line.get("started_at")),
-        finished_at=_str_or_none(line.get("finished_at")),
-        elapsed_s=line.get("elapsed_s")
-        if isinstance(line.get("elapsed_s"), (int, float))
-        else None,
-        response=line.get("response"),
-        pending=tuple(
-            GeneratedImage(url=_str_or_none(p.get("url")), id=_str_or_none(p.get("id")))
-            for p in _dicts(line.get("pending"))
-        ),
-    )
-
-
-def _dicts(value: object) -> list[Mapping[str, Any]]:
-    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
-
-
-def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _str_or_none(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
-def _str_map(value: object) -> dict[str, str]:
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, Mapping) else {}
-
-
-def _input(value: object) -> InputImage | None:
-    if not isinstance(value, Mapping) or value.get("kind") not in ("file", "id", "url"):
-        return None
-    return InputImage(
-        value["kind"], str(value.get("value") or ""), _str_or_none(value.get("sha256"))
-    )
-
-
-def _output(value: Mapping[str, Any]) -> OutputFile:
-    return OutputFile(
-        path=str(value.get("path") or ""),
-        sha256=str(value.get("sha256") or ""),
-        width=_int(value.get("width")),
-        height=_int(value.get("height")),
-        url=_str_or_none(value.get("url")),
-        id=_str_or_none(value.get("id")),
-        bytes=value.get("bytes") if isinstance(value.get("bytes"), int) else None,
-        mtime_ns=value.get("mtime_ns") if isinstance(value.get("mtime_ns"), int) else None,
-    )
-
-
-def _error(value: object) -> ErrorInfo | None:
-    if not isinstance(value, Mapping):
-        return None
-    kind = value.get("kind")
-    status = value.get("status")
-    return ErrorInfo(
-        kind=kind if isinstance(kind, str) else "unknown",  # type: ignore[arg-type]
-        status=status if isinstance(status, int) else None,
-        message=str(value.get("message") or ""),
-    )
 
 
 @dataclass(frozen=True, slots=True)
