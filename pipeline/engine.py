@@ -10,6 +10,10 @@ Stopping is cooperative: a budget, a fatal answer, too many consecutive failures
 signal set `stop_reason`; nothing new starts after that, in-flight items get
 `grace_period_s` to finish, then are cancelled. A cancelled item simply has no line (or
 only its ``generated`` line) and runs again on resume.
+
+The module is longer than most (about 550 lines) because it is one state machine: the
+producer, the workers, the retry loop, the checkpoint and the shutdown share the run's
+counters, budget and stop state; split apart, each piece would need all of them passed in.
 """
 
 from __future__ import annotations

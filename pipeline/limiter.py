@@ -31,6 +31,9 @@ small ones. Only the head of the queue watches the clock: it sleeps exactly unti
 computed start time, and is woken early only by what can make it earlier (a release, a
 success, a hint); the others wait on a future until they reach the head. Idle CPU is
 near zero and the number of sleeps grows with the number of waiters, never with time.
+
+About 450 lines, kept whole: the queue, the two schedules and the pause are one piece of
+state that every wake-up reads; the arithmetic of learning the rate is apart, in `pace`.
 """
 
 from __future__ import annotations

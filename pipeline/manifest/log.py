@@ -6,6 +6,10 @@ flushed to the OS at once (a crash of the process loses nothing written) and fsy
 in batches (a power loss loses at most the last batch). A torn final line, left by a
 kill in the middle of a write, is ignored on read and fenced off by a newline before
 the next run appends.
+
+About 450 lines, kept together: the reader, the state it builds (with the fast path for
+the writer's own canonical lines) and the writer all depend on the exact bytes of one line
+format, and a change to one must be seen next to the others.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ up to the cell size (at least 120 px, at most 280 px); longer labels wrap, then 
 
 This module is the drawing and layout; which manifest line belongs in which cell, and what
 a cell without one means, is `pipeline.views.grid_model`.
+
+It stays one module (about 450 lines) because a sheet's layout and its drawing share one
+set of measured sizes (`_Style`); the model it draws from is already apart.
 """
 
 from __future__ import annotations
