@@ -118,8 +118,8 @@ class Retrier:
 
     The strategies are built once; each call runs a `copy` of that loop through
     tenacity's public ``AsyncRetrying.__call__`` (a copy per call, because a tenacity
-    loop keeps its iteration state on the instance and items run concurrently). That
-    costs about 20 us per item, against 1-2 ms of CPU for the request it guards.
+    loop keeps its iteration state on the instance and items run concurrently): a small
+    cost per item beside the CPU of the request it guards.
     """
 
     def __init__(
