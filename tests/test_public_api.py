@@ -214,3 +214,21 @@ def test_a_users_pipeline_module_cannot_shadow_synthaug(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "2"]
+
+
+def test_the_readme_example_uses_only_the_public_api() -> None:
+    """The README's scheduler example compiles and names only what synthaug exports."""
+    import ast
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Use from Python", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    used = {
+        node.attr
+        for node in ast.walk(ast.parse(code))
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "synthaug"
+    }
+    assert used
+    assert used <= set(synthaug.__all__), used - set(synthaug.__all__)
