@@ -24,11 +24,12 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from itertools import islice
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,6 +149,7 @@ class Engine:
         state: ManifestState,
         writer: ManifestWriter,
         files: outputs.StoredFiles | None = None,
+        expand_again: Callable[[], Iterable[ItemDraft]] | None = None,
         remember_stats: Callable[[Mapping[str, Finished]], None] = lambda _entries: None,
         price: Callable[[WorkItem], float | None] = lambda _item: None,
         actual_cost: Callable[[WorkItem, Any], float | None] = lambda _item, _response: None,
@@ -164,6 +166,10 @@ class Engine:
         self._state = state
         self._files = files or outputs.StoredFiles(out_dir)
         self._redo: set[str] | None = None  # ok keys whose files are gone (once decided)
+        # with `expand_again`, a big job's files are stat'ed by a child process while the
+        # keys are expanded (`freshness.StatPass`); its verdict comes at the end
+        self._expand_again = expand_again
+        self._stat_pass: freshness.StatPass | None = None
         self._remember_stats = remember_stats
         self._verified: dict[str, Finished] = {}  # --verify: matched with another stat
         self._writer = writer
@@ -215,6 +221,9 @@ class Engine:
             for task in [producer, *workers]:
                 task.cancel()
             await asyncio.gather(producer, *workers, return_exceptions=True)
+            if self._stat_pass is not None:  # stopped before its verdict was needed
+                check, self._stat_pass = self._stat_pass, None
+                await asyncio.to_thread(check.cancel)
             self.stats.finished = self._clock()
             try:
                 self._writer.sync()
@@ -276,11 +285,14 @@ class Engine:
         hashes files. An item is built from its draft only when it will run.
         """
         if self._redo is None:
-            self._redo = self._keys_missing_files()
+            self._redo = self._start_check()
         todos: list[_Todo] = []
         scanned = 0
         while len(todos) < CHUNK_SIZE and scanned < SCAN_LIMIT:
             chunk = list(islice(self._items, CHUNK_SIZE))
+            if not chunk and self._stat_pass is not None:
+                self._items = self._second_pass()  # the child's verdict: what runs again
+                continue
             if not chunk:
                 break
             scanned += len(chunk)
@@ -307,15 +319,48 @@ class Engine:
                 continue
             todos.append(_Todo(draft.build(), entry))
 
-    def _keys_missing_files(self) -> set[str]:
-        """The ok keys whose files are gone or changed (`freshness.check_finished`: a stat
-        of every recorded file, a re-hash of those whose size or mtime differ); the ones
-        re-hashed and found unchanged are remembered with their new stats."""
+    def _start_check(self) -> set[str]:
+        """The ok keys whose files are gone or changed, or, when a child process checks
+        them (`freshness.StatPass`, for a big job given `expand_again`), none for now:
+        finished keys are skipped optimistically and `_second_pass` runs the ones the
+        child's verdict names."""
         if self._state.hashes is not None:
             return set()  # --verify re-hashes every file as it decides (`_decide`)
-        found = freshness.check_finished(
-            self._state.finished, self._files, self._out_dir / MANIFEST_NAME
-        )
+        finished = self._state.finished
+        files = sum(map(len, map(itemgetter(1), finished.values())))
+        if self._expand_again is not None and files >= freshness.BACKGROUND_MIN_FILES:
+            self._stat_pass = freshness.StatPass.start(finished, self._files, self._out_dir)
+            if self._stat_pass is not None:
+                return set()
+        return self._keys_missing_files()
+
+    def _second_pass(self) -> Iterator[ItemDraft]:
+        """The drafts of the ok keys the child found with missing or changed files (every
+        item was seen once: each of these was counted as skipped then)."""
+        check, self._stat_pass = self._stat_pass, None
+        assert check is not None
+        differing = check.result()
+        redo = self._keys_missing_files(differing)
+        self._redo = redo
+        if not redo or self._expand_again is None:
+            return
+        for draft in self._expand_again():
+            if draft.key in redo:
+                self.stats.total -= 1  # `_decide` counts it again
+                self.stats.skipped_ok -= 1
+                yield draft
+
+    def _keys_missing_files(self, differing: list[int] | None = None) -> set[str]:
+        """The ok keys whose files are gone or changed (`freshness.check_finished`: a stat
+        of every recorded file, a re-hash of those whose size or mtime differ; or
+        `freshness.settle` of the indexes a child found differing); the ones re-hashed
+        and found unchanged are remembered with their new stats."""
+        manifest = self._out_dir / MANIFEST_NAME
+        finished = self._state.finished
+        if differing is None:
+            found = freshness.check_finished(finished, self._files, manifest)
+        else:
+            found = freshness.settle(finished, differing, self._files, manifest)
         self.stats.rehashed += found.rehashed
         if found.rehashed:
             log.warning("%s", _rehash_message(found))

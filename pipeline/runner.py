@@ -155,6 +155,7 @@ async def _run_engine(
             run,
             out_dir=spec.output_dir,
             items=items_mod.expand_drafts(spec, hashes=hashes),
+            expand_again=lambda: items_mod.expand_drafts(spec, hashes=hashes),
             backend=backend,
             limiter=limiter,
             state=state,

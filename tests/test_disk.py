@@ -60,7 +60,8 @@ def kill_before_ok_line(out: Path, victims: int, *, torn: bool, renamed: bool) -
 
     Their ``ok`` lines go (the last one torn halfway when `torn`), each leaves a
     half-written temp file where `store_image` writes them (OUT/images/.incoming), and
-    its image is either already renamed into place (`renamed`) or not there yet. Returns the victims' keys.
+    its image is either already renamed into place (`renamed`) or not there yet.
+    Returns the victims' keys.
     """
     manifest = out / "manifest.jsonl"
     lines = manifest.read_bytes().splitlines(keepends=True)

@@ -8,7 +8,10 @@ import io
 import json
 import logging
 import os
+import shutil
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import yaml
 from checks import assert_outputs_valid, run_spec, write_job_spec
 from PIL import Image, PngImagePlugin
 
+from pipeline.manifest import freshness
 from pipeline.manifest.cache import cache_path
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.server import MockConfig, MockServer
@@ -31,6 +35,32 @@ HOUR_NS = 3600 * 10**9
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ROBOFLOW_API_KEY", KEY)
+
+
+@pytest.fixture(params=["in-process", "child", "child-fails"])
+def stat_check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each way the resume check stats the recorded files: in the run's process (a small
+    job), in a child process while the keys are expanded (a big one: here from the first
+    file), and a child that cannot run (the run checks in its own process instead)."""
+    mode = str(request.param)
+    answers: list[list[int] | None] = []
+    if mode != "in-process":
+        monkeypatch.setattr(freshness, "BACKGROUND_MIN_FILES", 1)
+        result = freshness.StatPass.result
+
+        def spy(check: freshness.StatPass) -> list[int] | None:
+            answers.append(result(check))
+            return answers[-1]
+
+        monkeypatch.setattr(freshness.StatPass, "result", spy)
+    if mode == "child-fails":
+        monkeypatch.setattr(sys, "executable", shutil.which("false") or "/nonexistent/python")
+    yield mode
+    if mode == "child":
+        assert answers, "no resume was checked by a child"
+        assert None not in answers, "the child failed"
+    else:
+        assert all(answer is None for answer in answers)
 
 
 def ok_outputs(out: Path) -> list[Path]:
@@ -67,7 +97,9 @@ async def verify_run(path: Path) -> JobResult:
     return await run_job(load_spec(path), spec_path=path, install_signals=False, verify=True)
 
 
-async def test_deleted_and_replaced_outputs_run_again_and_nothing_else(tmp_path: Path) -> None:
+async def test_deleted_and_replaced_outputs_run_again_and_nothing_else(
+    tmp_path: Path, stat_check: str
+) -> None:
     """One output deleted, another overwritten by a different valid image of the same
     size: the next plain run redoes exactly those two items."""
     async with MockServer(MockConfig()) as server:
@@ -104,7 +136,7 @@ async def test_same_size_and_mtime_is_trusted_and_verify_catches_it(tmp_path: Pa
 
 
 async def test_touched_output_is_rehashed_once_then_trusted(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, stat_check: str
 ) -> None:
     """An output whose mtime changed but whose bytes did not is not paid for again: it
     is re-hashed once (the run says so), and the run after that reads it no more."""
@@ -124,7 +156,7 @@ async def test_touched_output_is_rehashed_once_then_trusted(
 
 
 async def test_copy_without_mtimes_is_rehashed_once_and_cache_is_disposable(
-    tmp_path: Path,
+    tmp_path: Path, stat_check: str
 ) -> None:
     """Every mtime changed (a copy that did not keep them): one run re-hashes all and
     pays nothing; deleting the state cache only costs that re-hash once more."""
@@ -145,7 +177,9 @@ async def test_copy_without_mtimes_is_rehashed_once_and_cache_is_disposable(
     assert counts == [(0, 4), (0, 0), (0, 4), (0, 0)]
 
 
-async def test_manifest_without_mtimes_resumes_after_one_rehash(tmp_path: Path) -> None:
+async def test_manifest_without_mtimes_resumes_after_one_rehash(
+    tmp_path: Path, stat_check: str
+) -> None:
     """An OUT written before mtimes were recorded resumes without paying: its files are
     re-hashed once, then trusted by their stat."""
     async with MockServer(MockConfig()) as server:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.manifest.freshness import StatPass, recorded_files
 from pipeline.records import OutputFile
 from pipeline.store.files import TEMP_DIR, Stat, StoredFiles, store_image
 
@@ -132,3 +133,25 @@ def test_images_are_written_through_the_incoming_folder(tmp_path: Path) -> None:
     assert files.sweep_temp_files() == 2
     assert not any(path.exists() for path in leftovers)
     assert files.differing(*recorded(outputs)) == []
+
+
+def test_a_child_process_finds_what_the_in_process_pass_finds(tmp_path: Path) -> None:
+    """The stat pass run by a child process reports the same missing, changed, refused
+    and symlinked files as the pass in this process, over several chunks."""
+    outputs = stored(tmp_path, 6)
+    paths, stats = recorded(outputs)
+    finished = {
+        f"k{i}": ("s", (path,), (stat,))
+        for i, (path, stat) in enumerate(zip(paths, stats, strict=True))
+    }
+    finished["escaped"] = ("s", ("../abcd-0.png",), ((1, 1),))
+    (tmp_path / paths[1]).unlink()
+    (tmp_path / paths[2]).write_bytes(b"other bytes")
+    (tmp_path / paths[4]).rename(tmp_path / "real.png")
+    (tmp_path / paths[4]).symlink_to(tmp_path / "real.png")
+    files = StoredFiles(tmp_path)
+    expected = files.differing(*recorded_files(finished))
+    assert expected == [1, 2, 4, 6]
+    check = StatPass.start(finished, files, tmp_path, chunk_keys=2)
+    assert check is not None
+    assert check.result() == expected

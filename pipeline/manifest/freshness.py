@@ -15,22 +15,40 @@ its mtime, so such a "racy" stat is left to be re-hashed next time instead.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import subprocess
+import sys
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from itertools import accumulate, chain
+from itertools import accumulate, chain, islice
 from operator import itemgetter
 from pathlib import Path
 
+from ..store import statpass
 from ..store.files import StoredFiles
 from .log import Finished, Stat, recorded_hashes
 
-__all__ = ["RACY_NS", "Freshness", "check_finished", "recorded_files", "settle", "verify_key"]
+__all__ = [
+    "BACKGROUND_MIN_FILES",
+    "RACY_NS",
+    "Freshness",
+    "StatPass",
+    "check_finished",
+    "recorded_files",
+    "settle",
+    "verify_key",
+]
+
+log = logging.getLogger(__name__)
 
 # A stat this close to its hashing is not remembered: 2 s covers the coarsest common
 # mtime granularity (FAT); ext4, XFS, APFS and NTFS are far finer.
 RACY_NS = 2_000_000_000
+BACKGROUND_MIN_FILES = 50_000  # fewer recorded files: checked in-process, no child
+CHUNK_KEYS = 65_536  # finished keys per chunk sent to the child (it stats as they come)
 
 
 @dataclass(slots=True)
@@ -59,6 +77,105 @@ def check_finished(
     """
     paths, stats = recorded_files(finished)
     return settle(finished, files.differing(paths, stats), files, manifest, clock_ns=clock_ns)
+
+
+class StatPass:
+    """`StoredFiles.differing` of every finished key's files, run by a child process
+    (`pipeline.store.statpass`) on another core while this process expands the job's
+    keys: a resume of a million finished items spends about 2 s in a million `stat`
+    calls, as long as the expansion takes. Threads would not overlap the two: each short
+    system call gives the GIL back and takes it again, in a convoy with the expanding
+    thread.
+
+    The caller skips finished keys optimistically while the child works, and asks
+    `result` once it has seen every item; keys with a differing file then go through
+    `settle` and run in a second pass. Any failure to start or finish the child returns
+    None: check in this process then (`check_finished`).
+    """
+
+    def __init__(self, child: subprocess.Popen[bytes], refused: list[int]) -> None:
+        self._child = child
+        self._refused = refused  # indexes whose path shape is refused: never present
+
+    @classmethod
+    def start(
+        cls,
+        finished: Mapping[str, Finished],
+        files: StoredFiles,
+        out_dir: Path,
+        *,
+        chunk_keys: int = CHUNK_KEYS,
+    ) -> StatPass | None:
+        """Start the child and send it every finished key's recorded files (in chunks:
+        it stats the first while the rest are sent); None when no child can run here."""
+        if not statpass.STAT_DIR_FD or not sys.executable:
+            return None
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-I", "-S", statpass.__file__, str(out_dir)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            log.info("checking the stored files in this process: %s", exc)
+            return None
+        check = cls(child, [])
+        try:
+            check._send(finished, files, chunk_keys)
+        except OSError as exc:  # the child died early (a broken pipe)
+            log.info("checking the stored files in this process: %s", exc)
+            check.cancel()
+            return None
+        return check
+
+    def _send(self, finished: Mapping[str, Finished], files: StoredFiles, chunk_keys: int) -> None:
+        stdin = self._child.stdin
+        assert stdin is not None
+        values = iter(finished.values())
+        base = 0
+        while chunk := list(islice(values, chunk_keys)):
+            paths = list(chain.from_iterable(map(itemgetter(1), chunk)))
+            stats = list(chain.from_iterable(map(itemgetter(2), chunk)))
+            statpass.write_chunk(stdin, paths, stats)
+            stdin.flush()  # the child starts on it while this one shapes the next
+            self._refused.extend(base + index for index in files.refused(paths))
+            base += len(paths)
+        stdin.close()
+
+    def result(self) -> list[int] | None:
+        """The indexes (of `recorded_files`) of the files that differ, as `differing`
+        gives them; None when the child failed."""
+        child = self._child
+        assert child.stdout is not None
+        try:
+            data = child.stdout.read()
+            code = child.wait()
+        except OSError as exc:
+            log.info("the stat pass in a child process failed (%s): checking here", exc)
+            self.cancel()
+            return None
+        finally:
+            child.stdout.close()
+        try:
+            found = statpass.loads_indexes(data) if code == 0 else None
+        except ValueError:
+            found = None
+        if found is None:
+            log.info("the stat pass in a child process failed (exit %s): checking here", code)
+            return None
+        return sorted(set(found).union(self._refused))
+
+    def cancel(self) -> None:
+        """Stop the child (the run ended before its answer was needed)."""
+        child = self._child
+        if child.poll() is None:
+            child.kill()
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        child.wait()
 
 
 def recorded_files(

@@ -17,10 +17,10 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from itertools import compress, count, tee
-from operator import attrgetter, length_hint, ne, not_, or_
+from itertools import compress, count
+from operator import not_
 from pathlib import Path
 from stat import S_ISREG
 
@@ -29,6 +29,7 @@ from ..records import OutputFile
 from . import layout
 from .image_check import DEFAULT_MAX_PIXELS, ImageInfo, check_image
 from .layout import IMAGES_DIR, TMP_SUFFIX
+from .statpass import DIR_FLAGS, STAT_DIR_FD, differing
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -49,10 +50,7 @@ _SOURCE_RE = re.compile(r"[A-Za-z0-9._-]+")
 _KEY_RE = re.compile(r"[0-9A-Za-z]+")
 _EXT_RE = re.compile(r"[a-z0-9]+")
 _HASH_CHUNK = 1024 * 1024
-_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-_STAT_DIR_FD = os.stat in os.supports_dir_fd  # stat relative to OUT's descriptor
 _NAME = r"[0-9A-Za-z]+-[0-9]+\.[a-z0-9]+"  # an image's file name, as `output_path` gives it
-_STAT_KEY = attrgetter("st_size", "st_mtime_ns")
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 TEMP_DIR = ".incoming"
 """OUT/images/.incoming: where images are written before their rename into place."""
@@ -272,25 +270,30 @@ class StoredFiles:
 
     def differing(self, paths: Sequence[str], stats: Sequence[Stat | None]) -> list[int]:
         """The indexes of `paths` whose stored file is missing or whose (size, mtime)
-        differs from `stats` (the one at the same index): for a whole job's files,
-        one C-level pass, a Python step only where a file is missing."""
-        shape = self._shape_re()
-        refused = list(compress(count(), map(not_, map(shape.fullmatch, paths))))
+        differs from `stats` (the one at the same index): for a whole job's files, one
+        C-level pass (`statpass.differing`)."""
+        refused = self.refused(paths)
         if refused:  # never stat'ed: "" names no file
             paths = list(paths)
             for index in refused:
                 paths[index] = ""
-        if not _STAT_DIR_FD:  # no stat relative to a folder's descriptor: whole paths
+        if not STAT_DIR_FD:  # no stat relative to a folder's descriptor: whole paths
             whole = [str(self._out / path) if path else "" for path in paths]
-            return _differing(partial(os.stat, follow_symlinks=False), whole, stats)
+            return differing(partial(os.stat, follow_symlinks=False), whole, stats)
         try:
-            fd = os.open(self._out, _DIR_FLAGS)
+            fd = os.open(self._out, DIR_FLAGS)
         except OSError:
             return list(range(len(paths)))  # no OUT: no file is stored
         try:
-            return _differing(partial(os.stat, dir_fd=fd, follow_symlinks=False), paths, stats)
+            return differing(partial(os.stat, dir_fd=fd, follow_symlinks=False), paths, stats)
         finally:
             os.close(fd)
+
+    def refused(self, paths: Iterable[str]) -> list[int]:
+        """The indexes of `paths` that cannot name a stored image, whatever is there:
+        not ``images/<source>/<name>`` with a real source folder and a name as
+        `output_path` gives (a C-level pass)."""
+        return list(compress(count(), map(not_, map(self._shape_re().fullmatch, paths))))
 
     def sha256(self, path: str) -> str | None:
         """Hex SHA-256 of a stored file (path relative to OUT), None when unreadable."""
@@ -327,32 +330,6 @@ class StoredFiles:
             sources = "|".join(map(re.escape, _source_folders(self._out / IMAGES_DIR)))
             self._shape = re.compile(f"{IMAGES_DIR}/(?:{sources})/{_NAME}" if sources else "(?!)")
         return self._shape
-
-
-def _differing(
-    stat: Callable[[str], os.stat_result], paths: Sequence[str], stats: Sequence[Stat | None]
-) -> list[int]:
-    """`StoredFiles.differing` once the paths are safe to stat: a missing file stops the
-    C-level pass with an exception, which is noted, and the pass goes on after it."""
-    names = iter(paths)
-    recorded = iter(stats)
-    found: list[int] = []
-    start = 0
-    while True:
-        results, modes = tee(map(stat, names))
-        differs = map(or_, map(ne, map(_STAT_KEY, results), recorded), map(_not_regular, modes))
-        try:
-            found.extend(compress(count(start), differs))
-            return found
-        except OSError:  # the file at the current position is gone (or unreadable)
-            position = len(paths) - length_hint(names) - 1
-            found.append(position)
-            next(recorded, None)  # its recorded stat was not taken yet
-            start = position + 1
-
-
-def _not_regular(info: os.stat_result) -> bool:
-    return not S_ISREG(info.st_mode)
 
 
 def _source_folders(images: Path) -> list[str]:
