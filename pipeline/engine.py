@@ -25,6 +25,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -72,6 +73,9 @@ SCAN_LIMIT = 64 * CHUNK_SIZE  # items looked at per trip (a resumed job skips mo
 DOWNLOAD_ATTEMPTS = 3  # tries of one image URL before the item regenerates
 LARGE_INPUT_BYTES = 256 * 1024  # base64 in a thread above this
 VERIFIED_BATCH = 65536  # --verify: refreshed stats handed to `remember_stats` at a time
+STORE_THREADS = 2
+"""Threads that check, hash and write images: few, so that the event loop thread competes
+for the GIL and the CPUs with few others (a stall of the loop delays every request)."""
 
 
 @dataclass(slots=True)
@@ -173,6 +177,8 @@ class Engine:
         self._remember_stats = remember_stats
         self._verified: dict[str, Finished] = {}  # --verify: matched with another stat
         self._writer = writer
+        # its threads start on first use and end with `run`
+        self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="synthaug-store")
         # image folders are fsynced once per manifest sync, before it, not once per image
         self._folders = outputs.FolderSync()
         writer.add_sync_hook(self._folders.flush)
@@ -221,6 +227,8 @@ class Engine:
             for task in [producer, *workers]:
                 task.cancel()
             await asyncio.gather(producer, *workers, return_exceptions=True)
+            # a store begun by a cancelled item ends before the run does (and the OUT lock)
+            await asyncio.to_thread(self._store_pool.shutdown)
             if self._stat_pass is not None:  # stopped before its verdict was needed
                 check, self._stat_pass = self._stat_pass, None
                 await asyncio.to_thread(check.cancel)
@@ -532,7 +540,7 @@ class Engine:
         for _ in range(DOWNLOAD_ATTEMPTS):
             try:
                 data = await self._backend.download(image)
-                return await asyncio.to_thread(
+                store = partial(
                     outputs.store_image,
                     self._out_dir,
                     source=item.source,
@@ -543,6 +551,7 @@ class Engine:
                     id=image.id,
                     folders=self._folders,
                 )
+                return await asyncio.get_running_loop().run_in_executor(self._store_pool, store)
             except TransientError as exc:
                 last = exc
                 if image.url is None:
