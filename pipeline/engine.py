@@ -232,6 +232,10 @@ class Engine:
             if self._stat_pass is not None:  # stopped before its verdict was needed
                 check, self._stat_pass = self._stat_pass, None
                 await asyncio.to_thread(check.cancel)
+            # The job's state is let go now (a million entries for a big job): the engine
+            # sits in reference cycles (its retrier holds its bound methods), so keeping it
+            # would leave the state to the full collection at exit (0.4 s for 1M items).
+            self._state = ManifestState()
             self.stats.finished = self._clock()
             try:
                 self._writer.sync()
