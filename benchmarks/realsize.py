@@ -8,9 +8,15 @@ of PNG or 120 kB of JPEG for 1024², rendered once and reused), as ``b64_json`` 
 the JSON or by URL. Each client runs in a child process of its own and measures itself
 from just before its first request to just after its last: CPU seconds of the whole
 process (all threads, `getrusage`), and the longest lateness of a 5 ms heartbeat task on
-its event loop (a callback holding the loop shows up as that much lateness). Clients:
+its event loop (a callback holding the loop shows up as that much lateness), while the
+answers arrive (first to last item finished) and over the whole run (start-up and
+shutdown too). Where Linux tells it (``/proc/thread-self/schedstat``), the longest stall
+while answers arrive is split into the loop thread's own CPU time and its wait for a
+free CPU; the rest is its wait for the GIL. The client's modules are imported before
+it is measured, as `synthaug run` has them before its loop starts. Clients:
 
-- **synthaug**: `run_job` of this tree, as `synthaug run` does it.
+- **synthaug**: `run_job` of this tree, as `synthaug run` does it (GC frozen after the
+  manifest state is loaded, ``freeze_gc``).
 - **floor**: aiohttp and nothing else: read the answer, parse the JSON, base64-decode (or
   GET the URL), sha256, write the file. Everything inline on the loop, nothing checked.
 - **old**: `run_job` of an earlier commit (`--baseline-rev`, extracted with `git
@@ -24,6 +30,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -52,11 +59,13 @@ CASES = [("png", "b64"), ("png", "url"), ("jpeg", "b64"), ("jpeg", "url")]
 
 
 class Heartbeat:
-    """A task that wakes every `HEARTBEAT_S` and records how late it woke."""
+    """A task that wakes every `HEARTBEAT_S` and records how late it woke, and, for each
+    late wake-up, the loop thread's CPU time and wait for a CPU since the one before."""
 
     def __init__(self) -> None:
         self.longest = 0.0
-        self.late: list[tuple[float, float]] = []  # (wall clock, lateness) over 1 ms
+        # (wall clock, lateness, loop thread CPU, wait for a CPU) of wake-ups over 1 ms late
+        self.late: list[tuple[float, float, float, float | None]] = []
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -71,13 +80,26 @@ class Heartbeat:
 
     async def _beat(self) -> None:
         loop = asyncio.get_running_loop()
+        cpu, queued = time.thread_time(), _cpu_wait_s()
         while True:
             due = loop.time() + HEARTBEAT_S
             await asyncio.sleep(HEARTBEAT_S)
             lateness = loop.time() - due
+            cpu_before, queued_before = cpu, queued
+            cpu, queued = time.thread_time(), _cpu_wait_s()
             self.longest = max(self.longest, lateness)
             if lateness > 0.001:
-                self.late.append((time.time(), lateness))
+                waited = None if queued is None or queued_before is None else queued - queued_before
+                self.late.append((time.time(), lateness, cpu - cpu_before, waited))
+
+
+def _cpu_wait_s() -> float | None:
+    """Seconds this thread has waited for a CPU while runnable (Linux), None elsewhere."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _cpu_s() -> float:
@@ -94,22 +116,45 @@ async def _measured(work: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, 
     cpu, wall = _cpu_s() - cpu0, time.monotonic() - t0
     stall = await beat.stop()
     first, last = figures.pop("answers")
-    during = max((late for at, late in beat.late if first <= at <= last), default=0.0)
+    during = max(
+        (late for late in beat.late if first <= late[0] <= last),
+        key=lambda late: late[1],
+        default=(0.0, 0.0, 0.0, None),
+    )
+    _, lateness, loop_cpu, cpu_wait = during
     return {
         **figures,
         "cpu_s": cpu,
         "wall_s": wall,
         "longest_stall_ms": stall * 1000,
-        "longest_stall_answers_ms": during * 1000,
+        "longest_stall_answers_ms": lateness * 1000,
+        "stall_loop_cpu_ms": loop_cpu * 1000,
+        "stall_cpu_wait_ms": None if cpu_wait is None else cpu_wait * 1000,
+        "longest_stall_startup_ms": _longest(beat, None, first) * 1000,
+        "longest_stall_shutdown_ms": _longest(beat, last, None) * 1000,
     }
+
+
+def _longest(beat: Heartbeat, after: float | None, before: float | None) -> float:
+    """The longest lateness strictly after `after` and before `before` (wall clock)."""
+    return max(
+        (
+            late[1]
+            for late in beat.late
+            if (after is None or late[0] > after) and (before is None or late[0] < before)
+        ),
+        default=0.0,
+    )
 
 
 async def _run_synthaug(spec_path: Path) -> dict[str, Any]:
     from pipeline.runner import run_job
-    from pipeline.spec.load import load_spec
 
-    spec = load_spec(spec_path)
-    result = await run_job(spec, spec_path=spec_path, install_signals=False)
+    spec = _load_spec()(spec_path)
+    options: dict[str, Any] = {"install_signals": False}
+    if "freeze_gc" in inspect.signature(run_job).parameters:
+        options["freeze_gc"] = True  # as `synthaug run` does (the old code always froze)
+    result = await run_job(spec, spec_path=spec_path, **options)
     summary = result.summary
     return {
         "exit_code": result.exit_code,
@@ -117,6 +162,15 @@ async def _run_synthaug(spec_path: Path) -> dict[str, Any]:
         "failed": summary["failed"],
         "answers": _answer_window(spec.output_dir / "manifest.jsonl"),
     }
+
+
+def _load_spec() -> Callable[[Path], Any]:
+    """`load_spec` of this tree, or of the old code (where it had another home)."""
+    try:
+        from pipeline.spec.load import load_spec
+    except ImportError:  # the old code: pipeline/spec.py
+        from pipeline.spec import load_spec  # type: ignore[attr-defined,no-redef]
+    return load_spec
 
 
 def _answer_window(manifest: Path) -> tuple[float, float]:
@@ -175,6 +229,9 @@ def child_main(args: list[str]) -> int:
             Path(params["out"]),
         )  # fmt: skip
     else:
+        import pipeline.runner  # noqa: F401 (imported before measuring, as the CLI has it)
+
+        _load_spec()
         work = lambda: _run_synthaug(Path(params["spec"]))  # noqa: E731
     print(json.dumps(asyncio.run(_measured(work))))
     return 0
@@ -243,7 +300,8 @@ def extract_baseline(rev: str, into: Path) -> Path:
 
 
 def warm_up(base_url: str, size: str) -> None:
-    """One request first, so the mock renders its images before anything is measured."""
+    """One request first (and a GET of the image it names, if it names one), so the mock
+    renders its images before anything is measured."""
     body = json.dumps({"project_url": "bench", "prompt": "warm-up", "size": size}).encode()
     request = urllib.request.Request(
         f"{base_url}/synthetic-image?api_key=k",
@@ -251,7 +309,11 @@ def warm_up(base_url: str, size: str) -> None:
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=120) as resp:
-        resp.read()
+        answer = json.loads(resp.read())
+    url = answer.get("data", [{}])[0].get("url") if isinstance(answer, dict) else None
+    if url:
+        with urllib.request.urlopen(url, timeout=120) as resp:
+            resp.read()
 
 
 def bench_case(
@@ -308,8 +370,16 @@ def _row(
         "cpu_ms_per_image": round(figures["cpu_s"] / max(items, 1) * 1000, 2),
         "longest_stall_ms": round(figures["longest_stall_ms"], 1),
         "longest_stall_answers_ms": round(figures["longest_stall_answers_ms"], 1),
+        "stall_loop_cpu_ms": round(figures["stall_loop_cpu_ms"], 1),
+        "stall_cpu_wait_ms": _rounded(figures["stall_cpu_wait_ms"]),
+        "longest_stall_startup_ms": round(figures["longest_stall_startup_ms"], 1),
+        "longest_stall_shutdown_ms": round(figures["longest_stall_shutdown_ms"], 1),
         "wall_s": round(figures["wall_s"], 2),
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 def _show(rows: list[dict[str, Any]]) -> None:
     header = [
         "client", "image", "by", "ok", "CPU ms/image", "x floor",
-        "longest stall ms (while answers arrive / whole run)",
+        "longest stall ms while answers arrive (loop CPU / waiting for a CPU)",
+        "start-up / shutdown stall ms",
     ]  # fmt: skip
     table = [
         [
@@ -359,7 +430,9 @@ def _show(rows: list[dict[str, Any]]) -> None:
             f"{r['ok']}/{r['items']}",
             r["cpu_ms_per_image"],
             r["x_floor"],
-            f"{r['longest_stall_answers_ms']} / {r['longest_stall_ms']}",
+            f"{r['longest_stall_answers_ms']} ({r['stall_loop_cpu_ms']} / "
+            f"{'?' if r['stall_cpu_wait_ms'] is None else r['stall_cpu_wait_ms']})",
+            f"{r['longest_stall_startup_ms']} / {r['longest_stall_shutdown_ms']}",
         ]
         for r in rows
     ]

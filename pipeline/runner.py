@@ -367,7 +367,8 @@ async def _open_backend(
     if given is not None:
         yield given
         return
-    backend_class = backend_kind(spec.backend.kind).open_backend_class()
+    # its first import (aiohttp's) takes about 100 ms: in a thread, not holding the loop
+    backend_class = await asyncio.to_thread(backend_kind(spec.backend.kind).open_backend_class)
     async with backend_class(
         spec.backend.base_url,
         api_key,

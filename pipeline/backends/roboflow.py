@@ -137,7 +137,11 @@ class RoboflowBackend:
             url = URL(image.url)
             async with session.get(url, proxy=self._proxy_for(url)) as response:
                 if response.status == 200:
-                    return await response.read()
+                    chunks = await _read_chunks(response)
+                    if sum(map(len, chunks)) <= LARGE_ANSWER_BYTES:
+                        return b"".join(chunks)
+                    loop = asyncio.get_running_loop()
+                    return await loop.run_in_executor(self._parser, b"".join, chunks)
                 failure = TransientError(
                     f"download of {shown} failed: HTTP {response.status}",
                     kind="download",
