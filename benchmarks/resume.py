@@ -3,6 +3,8 @@
     python benchmarks/resume.py            # 1M items (builds ~1M small files, ~4 GB, ~2 min)
     python benchmarks/resume.py --quick    # 100k items
     python benchmarks/resume.py --inputs-only   # only the input-bytes measurement
+    python benchmarks/resume.py --keep DIR     # build in DIR and keep it
+    python benchmarks/resume.py --reuse DIR    # time the job a --keep run left in DIR
 
 A finished job is synthesized directly, without the API: the spec's items are expanded
 exactly as `run` would, each gets a small image file at its output path, and a manifest
@@ -18,7 +20,11 @@ Then, each as its own process (wall time and peak RSS):
 
 The image files were just written, so they are in the page cache: these are warm figures
 (the build is flushed to disk with `os.sync` first, so its write-back does not land in
-the first timing).
+the first timing). A resume overlaps its stat of every file with its key expansion on a
+second core, so each timed run waits for a quiet machine first (other processes using
+under 10% of a core for 2 s, for at most `QUIET_WAIT_S`), and the CPU that other
+processes used during each run is recorded beside it (``others_cpu_s``): a figure taken
+while the machine was busy says so.
 
 Then the input side: a folder job of `INPUT_PHOTOS` photo-like JPEGs (written an hour
 before the run, as photos are) runs once against the embedded mock, and a no-op resume
@@ -57,6 +63,7 @@ from pipeline.spec.load import load_spec
 from pipeline.store.files import output_path
 
 REPEAT = 3  # runs per resume case: the table shows the median
+QUIET_WAIT_S = 120.0  # longest wait for a quiet machine before a timed run
 INPUT_PHOTOS = 200  # inputs of the folder job whose no-op resume's reads are counted
 _READS_CHILD = """
 import sys
@@ -192,15 +199,18 @@ def measure(
 ) -> dict[str, Any]:
     """Run one synthaug command as a child `repeat` times (calling `before` each time):
     the median wall time and CPU, every wall time, and the peak RSS."""
-    walls, cpus, rss, code = [], [], 0.0, 0
+    walls, cpus, others, rss, code = [], [], [], 0.0, 0
     for _ in range(repeat):
         if before is not None:
             before()
+        wait_for_quiet()
+        busy = _busy_cpu_s()
         child = run_child(args)
         if child.returncode != 0:
             print(f"{label}: exit {child.returncode}\n{child.stderr[-2000:]}", file=sys.stderr)
         walls.append(child.wall_s)
         cpus.append(child.cpu_s)
+        others.append(round(max(0.0, _busy_cpu_s() - busy - child.cpu_s), 2))
         rss, code = max(rss, child.max_rss_mb), code or child.returncode
     return {
         "command": label,
@@ -208,8 +218,30 @@ def measure(
         "wall_s": round(statistics.median(walls), 2),
         "wall_s_runs": [round(w, 2) for w in walls],
         "cpu_s": round(statistics.median(cpus), 2),
+        "others_cpu_s": others,
         "max_rss_mb": round(rss, 1),
     }
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds every process on this machine has used (all but idle and iowait),
+    from /proc/stat; 0 where there is none."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(limit_s: float = QUIET_WAIT_S) -> None:
+    """Wait until other processes leave the cores alone for 2 s (at most `limit_s`)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        busy = _busy_cpu_s()
+        time.sleep(2.0)
+        if _busy_cpu_s() - busy < 0.2:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="100k items instead of 1M")
     parser.add_argument("--items", type=int, default=None, help="item count (default 1M)")
     parser.add_argument("--keep", type=Path, default=None, help="build here and keep it")
+    parser.add_argument(
+        "--reuse", type=Path, default=None, help="time the finished job a --keep run left here"
+    )
     parser.add_argument(
         "--inputs-only", action="store_true", help="only the folder job's input reads"
     )
@@ -229,20 +264,23 @@ def main(argv: list[str] | None = None) -> int:
         save_results("resume_inputs", {"params": {"inputs": INPUT_PHOTOS}, "reads": reads})
         return 0
     items = args.items or (100_000 if args.quick else 1_000_000)
-    tmp = Path(tempfile.mkdtemp(prefix="synthaug-resume-")) if args.keep is None else args.keep
+    tmp = args.reuse or args.keep or Path(tempfile.mkdtemp(prefix="synthaug-resume-"))
     try:
-        spec = write_spec(
-            tmp,
-            name=f"resume-{items}",
-            items=items,
-            base_url="http://127.0.0.1:9",  # never contacted: nothing is left to do
-            concurrency=16,
-            rate_limit=50,
-        )
-        rows = [measure("plan (no manifest)", ["plan", str(spec)])]
-        build = build_finished_job(spec)
-        os.sync()  # the build's gigabytes are written back now, not during the first timing
-        print(f"built {build['items']:,} finished items in {build['build_s']} s", flush=True)
+        if args.reuse is not None:
+            spec, rows, build = reused_job(args.reuse, items)
+        else:
+            spec = write_spec(
+                tmp,
+                name=f"resume-{items}",
+                items=items,
+                base_url="http://127.0.0.1:9",  # never contacted: nothing is left to do
+                concurrency=16,
+                rate_limit=50,
+            )
+            rows = [measure("plan (no manifest)", ["plan", str(spec)])]
+            build = build_finished_job(spec)
+            os.sync()  # the build's gigabytes are written back now, not during the first timing
+            print(f"built {build['items']:,} finished items in {build['build_s']} s", flush=True)
         run_args = ["run", str(spec), "--no-progress", "--no-grid"]
         manifest = tmp / "out" / MANIFEST_NAME
         # the cache the finishing run left (its segments), then none (deleted: every
@@ -257,11 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             summary = json.loads((tmp / "out" / "summary.json").read_text())
             rows[-1]["skipped_ok"] = summary["skipped_ok"]
             rows[-1]["requests"] = summary["requests"]
+            rows[-1]["rehashed_images"] = summary["rehashed_images"]
         rows.append(measure("status", ["status", str(tmp / "out")], repeat=REPEAT))
         rows.append(measure("plan (finished manifest)", ["plan", str(spec)], repeat=REPEAT))
         reads = measure_input_reads(tmp / "inputs", min(INPUT_PHOTOS, items))
     finally:
-        if args.keep is None:
+        if args.keep is None and args.reuse is None:
             shutil.rmtree(tmp, ignore_errors=True)
     _show(items, rows)
     print(f"no-op resume of a folder job: {json.dumps(reads)}")
@@ -270,6 +309,21 @@ def main(argv: list[str] | None = None) -> int:
         {"params": {"items": items, **build}, "runs": rows, "input_reads": reads},
     )
     return 0
+
+
+def reused_job(folder: Path, items: int) -> tuple[Path, list[dict[str, Any]], dict[str, Any]]:
+    """The spec of the finished job a ``--keep`` run left in `folder` (of `items` items),
+    no rows yet (its "plan (no manifest)" was timed when it was built), and its figures."""
+    spec = folder / "spec.yaml"
+    name = load_spec(spec).name
+    if name != f"resume-{items}":
+        raise SystemExit(f"{folder} holds the job {name!r}, not resume-{items}: pass --items")
+    manifest = folder / "out" / MANIFEST_NAME
+    return spec, [], {"items": items, "reused": True, "manifest_mb": _mb(manifest)}
+
+
+def _mb(path: Path) -> float:
+    return round(path.stat().st_size / 1e6, 1)
 
 
 def _show(items: int, rows: list[dict[str, Any]]) -> None:
