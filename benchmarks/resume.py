@@ -21,8 +21,8 @@ Then, each as its own process (wall time and peak RSS):
 The image files were just written, so they are in the page cache: these are warm figures
 (the build is flushed to disk with `os.sync` first, so its write-back does not land in
 the first timing). A resume overlaps its stat of every file with its key expansion on a
-second core, so each timed run waits for a quiet machine first (other processes using
-under 10% of a core for 2 s, for at most `QUIET_WAIT_S`), and the CPU that other
+second core, so each timed run of a big job waits for a quiet machine first (other
+processes using under 10% of a core for 2 s, for at most `QUIET_WAIT_S`), and the CPU that other
 processes used during each run is recorded beside it (``others_cpu_s``): a figure taken
 while the machine was busy says so.
 
@@ -64,6 +64,7 @@ from pipeline.store.files import output_path
 
 REPEAT = 3  # runs per resume case: the table shows the median
 QUIET_WAIT_S = 120.0  # longest wait for a quiet machine before a timed run
+QUIET_FROM_ITEMS = 100_000  # smaller jobs (smoke runs, tests) do not wait for quiet
 INPUT_PHOTOS = 200  # inputs of the folder job whose no-op resume's reads are counted
 _READS_CHILD = """
 import sys
@@ -195,7 +196,12 @@ def measure_input_reads(tmp: Path, count: int = INPUT_PHOTOS) -> dict[str, Any]:
 
 
 def measure(
-    label: str, args: list[str], *, repeat: int = 1, before: Callable[[], None] | None = None
+    label: str,
+    args: list[str],
+    *,
+    repeat: int = 1,
+    before: Callable[[], None] | None = None,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Run one synthaug command as a child `repeat` times (calling `before` each time):
     the median wall time and CPU, every wall time, and the peak RSS."""
@@ -203,7 +209,8 @@ def measure(
     for _ in range(repeat):
         if before is not None:
             before()
-        wait_for_quiet()
+        if quiet:
+            wait_for_quiet()
         busy = _busy_cpu_s()
         child = run_child(args)
         if child.returncode != 0:
@@ -265,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     items = args.items or (100_000 if args.quick else 1_000_000)
     tmp = args.reuse or args.keep or Path(tempfile.mkdtemp(prefix="synthaug-resume-"))
+    quiet = items >= QUIET_FROM_ITEMS
     try:
         if args.reuse is not None:
             spec, rows, build = reused_job(args.reuse, items)
@@ -277,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=16,
                 rate_limit=50,
             )
-            rows = [measure("plan (no manifest)", ["plan", str(spec)])]
+            rows = [measure("plan (no manifest)", ["plan", str(spec)], quiet=quiet)]
             build = build_finished_job(spec)
             os.sync()  # the build's gigabytes are written back now, not during the first timing
             print(f"built {build['items']:,} finished items in {build['build_s']} s", flush=True)
@@ -291,13 +299,15 @@ def main(argv: list[str] | None = None) -> int:
             ("run, nothing left (cache rewritten by a resume)", False),
         ):
             drop = (lambda: cache_path(manifest).unlink(missing_ok=True)) if drop_cache else None
-            rows.append(measure(label, run_args, repeat=REPEAT, before=drop))
+            rows.append(measure(label, run_args, repeat=REPEAT, before=drop, quiet=quiet))
             summary = json.loads((tmp / "out" / "summary.json").read_text())
             rows[-1]["skipped_ok"] = summary["skipped_ok"]
             rows[-1]["requests"] = summary["requests"]
             rows[-1]["rehashed_images"] = summary["rehashed_images"]
-        rows.append(measure("status", ["status", str(tmp / "out")], repeat=REPEAT))
-        rows.append(measure("plan (finished manifest)", ["plan", str(spec)], repeat=REPEAT))
+        status = ["status", str(tmp / "out")]
+        rows.append(measure("status", status, repeat=REPEAT, quiet=quiet))
+        plan = ["plan", str(spec)]
+        rows.append(measure("plan (finished manifest)", plan, repeat=REPEAT, quiet=quiet))
         reads = measure_input_reads(tmp / "inputs", min(INPUT_PHOTOS, items))
     finally:
         if args.keep is None and args.reuse is None:
