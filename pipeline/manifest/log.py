@@ -164,8 +164,9 @@ class ManifestState:
 
 # The writer's canonical `ok` line starts like this and lists its files right after
 # `params`; for such lines the key, source, paths and stats are read without a full JSON
-# parse (most of what a large resume would otherwise spend; README "Performance"). Anything else takes the full parse. A
-# file object is matched field by field, in `OutputFile.to_json` order.
+# parse (which would be most of what a large resume spends; README "Performance").
+# Anything else takes the full parse. A file object is matched field by field, in
+# `OutputFile.to_json` order.
 _FAST_OK = re.compile(rb'\{"key":"([0-9a-f]{64})","status":"ok","source":"([A-Za-z0-9._-]+)",')
 _OUTPUTS_START = b',"outputs":['
 _OUTPUTS_END = b'],"attempts":'
