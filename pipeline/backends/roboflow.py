@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -47,6 +48,9 @@ DOWNLOAD_CONNECTIONS = 4
 LARGE_ANSWER_BYTES = 64 * 1024
 """Answers above this size (base64 images) are parsed in the backend's own thread (one:
 the event loop thread then competes for the GIL with one parser, not a pool of them)."""
+GIL_PAUSE_S = 0.0001
+"""The parse thread's pause between pieces of base64 (a sleep releases the GIL; a shorter
+one would take it back before a waiting thread has woken up)."""
 MIN_BARE_KEY_CHARS = 8
 """A key shorter than this is scrubbed from URLs and ids only as an ``api_key=`` value."""
 
@@ -285,7 +289,7 @@ class RoboflowBackend:
         if not 200 <= status < 300:
             text = self._scrub(raw.decode("utf-8", errors="replace"))
             raise classify_http(status, text, headers, now=self._clock())
-        payload = _load_json(raw)
+        payload = _load_json(raw, in_thread=len(raw) > LARGE_ANSWER_BYTES)
         if payload is _INVALID:
             text = self._scrub(raw.decode("utf-8", errors="replace"))
             raise TransientError(
@@ -339,6 +343,15 @@ def _proxy_refused(proxy: URL) -> FatalError:
     )
 
 
+def _give_way() -> None:
+    """Release the GIL for long enough that a waiting event loop thread takes it."""
+    time.sleep(GIL_PAUSE_S)
+
+
+def _keep_on() -> None:
+    """On the event loop: no pause between pieces."""
+
+
 async def _read_chunks(response: aiohttp.ClientResponse) -> list[bytes]:
     """The whole body of `response`, as the pieces in which it arrived (not joined)."""
     chunks: list[bytes] = []
@@ -347,10 +360,11 @@ async def _read_chunks(response: aiohttp.ClientResponse) -> list[bytes]:
     return chunks
 
 
-def _load_json(raw: bytes) -> Any:
+def _load_json(raw: bytes, *, in_thread: bool) -> Any:
     """The parsed answer (inline images decoded: `load_answer`), or `_INVALID` (returned,
-    not raised, to keep no exception context)."""
+    not raised, to keep no exception context). `in_thread`: this runs in the parse
+    thread, which gives the GIL away between pieces of base64 (never on the loop)."""
     try:
-        return load_answer(raw)
+        return load_answer(raw, between_pieces=_give_way if in_thread else _keep_on)
     except ValueError:
         return _INVALID
