@@ -289,14 +289,20 @@ def _from_reference(value: str, image_id: str | None) -> GeneratedImage:
 
 
 def _decode_b64(value: str) -> bytes:
-    """Strict base64, line breaks allowed (removed only when the strict decode fails)."""
-    try:
-        data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
+    """Strict base64, line breaks allowed (removed only when the strict decode fails).
+
+    A length that is not a multiple of 4 is refused first: Python 3.10's decoder, unlike
+    3.11's strict mode, accepts excess padding.
+    """
+    data = b""
+    for text in (value, "".join(value.split())):
+        if len(text) % 4:
+            continue
         try:
-            data = base64.b64decode("".join(value.split()), validate=True)
+            data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            data = b""
+            continue
+        break
     if not data:
         raise TransientError("the API answered with invalid base64 image data", kind="bad_image")
     return data
