@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from checks import assert_outputs_valid, write_job_spec
@@ -23,7 +22,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.manifest.log import read_latest
-from pipeline.mockapi import server as mock_mod
 from pipeline.mockapi.config import FAULT_KINDS, MockConfig, ResponseShape, RetryAfterForm
 from pipeline.mockapi.server import MockServer
 from pipeline.runner import JobResult, run_job
@@ -54,26 +52,6 @@ EXPECTED_KIND: Mapping[str, str] = {
 HARMLESS = frozenset({None, "image_404_once"})
 # Faults the mock injects after counting a paid generation.
 PAID = frozenset({"drop", "slow", "corrupt_image", "truncated_image"})
-
-
-@dataclass
-class FaultLog:
-    """Which fault (None for none) each request of each prompt met, in order.
-
-    The mock counts generations per body but not requests per body, nor which fault
-    each got; this wraps its private `_respond` to see both.
-    """
-
-    by_prompt: defaultdict[str, list[str | None]] = field(default_factory=lambda: defaultdict(list))
-
-    def install(self, patch: pytest.MonkeyPatch) -> None:
-        original = mock_mod._MockApi._respond
-
-        async def respond(api: Any, request: Any, body: Any, fault: Any, headers: Any) -> Any:
-            self.by_prompt[body["prompt"]].append(fault)
-            return await original(api, request, body, fault, headers)
-
-        patch.setattr(mock_mod._MockApi, "_respond", respond)
 
 
 @dataclass(frozen=True)
@@ -152,16 +130,14 @@ async def run_scenario(folder: Path, scenario: Scenario) -> tuple[JobResult, Moc
     return result, server
 
 
-def check_invariants(
-    out: Path, scenario: Scenario, result: JobResult, server: MockServer, log: FaultLog
-) -> None:
+def check_invariants(out: Path, scenario: Scenario, result: JobResult, server: MockServer) -> None:
     latest = read_latest(out / "manifest.jsonl")
     stats = server.stats
-    assert sum(len(faults) for faults in log.by_prompt.values()) == stats.requests
+    assert sum(len(faults) for faults in server.stats.faults_by_prompt.values()) == stats.requests
     assert len(latest) == PROMPTS, "an item has no manifest line"
     failed = 0
     for record in latest.values():
-        faults = log.by_prompt[record["prompt"]]
+        faults = server.stats.faults_by_prompt[record["prompt"]]
         where = f"{record['prompt']}: faults {faults}, record {record['status']}"
         assert 1 <= len(faults) <= scenario.max_attempts, where
         assert record["attempts"] == len(faults), where
@@ -176,7 +152,9 @@ def check_invariants(
     assert result.stop_reason is None
     assert result.exit_code == (1 if failed else 0)
     assert stats.starts_during_pause == 0
-    paid_faults = sum(f in PAID for faults in log.by_prompt.values() for f in faults)
+    paid_faults = sum(
+        f in PAID for faults in server.stats.faults_by_prompt.values() for f in faults
+    )
     assert stats.duplicates <= paid_faults
     assert_outputs_valid(out)
 
@@ -215,11 +193,9 @@ def test_any_fault_mix_ends_every_item_ok_or_failed_with_its_kind(
     max_attempts requests, no start in an announced pause, and OUT holds only named,
     complete files."""
     monkeypatch.setenv("ROBOFLOW_API_KEY", KEY)
-    log = FaultLog()
-    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as tmp:
-        log.install(patch)
+    with tempfile.TemporaryDirectory() as tmp:
         result, server = asyncio.run(run_scenario(Path(tmp), scenario))
-        check_invariants(Path(tmp) / "out", scenario, result, server, log)
+        check_invariants(Path(tmp) / "out", scenario, result, server)
 
 
 def test_fault_log_sees_what_the_mock_injects(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,10 +211,9 @@ def test_fault_log_sees_what_the_mock_injects(monkeypatch: pytest.MonkeyPatch) -
         concurrency=2,
         n=1,
     )
-    log = FaultLog()
-    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as tmp:
-        log.install(patch)
+    with tempfile.TemporaryDirectory() as tmp:
         _, server = asyncio.run(run_scenario(Path(tmp), scenario))
-    seen = Counter(f for faults in log.by_prompt.values() for f in faults if f is not None)
+    by_prompt = server.stats.faults_by_prompt
+    seen = Counter(f for faults in by_prompt.values() for f in faults if f is not None)
     assert seen == Counter(server.stats.faults)
     assert sum(seen.values()) > 0

@@ -149,6 +149,9 @@ class MockStats:
     rate_limited: int = 0
     starts_during_pause: int = 0
     faults: dict[str, int] = field(default_factory=dict)
+    # per prompt, the fault (None: none) each request that reached the answer step met,
+    # in order: lets a test tell which fault an item's last attempt saw
+    faults_by_prompt: dict[str, list[str | None]] = field(default_factory=dict)
     unauthorized: int = 0
     unknown_project: int = 0
     refused: int = 0

@@ -164,6 +164,7 @@ class _MockApi:
                 "Your request was rejected as a result of our safety system.",
             )
         fault = self._draw_fault()
+        self.stats.faults_by_prompt.setdefault(str(body["prompt"]), []).append(fault)
         await self._pause(self.config.latency_s)
         return await self._respond(request, body, fault, headers)
 
