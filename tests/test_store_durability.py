@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import struct
 import zlib
-from collections.abc import Mapping
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
 import pytest
 from checks import run_spec, write_job_spec
@@ -18,7 +17,6 @@ from PIL import Image
 from pipeline.errors import TransientError
 from pipeline.manifest.log import ManifestWriter
 from pipeline.mockapi.server import MockConfig, MockServer
-from pipeline.records import ItemRecord
 from pipeline.store import files as outputs
 from pipeline.store.files import FolderSync, store_image, verify_image
 from pipeline.store.layout import write_json_atomic
@@ -34,11 +32,12 @@ def _png(size: tuple[int, int] = (16, 16)) -> bytes:
 
 class Journal:
     """Records file-system calls in order (full paths): fsyncs of files, folders, the
-    manifest, and renames."""
+    manifest (preceded by the files its new lines name), and renames."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, manifest: Path) -> None:
         self.events: list[tuple[str, str]] = []
         self._manifest = manifest
+        self._lines_seen = 0
         real_fsync, real_replace = os.fsync, os.replace
 
         def fsync(fd: int) -> None:
@@ -46,6 +45,7 @@ class Journal:
             kind = "folder" if target.is_dir() else "file"
             if target == self._manifest.resolve():
                 kind = "manifest"
+                self._note_new_lines()
             self.events.append((kind, str(target)))
             real_fsync(fd)
 
@@ -55,6 +55,17 @@ class Journal:
 
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "replace", replace)
+
+    def _note_new_lines(self) -> None:
+        """A ("line", file) event for each file named by manifest lines written since the
+        last manifest fsync: what this fsync is about to make durable."""
+        lines = self._manifest.read_text(encoding="utf-8").splitlines()
+        for raw in lines[self._lines_seen :]:
+            outputs = json.loads(raw).get("outputs") or ()
+            for output in (o for o in outputs if isinstance(o, dict)):
+                target = (self._manifest.parent / output["path"]).resolve()
+                self.events.append(("line", str(target)))
+        self._lines_seen = len(lines)
 
     def kinds(self) -> list[str]:
         return [kind for kind, _ in self.events]
@@ -144,15 +155,6 @@ async def test_a_run_never_fsyncs_a_line_before_the_folder_of_its_files(
     monkeypatch.setenv("ROBOFLOW_API_KEY", "sk-durable-3c9e")
     out = tmp_path / "out"
     journal = Journal(monkeypatch, out / "manifest.jsonl")
-    real_append = ManifestWriter.append
-
-    def append(writer: ManifestWriter, record: ItemRecord | Mapping[str, Any]) -> None:
-        line = record.to_json() if isinstance(record, ItemRecord) else record
-        for output in line.get("outputs") or ():
-            journal.events.append(("line", str((out / output["path"]).resolve())))
-        real_append(writer, record)  # writes the line, then fsyncs (interval 0)
-
-    monkeypatch.setattr(ManifestWriter, "append", append)
     async with MockServer(MockConfig(latency_s=0.005)) as server:
         path = write_job_spec(tmp_path, server.base_url, prompts=8, n=2, fsync_interval_s=0)
         result = await run_spec(path)
