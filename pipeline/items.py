@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from .records import InputImage, WorkItem, request_body
+from .registry import backend_kind
 from .sources import HashCache
 from .spec.model import SourceSpec, Spec
 from .spec.template import count_variants, iter_prompts, parse_template, resolve_values
@@ -151,6 +152,7 @@ def iter_source_drafts(
     params = MappingProxyType(spec.source_params(source))  # shared by all items: read-only
     seed = DEFAULT_SEED if source.seed is None else source.seed
     kind, project_url = spec.backend.kind, spec.project_url or ""
+    in_body = backend_kind(kind).project_in_body
     repeats = range(source.repeats)
     new = tuple.__new__  # ItemDraft(...) without the keyword handling: 0.1 s per million
     index = 0
@@ -158,7 +160,9 @@ def iter_source_drafts(
         image = input_image.key_value() if input_image else None
         shape = ItemShape(source.name, project_url, params, tuple(values), input_image)
         body = request_body(
-            WorkItem("", source.name, "", project_url, params, input=input_image), image
+            WorkItem("", source.name, "", project_url, params, input=input_image),
+            image,
+            project=in_body,
         )
         key_of = prompt_keyer(kind, body)  # only the prompt varies
         prompts = iter_prompts(template, values, source.combine, samples=source.samples, seed=seed)

@@ -206,14 +206,16 @@ class ItemRecord:
         return out
 
 
-def request_body(item: WorkItem, image: str | None) -> dict[str, Any]:
+def request_body(item: WorkItem, image: str | None, *, project: bool = True) -> dict[str, Any]:
     """The JSON body of `POST /synthetic-image` for `item`.
 
     `image` is what goes in the ``image`` field: the base64 of a local file when sending,
     ``sha256:<hex>`` when computing the key, the id or URL otherwise. One function for both
-    uses, so the key always describes exactly what is sent.
+    uses, so the key always describes exactly what is sent. Without `project` (a kind
+    that has none: OpenAI's images API) the body has no ``project_url``.
     """
-    body: dict[str, Any] = {"project_url": item.project_url, "prompt": item.prompt}
+    body: dict[str, Any] = {"project_url": item.project_url} if project else {}
+    body["prompt"] = item.prompt
     body.update(item.params)
     if item.input is not None:
         body["image"] = image

@@ -34,6 +34,12 @@ class BackendKind:
     needs_project: bool = False  # True: the spec must name project_url
     default_rate_limit: str | None = DEFAULT_RATE_LIMIT
     proxied: bool = True  # False: always connect directly (a loopback server of our own)
+    base_url: str = "https://api.roboflow.com"  # backend.base_url when the spec sets none
+    api_key_env: str = "ROBOFLOW_API_KEY"  # backend.api_key_env when the spec sets none
+    project_in_body: bool = True  # False: the request body (and so the key) has no project_url
+    # False: Roboflow's own inputs and parameters (roboflow_ids, unmodified_prompt,
+    # force_caption_regenerate) are spec errors for this kind: its API would refuse them
+    roboflow_extras: bool = True
 
     def open_backend_class(self) -> type:
         """The class that talks to this kind of API (imported now)."""
@@ -51,6 +57,15 @@ BACKENDS: Mapping[str, BackendKind] = {
             "Roboflow's POST /synthetic-image (OpenAI image models behind it)",
             "backends.roboflow:RoboflowBackend",
             needs_project=True,
+        ),
+        BackendKind(
+            "openai",
+            "OpenAI's POST /images/generations and /images/edits, called directly",
+            "backends.openai:OpenAIBackend",
+            base_url="https://api.openai.com/v1",
+            api_key_env="OPENAI_API_KEY",
+            project_in_body=False,
+            roboflow_extras=False,
         ),
         BackendKind(
             "mock",

@@ -37,6 +37,7 @@ def test_schema_describes_the_spec() -> None:
     [
         pytest.param("examples/quickstart.yaml", id="quickstart"),
         pytest.param("examples/roboflow.yaml", id="roboflow"),
+        pytest.param("examples/openai.yaml", id="openai"),
         pytest.param("configs/reference.yaml", id="reference"),
     ],
 )

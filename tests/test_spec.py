@@ -363,7 +363,7 @@ ERROR_CASES = [
         {},
         "backend.kind",
         4,
-        "expected 'roboflow' or 'mock', got 'dalle'",
+        "expected 'roboflow', 'openai' or 'mock', got 'dalle'",
         id="bad-literal",
     ),
 ]

@@ -57,7 +57,9 @@ INLINE_CHUNK_CHARS = 256 * 1024
 _LIST_KEYS = ("images", "data", "results")
 _URL_KEYS = ("url", "image_url")
 _ID_KEYS = ("id", "image_id")
-_REFUSAL = re.compile(r"content_policy_violation|safety system|content policy", re.IGNORECASE)
+_REFUSAL = re.compile(
+    r"content_policy_violation|moderation_blocked|safety system|content policy", re.IGNORECASE
+)
 # The account cannot pay: OpenAI's codes and wording, and the like. Deliberately narrow:
 # a per-minute "quota exceeded" (Google's wording for a rate limit) must stay a 429.
 _QUOTA_EXHAUSTED = re.compile(

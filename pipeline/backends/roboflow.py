@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -116,8 +116,14 @@ class RoboflowBackend:
         """POST the request for `item`; raises a `BackendError` subclass on any failure."""
         body = request_body(item, image)
         _log.debug("POST %s for item %s", self._endpoint, item.key[:16])
+        return await self._answer(item, self._post(body))
+
+    async def _answer(
+        self, item: WorkItem, sending: Awaitable[tuple[int, list[bytes], Mapping[str, str]]]
+    ) -> Generation:
+        """The `Generation` of the request `sending` makes; errors carry the item's key."""
         try:
-            status, chunks, headers = await self._post(body)
+            status, chunks, headers = await sending
             if sum(map(len, chunks)) > LARGE_ANSWER_BYTES:  # parsing would hold the loop
                 parse = partial(self._generation_of, status, chunks, headers)
                 return await asyncio.get_running_loop().run_in_executor(self._parser, parse)
@@ -176,8 +182,15 @@ class RoboflowBackend:
         return self._session
 
     async def _post(self, body: Mapping[str, Any]) -> tuple[int, list[bytes], Mapping[str, str]]:
-        """Status, raw body (as it arrived, in pieces) and headers of the answer;
-        transport failures as errors.
+        """`_send` of `body` as JSON to the keyed endpoint."""
+        return await self._send(self._post_url, self._endpoint, json=body)
+
+    async def _send(
+        self, url_of: Callable[[], URL], endpoint: str, **request: Any
+    ) -> tuple[int, list[bytes], Mapping[str, str]]:
+        """Status, raw body (as it arrived, in pieces) and headers of the answer to a POST
+        to ``url_of()`` with `request` (aiohttp's arguments); transport failures as errors.
+        `endpoint` is the URL as messages show it (without a key).
 
         The pieces are joined by whoever parses them: for a 1.5 MB answer that copy takes
         about a millisecond, which the event loop need not spend.
@@ -190,9 +203,9 @@ class RoboflowBackend:
         proxy: URL | None = None
         try:
             # The keyed URL is parsed once per backend: `params=` would redo it every time.
-            url = self._post_url()
+            url = url_of()
             proxy = self._proxy_for(url)
-            async with session.post(url, json=body, proxy=proxy) as response:
+            async with session.post(url, proxy=proxy, **request) as response:
                 if response.status == 407 and proxy is not None:
                     raise _proxy_refused(proxy)
                 return response.status, await _read_chunks(response), response.headers
@@ -201,7 +214,7 @@ class RoboflowBackend:
                 _proxy_refused(proxy)
                 if exc.status == 407 and proxy is not None
                 else TransientError(
-                    f"the proxy {_shown(proxy)} refused to connect to {self._endpoint}: "
+                    f"the proxy {_shown(proxy)} refused to connect to {endpoint}: "
                     f"HTTP {exc.status}",
                     kind="connection",
                     ambiguous=False,
@@ -209,34 +222,34 @@ class RoboflowBackend:
             )
         except aiohttp.ClientProxyConnectionError:
             failure = TransientError(
-                f"cannot connect to the proxy {_shown(proxy)} for {self._endpoint}: "
+                f"cannot connect to the proxy {_shown(proxy)} for {endpoint}: "
                 "check HTTPS_PROXY / HTTP_PROXY (or exempt the host in NO_PROXY)",
                 kind="connection",
                 ambiguous=False,
             )
         except aiohttp.ConnectionTimeoutError:
             failure = TransientError(
-                f"timed out connecting to {self._endpoint}", kind="timeout", ambiguous=False
+                f"timed out connecting to {endpoint}", kind="timeout", ambiguous=False
             )
         except asyncio.TimeoutError:
             failure = TransientError(
-                f"no answer from {self._endpoint} in time (the image may still be generated)",
+                f"no answer from {endpoint} in time (the image may still be generated)",
                 kind="timeout",
                 ambiguous=True,
             )
         except aiohttp.ClientConnectorError as exc:
             failure = TransientError(
-                f"cannot connect to {self._endpoint}: {type(exc).__name__}",
+                f"cannot connect to {endpoint}: {type(exc).__name__}",
                 kind="connection",
                 ambiguous=False,
             )
         except aiohttp.InvalidURL:
             failure = FatalError(
-                f"invalid API URL {self._endpoint}: check backend.base_url", kind="connection"
+                f"invalid API URL {endpoint}: check backend.base_url", kind="connection"
             )
         except aiohttp.ClientError as exc:
             failure = TransientError(
-                f"connection to {self._endpoint} lost after sending: {type(exc).__name__}",
+                f"connection to {endpoint} lost after sending: {type(exc).__name__}",
                 kind="connection",
                 ambiguous=True,
             )

@@ -107,6 +107,8 @@ class _MockApi:
         """The aiohttp application serving the API, the images and the stats."""
         application = web.Application(client_max_size=MAX_BODY_BYTES)
         application.router.add_post("/synthetic-image", self.generate)
+        application.router.add_post("/v1/images/generations", self.openai_generate)
+        application.router.add_post("/v1/images/edits", self.openai_edit)
         application.router.add_get("/images/{token}.png", self.serve_image)
         application.router.add_get("/images/{token}.jpg", self.serve_image)
         application.router.add_get("/_stats", self.serve_stats)
@@ -128,6 +130,18 @@ class _MockApi:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """``POST /synthetic-image``: counts the start, then answers or injects a fault."""
+        return await self._serve(request, None)
+
+    async def openai_generate(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/images/generations`` (OpenAI's JSON request and answer shape)."""
+        return await self._serve(request, "generations")
+
+    async def openai_edit(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/images/edits`` (multipart: ``image[]`` parts, fields for the rest)."""
+        return await self._serve(request, "edits")
+
+    async def _serve(self, request: web.Request, openai: str | None) -> web.StreamResponse:
+        """Count the start, then answer or inject a fault; `openai` names its endpoint."""
         now = asyncio.get_running_loop().time()
         self.stats.requests += 1
         if self._pause_from + self.config.pause_grace_s < now < self._pause_until:
@@ -135,21 +149,31 @@ class _MockApi:
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         try:
-            return await self._answer(request, now)
+            return await self._answer(request, now, openai)
         finally:
             self.stats.in_flight -= 1
 
-    async def _answer(self, request: web.Request, now: float) -> web.StreamResponse:
+    async def _answer(
+        self, request: web.Request, now: float, openai: str | None
+    ) -> web.StreamResponse:
         expected = self.config.api_key
-        given = request.query.get("api_key", "")
+        given = _bearer(request) if openai else request.query.get("api_key", "")
         if expected is not None and not hmac.compare_digest(given.encode(), expected.encode()):
             self.stats.unauthorized += 1
-            return _error(401, "unauthorized", "Invalid API key.")
-        body = _load_body(await request.read())
+            return _error(401, "invalid_api_key", "Incorrect API key provided.")
+        if openai == "edits":
+            body = await _load_form(request)
+        else:
+            body = _load_body(await request.read())
         if body is None:
-            return _error(400, "invalid_request", "Body must be a JSON object with a prompt.")
+            what = (
+                "a multipart form with prompt and image[]"
+                if openai == "edits"
+                else ("a JSON object with a prompt")
+            )
+            return _error(400, "invalid_request", f"Body must be {what}.")
         projects = self.config.projects
-        if projects is not None and body.get("project_url") not in projects:
+        if openai is None and projects is not None and body.get("project_url") not in projects:
             self.stats.unknown_project += 1
             return _error(404, "not_found", "Project not found.")
         if not self._take_token(now):
@@ -166,7 +190,7 @@ class _MockApi:
         fault = self._draw_fault()
         self.stats.faults_by_prompt.setdefault(str(body["prompt"]), []).append(fault)
         await self._pause(self.config.latency_s)
-        return await self._respond(request, body, fault, headers)
+        return await self._respond(request, body, fault, headers, openai=openai is not None)
 
     async def _respond(
         self,
@@ -174,6 +198,8 @@ class _MockApi:
         body: dict[str, Any],
         fault: str | None,
         headers: dict[str, str],
+        *,
+        openai: bool = False,
     ) -> web.StreamResponse:
         if fault == "429":
             return self._rate_limited(self.config.retry_after_s, asyncio.get_running_loop().time())
@@ -191,7 +217,8 @@ class _MockApi:
             return web.Response(status=500)
         if fault == "slow":
             await self._pause(self.config.slow_s)
-        payload = await self._payload(request, body, fault)
+        shape = "b64_json" if openai else self.config.response_shape
+        payload = await self._payload(request, body, fault, shape)
         return web.json_response(payload, headers=headers)
 
     async def serve_image(self, request: web.Request) -> web.Response:
@@ -230,10 +257,11 @@ class _MockApi:
                 self._photos[width, height] = [(data, _b64(data)) for data in made]
             return self._photos[width, height]
 
-    async def _payload(self, request: web.Request, body: dict[str, Any], fault: str | None) -> Any:
+    async def _payload(
+        self, request: web.Request, body: dict[str, Any], fault: str | None, shape: str
+    ) -> Any:
         specs = await asyncio.to_thread(self._specs, body, fault)
         tokens = [self._mint(spec) for spec in specs]
-        shape = self.config.response_shape
         if shape == "b64_json":
             images = [
                 await self._image(token, spec) for token, spec in zip(tokens, specs, strict=True)
@@ -438,6 +466,34 @@ def _load_body(raw: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        return None
+    return body
+
+
+def _bearer(request: web.Request) -> str:
+    """The key of an ``Authorization: Bearer`` header ("" without one)."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else ""
+
+
+async def _load_form(request: web.Request) -> dict[str, Any] | None:
+    """An edit's multipart form as a body: its fields, and its first ``image[]`` part as
+    base64 (``image_type: base64``, as the drawing code reads inputs); None if invalid."""
+    if not request.content_type.startswith("multipart/"):
+        return None
+    body: dict[str, Any] = {}
+    try:
+        form = await request.post()
+    except ValueError:
+        return None
+    for name, value in form.items():
+        if isinstance(value, web.FileField):
+            if name in ("image[]", "image") and "image" not in body:
+                body["image"] = _b64(value.file.read())
+                body["image_type"] = "base64"
+        else:
+            body[name] = value
+    if not isinstance(body.get("prompt"), str) or not body.get("image"):
         return None
     return body
 

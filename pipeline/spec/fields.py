@@ -18,7 +18,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from ..registry import backend_kind
+from ..registry import BACKENDS, DEFAULT_KIND, backend_kind
 from .yamlfile import show_value
 
 __all__ = [
@@ -45,8 +45,8 @@ __all__ = [
 
 InputKindName = Literal["none", "images", "folder", "roboflow_ids", "urls"]
 INPUT_KINDS: tuple[str, ...] = ("images", "folder", "roboflow_ids", "urls")
-DEFAULT_BASE_URL = "https://api.roboflow.com"
-DEFAULT_API_KEY_ENV = "ROBOFLOW_API_KEY"
+DEFAULT_BASE_URL = BACKENDS[DEFAULT_KIND].base_url
+DEFAULT_API_KEY_ENV = BACKENDS[DEFAULT_KIND].api_key_env
 DEFAULT_CONCURRENCY = 4
 # Upper bounds that catch typos before they cost memory or money: each worker is a task
 # and a connection (a stray 10**9 would exhaust memory before the first request), OpenAI

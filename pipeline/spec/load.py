@@ -117,7 +117,26 @@ def _check_semantics(spec: Spec) -> None:
             )
         seen[source.name] = index
         _check_source_keys(source, at)
+        if not backend_kind(spec.backend.kind).roboflow_extras:
+            _check_no_roboflow_extras(spec, source, at)
         _check_params(spec.source_params(source), source.params, at)
+
+
+def _check_no_roboflow_extras(spec: Spec, source: SourceSpec, at: str) -> None:
+    """What only Roboflow's endpoint takes, refused for a kind whose API would refuse it."""
+    kind = spec.backend.kind
+    if source.roboflow_ids is not None:
+        raise _Problem(
+            f"{at}.roboflow_ids",
+            f"backend {kind} cannot read Roboflow image ids: use images, folder or urls "
+            "(or backend.kind: roboflow)",
+        )
+    if "unmodified_prompt" in spec.source_params(source):
+        own = source.params.unmodified_prompt is not None
+        raise _Problem(
+            f"{at}.params.unmodified_prompt" if own else "params.unmodified_prompt",
+            f"only Roboflow's endpoint takes it (backend {kind} sends the prompt as it is)",
+        )
 
 
 def _check_params(params: Mapping[str, Any], own: Params, at: str) -> None:

@@ -74,8 +74,13 @@ class BackendSettings(_Model):
         AfterValidator(check_kind),
         WithJsonSchema({"type": "string", "enum": list(BACKENDS)}),
     ] = Field(default=DEFAULT_KIND, description=" | ".join(BACKENDS))
-    base_url: str = Field(default=DEFAULT_BASE_URL, description="API root URL")
-    api_key_env: str = Field(default=DEFAULT_API_KEY_ENV, description="env var holding the API key")
+    base_url: str = Field(
+        default=DEFAULT_BASE_URL, description="API root URL (default: the kind's own)"
+    )
+    api_key_env: str = Field(
+        default=DEFAULT_API_KEY_ENV,
+        description="env var holding the API key (default: the kind's own)",
+    )
     timeout_s: float = Field(default=180.0, gt=0, description="seconds to wait for one answer")
     allow_insecure_http: bool = Field(
         default=False, description="allow a plain http:// base_url that is not loopback"
@@ -294,6 +299,10 @@ class Spec(_Model):
         )
         if isinstance(run, dict) and "rate_limit" not in run and kind is not None:
             data["run"] = {**run, "rate_limit": kind.default_rate_limit}
+        if isinstance(backend, dict) and kind is not None:
+            # the kind's own endpoint and key variable (openai: api.openai.com, OPENAI_API_KEY)
+            defaults = {"base_url": kind.base_url, "api_key_env": kind.api_key_env}
+            data["backend"] = {**defaults, **backend}
         if "output_dir" not in data and isinstance(data.get("name"), str):
             data["output_dir"] = f"runs/{data['name']}"
         return data
