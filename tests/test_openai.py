@@ -7,7 +7,10 @@ import base64
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +22,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aioresponses import aioresponses
-from checks import run_spec
+from checks import ThreadedMock, run_spec
 from PIL import Image
 
 from pipeline import __version__
@@ -448,3 +451,39 @@ def test_plan_prices_an_openai_job(tmp_path: Path) -> None:
     plan = build_plan(spec, ManifestState())
     [source] = plan.sources
     assert source.price_per_image == 0.005
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(MockConfig(api_key=KEY, max_px=64), id="ok"),
+        pytest.param(MockConfig(api_key="another-key"), id="401-abort"),
+        pytest.param(MockConfig(api_key=KEY, refuse_word="cat", max_px=64), id="refusal"),
+    ],
+)
+@pytest.mark.slow
+def test_key_never_leaks_from_the_cli_at_debug(tmp_path: Path, config: MockConfig) -> None:
+    """A CLI run of the openai kind at DEBUG shows the key nowhere: output, logs or OUT."""
+    with ThreadedMock(config) as mock:
+        path = openai_job(tmp_path, mock.base_url, max_attempts=2)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "run",
+                str(path),
+                "--log-level",
+                "DEBUG",
+                "--no-progress",
+            ],
+            env={**os.environ, "OPENAI_API_KEY": KEY},
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+    assert proc.returncode in (0, 1, 3), proc.stderr.decode()[-2000:]
+    assert KEY.encode() not in proc.stdout + proc.stderr
+    for file in tmp_path.rglob("*"):
+        if file.is_file():
+            assert KEY.encode() not in file.read_bytes(), file
