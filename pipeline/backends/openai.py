@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Callable, Mapping
-from datetime import datetime
+from collections.abc import Mapping
 from functools import partial
 from pathlib import PurePosixPath
 from typing import Any
@@ -21,10 +20,9 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from ..credentials import DIRECT, ProxySettings
 from ..errors import PermanentError
 from ..records import GeneratedImage, Generation, WorkItem, request_body
-from .roboflow import LARGE_ANSWER_BYTES, RoboflowBackend, utc_now
+from .roboflow import LARGE_ANSWER_BYTES, RoboflowBackend
 
 __all__ = ["OpenAIBackend", "image_type"]
 
@@ -38,27 +36,12 @@ _MAGIC = (
 class OpenAIBackend(RoboflowBackend):
     """Sends work items to OpenAI's images endpoints under ``base_url`` (``…/v1``)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        concurrency: int,
-        timeout_s: float,
-        clock: Callable[[], datetime] = utc_now,
-        proxies: ProxySettings = DIRECT,
-    ) -> None:
-        super().__init__(
-            base_url,
-            api_key,
-            concurrency=concurrency,
-            timeout_s=timeout_s,
-            clock=clock,
-            proxies=proxies,
-        )
-        root = base_url.rstrip("/")
-        self._endpoint = root + "/images/generations"
-        self._edits = root + "/images/edits"
+    ENDPOINT_PATH = "/images/generations"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """As `RoboflowBackend` (the registry's common signature), with the edits URL."""
+        super().__init__(*args, **kwargs)
+        self._edits = self._root + "/images/edits"
         self._parsed: dict[str, URL] = {}
 
     def __repr__(self) -> str:

@@ -66,6 +66,8 @@ def utc_now() -> datetime:
 class RoboflowBackend:
     """Sends work items to ``{base_url}/synthetic-image`` and downloads the answers."""
 
+    ENDPOINT_PATH = "/synthetic-image"
+
     def __init__(
         self,
         base_url: str,
@@ -76,7 +78,8 @@ class RoboflowBackend:
         clock: Callable[[], datetime] = utc_now,
         proxies: ProxySettings = DIRECT,
     ) -> None:
-        self._endpoint = base_url.rstrip("/") + "/synthetic-image"
+        self._root = base_url.rstrip("/")
+        self._endpoint = self._root + self.ENDPOINT_PATH
         self._api_key = api_key
         self._keyed_url: URL | None = None  # built on first use: a bad base_url fails there
         self._encoder = json.JSONEncoder(separators=(",", ":"))
