@@ -489,3 +489,37 @@ def test_invalid_config_is_rejected(overrides: dict[str, Any]) -> None:
     """A mock config that cannot work is refused up front with a ValueError."""
     with pytest.raises(ValueError, match="invalid mock config"):
         MockConfig(**overrides)
+
+
+def _png_b64() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "words"),
+    [
+        pytest.param({"image": "", "image_type": "base64"}, 400, "non-empty", id="empty-image"),
+        pytest.param(
+            {"image": "not base64!", "image_type": "base64"}, 400, "not valid base64", id="bad-b64"
+        ),
+        pytest.param({"image": "abc", "image_type": "png"}, 400, "image_type must", id="bad-type"),
+        pytest.param({"image": _png_b64()}, 400, "image_type must", id="no-type"),
+        pytest.param(
+            {"image": "ftp://x/y.png", "image_type": "url"}, 400, "http(s) URL", id="bad-url"
+        ),
+        pytest.param({"image": _png_b64(), "image_type": "base64"}, 200, "", id="valid-base64"),
+        pytest.param({}, 200, "", id="prompt-only"),
+    ],
+)
+async def test_the_mock_refuses_what_roboflow_would(
+    extra: dict[str, str], status: int, words: str
+) -> None:
+    """A curl-style request with a broken input image is a 400, as on the real endpoint."""
+    async with MockServer(MockConfig()) as server, aiohttp.ClientSession() as session:
+        body = {"project_url": "p", "prompt": "a cat", **extra}
+        async with session.post(f"{server.base_url}/synthetic-image", json=body) as answer:
+            text = await answer.text()
+            assert answer.status == status, text
+            assert words in text

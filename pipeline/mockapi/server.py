@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import email.utils
 import hashlib
 import hmac
@@ -172,6 +173,9 @@ class _MockApi:
                 else ("a JSON object with a prompt")
             )
             return _error(400, "invalid_request", f"Body must be {what}.")
+        problem = None if openai else _roboflow_image_problem(body)
+        if problem is not None:
+            return _error(400, "invalid_request", problem)
         projects = self.config.projects
         if openai is None and projects is not None and body.get("project_url") not in projects:
             self.stats.unknown_project += 1
@@ -468,6 +472,34 @@ def _load_body(raw: bytes) -> dict[str, Any] | None:
     if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
         return None
     return body
+
+
+_IMAGE_TYPES = ("id", "url", "base64")
+
+
+def _roboflow_image_problem(body: Mapping[str, Any]) -> str | None:
+    """What Roboflow's endpoint would refuse about the body's input image, or None.
+
+    A rehearsal must fail where the real API would: an ``image`` without a known
+    ``image_type``, an empty one, base64 that does not decode, a URL that is not http(s).
+    """
+    if "image" not in body and "image_type" not in body:
+        return None
+    image, kind = body.get("image"), body.get("image_type")
+    if kind not in _IMAGE_TYPES:
+        return f"image_type must be one of {', '.join(_IMAGE_TYPES)}, got {kind!r}."
+    if not isinstance(image, str) or not image.strip():
+        return "image must be a non-empty string."
+    if kind == "base64":
+        try:
+            decoded = base64.b64decode(image, validate=True)
+        except (binascii.Error, ValueError):
+            decoded = b""
+        if not decoded:
+            return "image is not valid base64."
+    if kind == "url" and not image.startswith(("http://", "https://")):
+        return "image must be an http(s) URL."
+    return None
 
 
 def _bearer(request: web.Request) -> str:
