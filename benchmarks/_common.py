@@ -164,15 +164,16 @@ def mock_server(
 
 @dataclass
 class StatsPoller:
-    """Samples the mock's request counter to time the first and last request start.
+    """Samples the mock's counters (``GET /_stats``) in a thread, with their time.
 
-    `requests / (last start - first start)` is the fair rate: it leaves out process
-    start-up, reading the spec and the last answer's latency and download.
+    `start_rate` times the first and last request start: `requests / (last start - first
+    start)` is the fair rate, leaving out process start-up, reading the spec and the
+    last answer's latency and download.
     """
 
     base_url: str
     interval: float = 0.02
-    samples: list[tuple[float, int]] = field(default_factory=list)
+    samples: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -189,13 +190,13 @@ class StatsPoller:
     def _loop(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(OSError, ValueError):
-                count = int(get_json(self.base_url + "/_stats")["requests"])
-                self.samples.append((time.monotonic(), count))
+                self.samples.append((time.monotonic(), get_json(self.base_url + "/_stats")))
             self._stop.wait(self.interval)
 
     def start_rate(self) -> float | None:
         """Request starts per second between the first sample above 0 and the final count."""
-        moving = [(t, n) for t, n in self.samples if n > 0]
+        counts = [(t, int(stats["requests"])) for t, stats in self.samples]
+        moving = [(t, n) for t, n in counts if n > 0]
         if len(moving) < 2:
             return None
         final = moving[-1][1]

@@ -25,19 +25,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import email.utils
 import json
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _common import get_json, mock_server, print_table, run_child, save_results, write_spec
+from _common import (
+    StatsPoller,
+    get_json,
+    mock_server,
+    print_table,
+    run_child,
+    save_results,
+    write_spec,
+)
 
 FORMS: dict[str, dict[str, Any]] = {
     "seconds": {"retry_after_form": "seconds"},
@@ -49,30 +55,10 @@ ITEMS = 20_000  # more than any run can finish: every run is stopped by time
 
 
 @dataclass
-class Sampler:
-    """Samples the mock's counters so that rates can be taken over any window."""
+class Sampler(StatsPoller):
+    """The mock's counters every quarter second, so rates can be taken over any window."""
 
-    base_url: str
     interval: float = 0.25
-    samples: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> Sampler:
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(OSError, ValueError):
-                self.samples.append((time.monotonic(), get_json(self.base_url + "/_stats")))
-            self._stop.wait(self.interval)
 
     def window(self, start_s: float) -> dict[str, float] | None:
         """Generations/s and 429 share from `start_s` after the first request to the end."""
