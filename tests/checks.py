@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -113,3 +116,24 @@ def write_job_spec(
 async def run_spec(path: Path) -> JobResult:
     """Run (or resume) the job at `path` in this event loop, without signal handlers."""
     return await run_job(load_spec(path), spec_path=path, install_signals=False)
+
+
+def run_cli_at_debug(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """`synthaug run SPEC --log-level DEBUG` in a child process with `env` added: what a
+    user would see in a terminal or a cron log, for secret-leak checks."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            str(path),
+            "--log-level",
+            "DEBUG",
+            "--no-progress",
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )

@@ -7,10 +7,7 @@ import base64
 import io
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +19,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aioresponses import aioresponses
-from checks import ThreadedMock, run_spec
+from checks import ThreadedMock, run_cli_at_debug, run_spec
 from PIL import Image
 
 from pipeline import __version__
@@ -466,22 +463,7 @@ def test_key_never_leaks_from_the_cli_at_debug(tmp_path: Path, config: MockConfi
     """A CLI run of the openai kind at DEBUG shows the key nowhere: output, logs or OUT."""
     with ThreadedMock(config) as mock:
         path = openai_job(tmp_path, mock.base_url, max_attempts=2)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline",
-                "run",
-                str(path),
-                "--log-level",
-                "DEBUG",
-                "--no-progress",
-            ],
-            env={**os.environ, "OPENAI_API_KEY": KEY},
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
+        proc = run_cli_at_debug(path, {"OPENAI_API_KEY": KEY})
     assert proc.returncode in (0, 1, 3), proc.stderr.decode()[-2000:]
     assert KEY.encode() not in proc.stdout + proc.stderr
     for file in tmp_path.rglob("*"):

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from checks import ThreadedMock, assert_outputs_valid, run_spec, write_job_spec
+from checks import ThreadedMock, assert_outputs_valid, run_cli_at_debug, run_spec, write_job_spec
 
 from pipeline.backends.roboflow import LARGE_ANSWER_BYTES, RoboflowBackend
 from pipeline.errors import BackendError
@@ -38,23 +36,7 @@ def run_cli(tmp_path: Path, base_url: str, **run: object) -> subprocess.Complete
         rate_limit="100/s",
         **run,
     )
-    env = {**os.environ, "ROBOFLOW_API_KEY": SECRET}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "run",
-            str(path),
-            "--log-level",
-            "DEBUG",
-            "--no-progress",
-        ],
-        env=env,
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
+    return run_cli_at_debug(path, {"ROBOFLOW_API_KEY": SECRET})
 
 
 def assert_no_secret(tmp_path: Path, proc: subprocess.CompletedProcess[bytes]) -> None:
