@@ -202,17 +202,10 @@ def _load(path: Path) -> Spec:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .items import check_max_items
-    from .manifest.cache import load_cached_state
-    from .plan import build_plan, format_plan
-    from .runner import check_key_scheme
-    from .store.layout import MANIFEST_NAME
+    from .api import plan as plan_job
+    from .plan import format_plan
 
-    spec = _load(args.spec)
-    check_max_items(spec)
-    state = load_cached_state(spec.output_dir / MANIFEST_NAME)
-    check_key_scheme(spec.output_dir, state)
-    plan = build_plan(spec, state)
+    plan = plan_job(_load(args.spec))  # the max_items guard and key-scheme check included
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return EXIT_OK
 
