@@ -95,6 +95,11 @@ class RoboflowBackend:
     def __repr__(self) -> str:
         return f"RoboflowBackend({self._endpoint!r})"
 
+    @property
+    def root(self) -> str:
+        """The API root this client sends to (the embedded mock's URL for kind mock)."""
+        return self._root
+
     async def __aenter__(self) -> RoboflowBackend:
         self._ensure_session()
         return self

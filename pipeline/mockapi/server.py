@@ -46,6 +46,7 @@ from .config import (
     MockConfig,
     MockStats,
 )
+from .dataset import MockDataset
 from .image import (
     damage,
     draw_image,
@@ -103,6 +104,7 @@ class _MockApi:
         self._pause_until = -math.inf
         self._photos: dict[tuple[int, int], list[tuple[bytes, str]]] = {}
         self._photo_lock = asyncio.Lock()
+        self.dataset = MockDataset()  # Roboflow projects' images: upload adds, search finds
 
     def app(self) -> web.Application:
         """The aiohttp application serving the API, the images and the stats."""
