@@ -104,6 +104,8 @@ class MockConfig:
     pause_grace_s: float = DEFAULT_PAUSE_GRACE_S
     min_retry_after_s: float = 0.0
     clock_offset_s: float = 0.0
+    batch_s: float = 3.0  # a batch's whole life, validating to completed (the API: up to 24 h)
+    batch_expire_share: float = 0.0  # lines a batch does not reach: it ends expired
 
     def __post_init__(self) -> None:
         problems = [
@@ -126,6 +128,10 @@ class MockConfig:
             or self.min_retry_after_s < 0
         ):
             problems.append("durations (latency_s, retry_after_s, ...) must be >= 0")
+        if not (math.isfinite(self.batch_s) and self.batch_s >= 0):
+            problems.append(f"batch_s must be a finite number >= 0, got {self.batch_s}")
+        if not 0.0 <= self.batch_expire_share <= 1.0:
+            problems.append(f"batch_expire_share must be within 0..1, got {self.batch_expire_share}")
         if not math.isfinite(self.clock_offset_s):
             problems.append(f"clock_offset_s must be finite, got {self.clock_offset_s}")
         if self.retry_after_form not in ("seconds", "date", "none"):
@@ -158,6 +164,10 @@ class MockStats:
     in_flight: int = 0
     max_in_flight: int = 0
     downloads: int = 0
+    batch_files: int = 0  # input files uploaded to /v1/files
+    batches: int = 0  # batches created
+    batch_polls: int = 0
+    batch_downloads: int = 0  # output and error files downloaded
 
     @property
     def duplicates(self) -> int:
@@ -181,4 +191,8 @@ class MockStats:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "downloads": self.downloads,
+            "batch_files": self.batch_files,
+            "batches": self.batches,
+            "batch_polls": self.batch_polls,
+            "batch_downloads": self.batch_downloads,
         }

@@ -46,6 +46,7 @@ from .config import (
     MockConfig,
     MockStats,
 )
+from .batches import MockBatches
 from .dataset import MockDataset
 from .image import (
     damage,
@@ -105,6 +106,14 @@ class _MockApi:
         self._photos: dict[tuple[int, int], list[tuple[bytes, str]]] = {}
         self._photo_lock = asyncio.Lock()
         self.dataset = MockDataset()  # Roboflow projects' images: upload adds, search finds
+        self.batches = MockBatches(
+            config,
+            stats,
+            authorized=self._bearer_ok,
+            draw_fault=self._draw_fault,
+            generate=self._batch_answer,
+            count=self._count_generation,
+        )
 
     def app(self) -> web.Application:
         """The aiohttp application serving the API, the images and the stats."""
@@ -115,6 +124,7 @@ class _MockApi:
         application.router.add_get("/images/{token}.png", self.serve_image)
         application.router.add_get("/images/{token}.jpg", self.serve_image)
         application.router.add_get("/_stats", self.serve_stats)
+        self.batches.add_routes(application)
         if self.config.clock_offset_s:
             application.on_response_prepare.append(self._stamp_date)
         return application
@@ -126,6 +136,19 @@ class _MockApi:
     def _wall_now(self) -> float:
         """The server's wall clock: the host's plus `clock_offset_s`."""
         return time.time() + self.config.clock_offset_s
+
+    def _bearer_ok(self, request: web.Request) -> bool:
+        """The request carries the key the mock was started with (any, without one)."""
+        expected = self.config.api_key
+        return expected is None or hmac.compare_digest(
+            _bearer(request).encode(), expected.encode()
+        )
+
+    async def _batch_answer(self, body: dict[str, Any], fault: str | None) -> dict[str, Any]:
+        """The answer body of one batch request line (the images inline, as online)."""
+        payload = await self._payload(None, body, fault, "b64_json")
+        assert isinstance(payload, dict)
+        return payload
 
     async def serve_stats(self, request: web.Request) -> web.Response:
         """``GET /_stats``."""
@@ -264,7 +287,7 @@ class _MockApi:
             return self._photos[width, height]
 
     async def _payload(
-        self, request: web.Request, body: dict[str, Any], fault: str | None, shape: str
+        self, request: web.Request | None, body: dict[str, Any], fault: str | None, shape: str
     ) -> Any:
         specs = await asyncio.to_thread(self._specs, body, fault)
         tokens = [self._mint(spec) for spec in specs]
@@ -279,6 +302,7 @@ class _MockApi:
                 ],
                 "usage": _usage(body, len(specs)),  # as GPT image models report it
             }
+        assert request is not None  # only inline answers are made without a request
         origin = str(request.url.origin())
         ext = "jpg" if self.config.photo_format == "jpeg" else "png"
         urls = [f"{origin}/images/{token}.{ext}" for token in tokens]
