@@ -14,22 +14,26 @@ from typing import Any, Literal
 from .errors import ErrorKind
 
 __all__ = [
+    "BatchRef",
     "ErrorInfo",
     "GeneratedImage",
     "Generation",
     "InputImage",
+    "ITEM_STATUSES",
     "InputKind",
     "ItemRecord",
     "ItemStatus",
     "OutputFile",
     "RateLimitHint",
     "WorkItem",
+    "batch_from_json",
     "record_from_json",
     "request_body",
 ]
 
 InputKind = Literal["file", "id", "url"]
-ItemStatus = Literal["ok", "failed", "generated"]
+ItemStatus = Literal["ok", "failed", "generated", "submitted"]
+ITEM_STATUSES: tuple[ItemStatus, ...] = ("ok", "failed", "generated", "submitted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,21 @@ class OutputFile:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchRef:
+    """Where a submitted item waits in OpenAI's Batch API: its request's input file, and
+    its batch once created (None in the moment between the two: a resume then looks the
+    batch up by its input file instead of submitting again). The item's ``custom_id``
+    is its key."""
+
+    input_file_id: str
+    batch_id: str | None = None
+
+    def to_json(self, key: str) -> dict[str, Any]:
+        """Manifest form of the reference."""
+        return {"id": self.batch_id, "input_file_id": self.input_file_id, "custom_id": key}
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorInfo:
     """Why an item failed, as the manifest records it."""
 
@@ -175,6 +194,7 @@ class ItemRecord:
     elapsed_s: float | None = None
     response: Any = None
     pending: tuple[GeneratedImage, ...] = ()  # a `generated` line: the images to download
+    batch: BatchRef | None = None  # a `submitted` line: the batch the request waits in
 
     @classmethod
     def from_json(cls, line: Mapping[str, Any]) -> ItemRecord | None:
@@ -203,6 +223,8 @@ class ItemRecord:
             out["response"] = self.response
         if self.pending:
             out["pending"] = [{"url": image.url, "id": image.id} for image in self.pending]
+        if self.batch is not None:
+            out["batch"] = self.batch.to_json(self.key)
         return out
 
 
@@ -230,7 +252,7 @@ def record_from_json(line: Mapping[str, Any]) -> ItemRecord | None:
     shows what is left rather than failing on one line.
     """
     key, status = line.get("key"), line.get("status")
-    if not isinstance(key, str) or status not in ("ok", "failed", "generated"):
+    if not isinstance(key, str) or status not in ITEM_STATUSES:
         return None
     return ItemRecord(
         key=key,
@@ -254,7 +276,16 @@ def record_from_json(line: Mapping[str, Any]) -> ItemRecord | None:
             GeneratedImage(url=_str_or_none(p.get("url")), id=_str_or_none(p.get("id")))
             for p in _dicts(line.get("pending"))
         ),
+        batch=batch_from_json(line.get("batch")),
     )
+
+
+def batch_from_json(value: object) -> BatchRef | None:
+    """The `BatchRef` of a line's ``batch`` field; None when it has none (or a bad one)."""
+    if not isinstance(value, Mapping) or not isinstance(value.get("input_file_id"), str):
+        return None
+    batch_id = value.get("id")
+    return BatchRef(value["input_file_id"], batch_id if isinstance(batch_id, str) else None)
 
 
 def _dicts(value: object) -> list[Mapping[str, Any]]:

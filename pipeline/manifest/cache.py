@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..records import GeneratedImage
+from ..records import BatchRef, GeneratedImage
 from ..store import layout
 from .log import (
     Entry,
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 SEGMENT_LINES = 8192  # manifest lines per segment: ~3 MB of state held while a run writes
 MAX_SEGMENTS = 256  # past this many, a run starts by writing the whole state as one
-_FORMAT = 4  # 4: an ok key's files carry their stats
+_FORMAT = 5  # 4: an ok key's files carry their stats; 5: submitted keys their batch
 _BLOCK = 4096  # bytes per sample of a manifest's fingerprint
 _SAMPLES = 16  # evenly spaced samples, plus the last block
 _PYTHON = f"{sys.implementation.name}-{sys.version_info[0]}.{sys.version_info[1]}"  # marshal
@@ -328,19 +328,27 @@ def _state_from(payload: memoryview) -> ManifestState | None:
     return ManifestState(finished=finished, open=open_)
 
 
-_Row = tuple[str, str, str, tuple[tuple[str | None, str | None], ...], str | None, int]
+_Row = tuple[
+    str,
+    str,
+    str,
+    tuple[tuple[str | None, str | None], ...],
+    str | None,
+    int,
+    tuple[str, str | None] | None,
+]
 
 
 def _entry_row(key: str, entry: Entry) -> _Row:
     pending = tuple((p.url, p.id) for p in entry.pending)
-    return (key, entry.status, entry.source, pending, entry.error_kind, entry.attempts)
+    batch = (entry.batch.input_file_id, entry.batch.batch_id) if entry.batch else None
+    return (key, entry.status, entry.source, pending, entry.error_kind, entry.attempts, batch)
 
 
 def _entry_from_row(row: _Row) -> tuple[str, Entry]:
-    key, status, source, pending, error_kind, attempts = row
+    key, status, source, pending, error_kind, attempts, batch = row
     images = tuple(GeneratedImage(url=url, id=id_) for url, id_ in pending)
-    if status == "failed":
-        return key, Entry("failed", source, images, error_kind, attempts)
-    if status == "generated":
-        return key, Entry("generated", source, images, error_kind, attempts)
+    ref = BatchRef(*batch) if batch is not None else None
+    if status in ("failed", "generated", "submitted"):
+        return key, Entry(status, source, images, error_kind, attempts, ref)  # type: ignore[arg-type]
     raise ValueError(f"unexpected status {status!r} in the state cache")

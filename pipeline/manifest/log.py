@@ -27,8 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from ..records import (
+    ITEM_STATUSES,
+    BatchRef,
     GeneratedImage,
     ItemRecord,
+    batch_from_json,
     ItemStatus,
 )
 from ..store.layout import IMAGES_DIR, MANIFEST_NAME, write_all
@@ -93,7 +96,7 @@ def _parse_line(raw: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(record, dict) or not isinstance(record.get("key"), str):
         return None
-    if record.get("status") not in ("ok", "failed", "generated"):
+    if record.get("status") not in ITEM_STATUSES:
         return None
     return record
 
@@ -125,6 +128,7 @@ class Entry:
     pending: tuple[GeneratedImage, ...] = ()
     error_kind: str | None = None
     attempts: int = 0
+    batch: BatchRef | None = None  # `submitted`: the batch its request waits in
 
 
 Stat = tuple[int, int]
@@ -290,6 +294,7 @@ def apply_line(state: ManifestState, record: Mapping[str, Any], source: str) -> 
         pending=pending,
         error_kind=error.get("kind") if isinstance(error, dict) else None,
         attempts=int(record.get("attempts") or 0),
+        batch=batch_from_json(record.get("batch")) if status == "submitted" else None,
     )
 
 

@@ -21,9 +21,10 @@ from ..store.layout import JOB_NAME, MANIFEST_NAME, SUMMARY_NAME, read_json
 __all__ = ["format_status", "status_report"]
 
 _UNKNOWN_KIND = "unknown"
+_UNCREATED = "(being created)"  # submitted lines whose batch a resume will look up
 
-# (status, source, images, error kind) of one key
-_Tally: TypeAlias = tuple[ItemStatus, str, int, str | None]
+# (status, source, images, error kind, batch id) of one key
+_Tally: TypeAlias = tuple[ItemStatus, str, int, str | None, str | None]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def status_report(out_dir: Path) -> dict[str, Any]:
 
     Contract fields: ``ok``, ``failed``, ``images``, ``by_source`` ({name: {ok, failed}}),
     ``errors`` ({kind: count}). Extra: ``generated`` (answered, not downloaded yet),
+    ``submitted`` (waiting in a Batch API batch) and ``batches`` ({batch id: items}),
     ``items`` (keys seen), per-source ``generated`` and ``images``; with ``job.json``
     also ``name``, ``pending`` (total and per source: the job's items minus ok); with
     ``summary.json`` the last run's summary under ``last_run``.
@@ -45,7 +47,8 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     for name, _ in _job_sources(job):
         by_source[name] = _empty_counts()
     errors: Counter[str] = Counter()
-    for status, source, images, kind in _latest_per_key(manifest):
+    batches: Counter[str] = Counter()
+    for status, source, images, kind, batch in _latest_per_key(manifest):
         counts = by_source.get(source)
         if counts is None:
             counts = by_source[source] = _empty_counts()
@@ -53,6 +56,8 @@ def status_report(out_dir: Path) -> dict[str, Any]:
         counts["images"] += images
         if status == "failed":
             errors[kind or _UNKNOWN_KIND] += 1
+        if status == "submitted":
+            batches[batch or _UNCREATED] += 1
     report: dict[str, Any] = {
         "ok": _total(by_source, "ok"),
         "failed": _total(by_source, "failed"),
@@ -60,7 +65,11 @@ def status_report(out_dir: Path) -> dict[str, Any]:
         "by_source": by_source,
         "errors": dict(sorted(errors.items(), key=lambda kv: (-kv[1], kv[0]))),
         "generated": _total(by_source, "generated"),
-        "items": sum(c["ok"] + c["failed"] + c["generated"] for c in by_source.values()),
+        "submitted": _total(by_source, "submitted"),
+        "batches": dict(sorted(batches.items())),
+        "items": sum(
+            c["ok"] + c["failed"] + c["generated"] + c["submitted"] for c in by_source.values()
+        ),
     }
     if job is not None:
         _add_pending(report, job)
@@ -74,13 +83,14 @@ def _latest_per_key(manifest: Path) -> Iterator[_Tally]:
     """The last line of each key, reduced to what status needs."""
     state = load_cached_state(manifest)
     for source, paths, _stats in state.finished.values():
-        yield "ok", source, len(paths), None
+        yield "ok", source, len(paths), None, None
     for entry in state.open.values():
-        yield entry.status, entry.source, 0, entry.error_kind
+        batch = entry.batch.batch_id if entry.batch is not None else None
+        yield entry.status, entry.source, 0, entry.error_kind, batch
 
 
 def _empty_counts() -> dict[str, int]:
-    return {"ok": 0, "failed": 0, "generated": 0, "images": 0}
+    return {"ok": 0, "failed": 0, "generated": 0, "submitted": 0, "images": 0}
 
 
 def _total(by_source: Mapping[str, Mapping[str, int]], field: str) -> int:
@@ -129,6 +139,11 @@ def format_status(report: Mapping[str, Any]) -> str:
     errors: Mapping[str, int] = report.get("errors") or {}
     kinds = ", ".join(f"{kind} {count}" for kind, count in errors.items())
     lines.append(f"errors: {kinds or 'none'}")
+    batches: Mapping[str, int] = report.get("batches") or {}
+    if batches:
+        listed = ", ".join(f"{batch} ({count} items)" for batch, count in batches.items())
+        lines.append(f"in batches: {report.get('submitted', 0)} items: {listed}")
+        lines.append("  (run the spec again to collect them; `synthaug run --no-wait` too)")
     last_run = report.get("last_run")
     if isinstance(last_run, Mapping):
         lines.append(f"last run: {_format_last_run(last_run)}")
