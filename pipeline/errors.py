@@ -15,6 +15,7 @@ into a single line and an exit code (`.exit_code`). A traceback is shown only wi
     │   ├── PermanentError         recorded as failed at once (other 4xx, refusals)
     │   └── FatalError             aborts the run: 401, 403, unknown project,
     │                              quota or billing exhausted            exit 3
+    └── Deferred                   an item waits in a submitted batch (run --no-wait)
 
 How a run ended (too many consecutive failures: exit 3; a budget reached: exit 4;
 stopped: 130/143) is not an exception: it is the run's result.
@@ -29,6 +30,7 @@ from typing import Literal
 __all__ = [
     "BackendError",
     "CredentialsError",
+    "Deferred",
     "ErrorKind",
     "FatalError",
     "OutputError",
@@ -146,3 +148,17 @@ class FatalError(BackendError):
     """An answer that dooms every request (bad key, unknown project): abort the run."""
 
     exit_code = EXIT_FATAL
+
+
+class Deferred(PipelineError):
+    """An item waits in a Batch API batch that is not done: a later run collects it.
+
+    Not a failure: ``run --no-wait`` submits and leaves, and the manifest's ``submitted``
+    line says where the item waits.
+    """
+
+    exit_code = EXIT_OK
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"waits in batch {batch_id}")
+        self.batch_id = batch_id

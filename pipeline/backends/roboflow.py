@@ -194,10 +194,11 @@ class RoboflowBackend:
         return await self._send(self._post_url, self._endpoint, json=body)
 
     async def _send(
-        self, url_of: Callable[[], URL], endpoint: str, **request: Any
+        self, url_of: Callable[[], URL], endpoint: str, *, method: str = "POST", **request: Any
     ) -> tuple[int, list[bytes], Mapping[str, str]]:
-        """Status, raw body (as it arrived, in pieces) and headers of the answer to a POST
-        to ``url_of()`` with `request` (aiohttp's arguments); transport failures as errors.
+        """Status, raw body (as it arrived, in pieces) and headers of the answer to a
+        `method` request (POST unless told) to ``url_of()`` with `request` (aiohttp's
+        arguments); transport failures as errors.
         `endpoint` is the URL as messages show it (without a key).
 
         The pieces are joined by whoever parses them: for a 1.5 MB answer that copy takes
@@ -213,7 +214,7 @@ class RoboflowBackend:
             # The keyed URL is parsed once per backend: `params=` would redo it every time.
             url = url_of()
             proxy = self._proxy_for(url)
-            async with session.post(url, proxy=proxy, **request) as response:
+            async with session.request(method, url, proxy=proxy, **request) as response:
                 if response.status == 407 and proxy is not None:
                     raise _proxy_refused(proxy)
                 return response.status, await _read_chunks(response), response.headers
