@@ -40,6 +40,9 @@ class BackendKind:
     # False: Roboflow's own inputs and parameters (roboflow_ids, unmodified_prompt,
     # force_caption_regenerate) are spec errors for this kind: its API would refuse them
     roboflow_extras: bool = True
+    # True: the kind serves Roboflow's upload endpoint itself (the embedded mock), so an
+    # `upload:` block without base_url goes there, with no key
+    serves_uploads: bool = False
 
     def open_backend_class(self) -> type:
         """The class that talks to this kind of API (imported now)."""
@@ -66,6 +69,7 @@ BACKENDS: Mapping[str, BackendKind] = {
             api_key_env="OPENAI_API_KEY",
             project_in_body=False,
             roboflow_extras=False,
+            batch_class="backends.openai_batch:BatchBackend",
         ),
         BackendKind(
             "mock",
@@ -75,6 +79,7 @@ BACKENDS: Mapping[str, BackendKind] = {
             priced=False,
             default_rate_limit=None,
             proxied=False,
+            serves_uploads=True,
         ),
     )
 }

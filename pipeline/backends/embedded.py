@@ -1,8 +1,9 @@
 """The ``mock`` backend kind: the Roboflow client against an embedded mock API.
 
 Entering it starts a `MockServer` on a free loopback port in this event loop and yields
-a `RoboflowBackend` pointed at it, so a rehearsal sends real HTTP through the same client
-code as a real run; leaving it closes both. It never uses a proxy or a key.
+a `RoboflowBackend` pointed at it (with ``batch=``, a `BatchBackend` pointed at its OpenAI
+Batch API), so a rehearsal sends real HTTP through the same client code as a real run;
+leaving it closes both. It never uses a proxy or a key.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from types import TracebackType
 
 from ..mockapi.server import MockConfig, MockServer
 from .base import Backend
+from .openai_batch import BatchBackend, BatchOptions
 from .roboflow import RoboflowBackend
 
 __all__ = ["MockBackend"]
@@ -30,23 +32,34 @@ class MockBackend:
         timeout_s: float,
         proxies: object = None,
         config: MockConfig | None = None,
+        batch: BatchOptions | None = None,
     ) -> None:
         # base_url, api_key and proxies are the registry's common signature: unused here
         del base_url, api_key, proxies
         self._server = MockServer(config or MockConfig())
         self._concurrency = concurrency
         self._timeout_s = timeout_s
+        self._batch = batch
         self._client: RoboflowBackend | None = None
 
     async def __aenter__(self) -> Backend:
         await self._server.start()
         try:
-            self._client = RoboflowBackend(
-                self._server.base_url,
-                _NO_KEY,
-                concurrency=self._concurrency,
-                timeout_s=self._timeout_s,
-            )
+            if self._batch is not None:
+                self._client = BatchBackend(
+                    self._server.base_url + "/v1",
+                    _NO_KEY,
+                    concurrency=self._concurrency,
+                    timeout_s=self._timeout_s,
+                    batch=self._batch,
+                )
+            else:
+                self._client = RoboflowBackend(
+                    self._server.base_url,
+                    _NO_KEY,
+                    concurrency=self._concurrency,
+                    timeout_s=self._timeout_s,
+                )
             return await self._client.__aenter__()
         except BaseException:
             await self._server.close()
