@@ -43,12 +43,18 @@ class BackendKind:
     # True: the kind serves Roboflow's upload endpoint itself (the embedded mock), so an
     # `upload:` block without base_url goes there, with no key
     serves_uploads: bool = False
+    # "module:Class" for ``backend.mode: batch`` (OpenAI's Batch API), built with the
+    # common signature plus ``batch=BatchOptions``; None: the kind has no batch mode
+    batch_class: str | None = None
 
-    def open_backend_class(self) -> type:
-        """The class that talks to this kind of API (imported now)."""
-        module, _, name = self.backend_class.partition(":")
+    def open_backend_class(self, *, batch: bool = False) -> type:
+        """The class that talks to this kind of API (imported now); with `batch`, the
+        one that sends through the Batch API."""
+        named = self.batch_class if batch else self.backend_class
+        assert named is not None, f"{self.name} has no batch mode"
+        module, _, name = named.partition(":")
         cls = getattr(importlib.import_module(f".{module}", __package__), name)
-        assert isinstance(cls, type), self.backend_class
+        assert isinstance(cls, type), named
         return cls
 
 
