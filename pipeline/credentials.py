@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from .errors import CredentialsError
 from .registry import backend_kind
-from .spec.model import BackendSettings
+from .spec.model import BackendSettings, UploadSettings
 
 __all__ = [
     "DIRECT",
@@ -24,6 +24,8 @@ __all__ = [
     "bypasses_proxy",
     "read_api_key",
     "read_proxy_settings",
+    "read_upload_key",
+    "uploads_to_backend",
 ]
 
 
@@ -97,6 +99,30 @@ def read_api_key(backend: BackendSettings, environ: Mapping[str, str] = os.envir
             f"{name} {state}: the {backend.kind} backend reads its API key from it. "
             f"Fix: export {name}=... (or set backend.api_key_env to another variable, "
             "or use backend.kind: mock to rehearse without a key)"
+        )
+    return key
+
+
+def uploads_to_backend(upload: UploadSettings, kind: str) -> bool:
+    """Whether the `upload:` block goes to the backend's own server (the embedded mock)."""
+    return upload.base_url is None and backend_kind(kind).serves_uploads
+
+
+def read_upload_key(
+    upload: UploadSettings | None, kind: str, environ: Mapping[str, str] = os.environ
+) -> str:
+    """The Roboflow key the `upload:` block sends; "" when there is no upload block or it
+    goes to the embedded mock. Raises `CredentialsError` when the variable is unset or
+    blank, before anything is sent."""
+    if upload is None or uploads_to_backend(upload, kind):
+        return ""
+    name = upload.api_key_env
+    key = environ.get(name, "").strip()
+    if not key:
+        state = "is empty" if name in environ else "is not set"
+        raise CredentialsError(
+            f"{name} {state}: the upload: block reads the Roboflow API key from it. "
+            f"Fix: export {name}=... (or set upload.api_key_env to another variable)"
         )
     return key
 

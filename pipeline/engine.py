@@ -38,6 +38,7 @@ from .backends.base import Backend, encode_image
 from .budget import Budget
 from .errors import (
     BackendError,
+    Deferred,
     FatalError,
     OutputError,
     PermanentError,
@@ -49,6 +50,7 @@ from .limiter import Limiter
 from .manifest import freshness as freshness
 from .manifest.log import Entry, Finished, ManifestState, ManifestWriter
 from .records import (
+    BatchRef,
     ErrorInfo,
     GeneratedImage,
     Generation,
@@ -96,6 +98,7 @@ class RunStats:
     retries: int = 0
     rate_limited: int = 0
     ambiguous_retries: int = 0
+    deferred: int = 0  # items left waiting in a Batch API batch (run --no-wait)
     in_flight: int = 0
     retrying: int = 0
     cost_usd: float = 0.0
@@ -195,6 +198,7 @@ class Engine:
         self._stopping = asyncio.Event()
         self._budget = Budget(run.max_images, run.max_cost_usd, price, actual_cost)
         self._consecutive_failures = 0
+        self._runs: dict[str, _ItemRun] = {}  # items being worked on, by key
         self.fatal_error: FatalError | None = None
         self.output_error: OutputError | None = None
 
@@ -211,6 +215,10 @@ class Engine:
     def stopping(self) -> bool:
         """True once nothing new may start."""
         return self._stopping.is_set()
+
+    async def wait_stopping(self) -> None:
+        """Return once nothing new may start (for what runs beside the engine: uploads)."""
+        await self._stopping.wait()
 
     async def run(self) -> RunStats:
         """Process every item; return when all are settled or the run was stopped."""
@@ -284,7 +292,9 @@ class Engine:
             for todo in chunk:
                 if self.stopping:
                     return
-                if not self._budget.reserve(todo.item):
+                if _submitted(todo):
+                    self._budget.commit(todo.item)  # already paid for: collect it anyway
+                elif not self._budget.reserve(todo.item):
                     self.stop("budget")
                     return
                 await queue.put(todo)
@@ -418,11 +428,18 @@ class Engine:
         run = _ItemRun(item, started_at=utc_now(), t0=self._clock())
         if todo.entry is not None and todo.entry.status == "generated":
             run.pending, run.attempts = todo.entry.pending, todo.entry.attempts
+        if todo.entry is not None and todo.entry.status == "submitted":
+            run.attempts = todo.entry.attempts - 1  # its batch request is the same attempt
         failure: BackendError | None = None
+        self._runs[item.key] = run
         try:
             stored = await self._attempt_until_settled(run)
         except _Stopped:
             self._budget.release(item)
+            return
+        except Deferred:
+            self._budget.release(item)
+            self.stats.deferred += 1
             return
         except InputChangedError as exc:
             self._budget.release(item)
@@ -441,6 +458,8 @@ class Engine:
             self._budget.release(item)
             self._stop_for_disk(exc)
             return
+        finally:
+            del self._runs[item.key]
         try:  # the checkpoint, outside the handlers so its own failure is handled once
             if failure is None:
                 self._finish_ok(run, stored)
@@ -565,6 +584,15 @@ class Engine:
 
     # ---------------------------------------------------------------- manifest
 
+    def record_submitted(self, items: Iterable[WorkItem], ref: BatchRef) -> None:
+        """Checkpoint that `items` wait in a Batch API batch (`ref`), durably: a resume
+        then re-attaches instead of paying for them again. Raises `OSError` if the
+        manifest cannot be written."""
+        for item in items:
+            run = self._runs.get(item.key) or _ItemRun(item, utc_now(), self._clock())
+            self._writer.append(_record(run, "submitted", batch=ref))
+        self._writer.sync()
+
     def _append_generated(self, run: _ItemRun, images: tuple[GeneratedImage, ...]) -> None:
         self._writer.append(_record(run, "generated", pending=images))
 
@@ -604,12 +632,13 @@ def _rehash_message(found: freshness.Freshness) -> str:
 
 def _record(
     run: _ItemRun,
-    status: Literal["ok", "failed", "generated"],
+    status: Literal["ok", "failed", "generated", "submitted"],
     *,
     outputs: tuple[OutputFile, ...] = (),
     error: ErrorInfo | None = None,
     elapsed: float | None = None,
     pending: tuple[GeneratedImage, ...] = (),
+    batch: BatchRef | None = None,
 ) -> ItemRecord:
     item = run.item
     return ItemRecord(
@@ -625,8 +654,14 @@ def _record(
         attempts=run.attempts,
         error=error,
         started_at=run.started_at,
-        finished_at=utc_now() if status != "generated" else None,
+        finished_at=utc_now() if status in ("ok", "failed") else None,
         elapsed_s=round(elapsed, 3) if elapsed is not None else None,
-        response=run.response if status != "failed" else None,
+        response=run.response if status in ("ok", "generated") else None,
         pending=pending,
+        batch=batch,
     )
+
+
+def _submitted(todo: _Todo) -> bool:
+    """The manifest says this item waits in a Batch API batch."""
+    return todo.entry is not None and todo.entry.status == "submitted"

@@ -17,13 +17,22 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import items as items_mod
+from . import search
+from . import upload as upload_mod
 from .backends.base import Backend
 from .control import RunControl, signal_handlers
-from .credentials import DIRECT, ProxySettings, read_api_key, read_proxy_settings
+from .credentials import (
+    DIRECT,
+    ProxySettings,
+    read_api_key,
+    read_proxy_settings,
+    read_upload_key,
+)
 from .engine import Engine, RunStats, StopReason, utc_now
 from .errors import (
     EXIT_BUDGET,
@@ -33,19 +42,26 @@ from .errors import (
     EXIT_SIGTERM,
     EXIT_SOME_FAILED,
     OutputError,
+    UsageError,
 )
 from .limiter import LearnedPace, Limiter, learned_pace
 from .manifest.cache import StateCache
 from .manifest.log import ManifestState, ManifestWriter, gc_paused
-from .pricing import check_cost_budget, cost_from_usage, is_free, price_per_image
+from .pricing import check_cost_budget, cost_from_usage, is_free, price_factor, spec_price
 from .records import WorkItem
 from .registry import backend_kind
 from .sources import INPUT_HASHES_NAME, HashCache
-from .spec.model import Spec
+from .spec.model import RunSettings, Spec
 from .store import files as outputs
 from .store import layout
 from .store.layout import JOB_NAME, MANIFEST_NAME, SUMMARY_NAME
 from .store.lock import acquire_lock
+
+if TYPE_CHECKING:
+    from .backends.openai_batch import BatchOptions, BatchProgress
+
+BATCH_WORKERS = 50_000
+"""Items a batch-mode run keeps waiting at once (about 2 KB each): a batch's worth."""
 
 __all__ = ["JobResult", "check_key_scheme", "recorded_key_scheme", "run_job"]
 
@@ -83,6 +99,7 @@ async def run_job(
     control: RunControl | None = None,
     backend: Backend | None = None,
     verify: bool = False,
+    wait: bool = True,
 ) -> JobResult:
     """Run (or resume) the job of `spec`; see the module docstring for the order of steps.
 
@@ -90,11 +107,18 @@ async def run_job(
     (SIGINT/SIGTERM handlers, main thread only) and `freeze_gc` (freezes the loaded
     manifest state for the whole process's GC). Any caller can stop the run gracefully
     through `control`. The `max_items` guard and the budgets hold for every caller.
+    With ``backend.mode: batch``, `wait=False` submits and returns (``run --no-wait``);
+    a later run collects.
     """
-    items_mod.check_max_items(spec)
+    if not wait and spec.backend.mode != "batch":
+        raise UsageError("--no-wait needs backend.mode: batch (an online run cannot leave)")
+    spec = search.apply_recorded(spec)  # roboflow_search: ids this OUT already found
+    if not search.unresolved(spec):  # else checked once the search has found its ids
+        items_mod.check_max_items(spec)
     check_cost_budget(spec)
     kind = backend_kind(spec.backend.kind)
     api_key = read_api_key(spec.backend)
+    upload_key = read_upload_key(spec.upload, spec.backend.kind)  # fails before anything is sent
     # the embedded mock is on loopback in this process: a corporate proxy must not see it
     proxies = read_proxy_settings() if kind.proxied else DIRECT
     out = spec.output_dir
@@ -108,8 +132,10 @@ async def run_job(
         with _gc_spares_state(freeze_gc):
             state = await asyncio.to_thread(_load_state, cache, verify, freeze_gc)
             await asyncio.to_thread(check_key_scheme, out, state)
-            await asyncio.to_thread(_write_job_json, spec, spec_path)
-            async with _open_backend(spec, api_key, backend, proxies) as live_backend:
+            options = _batch_options(spec, wait) if spec.backend.mode == "batch" else None
+            async with _open_backend(spec, api_key, backend, proxies, options) as live_backend:
+                spec = await _resolve_searches(spec, live_backend, api_key, proxies)
+                await asyncio.to_thread(_write_job_json, spec, spec_path)
                 return await _run_engine(
                     spec,
                     spec_path,
@@ -120,6 +146,7 @@ async def run_job(
                     on_progress,
                     install_signals,
                     control or RunControl(),
+                    upload_key=upload_key,
                 )
 
 
@@ -133,11 +160,17 @@ async def _run_engine(
     on_progress: Callable[[RunStats], None] | None,
     install_signals: bool,
     control: RunControl,
+    *,
+    upload_key: str = "",
 ) -> JobResult:
     run = spec.run
+    expected = sum(items_mod.count_items(spec).values())
+    batch = spec.backend.mode == "batch"
+    if batch:
+        run = _batch_workers(spec, expected)
     limiter = Limiter(
-        rate=run.rate_limit,
-        image_rate=run.image_rate_limit,
+        rate=None if batch else run.rate_limit,  # the Batch API paces itself
+        image_rate=None if batch else run.image_rate_limit,
         concurrency=run.concurrency,
         # a 429 without Retry-After waits like a first retry, doubling like retries do
         default_pause_s=run.backoff_base_s,
@@ -164,11 +197,17 @@ async def _run_engine(
             remember_stats=cache.refresh,
             price=lambda item: _price(spec, item),
             actual_cost=lambda item, response: _actual_cost(spec, item, response),
-            expected=sum(items_mod.count_items(spec).values()),
+            expected=expected,
             on_progress=on_progress,
         )
+        _attach_batches(backend, state, engine)
+        uploads = upload_mod.open_uploads(spec, upload_key, backend, writer)  # None: no upload:
         try:
-            async with signal_handlers(engine, enabled=install_signals), control.attached(engine):
+            async with (
+                signal_handlers(engine, enabled=install_signals),
+                control.attached(engine),
+                upload_mod.alongside(uploads, engine),
+            ):
                 await engine.run()
         except asyncio.CancelledError:
             if engine.stop_reason not in ("sigint", "sigterm"):
@@ -178,6 +217,7 @@ async def _run_engine(
             await asyncio.to_thread(cache.close)  # its last segment: marshal + write
             await asyncio.to_thread(hashes.save, discard=engine.stats.skipped_changed > 0)
             summary = _summary(spec, spec_path, engine, limiter, started_at, time.monotonic() - t0)
+            upload_mod.add_upload_summary(summary, uploads)
             await _write_summary(spec.output_dir / SUMMARY_NAME, summary)
     return JobResult(
         exit_code=summary["exit_code"],
@@ -185,6 +225,19 @@ async def _run_engine(
         summary=summary,
         message=_stop_message(engine),
     )
+
+
+async def _resolve_searches(
+    spec: Spec, backend: Backend, api_key: str, proxies: ProxySettings
+) -> Spec:
+    """roboflow_search sources resolved (`pipeline.search`) against the open backend's
+    API root, then the max_items guard on the ids they found."""
+    if not search.unresolved(spec):
+        return spec
+    root = search.api_root(spec, backend)
+    spec = await search.resolve_searches(spec, root=root, api_key=api_key, proxies=proxies)
+    items_mod.check_max_items(spec)
+    return spec
 
 
 def read_learned_pace(spec: Spec) -> LearnedPace | None:
@@ -231,7 +284,7 @@ async def _write_summary(path: Path, summary: dict[str, Any]) -> None:
 
 
 def _price(spec: Spec, item: WorkItem) -> float | None:
-    return price_per_image(item.params, spec.run.price_per_image, free=is_free(spec))
+    return spec_price(spec, item.params)
 
 
 def _actual_cost(spec: Spec, item: WorkItem, response: Any) -> float | None:
@@ -243,7 +296,8 @@ def _actual_cost(spec: Spec, item: WorkItem, response: Any) -> float | None:
     if is_free(spec) or not isinstance(response, dict):
         return None
     model = response.get("model") or item.params.get("model")
-    return cost_from_usage(model, response.get("usage"))
+    cost = cost_from_usage(model, response.get("usage"))
+    return None if cost is None else cost * price_factor(spec)  # batch: half
 
 
 def _exit_code(engine: Engine) -> int:
@@ -271,6 +325,11 @@ def _stop_message(engine: Engine) -> str | None:
         return "stopped by the caller: the manifest is consistent; run again to resume"
     if reason in ("sigint", "sigterm"):
         return "interrupted: the manifest is consistent; run the same command again to resume"
+    if engine.stats.deferred:
+        return (
+            f"{engine.stats.deferred:,} items wait in Batch API batches (see `synthaug status`): "
+            "run the same command again later to collect them"
+        )
     return None
 
 
@@ -287,6 +346,7 @@ def _summary(
         "name": spec.name,
         "spec": spec_path.name,  # OUT is shared: no home folder in it
         "backend": spec.backend.kind,
+        "mode": spec.backend.mode,
         "started_at": started_at,
         "finished_at": utc_now(),
         "elapsed_s": round(elapsed, 3),
@@ -305,6 +365,7 @@ def _summary(
         "retries": stats.retries,
         "rate_limited_429": stats.rate_limited,
         "ambiguous_retries": stats.ambiguous_retries,
+        "in_batches": stats.deferred,  # left waiting in submitted batches (--no-wait)
         "errors": dict(stats.errors),
         "cost_usd": round(stats.cost_usd, 4) if stats.cost_known else None,
         "achieved_requests_per_s": round(stats.requests / elapsed, 3) if elapsed > 0 else None,
@@ -361,19 +422,80 @@ def _write_job_json(spec: Spec, spec_path: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def _open_backend(
-    spec: Spec, api_key: str, given: Backend | None, proxies: ProxySettings
+    spec: Spec,
+    api_key: str,
+    given: Backend | None,
+    proxies: ProxySettings,
+    batch: BatchOptions | None = None,
 ) -> AsyncIterator[Backend]:
-    """The backend of the spec's kind, as the registry names it (or `given`, for tests)."""
+    """The backend of the spec's kind, as the registry names it (or `given`, for tests);
+    with `batch` options, the kind's Batch API client."""
     if given is not None:
         yield given
         return
+    kind = backend_kind(spec.backend.kind)
     # its first import (aiohttp's) takes about 100 ms: in a thread, not holding the loop
-    backend_class = await asyncio.to_thread(backend_kind(spec.backend.kind).open_backend_class)
+    backend_class = await asyncio.to_thread(
+        partial(kind.open_backend_class, batch=batch is not None)
+    )
+    extra: dict[str, Any] = {"batch": batch} if batch is not None else {}
     async with backend_class(
         spec.backend.base_url,
         api_key,
         concurrency=spec.run.concurrency,
         timeout_s=spec.backend.timeout_s,
         proxies=proxies,
+        **extra,
     ) as backend:
         yield backend
+
+
+def _batch_options(spec: Spec, wait: bool) -> BatchOptions:
+    """How this run makes and waits for Batch API batches (the spec's backend section)."""
+    from .backends.openai_batch import BatchOptions  # the client stack: only when used
+
+    settings = spec.backend
+    return BatchOptions(
+        job=spec.name,
+        wait=wait,
+        batch_size=settings.batch_size,
+        poll_interval_s=settings.poll_interval_s,
+        poll_max_s=max(settings.poll_max_s, settings.poll_interval_s),
+        control_attempts=spec.run.max_attempts,
+        backoff_base_s=spec.run.backoff_base_s,
+        backoff_max_s=spec.run.backoff_max_s,
+        on_progress=_log_batch_progress,
+    )
+
+
+def _log_batch_progress(progress: BatchProgress) -> None:
+    """One line per poll: where the night's batch stands."""
+    log.info(
+        "batch %s: %s, %d of %d requests done, %d failed",
+        progress.batch_id,
+        progress.status,
+        progress.completed,
+        progress.total,
+        progress.failed,
+    )
+
+
+def _batch_workers(spec: Spec, expected: int) -> RunSettings:
+    """The run settings for batch mode: a worker per item waiting in a batch (up to
+    `BATCH_WORKERS`), no request pace (the Batch API has its own limits)."""
+    workers = max(1, min(expected, BATCH_WORKERS))
+    return spec.run.model_copy(update={"concurrency": workers})
+
+
+def _attach_batches(backend: Backend, state: ManifestState, engine: Engine) -> None:
+    """Tell a Batch API backend where the manifest says items wait, and let it record
+    new batches through the engine's checkpoint."""
+    bind = getattr(backend, "bind_manifest", None)
+    if bind is None:
+        return
+    attached = {
+        key: entry.batch
+        for key, entry in state.open.items()
+        if entry.status == "submitted" and entry.batch is not None
+    }
+    bind(attached, engine.record_submitted)

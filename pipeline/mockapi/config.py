@@ -131,7 +131,9 @@ class MockConfig:
         if not (math.isfinite(self.batch_s) and self.batch_s >= 0):
             problems.append(f"batch_s must be a finite number >= 0, got {self.batch_s}")
         if not 0.0 <= self.batch_expire_share <= 1.0:
-            problems.append(f"batch_expire_share must be within 0..1, got {self.batch_expire_share}")
+            problems.append(
+                f"batch_expire_share must be within 0..1, got {self.batch_expire_share}"
+            )
         if not math.isfinite(self.clock_offset_s):
             problems.append(f"clock_offset_s must be finite, got {self.clock_offset_s}")
         if self.retry_after_form not in ("seconds", "date", "none"):
@@ -168,6 +170,12 @@ class MockStats:
     batches: int = 0  # batches created
     batch_polls: int = 0
     batch_downloads: int = 0  # output and error files downloaded
+    searches: int = 0  # POST /{workspace}/{project}/search requests
+    upload_requests: int = 0  # POST /dataset/{project}/upload requests, any answer
+    uploads: int = 0  # images a project did not have, stored
+    upload_duplicates: int = 0  # uploads answered "duplicate"
+    # per "project/name", the uploads that stored it (more than 1: uploaded twice)
+    uploads_by_name: dict[str, int] = field(default_factory=dict)
 
     @property
     def duplicates(self) -> int:
@@ -195,4 +203,8 @@ class MockStats:
             "batches": self.batches,
             "batch_polls": self.batch_polls,
             "batch_downloads": self.batch_downloads,
+            "searches": self.searches,
+            "upload_requests": self.upload_requests,
+            "uploads": self.uploads,
+            "upload_duplicates": self.upload_duplicates,
         }

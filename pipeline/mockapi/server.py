@@ -34,6 +34,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
+from .batches import MockBatches
 from .config import (
     DEFAULT_FAULT_WEIGHTS,
     DEFAULT_PAUSE_GRACE_S,
@@ -46,7 +47,6 @@ from .config import (
     MockConfig,
     MockStats,
 )
-from .batches import MockBatches
 from .dataset import MockDataset
 from .image import (
     damage,
@@ -56,6 +56,8 @@ from .image import (
     paint,
     photo,
 )
+from .search import serve_search
+from .upload import serve_upload
 
 __all__ = [
     "DEFAULT_FAULT_WEIGHTS",
@@ -124,6 +126,8 @@ class _MockApi:
         application.router.add_get("/images/{token}.png", self.serve_image)
         application.router.add_get("/images/{token}.jpg", self.serve_image)
         application.router.add_get("/_stats", self.serve_stats)
+        application.router.add_post("/{workspace}/{project}/search", self.search)
+        application.router.add_post("/dataset/{project}/upload", self.upload)
         self.batches.add_routes(application)
         if self.config.clock_offset_s:
             application.on_response_prepare.append(self._stamp_date)
@@ -149,6 +153,29 @@ class _MockApi:
         payload = await self._payload(None, body, fault, "b64_json")
         assert isinstance(payload, dict)
         return payload
+
+    async def search(self, request: web.Request) -> web.StreamResponse:
+        """``POST /{workspace}/{project}/search`` (`pipeline.mockapi.search`)."""
+        return await serve_search(
+            request,
+            dataset=self.dataset,
+            config=self.config,
+            stats=self.stats,
+            draw_fault=self._draw_fault,
+        )
+
+    async def upload(self, request: web.Request) -> web.StreamResponse:
+        """``POST /dataset/{project}/upload`` (`pipeline.mockapi.upload`)."""
+        now = asyncio.get_running_loop().time()
+        return await serve_upload(
+            request,
+            dataset=self.dataset,
+            config=self.config,
+            stats=self.stats,
+            draw_fault=self._draw_fault,
+            rate_limited=lambda seconds: self._rate_limited(seconds, now),
+            pause=self._pause,
+        )
 
     async def serve_stats(self, request: web.Request) -> web.Response:
         """``GET /_stats``."""

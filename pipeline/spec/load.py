@@ -31,7 +31,7 @@ from ..sources import (
     list_globs,
 )
 from .fields import INPUT_KINDS, parse_rate
-from .model import BackendSettings, Params, SourceSpec, Spec
+from .model import SEARCH_QUERY_KEYS, BackendSettings, Params, SearchSettings, SourceSpec, Spec
 from .models import MODELS
 from .template import TemplateError, count_variants, parse_template, resolve_values
 from .yamlfile import did_you_mean, read_yaml, show_value, validation_error
@@ -102,10 +102,19 @@ def _build(data: Mapping[str, Any], spec_dir: Path, shown: str, lines: Mapping[s
 def _check_semantics(spec: Spec) -> None:
     """Rules spanning several keys; raise `_Problem` at the key to fix."""
     _check_base_url(spec.backend)
+    if spec.upload is not None and spec.upload.base_url is not None:
+        _check_upload_url(spec.upload.base_url)
     if backend_kind(spec.backend.kind).needs_project and not spec.project_url:
         raise _Problem(
             "project_url",
             f"required for backend {spec.backend.kind} (the project to add images to)",
+        )
+    batch = spec.backend.mode == "batch"
+    if batch and backend_kind(spec.backend.kind).batch_class is None:
+        raise _Problem(
+            "backend.mode",
+            f"backend {spec.backend.kind} has no batch mode: use kind openai (or mock to "
+            "rehearse), or mode online",
         )
     seen: dict[str, int] = {}
     for index, source in enumerate(spec.sources):
@@ -117,6 +126,12 @@ def _check_semantics(spec: Spec) -> None:
             )
         seen[source.name] = index
         _check_source_keys(source, at)
+        if batch and source.input_kind != "none":
+            raise _Problem(
+                f"{at}.{source.input_kind}",
+                "backend.mode batch sends prompt-only requests (/v1/images/generations): "
+                "use mode online for sources with input images",
+            )
         if not backend_kind(spec.backend.kind).roboflow_extras:
             _check_no_roboflow_extras(spec, source, at)
         _check_params(spec.source_params(source), source.params, at)
@@ -130,6 +145,12 @@ def _check_no_roboflow_extras(spec: Spec, source: SourceSpec, at: str) -> None:
             f"{at}.roboflow_ids",
             f"backend {kind} cannot read Roboflow image ids: use images, folder or urls "
             "(or backend.kind: roboflow)",
+        )
+    if source.roboflow_search is not None:
+        raise _Problem(
+            f"{at}.roboflow_search",
+            f"backend {kind} cannot read Roboflow image ids, which is what a search finds: "
+            "use backend.kind: roboflow (or mock to rehearse)",
         )
     if "unmodified_prompt" in spec.source_params(source):
         own = source.params.unmodified_prompt is not None
@@ -184,6 +205,16 @@ def _check_base_url(backend: BackendSettings) -> None:
         )
 
 
+def _check_upload_url(url: str) -> None:
+    """The upload's API root: the key travels in its query, so plain http only on loopback."""
+    host = urlsplit(url).hostname or ""
+    if urlsplit(url).scheme == "http" and not _is_loopback(host):
+        raise _Problem(
+            "upload.base_url",
+            "plain http would send the API key in clear; use https (or a loopback address)",
+        )
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -207,8 +238,30 @@ def _check_source_keys(source: SourceSpec, at: str) -> None:
     for key in ("samples", "seed"):
         if source.combine != "sample" and getattr(source, key) is not None:
             raise _Problem(f"{at}.{key}", "only applies with combine: sample")
-    if source.params.force_caption_regenerate is not None and source.roboflow_ids is None:
-        raise _Problem(f"{at}.params.force_caption_regenerate", "only applies to roboflow_ids")
+    if (
+        source.params.force_caption_regenerate is not None
+        and source.roboflow_ids is None
+        and source.roboflow_search is None
+    ):
+        raise _Problem(
+            f"{at}.params.force_caption_regenerate",
+            "only applies to roboflow_ids and roboflow_search",
+        )
+    if source.roboflow_search is not None:
+        _check_search_query(source.roboflow_search, f"{at}.roboflow_search")
+
+
+def _check_search_query(search: SearchSettings, at: str) -> None:
+    """A search asks one question: a prompt, an image to look like, a tag or a class."""
+    given = [key for key in SEARCH_QUERY_KEYS if getattr(search, key) is not None]
+    if not given:
+        raise _Problem(at, f"needs one of {', '.join(SEARCH_QUERY_KEYS)}")
+    if len(given) > 1:
+        found = " and ".join(given)
+        raise _Problem(
+            f"{at}.{given[1]}",
+            f"a search takes one of {', '.join(SEARCH_QUERY_KEYS)}, found {found}",
+        )
 
 
 def _check_inputs(spec: Spec) -> None:

@@ -7,6 +7,7 @@ in `pipeline.spec.load`; field types in `pipeline.spec.fields`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -55,9 +56,11 @@ __all__ = [
     "BackendSettings",
     "Params",
     "RunSettings",
+    "SearchSettings",
     "SourceParams",
     "SourceSpec",
     "Spec",
+    "UploadSettings",
 ]
 
 
@@ -84,6 +87,20 @@ class BackendSettings(_Model):
     timeout_s: float = Field(default=180.0, gt=0, description="seconds to wait for one answer")
     allow_insecure_http: bool = Field(
         default=False, description="allow a plain http:// base_url that is not loopback"
+    )
+    mode: Literal["online", "batch"] = Field(
+        default="online",
+        description="online: one request at a time; batch: OpenAI's Batch API (half price, "
+        "results within 24 h; kinds openai and mock)",
+    )
+    batch_size: int = Field(
+        default=50_000, ge=1, le=50_000, description="mode batch: requests per batch at most"
+    )
+    poll_interval_s: float = Field(
+        default=30.0, gt=0, description="mode batch: first wait between polls, growing 1.5x"
+    )
+    poll_max_s: float = Field(
+        default=600.0, gt=0, description="mode batch: longest wait between polls"
     )
 
     @field_validator("api_key_env")
@@ -117,7 +134,7 @@ class Params(_Model):
     background: Literal["transparent", "opaque", "auto"] | None = None
     moderation: Literal["low", "auto"] | None = None
     force_caption_regenerate: bool | None = Field(
-        default=None, description="roboflow_ids sources only"
+        default=None, description="roboflow_ids and roboflow_search sources only"
     )
     unmodified_prompt: bool | None = Field(
         default=None, description="turn off the photorealism suffix"
@@ -185,6 +202,51 @@ class RunSettings(_Model):
     fsync_interval_s: float = Field(default=0.5, ge=0)
 
 
+# --- roboflow_search (issue 13): a source whose inputs a Roboflow image search finds ---
+
+DEFAULT_SEARCH_LIMIT = 50
+"""Images a search source takes when it sets no `limit` (the search API's own page size).
+A prompt or like_image search sorts the whole project rather than filtering it, so a
+search always has a limit."""
+MAX_SEARCH_LIMIT = 10_000
+SEARCH_QUERY_KEYS: tuple[str, ...] = ("prompt", "like_image", "tag", "class_name")
+
+
+class SearchSettings(_Model):
+    """A Roboflow image search whose ids become a source's inputs (``roboflow_search:``).
+
+    Exactly one of `SEARCH_QUERY_KEYS` is set (checked by `pipeline.spec.load`); its
+    ``prompt`` is the search's text, not the source's generation prompt.
+    """
+
+    workspace: Name = Field(description="Roboflow workspace id (from the project's URL)")
+    project: Name = Field(description="Roboflow project id within the workspace")
+    prompt: NonBlank | None = Field(default=None, description="semantic search text")
+    like_image: NonBlank | None = Field(
+        default=None, description="an image of the project: find similar ones"
+    )
+    tag: NonBlank | None = Field(default=None, description="images with this tag")
+    class_name: NonBlank | None = Field(default=None, description="images with this class")
+    limit: int = Field(
+        default=DEFAULT_SEARCH_LIMIT,
+        ge=1,
+        le=MAX_SEARCH_LIMIT,
+        description=f"take at most this many images (default {DEFAULT_SEARCH_LIMIT})",
+    )
+    in_dataset: bool | NonBlank | None = Field(
+        default=None, description="only images in the dataset (or in this project)"
+    )
+    batch: bool | None = Field(default=None, description="only images in some batch")
+    batch_id: NonBlank | None = Field(default=None, description="only images in this batch")
+
+    def filters(self) -> dict[str, Any]:
+        """The request body's query fields: those the spec set, without paging."""
+        return self.model_dump(exclude_none=True, exclude={"workspace", "project", "limit"})
+
+
+# --- end roboflow_search ---
+
+
 class SourceSpec(_Model):
     """One source of work items: a prompt template and at most one kind of input."""
 
@@ -204,6 +266,9 @@ class SourceSpec(_Model):
     extensions: tuple[Extension, ...] | None = Field(default=None, min_length=1)
     roboflow_ids: tuple[NonBlank, ...] | None = Field(default=None, min_length=1)
     urls: tuple[Url, ...] | None = Field(default=None, min_length=1)
+    roboflow_search: SearchSettings | None = Field(
+        default=None, description="Roboflow image ids found by a search (run or plan --resolve)"
+    )
 
     @property
     def input_kind(self) -> InputKindName:
@@ -224,6 +289,101 @@ class SourceSpec(_Model):
             )
 
 
+# --- upload (issue 13): every stored image sent to a Roboflow project, once ---
+
+DEFAULT_UPLOAD_CONCURRENCY = 2
+DEFAULT_UPLOAD_RATE = "2/s"
+"""Upload starts per second against Roboflow when the spec sets no `upload.rate_limit`
+(none against the embedded mock): an upload is cheap, but a burst of them only earns 429s."""
+DEFAULT_UPLOAD_ATTEMPTS = 6
+MAX_UPLOAD_TEXT = 100  # a batch name or tag longer than this is a typo, not a label
+DATE_PLACEHOLDER = "{date}"
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+_TAG = re.compile(r"[A-Za-z0-9._-]+")
+_SAMPLE_DAY = "2000-01-01"  # what `{date}` becomes when a value is checked
+
+
+def _check_upload_text(value: str) -> str:
+    """Only the `{date}` placeholder, no control characters, at most MAX_UPLOAD_TEXT."""
+    for found in _PLACEHOLDER.findall(value):
+        if found != DATE_PLACEHOLDER:
+            raise ValueError(f"{show_value(found)} is not a placeholder: only {{date}} is")
+    filled = value.replace(DATE_PLACEHOLDER, _SAMPLE_DAY)
+    if not filled.strip() or not filled.isprintable():
+        raise ValueError(f"{show_value(value)} must be printable text, not empty")
+    if len(filled) > MAX_UPLOAD_TEXT:
+        raise ValueError(f"longer than {MAX_UPLOAD_TEXT} characters")
+    return value
+
+
+def _check_tag(value: str) -> str:
+    _check_upload_text(value)
+    if not _TAG.fullmatch(value.replace(DATE_PLACEHOLDER, _SAMPLE_DAY)):
+        raise ValueError(
+            f"{show_value(value)} is not a tag: use letters, digits, '.', '_', '-' (and {{date}})"
+        )
+    return value
+
+
+UploadText = Annotated[str, AfterValidator(_check_upload_text)]
+UploadTag = Annotated[str, AfterValidator(_check_tag)]
+
+
+class UploadSettings(_Model):
+    """Where stored images are uploaded (``upload:``), how they are labelled and paced.
+
+    The key comes from the environment (`api_key_env`); against the embedded mock
+    (``backend.kind: mock`` without `base_url`) none is needed.
+    """
+
+    project: Name = Field(description="Roboflow project id the images are uploaded to")
+    split: Literal["train", "valid", "test"] | None = Field(
+        default=None, description="dataset split (default: Roboflow's, train)"
+    )
+    batch: UploadText | None = Field(
+        default=None, description="batch name; {date} becomes the run's date (YYYY-MM-DD)"
+    )
+    tags: tuple[UploadTag, ...] = Field(
+        default=(), description="tags added to every image, besides the provenance tags"
+    )
+    base_url: Url | None = Field(
+        default=None,
+        description="API root (default https://api.roboflow.com; the embedded mock's for mock)",
+    )
+    api_key_env: str = Field(
+        default=DEFAULT_API_KEY_ENV, description="env var holding the Roboflow API key"
+    )
+    concurrency: int = Field(
+        default=DEFAULT_UPLOAD_CONCURRENCY,
+        ge=1,
+        le=MAX_CONCURRENCY,
+        description="uploads in flight",
+    )
+    rate_limit: Rate = Field(
+        default=None,
+        description=f"upload starts per period (default {DEFAULT_UPLOAD_RATE}; none for the mock)",
+    )
+    max_attempts: int = Field(default=DEFAULT_UPLOAD_ATTEMPTS, ge=1, le=MAX_ATTEMPTS)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_NAME.fullmatch(value):
+            raise ValueError(f"{show_value(value)} is not an environment variable name")
+        return value
+
+    def batch_name(self, day: str) -> str | None:
+        """The batch with `{date}` filled in (`day` is YYYY-MM-DD)."""
+        return None if self.batch is None else self.batch.replace(DATE_PLACEHOLDER, day)
+
+    def tag_names(self, day: str) -> tuple[str, ...]:
+        """The spec's tags with `{date}` filled in."""
+        return tuple(tag.replace(DATE_PLACEHOLDER, day) for tag in self.tags)
+
+
+# --- end upload ---
+
+
 class Spec(_Model):
     """A whole job spec, version 1."""
 
@@ -242,6 +402,9 @@ class Spec(_Model):
     params: Params = Params()
     run: RunSettings = RunSettings()
     sources: tuple[SourceSpec, ...] = Field(min_length=1)
+    upload: UploadSettings | None = Field(
+        default=None, description="upload every stored image to a Roboflow project"
+    )
 
     _spec_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _spec_file: str = PrivateAttr(default="<spec>")
@@ -269,12 +432,12 @@ class Spec(_Model):
     def source_params(self, source: SourceSpec) -> dict[str, Any]:
         """The request parameters of `source`: global params, then its overrides.
 
-        A global ``force_caption_regenerate`` only reaches sources with roboflow_ids,
-        the only kind the API applies it to.
+        A global ``force_caption_regenerate`` only reaches sources with Roboflow image
+        ids (roboflow_ids, roboflow_search), the only kind the API applies it to.
         """
         params = self.params.request_params()
         params.update(source.params.model_dump(exclude_none=True))
-        if source.roboflow_ids is None:
+        if source.roboflow_ids is None and source.roboflow_search is None:
             params.pop("force_caption_regenerate", None)
         return params
 

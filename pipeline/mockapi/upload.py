@@ -1,0 +1,131 @@
+"""The embedded mock of Roboflow's image upload: ``POST /dataset/{project}/upload``.
+
+It takes the request as Roboflow documents it (the image's base64 as the body; ``name``,
+``split``, ``batch`` and ``tag``, repeatable, in the query) and answers as Roboflow does:
+``{"success": true, "id": ...}`` for a new image, ``{"duplicate": true, "id": ...}`` when
+the project already holds one of that name. It checks the key and the project as the
+mock's generation endpoint does, refuses what the real one would (400: no name, an
+empty body, base64 that does not decode, bytes that are not an image, an unknown split),
+and applies the server's fault injection: 429 with Retry-After, 5xx (a 502 says
+``retryable``, as Roboflow's does), malformed and wrong-shaped answers, slow answers, and
+connections dropped *after* the image was stored, so a client's retry meets the
+duplicate answer a lost answer leads to.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import io
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from PIL import Image, UnidentifiedImageError
+
+from .config import MockConfig, MockStats
+from .dataset import MockDataset
+
+__all__ = ["SPLITS", "decode_upload", "serve_upload"]
+
+SPLITS = ("train", "valid", "test")
+_UPLOAD_FAULTS = frozenset(
+    {"429", "500", "502", "503", "504", "drop", "malformed", "wrong_shape", "slow"}
+)
+
+
+async def serve_upload(
+    request: web.Request,
+    *,
+    dataset: MockDataset,
+    config: MockConfig,
+    stats: MockStats,
+    draw_fault: Callable[[], str | None],
+    rate_limited: Callable[[float], web.Response],
+    pause: Callable[[float], Awaitable[None]],
+) -> web.StreamResponse:
+    """``POST /dataset/{project}/upload``: key, request, project, fault, then the image.
+
+    `rate_limited(seconds)` is the server's 429 (it announces the pause it asks for);
+    `pause(seconds)` its sleep that ends when the server closes.
+    """
+    stats.upload_requests += 1
+    expected = config.api_key
+    given = request.query.get("api_key", "")
+    if expected is not None and not hmac.compare_digest(given.encode(), expected.encode()):
+        stats.unauthorized += 1
+        return _error(401, "Unauthorized: invalid api_key.")
+    name = request.query.get("name", "").strip()
+    split = request.query.get("split")
+    data, problem = decode_upload(await request.read())
+    if not name:
+        problem = "name is required for a base64 upload."
+    elif split is not None and split not in SPLITS:
+        problem = f"split must be one of {', '.join(SPLITS)}, got {split!r}."
+    if problem is not None:
+        return _error(400, problem)
+    project = request.match_info["project"]
+    if config.projects is not None and project not in config.projects:
+        stats.unknown_project += 1
+        return _error(404, f"Project {project} not found.")
+    fault = draw_fault()
+    fault = fault if fault in _UPLOAD_FAULTS else None
+    if fault == "429":
+        return rate_limited(config.retry_after_s)
+    if fault in ("500", "502", "503", "504"):
+        return _server_error(int(fault))
+    if fault == "malformed":
+        return web.Response(text='{"success": true, "id": ', content_type="application/json")
+    if fault == "wrong_shape":
+        return web.json_response({"message": "queued"})
+    await pause(config.latency_s + (config.slow_s if fault == "slow" else 0.0))
+    image, duplicate = dataset.add(
+        project,
+        name,
+        data,
+        split=split,
+        batch=request.query.get("batch"),
+        tags=request.query.getall("tag", []),
+    )
+    stats.uploads_by_name[f"{project}/{name}"] = stats.uploads_by_name.get(
+        f"{project}/{name}", 0
+    ) + (0 if duplicate else 1)
+    if duplicate:
+        stats.upload_duplicates += 1
+    else:
+        stats.uploads += 1
+    if fault == "drop":  # stored, but the client never hears it
+        if request.transport is not None:
+            request.transport.close()
+        return web.Response(status=500)
+    if duplicate:
+        return web.json_response({"duplicate": True, "id": image.id})
+    return web.json_response({"success": True, "id": image.id})
+
+
+def decode_upload(body: bytes) -> tuple[bytes, str | None]:
+    """The image bytes of an upload's body (its base64), or why Roboflow would refuse it."""
+    text = body.strip()
+    if not text:
+        return b"", "the body must be the image, base64 encoded."
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return b"", "the body is not valid base64."
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return b"", "the body is not an image."
+    return data, None
+
+
+def _server_error(status: int) -> web.Response:
+    payload: dict[str, object] = {"error": {"message": "The server had an error, try again."}}
+    if status == 502:
+        payload["retryable"] = True
+    return web.json_response(payload, status=status)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message}}, status=status)
