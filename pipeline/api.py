@@ -33,6 +33,7 @@ from .engine import RunStats
 from .manifest.cache import load_cached_state
 from .plan import Plan, build_plan
 from .runner import check_key_scheme, run_job
+from .search import apply_recorded, resolve_standalone
 from .spec.load import load_spec as _load_spec_file
 from .spec.load import spec_from_data
 from .spec.model import Spec
@@ -68,11 +69,18 @@ def load_spec(
     return spec_from_data(source, base_dir=base_dir)  # refuses what is not a mapping
 
 
-def plan(spec: Spec) -> Plan:
-    """What a run of `spec` would do and cost, against its output folder; sends nothing."""
+def plan(spec: Spec, *, resolve: bool = False) -> Plan:
+    """What a run of `spec` would do and cost, against its output folder; sends nothing.
+
+    A roboflow_search source counts the ids its output folder recorded; without them its
+    count is unknown, unless `resolve` runs the search (its only network call; what it
+    finds is recorded, so the run works on the same images). Blocking, like `run`.
+    """
     state = load_cached_state(spec.output_dir / MANIFEST_NAME)
     check_key_scheme(spec.output_dir, state)
-    return build_plan(spec, state)
+    if resolve:
+        spec = asyncio.run(resolve_standalone(spec))
+    return build_plan(apply_recorded(spec), state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +110,7 @@ async def run_async(
     spec: Spec,
     *,
     verify: bool = False,
+    wait: bool = True,
     control: RunControl | None = None,
     on_progress: Callable[[RunStats], None] | None = None,
 ) -> RunResult:
@@ -112,6 +121,7 @@ async def run_async(
         on_progress=on_progress,
         control=control,
         verify=verify,
+        wait=wait,
     )
     summary = result.summary
     return RunResult(
@@ -133,15 +143,18 @@ def run(
     spec: Spec,
     *,
     verify: bool = False,
+    wait: bool = True,
     control: RunControl | None = None,
     on_progress: Callable[[RunStats], None] | None = None,
 ) -> RunResult:
     """Run (or resume) `spec` and block until it ends; safe from any thread.
 
-    `verify` re-hashes every stored image; `control.stop()` (from any thread) stops it
-    gracefully; `on_progress` is called with the run's counters as they change. Raises
-    a `PipelineError` (`SpecError`, `CredentialsError`, `OutputError`, ...) when the run
-    cannot start; once it has started, the outcome is in the result's `exit_code`.
+    `verify` re-hashes every stored image; `wait=False` (``backend.mode: batch``)
+    submits the batches and returns, and a later run collects them; `control.stop()`
+    (from any thread) stops it gracefully; `on_progress` is called with the run's
+    counters as they change. Raises a `PipelineError` (`SpecError`, `CredentialsError`,
+    `OutputError`, ...) when the run cannot start; once it has started, the outcome
+    is in the result's `exit_code`.
     """
     try:
         asyncio.get_running_loop()
@@ -149,7 +162,9 @@ def run(
         pass
     else:
         raise RuntimeError("synthaug.run() blocks: in async code, await synthaug.run_async()")
-    return asyncio.run(run_async(spec, verify=verify, control=control, on_progress=on_progress))
+    return asyncio.run(
+        run_async(spec, verify=verify, wait=wait, control=control, on_progress=on_progress)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,12 @@ class Budget:
         self.images, self.cost_usd = images, cost
         return True
 
+    def commit(self, item: WorkItem) -> None:
+        """Count `item` without checking the caps: its spend is already committed (a
+        request waiting in a submitted batch), and leaving it uncollected saves nothing."""
+        self.images += item.n
+        self.cost_usd += self.cost_of(item)
+
     def settle(self, item: WorkItem, response: Any) -> float | None:
         """What `item` cost now that it is answered (None when unknown): the answer's
         own figure when it reports one, which then replaces the reservation."""

@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on resume, re-hash every stored image (default: check that the files exist)",
     )
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="backend.mode batch: submit the batches and exit; a later run collects them",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--no-grid",
@@ -103,10 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
         "plan",
         help="expand and validate a spec: no network, no spend",
         description="Show per source how many requests and images the "
-        "job makes, how many are done, its cost and ETA. Sends nothing.",
+        "job makes, how many are done, its cost and ETA. Sends nothing "
+        "(with --resolve, only the searches of roboflow_search sources).",
     )
     plan.add_argument("spec", type=Path, metavar="SPEC.yaml")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument(
+        "--resolve",
+        action="store_true",
+        help="run roboflow_search sources' searches to count their images "
+        "(the only request plan sends; the ids found are recorded in the output dir)",
+    )
     _add_log_level(plan)
 
     status = sub.add_parser("status", help="what a run's manifest says: ok / failed / pending")
@@ -205,7 +217,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .api import plan as plan_job
     from .plan import format_plan
 
-    plan = plan_job(_load(args.spec))  # the max_items guard and key-scheme check included
+    # the max_items guard and key-scheme check included
+    plan = plan_job(_load(args.spec), resolve=args.resolve)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return EXIT_OK
 
@@ -232,6 +245,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 spec_path=args.spec,
                 on_progress=progress.update,
                 verify=args.verify,
+                wait=not args.no_wait,
                 install_signals=True,  # the CLI owns its process: signals and the GC
                 freeze_gc=True,
             )

@@ -13,7 +13,8 @@ from typing import Any
 
 from .items import check_max_items, count_items, iter_source_drafts
 from .manifest.log import ManifestState
-from .pricing import check_cost_budget, is_free, price_per_image, unknown_price_reason
+from .pricing import check_cost_budget, spec_price, unknown_price_reason
+from .search import unresolved
 from .sources import HashCache
 from .spec.model import SourceSpec, Spec
 
@@ -39,6 +40,7 @@ class SourcePlan:
     to_run: int
     price_per_image: float | None
     price_note: str | None = None  # why the price is unknown, worded as the fix
+    count_note: str | None = None  # why the count is unknown (an unresolved search)
 
     @property
     def images(self) -> int:
@@ -58,13 +60,25 @@ class SourcePlan:
     @property
     def cost_usd(self) -> float | None:
         """USD the next run would spend on this source; None when the price is unknown."""
+        if self.count_note is not None:
+            return None
         paid = max(self.to_run - self.generated, 0) * self.n
         if paid == 0:
             return 0.0
         return None if self.price_per_image is None else paid * self.price_per_image
 
     def to_json(self) -> dict[str, Any]:
-        """The source's entry in ``plan --json``."""
+        """The source's entry in ``plan --json``; figures are null when the count is
+        unknown (`count_unknown_because` says why and what to run)."""
+        if self.count_note is not None:
+            return {
+                "name": self.name,
+                **dict.fromkeys(("items", "images", "done", "failed", "pending", "to_run")),
+                "price_per_image": self.price_per_image,
+                "cost_usd": None,
+                "cost_unknown_because": self.count_note,
+                "count_unknown_because": self.count_note,
+            }
         return {
             "name": self.name,
             "items": self.items,
@@ -100,8 +114,16 @@ class Plan:
         return None if None in costs else sum(c for c in costs if c is not None)
 
     @property
+    def counts_known(self) -> bool:
+        """False while a source's count is unknown (a search not resolved yet)."""
+        return all(s.count_note is None for s in self.sources)
+
+    @property
     def eta_s(self) -> float | None:
-        """Seconds the rate limits alone impose on the next run; None without a limit."""
+        """Seconds the rate limits alone impose on the next run; None without a limit
+        (or while a count is unknown)."""
+        if not self.counts_known:
+            return None
         bounds = []
         if self.rate_limit:
             bounds.append(self.total("to_run") / self.rate_limit)
@@ -117,6 +139,11 @@ class Plan:
             for s in self.sources
             if s.cost_usd is None and s.price_note
         ]
+
+    @property
+    def count_notes(self) -> list[str]:
+        """Why a count is unknown, one line per source, worded as the fix."""
+        return [f"'{s.name}': {s.count_note}" for s in self.sources if s.count_note]
 
     @property
     def stops_early(self) -> str | None:
@@ -140,6 +167,8 @@ class Plan:
             key: self.total(key) for key in ("items", "images", "done", "failed", "pending")
         }
         total["to_run"] = self.total("to_run")
+        if not self.counts_known:
+            total.update(dict.fromkeys(total))
         total["cost_usd"] = _round(self.cost_usd)
         total["eta_s"] = None if self.eta_s is None else round(self.eta_s, 1)
         return {
@@ -147,6 +176,7 @@ class Plan:
             "total": total,
             "stops_early": self.stops_early,
             "cost_notes": self.cost_notes,
+            "count_notes": self.count_notes,
             "limits": {
                 "rate_limit_per_s": self.rate_limit,
                 "image_rate_limit_per_s": self.image_rate_limit,
@@ -159,13 +189,23 @@ class Plan:
 def build_plan(spec: Spec, state: ManifestState, *, hashes: HashCache | None = None) -> Plan:
     """Count items, images, done, failed and pending per source of `spec` against `state`.
 
-    Raises `SpecError` when the spec expands past ``run.max_items``.
+    Raises `SpecError` when the spec expands past ``run.max_items``. A roboflow_search
+    source not resolved yet (`pipeline.search`) is planned with an unknown count.
     """
-    counts = count_items(spec)
-    check_max_items(spec, counts)
+    unknown = {source.name for source in unresolved(spec)}
+    known = spec.model_copy(
+        update={"sources": tuple(s for s in spec.sources if s.name not in unknown)}
+    )
+    counts = count_items(known)
+    check_max_items(known, counts)
     check_cost_budget(spec)
     hashes = hashes or HashCache()
-    plans = tuple(_plan_source(spec, s, state, counts[s.name], hashes) for s in spec.sources)
+    plans = tuple(
+        _unknown_source(spec, s)
+        if s.name in unknown
+        else _plan_source(spec, s, state, counts[s.name], hashes)
+        for s in spec.sources
+    )
     return Plan(
         sources=plans,
         rate_limit=spec.run.rate_limit,
@@ -194,8 +234,31 @@ def _plan_source(
         failed=status["failed"],
         generated=status["generated"],
         to_run=items - status["ok"] - skipped,
-        price_per_image=price_per_image(params, spec.run.price_per_image, free=is_free(spec)),
+        price_per_image=spec_price(spec, params),
         price_note=unknown_price_reason(params),
+    )
+
+
+UNRESOLVED_SEARCH = (
+    "its images are found by a Roboflow search that has not run yet: "
+    "`synthaug plan --resolve SPEC` runs it (no images are generated) and counts them"
+)
+
+
+def _unknown_source(spec: Spec, source: SourceSpec) -> SourcePlan:
+    """A search source whose ids are not known yet: its price, but no count."""
+    params = spec.source_params(source)
+    return SourcePlan(
+        name=source.name,
+        items=0,
+        n=int(params.get("n", 1)),
+        done=0,
+        failed=0,
+        generated=0,
+        to_run=0,
+        price_per_image=spec_price(spec, params),
+        price_note=unknown_price_reason(params),
+        count_note=UNRESOLVED_SEARCH,
     )
 
 
@@ -205,9 +268,9 @@ def format_plan(plan: Plan) -> str:
     counts = ("items", "images", "done", "failed", "pending")
     cells: list[tuple[str, ...]] = [header]
     for s in plan.sources:
-        figures = (f"{getattr(s, k):,}" for k in counts)
+        figures = (f"{getattr(s, k):,}" if s.count_note is None else "?" for k in counts)
         cells.append((s.name, *figures, _money(s.cost_usd)))
-    totals = (f"{plan.total(k):,}" for k in counts)
+    totals = (f"{plan.total(k):,}" if plan.counts_known else "?" for k in counts)
     cells.append(("total", *totals, _money(plan.cost_usd)))
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [_row(cells[0], widths)]
@@ -215,7 +278,9 @@ def format_plan(plan: Plan) -> str:
     lines.extend(_row(r, widths) for r in cells[1:-1])
     lines.append("  ".join("-" * w for w in widths))
     lines.append(_row(cells[-1], widths))
-    lines.append(f"eta: {_duration(plan.eta_s)}")
+    known = plan.counts_known
+    lines.append(f"eta: {_duration(plan.eta_s) if known else 'unknown (see the notes)'}")
+    lines.extend(f"note: {note}" for note in plan.count_notes)
     lines.extend(f"note: {note}" for note in plan.cost_notes)
     if plan.stops_early:
         lines.append(f"note: {plan.stops_early}")

@@ -16,14 +16,19 @@ from .spec.model import Spec
 from .spec.models import MODELS
 
 __all__ = [
+    "BATCH_PRICE_FACTOR",
     "check_cost_budget",
     "cost_from_usage",
     "is_free",
+    "price_factor",
     "price_per_image",
+    "spec_price",
     "unknown_price_reason",
 ]
 
 _PER_MILLION = 1_000_000
+BATCH_PRICE_FACTOR = 0.5
+"""OpenAI's Batch API bills half of the online price (its list prices and its tokens)."""
 
 
 def price_per_image(
@@ -71,6 +76,18 @@ def check_cost_budget(spec: Spec) -> None:
                 f"needs a known price, and sources[{index}] ('{source.name}') has none: "
                 f"{unknown_price_reason(params)}",
             )
+
+
+def spec_price(spec: Spec, params: Mapping[str, Any]) -> float | None:
+    """USD for one image of `params` in this spec's job: the list price (or
+    ``run.price_per_image``), halved in ``backend.mode: batch``; None when unknown."""
+    price = price_per_image(params, spec.run.price_per_image, free=is_free(spec))
+    return None if price is None else price * price_factor(spec)
+
+
+def price_factor(spec: Spec) -> float:
+    """What share of the online price this spec's requests are billed."""
+    return BATCH_PRICE_FACTOR if spec.backend.mode == "batch" else 1.0
 
 
 def is_free(spec: Spec) -> bool:

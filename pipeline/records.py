@@ -14,12 +14,12 @@ from typing import Any, Literal
 from .errors import ErrorKind
 
 __all__ = [
+    "ITEM_STATUSES",
     "BatchRef",
     "ErrorInfo",
     "GeneratedImage",
     "Generation",
     "InputImage",
-    "ITEM_STATUSES",
     "InputKind",
     "ItemRecord",
     "ItemStatus",

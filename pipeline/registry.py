@@ -86,6 +86,7 @@ BACKENDS: Mapping[str, BackendKind] = {
             default_rate_limit=None,
             proxied=False,
             serves_uploads=True,
+            batch_class="backends.embedded:MockBackend",
         ),
     )
 }

@@ -31,8 +31,8 @@ from ..records import (
     BatchRef,
     GeneratedImage,
     ItemRecord,
-    batch_from_json,
     ItemStatus,
+    batch_from_json,
 )
 from ..store.layout import IMAGES_DIR, MANIFEST_NAME, write_all
 
