@@ -46,6 +46,9 @@ class BackendKind:
     # "module:Class" for ``backend.mode: batch`` (OpenAI's Batch API), built with the
     # common signature plus ``batch=BatchOptions``; None: the kind has no batch mode
     batch_class: str | None = None
+    # True: the API runs inside this process (the embedded mock) and forgets everything,
+    # its batches too, when the run ends
+    in_process: bool = False
 
     def open_backend_class(self, *, batch: bool = False) -> type:
         """The class that talks to this kind of API (imported now); with `batch`, the
@@ -87,6 +90,7 @@ BACKENDS: Mapping[str, BackendKind] = {
             proxied=False,
             serves_uploads=True,
             batch_class="backends.embedded:MockBackend",
+            in_process=True,
         ),
     )
 }

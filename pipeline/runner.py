@@ -112,6 +112,11 @@ async def run_job(
     """
     if not wait and spec.backend.mode != "batch":
         raise UsageError("--no-wait needs backend.mode: batch (an online run cannot leave)")
+    if not wait and backend_kind(spec.backend.kind).in_process:
+        raise UsageError(
+            "--no-wait cannot leave batches with the embedded mock (it stops with the run): "
+            "rehearse with `synthaug mock-server` and backend.kind openai pointed at it"
+        )
     spec = search.apply_recorded(spec)  # roboflow_search: ids this OUT already found
     if not search.unresolved(spec):  # else checked once the search has found its ids
         items_mod.check_max_items(spec)
@@ -461,6 +466,7 @@ def _batch_options(spec: Spec, wait: bool) -> BatchOptions:
         batch_size=settings.batch_size,
         poll_interval_s=settings.poll_interval_s,
         poll_max_s=max(settings.poll_max_s, settings.poll_interval_s),
+        resubmit_lost=backend_kind(spec.backend.kind).in_process,
         control_attempts=spec.run.max_attempts,
         backoff_base_s=spec.run.backoff_base_s,
         backoff_max_s=spec.run.backoff_max_s,

@@ -93,6 +93,9 @@ class BatchOptions:
     control_attempts: int = 6  # tries of one upload/create/poll call before it gives up
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
+    # a batch the API does not know (404) is submitted again instead of ending the run:
+    # only for a free rehearsal, whose embedded mock forgets its batches when it stops
+    resubmit_lost: bool = False
     on_progress: Callable[[BatchProgress], None] = field(default=lambda _progress: None)
 
 
@@ -360,13 +363,20 @@ class BatchBackend(OpenAIBackend):
             if batch is not None:
                 await self._collect(tracked, batch)
         except BackendError as error:
-            fatal = FatalError(
+            failure: BackendError = FatalError(
                 f"cannot follow batch {tracked.ref.batch_id}: {error.message}",
                 kind=error.kind,
                 status=error.status,
             )
-            tracked.failure = fatal
-            self._fail_all(tracked, fatal)
+            if self._options.resubmit_lost and error.status == 404:
+                failure = TransientError(
+                    f"batch {tracked.ref.batch_id} is gone (a rehearsal's mock forgets its "
+                    "batches when it stops): submitting its items again",
+                    kind="bad_response",
+                    status=404,
+                )
+            tracked.failure = failure
+            self._fail_all(tracked, failure)
 
     async def _wait_for_end(self, tracked: _Tracked) -> dict[str, Any] | None:
         """The batch once it ended; None when not waiting and it has not ended."""
