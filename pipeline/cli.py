@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="enforce this request rate with 429s (N/s, N/min, ...)",
     )
     mock.add_argument("--seed", type=int, default=0, help="seed of the fault sequence")
+    mock.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="how long a Batch API batch takes, validating to completed (the API: up to 24 h)",
+    )
     _add_log_level(mock)
 
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
@@ -316,8 +323,14 @@ def _cmd_mock_server(args: argparse.Namespace) -> int:
     if not 0.0 <= args.error_rate <= 1.0:
         raise UsageError(f"--error-rate must be between 0 and 1, got {args.error_rate}")
     rate = parse_rate(args.rate_limit) if args.rate_limit else None
+    if not 0.0 <= args.batch_seconds < float("inf"):
+        raise UsageError(f"--batch-seconds must be >= 0, got {args.batch_seconds}")
     config = MockConfig(
-        latency_s=args.latency, error_rate=args.error_rate, rate_limit=rate, seed=args.seed
+        latency_s=args.latency,
+        error_rate=args.error_rate,
+        rate_limit=rate,
+        seed=args.seed,
+        batch_s=args.batch_seconds,
     )
     run_mock_server(config, args.host, args.port)
     return EXIT_OK
