@@ -173,6 +173,7 @@ def iter_source_drafts(
 
 
 def _inputs(spec: Spec, source: SourceSpec, hashes: HashCache) -> Iterator[InputImage | None]:
+    _check_resolved(source)
     if source.roboflow_ids is not None:
         yield from (InputImage("id", value) for value in dict.fromkeys(source.roboflow_ids))
     elif source.urls is not None:
@@ -184,7 +185,14 @@ def _inputs(spec: Spec, source: SourceSpec, hashes: HashCache) -> Iterator[Input
             yield InputImage("file", str(path), hashes.sha256(path))
 
 
+def _check_resolved(source: SourceSpec) -> None:
+    """A search source has inputs only once `pipeline.search` put the ids it found in it."""
+    if source.roboflow_search is not None and source.roboflow_ids is None:
+        raise ValueError(f"source '{source.name}': its roboflow_search is not resolved yet")
+
+
 def _count_inputs(spec: Spec, source: SourceSpec) -> int:
+    _check_resolved(source)
     if source.roboflow_ids is not None:
         return len(dict.fromkeys(source.roboflow_ids))
     if source.urls is not None:
@@ -242,4 +250,6 @@ def describe_sources(spec: Spec) -> list[dict[str, Any]]:
                 "input": source.input_kind,
             }
         )
+        if source.roboflow_search is not None:
+            out[-1]["search"] = source.roboflow_search.model_dump(exclude_none=True)
     return out

@@ -76,7 +76,9 @@ class SourcePlan:
                 **dict.fromkeys(("items", "images", "done", "failed", "pending", "to_run")),
                 "price_per_image": self.price_per_image,
                 "cost_usd": None,
-                "cost_unknown_because": self.count_note,
+                "cost_unknown_because": self.price_note
+                if self.price_per_image is None
+                else self.count_note,
                 "count_unknown_because": self.count_note,
             }
         return {
@@ -137,7 +139,9 @@ class Plan:
         return [
             f"cost of '{s.name}' unknown: {s.price_note}"
             for s in self.sources
-            if s.cost_usd is None and s.price_note
+            if s.cost_usd is None
+            and s.price_note
+            and (s.count_note is None or s.price_per_image is None)
         ]
 
     @property

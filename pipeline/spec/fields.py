@@ -43,8 +43,10 @@ __all__ = [
 ]
 
 
-InputKindName = Literal["none", "images", "folder", "roboflow_ids", "urls"]
-INPUT_KINDS: tuple[str, ...] = ("images", "folder", "roboflow_ids", "urls")
+InputKindName = Literal["none", "images", "folder", "roboflow_ids", "urls", "roboflow_search"]
+# roboflow_search before roboflow_ids: a resolved search source carries both (the ids it
+# found, and the search they came from), and is still a search source
+INPUT_KINDS: tuple[str, ...] = ("images", "folder", "roboflow_search", "roboflow_ids", "urls")
 DEFAULT_BASE_URL = BACKENDS[DEFAULT_KIND].base_url
 DEFAULT_API_KEY_ENV = BACKENDS[DEFAULT_KIND].api_key_env
 DEFAULT_CONCURRENCY = 4

@@ -5,6 +5,7 @@ way synthaug replaces a file there.
     OUT/images/<source>/<key16>-<i>.<ext>  the images (`pipeline.store.files`)
     OUT/job.json                           what the last run was asked to do
     OUT/summary.json                       how the last run ended
+    OUT/search.json                        the image ids each roboflow_search found
     OUT/grids/<source>.png, OUT/index.html, OUT/thumbs/   the views (`pipeline.views`)
     OUT/.manifest.jsonl.state, OUT/.inputs.json           disposable caches
     OUT/.synthaug.lock                     held while a run writes
@@ -34,6 +35,7 @@ __all__ = [
     "INDEX_NAME",
     "JOB_NAME",
     "MANIFEST_NAME",
+    "SEARCH_NAME",
     "SUMMARY_NAME",
     "THUMBS_DIR",
     "TMP_SUFFIX",
@@ -51,6 +53,7 @@ MANIFEST_NAME = "manifest.jsonl"
 IMAGES_DIR = "images"
 JOB_NAME = "job.json"
 SUMMARY_NAME = "summary.json"
+SEARCH_NAME = "search.json"
 GRIDS_DIR = "grids"
 INDEX_NAME = "index.html"
 THUMBS_DIR = "thumbs"
