@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +143,54 @@ def run_cli_at_debug(path: Path, env: dict[str, str]) -> subprocess.CompletedPro
         timeout=120,
         check=False,
     )
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mock_server_process(folder: Path, *flags: str) -> Iterator[str]:
+    """`synthaug mock-server FLAGS` in a subprocess (its counters outlive a killed
+    client); yields its base URL."""
+    port = free_port()
+    log = (folder / f"mock-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "mock-server", "--port", str(port), *flags],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(base), what="mock server to listen")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def _answers(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/_stats", timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def stats(base: str) -> dict[str, Any]:
+    """The mock's counters (``GET /_stats``)."""
+    with urllib.request.urlopen(f"{base}/_stats", timeout=5) as resp:
+        return dict(json.load(resp))
+
+
+def wait_until(predicate: Callable[[], Any], *, what: str, limit_s: float = 60.0) -> None:
+    """Poll a condition (not a timing assertion: the limit only stops a hung test)."""
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)

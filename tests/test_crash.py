@@ -9,18 +9,22 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from checks import assert_outputs_valid, write_job_spec
+from checks import (
+    assert_outputs_valid,
+    mock_server_process,
+    stats,
+    wait_until,
+    write_job_spec,
+)
 
 from pipeline.manifest.log import read_lines
 
@@ -30,52 +34,11 @@ CONCURRENCY = 4
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def mock_api(tmp_path: Path) -> Iterator[str]:
     """`synthaug mock-server` in a subprocess; yields its base URL."""
-    port = free_port()
-    log = (tmp_path / "mock.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "mock-server", "--port", str(port), "--latency", "0.15"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(base), what="mock server to listen")
+    with mock_server_process(tmp_path, "--latency", "0.15") as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
-
-
-def _answers(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/_stats", timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def stats(base: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{base}/_stats", timeout=5) as resp:
-        return dict(json.load(resp))
-
-
-def wait_until(predicate: Any, *, what: str, limit_s: float = 60.0) -> None:
-    """Poll a condition (not a timing assertion: the limit only stops a hung test)."""
-    deadline = time.monotonic() + limit_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.02)
 
 
 def write_spec(tmp_path: Path, base: str, prompts: int, **run: Any) -> Path:
@@ -224,25 +187,7 @@ def test_second_run_on_same_out_is_refused_while_first_holds_it(
 
 def test_second_sigint_cancels_in_flight_at_once(tmp_path: Path) -> None:
     """A second SIGINT does not wait for slow answers: exit 130, manifest still parseable."""
-    port = free_port()
-    with (tmp_path / "slow-mock.log").open("wb") as log:
-        mock = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pipeline",
-                "mock-server",
-                "--port",
-                str(port),
-                "--latency",
-                "30",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(base), what="mock server to listen")
+    with mock_server_process(tmp_path, "--latency", "30") as base:
         # A grace period far longer than the wait below: only the second SIGINT can end it.
         spec = write_spec(tmp_path, base, 8, grace_period_s=3600)
         proc = start_run(spec)
@@ -257,6 +202,3 @@ def test_second_sigint_cancels_in_flight_at_once(tmp_path: Path) -> None:
         summary = json.loads((tmp_path / "out" / "summary.json").read_text())
         assert summary["stop_reason"] == "sigint"
         assert summary["ok"] == 0
-    finally:
-        mock.terminate()
-        mock.wait(timeout=10)
