@@ -15,6 +15,7 @@ are the Roboflow generation client's, which this class extends; it never generat
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +31,8 @@ from .roboflow import MIN_BARE_KEY_CHARS, RoboflowBackend
 __all__ = ["FORM_CONTENT_TYPE", "ImageUpload", "RoboflowUploadClient", "UploadAnswer"]
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,7 @@ class RoboflowUploadClient(RoboflowBackend):
     async def upload(self, image: ImageUpload) -> UploadAnswer:
         """POST `image`; raises a `BackendError` subclass on any failure (never the key)."""
         body = encode_image(image.data).encode("ascii")
+        _log.debug("POST %s for %s (%d bytes)", self._endpoint, image.name, len(image.data))
         try:
             status, chunks, headers = await self._send(
                 partial(self._upload_url, image),
@@ -97,6 +101,7 @@ class RoboflowUploadClient(RoboflowBackend):
         return url.with_query(query)
 
     def _answer_of(self, status: int, raw: bytes, headers: Mapping[str, str]) -> UploadAnswer:
+        _log.debug("%s answered HTTP %d (%d bytes)", self._endpoint, status, len(raw))
         text = self._scrub(raw.decode("utf-8", errors="replace"))
         if not 200 <= status < 300:
             raise self._upload_error(classify_http(status, text, headers, now=self._clock()))

@@ -456,6 +456,13 @@ class MockServer:
             raise RuntimeError("MockServer is not started")
         return self._base_url
 
+    @property
+    def dataset(self) -> MockDataset:
+        """The Roboflow projects' images the running server holds (uploads land here)."""
+        if self._api is None:
+            raise RuntimeError("MockServer is not started")
+        return self._api.dataset
+
     async def start(self) -> None:
         """Bind and serve; with port 0 a free port is chosen."""
         self._api = _MockApi(self.config, self.stats)
