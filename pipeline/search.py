@@ -49,16 +49,17 @@ def unresolved(spec: Spec) -> list[SourceSpec]:
 
 
 def search_identity(spec: Spec, source: SourceSpec) -> dict[str, Any]:
-    """What makes two searches the same: API, workspace, project, query, filters, limit.
+    """What makes two searches the same: backend kind, workspace, project, query,
+    filters, limit.
 
-    The backend's kind and spec ``base_url`` stand for the API (not the embedded mock's
-    port, which changes every run).
+    The kind tells the mock's seeded projects from Roboflow's; the API's URL is left out,
+    so that a resume through another gateway (or the embedded mock's new port) works on
+    the same images rather than searching again.
     """
     search = source.roboflow_search
     assert search is not None
     return {
         "backend": spec.backend.kind,
-        "base_url": spec.backend.base_url,
         "workspace": search.workspace,
         "project": search.project,
         **search.filters(),
