@@ -41,6 +41,7 @@ class SourcePlan:
     price_per_image: float | None
     price_note: str | None = None  # why the price is unknown, worded as the fix
     count_note: str | None = None  # why the count is unknown (an unresolved search)
+    submitted: int = 0  # items waiting in Batch API batches (already paid for)
 
     @property
     def images(self) -> int:
@@ -62,7 +63,7 @@ class SourcePlan:
         """USD the next run would spend on this source; None when the price is unknown."""
         if self.count_note is not None:
             return None
-        paid = max(self.to_run - self.generated, 0) * self.n
+        paid = max(self.to_run - self.generated - self.submitted, 0) * self.n
         if paid == 0:
             return 0.0
         return None if self.price_per_image is None else paid * self.price_per_image
@@ -89,6 +90,7 @@ class SourcePlan:
             "failed": self.failed,
             "pending": self.pending,
             "to_run": self.to_run,
+            "in_batches": self.submitted,
             "price_per_image": self.price_per_image,
             "cost_usd": _round(self.cost_usd),
             "cost_unknown_because": self.price_note if self.cost_usd is None else None,
@@ -104,6 +106,7 @@ class Plan:
     image_rate_limit: float | None
     max_images: int | None
     max_cost_usd: float | None
+    mode: str = "online"
 
     def total(self, field: str) -> int:
         """Sum of an integer `field` over all sources."""
@@ -171,6 +174,7 @@ class Plan:
             key: self.total(key) for key in ("items", "images", "done", "failed", "pending")
         }
         total["to_run"] = self.total("to_run")
+        total["in_batches"] = self.total("submitted")
         if not self.counts_known:
             total.update(dict.fromkeys(total))
         total["cost_usd"] = _round(self.cost_usd)
@@ -181,6 +185,7 @@ class Plan:
             "stops_early": self.stops_early,
             "cost_notes": self.cost_notes,
             "count_notes": self.count_notes,
+            "mode": self.mode,
             "limits": {
                 "rate_limit_per_s": self.rate_limit,
                 "image_rate_limit_per_s": self.image_rate_limit,
@@ -210,12 +215,14 @@ def build_plan(spec: Spec, state: ManifestState, *, hashes: HashCache | None = N
         else _plan_source(spec, s, state, counts[s.name], hashes)
         for s in spec.sources
     )
+    batch = spec.backend.mode == "batch"
     return Plan(
         sources=plans,
-        rate_limit=spec.run.rate_limit,
-        image_rate_limit=spec.run.image_rate_limit,
+        rate_limit=None if batch else spec.run.rate_limit,  # the Batch API paces itself
+        image_rate_limit=None if batch else spec.run.image_rate_limit,
         max_images=spec.run.max_images,
         max_cost_usd=spec.run.max_cost_usd,
+        mode=spec.backend.mode,
     )
 
 
@@ -223,7 +230,7 @@ def _plan_source(
     spec: Spec, source: SourceSpec, state: ManifestState, items: int, hashes: HashCache
 ) -> SourcePlan:
     params = spec.source_params(source)
-    status = {"ok": 0, "failed": 0, "generated": 0}
+    status = {"ok": 0, "failed": 0, "generated": 0, "submitted": 0}
     if len(state):  # an empty manifest needs no keys: skip hashing and expanding
         for draft in iter_source_drafts(spec, source, hashes=hashes):
             known = state.status(draft.key)
@@ -237,6 +244,7 @@ def _plan_source(
         done=status["ok"],
         failed=status["failed"],
         generated=status["generated"],
+        submitted=status["submitted"],
         to_run=items - status["ok"] - skipped,
         price_per_image=spec_price(spec, params),
         price_note=unknown_price_reason(params),
@@ -283,7 +291,13 @@ def format_plan(plan: Plan) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines.append(_row(cells[-1], widths))
     known = plan.counts_known
-    lines.append(f"eta: {_duration(plan.eta_s) if known else 'unknown (see the notes)'}")
+    if plan.mode == "batch":
+        lines.append("eta: within 24 h (OpenAI's Batch API; prices above are its half price)")
+        waiting = plan.total("submitted")
+        if waiting:
+            lines.append(f"note: {waiting:,} items already wait in batches (paid): collected")
+    else:
+        lines.append(f"eta: {_duration(plan.eta_s) if known else 'unknown (see the notes)'}")
     lines.extend(f"note: {note}" for note in plan.count_notes)
     lines.extend(f"note: {note}" for note in plan.cost_notes)
     if plan.stops_early:

@@ -624,6 +624,9 @@ def test_no_wait_submits_and_exits_then_a_later_run_collects(tmp_path: Path) -> 
         assert list(report["batches"].values()) == [5]
         summary = json.loads((tmp_path / "out" / "summary.json").read_text())
         assert summary["in_batches"] == 5
+        planned = api.plan(api.load_spec(spec)).to_json()["total"]
+        assert planned["in_batches"] == 5
+        assert planned["cost_usd"] == 0  # already paid: collecting costs nothing more
 
         second = run_cli(spec, env=env)
         final = stats(base)
