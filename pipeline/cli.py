@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from ._version import __version__
 from .errors import EXIT_OK, EXIT_USAGE, PipelineError, UsageError
 from .registry import BACKENDS
 from .spec.model import Spec

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from .. import __version__
+from .._version import __version__
 from ..credentials import DIRECT, ProxySettings
 from ..errors import BackendError, FatalError, TransientError
 from ..records import GeneratedImage, Generation, WorkItem, request_body
