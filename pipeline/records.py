@@ -19,12 +19,14 @@ __all__ = [
     "ErrorInfo",
     "GeneratedImage",
     "Generation",
+    "ImageUpload",
     "InputImage",
     "InputKind",
     "ItemRecord",
     "ItemStatus",
     "OutputFile",
     "RateLimitHint",
+    "UploadAnswer",
     "WorkItem",
     "batch_from_json",
     "record_from_json",
@@ -335,3 +337,25 @@ def _error(value: object) -> ErrorInfo | None:
         status=status if isinstance(status, int) else None,
         message=str(value.get("message") or ""),
     )
+
+
+# --- upload (issue 13): what the `upload:` block hands its client, and what it gets back ---
+
+
+@dataclass(frozen=True, slots=True)
+class ImageUpload:
+    """One stored image to add to a Roboflow project, with the labels it gets there."""
+
+    name: str
+    data: bytes = field(repr=False)
+    split: str | None = None
+    batch: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UploadAnswer:
+    """What Roboflow said of an upload: the image's id, and whether it already had it."""
+
+    id: str | None
+    duplicate: bool

@@ -206,7 +206,7 @@ async def _run_engine(
             on_progress=on_progress,
         )
         _attach_batches(backend, state, engine)
-        uploads = upload_mod.open_uploads(spec, upload_key, backend, writer)  # None: no upload:
+        uploads = await upload_mod.open_uploads(spec, upload_key, backend, writer)  # None: none
         try:
             async with (
                 signal_handlers(engine, enabled=install_signals),

@@ -40,7 +40,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from .backends.base import Backend
-from .backends.roboflow_upload import ImageUpload, RoboflowUploadClient, UploadAnswer
 from .credentials import DIRECT, read_proxy_settings, uploads_to_backend
 from .engine import Engine, StopReason
 from .errors import (
@@ -53,6 +52,7 @@ from .errors import (
 )
 from .limiter import Limiter
 from .manifest.log import ManifestWriter, read_lines
+from .records import ImageUpload, UploadAnswer
 from .retry import Retrier, RetryPolicy
 from .spec.fields import parse_rate
 from .spec.model import DEFAULT_UPLOAD_RATE, Spec, UploadSettings
@@ -415,7 +415,15 @@ class Uploads:
             self._writing = False
 
 
-def open_uploads(
+def _client_class() -> type[UploadTarget]:
+    """The Roboflow upload client, imported when a run has an upload block (its module,
+    aiohttp's, takes about 100 ms to import: a run calls this in a thread)."""
+    from .backends.roboflow_upload import RoboflowUploadClient
+
+    return RoboflowUploadClient
+
+
+async def open_uploads(
     spec: Spec,
     api_key: str,
     backend: Backend,
@@ -436,7 +444,8 @@ def open_uploads(
     rate = settings.rate_limit
     if rate is None and not embedded:
         rate = parse_rate(DEFAULT_UPLOAD_RATE)
-    client = RoboflowUploadClient(
+    client_class: Any = await asyncio.to_thread(_client_class)
+    client = client_class(
         root or "https://api.roboflow.com",
         api_key,
         project=settings.project,

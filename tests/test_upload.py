@@ -7,6 +7,7 @@ run cannot take down with it).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
@@ -35,11 +37,7 @@ from checks import (
 )
 
 from pipeline import __version__
-from pipeline.backends.roboflow_upload import (
-    FORM_CONTENT_TYPE,
-    ImageUpload,
-    RoboflowUploadClient,
-)
+from pipeline.backends.roboflow_upload import FORM_CONTENT_TYPE, RoboflowUploadClient
 from pipeline.errors import (
     CredentialsError,
     FatalError,
@@ -50,6 +48,7 @@ from pipeline.errors import (
 )
 from pipeline.manifest.log import load_state, read_latest
 from pipeline.mockapi.server import MockConfig, MockServer
+from pipeline.records import ImageUpload
 from pipeline.runner import run_job
 from pipeline.spec.load import load_spec
 from pipeline.upload import MAX_TAG_CHARS, pending_uploads, provenance_tags
@@ -222,8 +221,6 @@ async def test_429_carries_retry_after(
 
 async def test_timeout_is_transient(client: RoboflowUploadClient, mock_http: aioresponses) -> None:
     """A timeout may have stored the image: retried (the retry is answered duplicate)."""
-    import asyncio
-
     mock_http.post(ENDPOINT, exception=asyncio.TimeoutError())
     with pytest.raises(TransientError, match="no answer"):
         await client.upload(IMAGE)
@@ -577,3 +574,72 @@ def test_cli_reports_upload_counts(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr.decode()
     summary = json.loads((tmp_path / "runs" / "cli" / "summary.json").read_text())
     assert summary["upload"]["uploaded"] == 2
+
+
+# ---- the mock's upload endpoint ------------------------------------------------------------
+
+
+async def post_upload(base: str, project: str, body: bytes, **query: Any) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/dataset/{project}/upload", params=query, data=body) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+@pytest.mark.parametrize(
+    ("body", "query", "status", "words"),
+    [
+        pytest.param(
+            base64.b64encode(PNG),
+            {"api_key": "wrong", "name": "a.png"},
+            401,
+            "api_key",
+            id="wrong-key",
+        ),
+        pytest.param(base64.b64encode(PNG), {"api_key": KEY}, 400, "name", id="no-name"),
+        pytest.param(b"", {"api_key": KEY, "name": "a.png"}, 400, "base64", id="empty-body"),
+        pytest.param(
+            b"not base64!", {"api_key": KEY, "name": "a.png"}, 400, "base64", id="not-base64"
+        ),
+        pytest.param(
+            base64.b64encode(b"hello"),
+            {"api_key": KEY, "name": "a.png"},
+            400,
+            "not an image",
+            id="not-an-image",
+        ),
+        pytest.param(
+            base64.b64encode(PNG),
+            {"api_key": KEY, "name": "a.png", "split": "dev"},
+            400,
+            "split",
+            id="bad-split",
+        ),
+    ],
+)
+async def test_mock_refuses_what_roboflow_would(
+    body: bytes, query: dict[str, str], status: int, words: str
+) -> None:
+    """The mock's upload endpoint answers a bad request as the real one would, storing nothing."""
+    async with MockServer(MockConfig(api_key=KEY)) as server:
+        got, payload = await post_upload(server.base_url, "leaves", body, **query)
+        assert server.stats.uploads == 0
+    assert got == status
+    assert words in json.dumps(payload)
+
+
+async def test_mock_answers_success_then_duplicate_and_knows_projects() -> None:
+    """First upload of a name: success with an id; the same name again: duplicate, same
+    id; a project the mock does not know: 404."""
+    async with MockServer(MockConfig(projects=frozenset({"leaves"}))) as server:
+        body = base64.b64encode(PNG)
+        first = await post_upload(server.base_url, "leaves", body, name="a.png", tag="x")
+        again = await post_upload(server.base_url, "leaves", body, name="a.png")
+        unknown = await post_upload(server.base_url, "oaks", body, name="a.png")
+        [image] = [img for img in server.dataset.images("leaves") if img.name == "a.png"]
+        assert (server.stats.uploads, server.stats.upload_duplicates) == (1, 1)
+    assert first == (200, {"success": True, "id": image.id})
+    assert again == (200, {"duplicate": True, "id": image.id})
+    assert unknown[0] == 404
+    assert image.tags == ["x"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -25,33 +24,15 @@ import aiohttp
 from yarl import URL
 
 from ..errors import BackendError, FatalError, TransientError
+from ..records import ImageUpload, UploadAnswer
 from .base import classify_http, encode_image, excerpt, redact
 from .roboflow import MIN_BARE_KEY_CHARS, RoboflowBackend
 
-__all__ = ["FORM_CONTENT_TYPE", "ImageUpload", "RoboflowUploadClient", "UploadAnswer"]
+__all__ = ["FORM_CONTENT_TYPE", "RoboflowUploadClient"]
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ImageUpload:
-    """One image to add to the project, with the labels it gets there."""
-
-    name: str
-    data: bytes
-    split: str | None = None
-    batch: str | None = None
-    tags: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class UploadAnswer:
-    """What Roboflow said: the image's id, and whether the project already had it."""
-
-    id: str | None
-    duplicate: bool
 
 
 class RoboflowUploadClient(RoboflowBackend):
