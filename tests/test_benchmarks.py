@@ -76,3 +76,11 @@ def test_overask_benchmark_runs(tmp_path: Path) -> None:
     assert second["requests"] > 0
     assert first["exit_code"] in (0, 130)  # stopped by SIGINT after its time
     assert first["learned_rate_per_s"] is not None  # asked 4x the limit: it learned one
+
+
+def test_batch_benchmark_runs(tmp_path: Path) -> None:
+    """`batch.py` collects a Batch API job and runs the same job online, each image once."""
+    data = run_benchmark(tmp_path, "batch.py", "--tiny")
+    batch, online = data["batch_tiny"]["runs"]
+    assert (batch["mode"], batch["ok"], batch["batches"], batch["duplicates"]) == ("batch", 6, 1, 0)
+    assert (online["mode"], online["ok"], online["batches"]) == ("online", 6, 0)
