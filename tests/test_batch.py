@@ -711,3 +711,22 @@ def test_batch_job_rehearses_on_the_embedded_mock(tmp_path: Path) -> None:
     statuses = [line["status"] for line in read_lines(tmp_path / "out" / "manifest.jsonl")]
     assert statuses.count("submitted") == 12
     assert statuses.count("ok") == 6
+
+
+def test_batch_rehearsal_uploads_to_the_embedded_mocks_roboflow(tmp_path: Path) -> None:
+    """Batch mode on the embedded mock with an `upload:` block: the images go to the
+    mock's Roboflow project (its root, not its OpenAI ``/v1``) and their ids are recorded."""
+    spec = write_batch_spec(tmp_path, "unused", kind="mock")
+    data = yaml.safe_load(spec.read_text())
+    del data["backend"]["base_url"]
+    data["upload"] = {"project": "leaves-synthetic", "split": "train"}
+    spec.write_text(yaml.safe_dump(data))
+    result = api.run(api.load_spec(spec))
+    assert result.exit_code == 0, result.message
+    uploads = [
+        output["upload"]
+        for line in last_lines(tmp_path / "out").values()
+        for output in line["outputs"]
+    ]
+    assert len(uploads) == 6
+    assert all(u["project"] == "leaves-synthetic" and u["id"] for u in uploads)

@@ -46,7 +46,7 @@ class MockBackend:
         await self._server.start()
         try:
             if self._batch is not None:
-                self._client = BatchBackend(
+                self._client = _EmbeddedBatchBackend(
                     self._server.base_url + "/v1",
                     _NO_KEY,
                     concurrency=self._concurrency,
@@ -76,3 +76,13 @@ class MockBackend:
                 await self._client.aclose()
         finally:
             await self._server.close()
+
+
+class _EmbeddedBatchBackend(BatchBackend):
+    """A rehearsal's Batch API client: its `root` is the mock's own, where the mock's
+    Roboflow endpoints (upload, search) are, not its ``/v1``."""
+
+    @property
+    def root(self) -> str:
+        """The embedded mock's root URL."""
+        return self._root.removesuffix("/v1")
