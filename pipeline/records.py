@@ -14,6 +14,7 @@ from typing import Any, Literal
 from .errors import ErrorKind
 
 __all__ = [
+    "BATCH_MARK",
     "ITEM_STATUSES",
     "BatchRef",
     "ErrorInfo",
@@ -35,6 +36,9 @@ __all__ = [
 
 InputKind = Literal["file", "id", "url"]
 ItemStatus = Literal["ok", "failed", "generated", "submitted"]
+BATCH_MARK = "synthaug_batch_id"
+"""Added to the kept answer of a Batch API result: the batch it came from. What the item
+cost is then billed at the batch price."""
 ITEM_STATUSES: tuple[ItemStatus, ...] = ("ok", "failed", "generated", "submitted")
 
 

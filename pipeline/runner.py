@@ -47,8 +47,8 @@ from .errors import (
 from .limiter import LearnedPace, Limiter, learned_pace
 from .manifest.cache import StateCache
 from .manifest.log import ManifestState, ManifestWriter, gc_paused
-from .pricing import check_cost_budget, cost_from_usage, is_free, price_factor, spec_price
-from .records import WorkItem
+from .pricing import BATCH_PRICE_FACTOR, check_cost_budget, cost_from_usage, is_free, spec_price
+from .records import BATCH_MARK, WorkItem
 from .registry import backend_kind
 from .sources import INPUT_HASHES_NAME, HashCache
 from .spec.model import RunSettings, Spec
@@ -302,7 +302,10 @@ def _actual_cost(spec: Spec, item: WorkItem, response: Any) -> float | None:
         return None
     model = response.get("model") or item.params.get("model")
     cost = cost_from_usage(model, response.get("usage"))
-    return None if cost is None else cost * price_factor(spec)  # batch: half
+    # a Batch API result is billed at the batch price; an online answer (batch mode's
+    # `retry_online` included) at the full price
+    batch = BATCH_MARK in response
+    return None if cost is None else cost * (BATCH_PRICE_FACTOR if batch else 1.0)
 
 
 def _exit_code(engine: Engine) -> int:
@@ -467,6 +470,9 @@ def _batch_options(spec: Spec, wait: bool) -> BatchOptions:
         poll_interval_s=settings.poll_interval_s,
         poll_max_s=max(settings.poll_max_s, settings.poll_interval_s),
         resubmit_lost=backend_kind(spec.backend.kind).in_process,
+        retry_online=settings.retry_online,
+        online_rate=spec.run.rate_limit,
+        online_concurrency=spec.run.concurrency,
         control_attempts=spec.run.max_attempts,
         backoff_base_s=spec.run.backoff_base_s,
         backoff_max_s=spec.run.backoff_max_s,

@@ -730,3 +730,31 @@ def test_batch_rehearsal_uploads_to_the_embedded_mocks_roboflow(tmp_path: Path) 
     ]
     assert len(uploads) == 6
     assert all(u["project"] == "leaves-synthetic" and u["id"] for u in uploads)
+
+
+def test_retry_online_sends_failed_lines_to_the_images_api_at_full_price(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``retry_online: true``: a line that failed in the batch is retried online at once
+    (not in a second batch); its spend is the full price, the batch's items half."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    config = MockConfig(batch_s=0.2, error_rate=0.4, faults={"500": 1.0}, seed=5)
+    with ThreadedMock(config) as mock:
+        spec = write_batch_spec(tmp_path, mock.base_url + "/v1", prompts=10, retry_online=True)
+        result = api.run(api.load_spec(spec))
+        counts = mock.server.stats
+    assert result.exit_code == 0, result.message
+    assert result.ok == 10
+    assert counts.batches == 1
+    assert counts.requests > 0  # retries went to /v1/images/generations
+    lines = last_lines(tmp_path / "out")
+    by_batch = [line for line in lines.values() if "synthaug_batch_id" in line["response"]]
+    online = [line for line in lines.values() if "synthaug_batch_id" not in line["response"]]
+    assert by_batch
+    assert online
+    expected = sum(
+        cost_from_usage("gpt-image-1-mini", line["response"]["usage"]) or 0 for line in by_batch
+    ) / 2 + sum(
+        cost_from_usage("gpt-image-1-mini", line["response"]["usage"]) or 0 for line in online
+    )
+    assert result.cost_usd == pytest.approx(expected, abs=1e-4)

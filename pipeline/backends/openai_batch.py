@@ -39,9 +39,11 @@ from ..errors import (
     FatalError,
     OutputError,
     PermanentError,
+    RateLimitedError,
     TransientError,
 )
-from ..records import BatchRef, GeneratedImage, Generation, WorkItem, request_body
+from ..limiter import Limiter
+from ..records import BATCH_MARK, BatchRef, GeneratedImage, Generation, WorkItem, request_body
 from .base import classify_http, elide_images, excerpt, load_answer, parse_images, scrub_strings
 from .openai import OpenAIBackend
 
@@ -57,6 +59,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 BATCH_ENDPOINT = "/v1/images/generations"
+
 MAX_BATCH_REQUESTS = 50_000
 MAX_BATCH_BYTES = 200 * 1024 * 1024
 UNCLAIMED_BYTES = 64 * 1024 * 1024
@@ -93,6 +96,11 @@ class BatchOptions:
     control_attempts: int = 6  # tries of one upload/create/poll call before it gives up
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
+    # a line that failed goes online (full price, now) instead of into a new batch, paced
+    # by `online_rate` / `online_concurrency` (the spec's run section)
+    retry_online: bool = False
+    online_rate: float | None = None
+    online_concurrency: int = 4
     # a batch the API does not know (404) is submitted again instead of ending the run:
     # only for a free rehearsal, whose embedded mock forgets its batches when it stops
     resubmit_lost: bool = False
@@ -140,6 +148,8 @@ class BatchBackend(OpenAIBackend):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unclaimed = 0
         self._claimed = asyncio.Condition()
+        self._failed: set[str] = set()  # keys whose batch line failed (retry_online)
+        self._online_limiter: Limiter | None = None
 
     def __repr__(self) -> str:
         return f"BatchBackend({self._batches_url!r})"
@@ -178,6 +188,8 @@ class BatchBackend(OpenAIBackend):
                 kind="bad_response",
                 item_key=item.key,
             )
+        if self._options.retry_online and item.key in self._failed:
+            return await self._online(item)
         ref = self._attached.pop(item.key, None)
         if ref is not None and ref.batch_id is None:
             ref = await self._find_batch(ref.input_file_id)
@@ -200,7 +212,27 @@ class BatchBackend(OpenAIBackend):
             return await waiter
         except BackendError as error:
             error.item_key = item.key
+            self._failed.add(item.key)
             raise
+
+    async def _online(self, item: WorkItem) -> Generation:
+        """`retry_online`: the item's request sent to the Images API itself, paced by the
+        spec's online rate and concurrency (full price; its answer carries no batch mark)."""
+        if self._online_limiter is None:
+            self._online_limiter = Limiter(
+                rate=self._options.online_rate,
+                image_rate=None,
+                concurrency=self._options.online_concurrency,
+            )
+        limiter = self._online_limiter
+        async with limiter.slot(item.n) as ticket:
+            try:
+                generation = await super().generate(item, None)
+            except RateLimitedError as error:
+                limiter.pause(error.retry_after, started_at=ticket.started_at)
+                raise
+        limiter.observe(generation.rate_limit)
+        return generation
 
     # ------------------------------------------------------------------ submitting
 
@@ -471,7 +503,8 @@ class BatchBackend(OpenAIBackend):
             found = _CUSTOM_ID.search(line, 0, 512)
             if found is not None and found.group(1).decode() not in tracked.waiters:
                 continue  # an item this run does not wait for: not worth decoding
-            key, outcome = await loop.run_in_executor(self._parser, self._result, line)
+            parse = partial(self._result, line, tracked.ref.batch_id or "")
+            key, outcome = await loop.run_in_executor(self._parser, parse)
             waiter = tracked.waiters.pop(key, None)
             if waiter is None or waiter.done():
                 continue
@@ -489,8 +522,11 @@ class BatchBackend(OpenAIBackend):
             )
             self._unclaimed += size
 
-    def _result(self, raw: bytes) -> tuple[str, Generation | BackendError]:
-        """One result line as the item's `Generation` or its error (parsing thread)."""
+    def _result(self, raw: bytes, batch_id: str) -> tuple[str, Generation | BackendError]:
+        """One result line as the item's `Generation` or its error (parsing thread).
+
+        The kept answer is the line's body, marked with the batch it came from
+        (`BATCH_MARK`): what it cost is billed at the batch price."""
         try:
             line = load_answer(raw)
         except ValueError:
@@ -512,11 +548,10 @@ class BatchBackend(OpenAIBackend):
         except BackendError as failure:
             failure.status = status
             return key, failure
-        return key, Generation(
-            images=images,
-            response=scrub_strings(elide_images(body), self._scrub),
-            status=status,
-        )
+        kept = scrub_strings(elide_images(body), self._scrub)
+        if isinstance(kept, dict):
+            kept[BATCH_MARK] = batch_id
+        return key, Generation(images=images, response=kept, status=status)
 
     def _fail_all(self, tracked: _Tracked, error: BackendError) -> None:
         for waiter in tracked.waiters.values():

@@ -102,6 +102,11 @@ class BackendSettings(_Model):
     poll_max_s: float = Field(
         default=600.0, gt=0, description="mode batch: longest wait between polls"
     )
+    retry_online: bool = Field(
+        default=False,
+        description="mode batch: retry a failed line online (now, full price, paced by run) "
+        "instead of in a new batch",
+    )
 
     @field_validator("api_key_env")
     @classmethod
