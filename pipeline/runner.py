@@ -219,6 +219,7 @@ async def _run_engine(
                 raise
             # our own second-signal cancel: the workers are down, finish the checkpoint
         finally:
+            await _detach_batches(backend)  # nothing records after the manifest closes
             await asyncio.to_thread(cache.close)  # its last segment: marshal + write
             await asyncio.to_thread(hashes.save, discard=engine.stats.skipped_changed > 0)
             summary = _summary(spec, spec_path, engine, limiter, started_at, time.monotonic() - t0)
@@ -497,6 +498,13 @@ def _batch_workers(spec: Spec, expected: int) -> RunSettings:
     `BATCH_WORKERS`), no request pace (the Batch API has its own limits)."""
     workers = max(1, min(expected, BATCH_WORKERS))
     return spec.run.model_copy(update={"concurrency": workers})
+
+
+async def _detach_batches(backend: Backend) -> None:
+    """Stop a Batch API backend from submitting or polling any further."""
+    detach = getattr(backend, "detach", None)
+    if detach is not None:
+        await detach()
 
 
 def _attach_batches(backend: Backend, state: ManifestState, engine: Engine) -> None:

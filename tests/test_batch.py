@@ -572,13 +572,23 @@ def test_lines_that_fail_or_expire_go_into_a_new_batch_until_every_item_is_ok(
     assert result.summary["retries"] > 0
 
 
+@pytest.mark.parametrize(
+    ("sig", "code"),
+    [
+        pytest.param(signal.SIGKILL, -9, id="sigkill"),
+        pytest.param(signal.SIGTERM, 143, id="sigterm"),
+    ],
+)
 def test_killed_while_waiting_then_resumed_submits_one_batch_and_finishes_each_item_once(
-    tmp_path: Path,
+    tmp_path: Path, sig: int, code: int
 ) -> None:
-    """SIGKILL while the batch runs; the resume re-attaches to it: one file, one batch,
-    every item ok exactly once, nothing generated twice."""
-    with mock_server_process(tmp_path, "--batch-seconds", "4") as base:
+    """Killed (or stopped) while the batch runs; the resume re-attaches to it: one file,
+    one batch, every item ok exactly once, nothing generated twice."""
+    with mock_server_process(tmp_path, "--batch-seconds", "6") as base:
         spec = write_batch_spec(tmp_path, base + "/v1", prompts=8)
+        data = yaml.safe_load(spec.read_text())
+        data["run"]["grace_period_s"] = 0.2  # SIGTERM: no waiting for the batch to end
+        spec.write_text(yaml.safe_dump(data))
         env = {**os.environ, "OPENAI_API_KEY": KEY}
         cmd = [sys.executable, "-m", "pipeline", "run", str(spec), "--no-progress", "--no-grid"]
         first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -589,8 +599,8 @@ def test_killed_while_waiting_then_resumed_submits_one_batch_and_finishes_each_i
             return sum(1 for line in lines if (line.get("batch") or {}).get("id")) == 8
 
         wait_until(submitted, what="the batch to be recorded")
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
+        first.send_signal(sig)
+        assert first.wait(timeout=30) == code
         assert stats(base)["batch_downloads"] == 0  # killed before any result came back
 
         second = run_cli(spec, env=env)

@@ -166,15 +166,23 @@ class BatchBackend(OpenAIBackend):
             if ref.batch_id is not None:
                 self._track(ref).expected.add(key)
 
-    async def aclose(self) -> None:
-        """Stop gathering and polling, then close the session."""
+    async def detach(self) -> None:
+        """Stop gathering, submitting and polling: the run is over, and its manifest is
+        about to close. A batch being created now was recorded with its input file, so
+        the next run finds it."""
         if self._flush is not None:
             self._flush.cancel()
+            self._flush = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for waiter in self._chunk.waiters.values():
             waiter.cancel()
+        self._record = _refuse_recording
+
+    async def aclose(self) -> None:
+        """Detach, then close the session."""
+        await self.detach()
         await super().aclose()
 
     # ------------------------------------------------------------ the engine's calls
@@ -624,6 +632,10 @@ class BatchBackend(OpenAIBackend):
         else:
             return
         raise failure
+
+
+def _refuse_recording(_items: Sequence[WorkItem], _ref: BatchRef) -> None:
+    raise RuntimeError("a detached batch backend cannot record")
 
 
 def _progress(batch_id: str, status: str, batch: Mapping[str, Any]) -> BatchProgress:
