@@ -183,3 +183,32 @@ def test_quickstart_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert status["ok"] == 10
     assert status["by_source"]["shapes-red"]["ok"] == 6
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["leaf-grid.png", "shapes-red.png"]
+
+
+@pytest.mark.parametrize(
+    ("example", "expected"),
+    [
+        pytest.param("batch-mock.yaml", {"ok": 6, "mode": "batch", "uploaded": None}, id="batch"),
+        pytest.param(
+            "nightly-mock.yaml", {"ok": 8, "mode": "online", "uploaded": 8}, id="search-upload"
+        ),
+    ],
+)
+def test_mock_rehearsal_examples_run_end_to_end(
+    tmp_path: Path, example: str, expected: dict[str, object]
+) -> None:
+    """The README's other rehearsals (Batch API; search → generate → upload) end all ok on
+    the embedded mock, and a second run sends nothing."""
+    import shutil
+
+    shutil.copytree(EXAMPLES, tmp_path / "examples", ignore=shutil.ignore_patterns("runs"))
+    spec = tmp_path / "examples" / example
+    assert cli("run", str(spec), "--no-progress", "--no-grid") == 0
+    out = tmp_path / "examples" / "runs" / example.removesuffix(".yaml")
+    summary = json.loads((out / "summary.json").read_text())
+    upload = summary.get("upload") or {}
+    found = {"ok": summary["ok"], "mode": summary["mode"], "uploaded": upload.get("uploaded")}
+    assert found == expected
+    assert cli("run", str(spec), "--no-progress", "--no-grid") == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert (again["requests"], again["skipped_ok"]) == (0, expected["ok"])
