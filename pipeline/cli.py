@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from ._version import __version__
 from .errors import EXIT_OK, EXIT_USAGE, PipelineError, UsageError
+from .records import BATCH_LOGGER
 from .registry import BACKENDS
 from .spec.model import Spec
 from .store.lock import check_platform
@@ -207,6 +208,9 @@ def _setup_logging(level: str) -> None:
         else "synthaug: %(levelname)s: %(message)s"
     )
     logging.basicConfig(level=level, stream=sys.stderr, format=fmt)
+    if logging.getLevelName(level) > logging.INFO and logging.getLevelName(level) < logging.ERROR:
+        # a batch's status changes are what a nightly log is read for: shown by default
+        logging.getLogger(BATCH_LOGGER).setLevel(logging.INFO)
 
 
 # ---------------------------------------------------------------------- commands
@@ -383,11 +387,12 @@ class _Progress:
         elapsed = max(now - stats.started, 1e-9) if stats.started else 0.0
         self._bar.total = stats.expected or None
         self._bar.n = stats.done
+        rate = {"req_s": f"{stats.requests / elapsed:.2f}" if elapsed else "-"}
         self._bar.set_postfix(
             ok=stats.ok,
             failed=stats.failed,
             retrying=stats.retries,
-            req_s=f"{stats.requests / elapsed:.2f}" if elapsed else "-",
+            **({"batches": stats.batches} if stats.batches else rate),
             refresh=False,
         )
         self._bar.refresh()

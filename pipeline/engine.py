@@ -99,6 +99,7 @@ class RunStats:
     rate_limited: int = 0
     ambiguous_retries: int = 0
     deferred: int = 0  # items left waiting in a Batch API batch (run --no-wait)
+    batches: str = ""  # where the run's Batch API batches stand, for progress
     in_flight: int = 0
     retrying: int = 0
     cost_usd: float = 0.0

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from .errors import ErrorKind
 
 __all__ = [
+    "BATCH_LOGGER",
     "BATCH_MARK",
     "ITEM_STATUSES",
     "BatchRef",
@@ -36,6 +37,9 @@ __all__ = [
 
 InputKind = Literal["file", "id", "url"]
 ItemStatus = Literal["ok", "failed", "generated", "submitted"]
+BATCH_LOGGER = "pipeline.batches"
+"""The logger of Batch API lifecycle lines (submitted, status changes): the CLI shows it
+at INFO by default, since what is in flight is what a nightly log is read for."""
 BATCH_MARK = "synthaug_batch_id"
 """Added to the kept answer of a Batch API result: the batch it came from. What the item
 cost is then billed at the batch price."""

@@ -15,6 +15,7 @@ import gc
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -48,7 +49,7 @@ from .limiter import LearnedPace, Limiter, learned_pace
 from .manifest.cache import StateCache
 from .manifest.log import ManifestState, ManifestWriter, gc_paused
 from .pricing import BATCH_PRICE_FACTOR, check_cost_budget, cost_from_usage, is_free, spec_price
-from .records import BATCH_MARK, WorkItem
+from .records import BATCH_LOGGER, BATCH_MARK, WorkItem
 from .registry import backend_kind
 from .sources import INPUT_HASHES_NAME, HashCache
 from .spec.model import RunSettings, Spec
@@ -66,6 +67,7 @@ BATCH_WORKERS = 50_000
 __all__ = ["JobResult", "check_key_scheme", "recorded_key_scheme", "run_job"]
 
 log = logging.getLogger(__name__)
+_batch_log = logging.getLogger(BATCH_LOGGER)  # status changes at INFO, each poll at DEBUG
 
 
 _EXIT_BY_REASON: dict[StopReason, int] = {
@@ -137,7 +139,8 @@ async def run_job(
         with _gc_spares_state(freeze_gc):
             state = await asyncio.to_thread(_load_state, cache, verify, freeze_gc)
             await asyncio.to_thread(check_key_scheme, out, state)
-            options = _batch_options(spec, wait) if spec.backend.mode == "batch" else None
+            watch = BatchWatch()
+            options = _batch_options(spec, wait, watch) if spec.backend.mode == "batch" else None
             async with _open_backend(spec, api_key, backend, proxies, options) as live_backend:
                 spec = await _resolve_searches(spec, live_backend, api_key, proxies)
                 await asyncio.to_thread(_write_job_json, spec, spec_path)
@@ -152,6 +155,7 @@ async def run_job(
                     install_signals,
                     control or RunControl(),
                     upload_key=upload_key,
+                    watch=watch,
                 )
 
 
@@ -167,6 +171,7 @@ async def _run_engine(
     control: RunControl,
     *,
     upload_key: str = "",
+    watch: BatchWatch | None = None,
 ) -> JobResult:
     run = spec.run
     expected = sum(items_mod.count_items(spec).values())
@@ -206,6 +211,8 @@ async def _run_engine(
             on_progress=on_progress,
         )
         _attach_batches(backend, state, engine)
+        if watch is not None:
+            watch.stats = engine.stats
         uploads = await upload_mod.open_uploads(spec, upload_key, backend, writer)  # None: none
         try:
             async with (
@@ -459,7 +466,7 @@ async def _open_backend(
         yield backend
 
 
-def _batch_options(spec: Spec, wait: bool) -> BatchOptions:
+def _batch_options(spec: Spec, wait: bool, watch: BatchWatch) -> BatchOptions:
     """How this run makes and waits for Batch API batches (the spec's backend section)."""
     from .backends.openai_batch import BatchOptions  # the client stack: only when used
 
@@ -477,20 +484,43 @@ def _batch_options(spec: Spec, wait: bool) -> BatchOptions:
         control_attempts=spec.run.max_attempts,
         backoff_base_s=spec.run.backoff_base_s,
         backoff_max_s=spec.run.backoff_max_s,
-        on_progress=_log_batch_progress,
+        on_progress=watch.update,
     )
 
 
-def _log_batch_progress(progress: BatchProgress) -> None:
-    """One line per poll: where the night's batch stands."""
-    log.info(
-        "batch %s: %s, %d of %d requests done, %d failed",
-        progress.batch_id,
-        progress.status,
-        progress.completed,
-        progress.total,
-        progress.failed,
-    )
+class BatchWatch:
+    """Where the run's batches stand: a log line when one changes status (on the
+    `BATCH_LOGGER`), and a short note in the run's counters for the progress bar."""
+
+    def __init__(self) -> None:
+        self.stats: RunStats | None = None
+        self._seen: dict[str, BatchProgress] = {}
+
+    def update(self, progress: BatchProgress) -> None:
+        """Record one poll's answer."""
+        before = self._seen.get(progress.batch_id)
+        self._seen[progress.batch_id] = progress
+        changed = before is None or before.status != progress.status
+        _batch_log.log(
+            logging.INFO if changed else logging.DEBUG,
+            "batch %s: %s, %d of %d requests done, %d failed",
+            progress.batch_id,
+            progress.status,
+            progress.completed,
+            progress.total,
+            progress.failed,
+        )
+        if self.stats is not None:
+            self.stats.batches = self.note()
+
+    def note(self) -> str:
+        """e.g. ``2 batches: 1 in_progress, 1 completed; 1,200/5,000 done``."""
+        states = Counter(p.status for p in self._seen.values())
+        done = sum(p.completed for p in self._seen.values())
+        total = sum(p.total for p in self._seen.values())
+        kinds = ", ".join(f"{count} {status}" for status, count in sorted(states.items()))
+        plural = "batch" if len(self._seen) == 1 else "batches"
+        return f"{len(self._seen)} {plural}: {kinds}; {done:,}/{total:,} done"
 
 
 def _batch_workers(spec: Spec, expected: int) -> RunSettings:

@@ -622,6 +622,8 @@ def test_no_wait_submits_and_exits_then_a_later_run_collects(tmp_path: Path) -> 
         first = run_cli(spec, "--no-wait", env=env)
         assert first.returncode == 0, first.stderr
         assert "wait in Batch API batches" in first.stderr
+        assert "submitted batch batch-mock" in first.stderr  # shown at the default log level
+        assert "validating, 0 of 5 requests done" in first.stderr
         status = subprocess.run(
             [sys.executable, "-m", "pipeline", "status", str(tmp_path / "out"), "--json"],
             capture_output=True,

@@ -43,7 +43,15 @@ from ..errors import (
     TransientError,
 )
 from ..limiter import Limiter
-from ..records import BATCH_MARK, BatchRef, GeneratedImage, Generation, WorkItem, request_body
+from ..records import (
+    BATCH_LOGGER,
+    BATCH_MARK,
+    BatchRef,
+    GeneratedImage,
+    Generation,
+    WorkItem,
+    request_body,
+)
 from .base import classify_http, elide_images, excerpt, load_answer, parse_images, scrub_strings
 from .openai import OpenAIBackend
 
@@ -57,6 +65,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_batch_log = logging.getLogger(BATCH_LOGGER)  # what is in flight: shown by default
 
 BATCH_ENDPOINT = "/v1/images/generations"
 
@@ -306,7 +315,7 @@ class BatchBackend(OpenAIBackend):
             for waiter in chunk.waiters.values():
                 waiter.cancel()
             raise
-        _log.info("submitted batch %s (%d requests)", ref.batch_id, len(chunk.items))
+        _batch_log.info("submitted batch %s (%d requests)", ref.batch_id, len(chunk.items))
         tracked = self._track(ref)
         for key, waiter in chunk.waiters.items():
             tracked.waiters[key] = waiter
@@ -362,7 +371,7 @@ class BatchBackend(OpenAIBackend):
             batches = page.get("data") if isinstance(page, dict) else None
             for batch in batches if isinstance(batches, list) else []:
                 if isinstance(batch, dict) and batch.get("input_file_id") == file_id:
-                    _log.info("found batch %s of input file %s", batch.get("id"), file_id)
+                    _batch_log.info("found batch %s of input file %s", batch.get("id"), file_id)
                     return BatchRef(file_id, str(batch.get("id")))
             if not (isinstance(page, dict) and page.get("has_more") and page.get("last_id")):
                 return None
