@@ -550,6 +550,8 @@ def test_batch_job_on_the_mock_costs_half_and_pays_each_image_once(
     )
     assert result.cost_usd == pytest.approx(online / 2, abs=1e-4)
     assert result.summary["mode"] == "batch"
+    for path in (tmp_path / "out").rglob("*"):  # the key is in no file the run wrote
+        assert not path.is_file() or KEY.encode() not in path.read_bytes(), path
 
 
 def test_lines_that_fail_or_expire_go_into_a_new_batch_until_every_item_is_ok(
