@@ -772,3 +772,16 @@ def test_retry_online_sends_failed_lines_to_the_images_api_at_full_price(
         cost_from_usage("gpt-image-1-mini", line["response"]["usage"]) or 0 for line in online
     )
     assert result.cost_usd == pytest.approx(expected, abs=1e-4)
+
+
+async def test_an_input_file_stays_under_its_byte_limit(harness: Callable[..., Any]) -> None:
+    """The file size caps a batch too (the API takes 200 MB): here two lines' worth."""
+    items = [make_item(i) for i in range(5)]
+    fake = FakeOpenAI(outputs=[ok_line(i.key) for i in items])
+    line_bytes = 250  # each request line here is a little under this
+    h = await harness(fake, max_file_bytes=2 * line_bytes)
+    results = await generate_all(h.backend, items)
+    assert all(len(r.images) == 1 for r in results)
+    uploads = [r["parts"]["file"]["data"] for r in fake.requests if r["path"] == "/v1/files"]
+    assert all(len(data) <= 2 * line_bytes for data in uploads)
+    assert sum(len(data.splitlines()) for data in uploads) == 5
