@@ -91,15 +91,22 @@ def read_api_key(backend: BackendSettings, environ: Mapping[str, str] = os.envir
     """
     if not backend_kind(backend.kind).needs_key:
         return ""
-    name = backend.api_key_env
+    return _read_key(
+        backend.api_key_env,
+        f"the {backend.kind} backend reads its API key from it",
+        "backend.api_key_env to another variable, or use backend.kind: mock to rehearse "
+        "without a key",
+        environ,
+    )
+
+
+def _read_key(name: str, who: str, instead: str, environ: Mapping[str, str]) -> str:
+    """The stripped value of variable `name`; `CredentialsError` saying how to set it
+    when it is unset or blank (`who` reads it; `instead`: the other way to fix it)."""
     key = environ.get(name, "").strip()
     if not key:
         state = "is empty" if name in environ else "is not set"
-        raise CredentialsError(
-            f"{name} {state}: the {backend.kind} backend reads its API key from it. "
-            f"Fix: export {name}=... (or set backend.api_key_env to another variable, "
-            "or use backend.kind: mock to rehearse without a key)"
-        )
+        raise CredentialsError(f"{name} {state}: {who}. Fix: export {name}=... (or set {instead})")
     return key
 
 
@@ -116,15 +123,12 @@ def read_upload_key(
     blank, before anything is sent."""
     if upload is None or uploads_to_backend(upload, kind):
         return ""
-    name = upload.api_key_env
-    key = environ.get(name, "").strip()
-    if not key:
-        state = "is empty" if name in environ else "is not set"
-        raise CredentialsError(
-            f"{name} {state}: the upload: block reads the Roboflow API key from it. "
-            f"Fix: export {name}=... (or set upload.api_key_env to another variable)"
-        )
-    return key
+    return _read_key(
+        upload.api_key_env,
+        "the upload: block reads the Roboflow API key from it",
+        "upload.api_key_env to another variable",
+        environ,
+    )
 
 
 def read_proxy_settings(environ: Mapping[str, str] = os.environ) -> ProxySettings:
