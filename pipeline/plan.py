@@ -107,6 +107,7 @@ class Plan:
     max_images: int | None
     max_cost_usd: float | None
     mode: str = "online"
+    warnings: tuple[str, ...] = ()  # models that shut down soon, worded as the fix
 
     def total(self, field: str) -> int:
         """Sum of an integer `field` over all sources."""
@@ -185,6 +186,7 @@ class Plan:
             "stops_early": self.stops_early,
             "cost_notes": self.cost_notes,
             "count_notes": self.count_notes,
+            "warnings": list(self.warnings),
             "mode": self.mode,
             "limits": {
                 "rate_limit_per_s": self.rate_limit,
@@ -223,6 +225,7 @@ def build_plan(spec: Spec, state: ManifestState, *, hashes: HashCache | None = N
         max_images=spec.run.max_images,
         max_cost_usd=spec.run.max_cost_usd,
         mode=spec.backend.mode,
+        warnings=tuple(spec.model_warnings()),
     )
 
 
@@ -298,6 +301,7 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"note: {waiting:,} items already wait in batches (paid): collected")
     else:
         lines.append(f"eta: {_duration(plan.eta_s) if known else 'unknown (see the notes)'}")
+    lines.extend(f"warning: {warning}" for warning in plan.warnings)
     lines.extend(f"note: {note}" for note in plan.count_notes)
     lines.extend(f"note: {note}" for note in plan.cost_notes)
     if plan.stops_early:

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .registry import backend_kind
+from .spec.catalog import default_catalog
 from .spec.model import Spec
-from .spec.models import MODELS
 
 __all__ = [
     "BATCH_PRICE_FACTOR",
@@ -43,7 +43,7 @@ def price_per_image(
         return override
     if free:
         return 0.0
-    model = MODELS.get(str(params.get("model")))
+    model = default_catalog().get(params.get("model"))
     if model is None:
         return None
     return model.per_image.get((str(params.get("quality")), str(params.get("size"))))
@@ -53,14 +53,24 @@ def unknown_price_reason(params: Mapping[str, Any]) -> str | None:
     """Why the table cannot price `params`, worded as the fix; None when it can."""
     name = params.get("model")
     if name is None:
-        return "no params.model: set it (e.g. gpt-image-1-mini) or run.price_per_image"
-    model = MODELS.get(str(name))
+        return "no params.model: set it (e.g. gpt-image-2) or run.price_per_image"
+    model = default_catalog().get(name)
     if model is None:
         return f"model {name} is not in the price table: set run.price_per_image"
+    if not model.per_image:
+        return (
+            f"OpenAI publishes no per-image price for {name} (it bills tokens; a run reads "
+            "each answer's cost from its usage): set run.price_per_image"
+        )
     missing = [key for key in ("quality", "size") if params.get(key) in (None, "auto")]
     if missing:
         keys = " and ".join(f"params.{key}" for key in missing)
         return f"{name} chooses its {' and '.join(missing)} itself: set {keys}"
+    if (str(params["quality"]), str(params["size"])) not in model.per_image:
+        return (
+            f"{name} has no list price for size {params['size']}: set run.price_per_image "
+            "(a run reads each answer's cost from its usage)"
+        )
     return None
 
 
@@ -103,8 +113,8 @@ def cost_from_usage(model_name: object, usage: object) -> float | None:
     details, input counts as text and output as image tokens. None when the model is
     unknown or the usage is not of that shape.
     """
-    model = MODELS.get(str(model_name))
-    if model is None or not isinstance(usage, Mapping):
+    model = default_catalog().get(model_name)
+    if model is None or model.tokens is None or not isinstance(usage, Mapping):
         return None
     input_tokens, output_tokens = (
         _count(usage.get("input_tokens")),

@@ -123,6 +123,8 @@ async def run_job(
     if not search.unresolved(spec):  # else checked once the search has found its ids
         items_mod.check_max_items(spec)
     check_cost_budget(spec)
+    for warning in spec.model_warnings():
+        log.warning("%s", warning)
     kind = backend_kind(spec.backend.kind)
     api_key = read_api_key(spec.backend)
     upload_key = read_upload_key(spec.upload, spec.backend.kind)  # fails before anything is sent

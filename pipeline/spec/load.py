@@ -10,6 +10,7 @@ folders hold images, files are images, every template placeholder has values), e
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import ipaddress
 import json
 import sys
@@ -30,9 +31,9 @@ from ..sources import (
     check_image_file,
     list_globs,
 )
+from .catalog import default_catalog
 from .fields import INPUT_KINDS, parse_rate
 from .model import SEARCH_QUERY_KEYS, BackendSettings, Params, SearchSettings, SourceSpec, Spec
-from .models import MODELS
 from .template import TemplateError, count_variants, parse_template, resolve_values
 from .yamlfile import did_you_mean, read_yaml, show_value, validation_error
 
@@ -52,15 +53,23 @@ class _Problem(Exception):
         self.key_path, self.message, self.value = key_path, message, value
 
 
-def load_spec(path: Path | str) -> Spec:
-    """Read, validate and check the spec at `path`; raise one `SpecError` for any mistake."""
+def load_spec(path: Path | str, *, today: dt.date | None = None) -> Spec:
+    """Read, validate and check the spec at `path`; raise one `SpecError` for any mistake.
+
+    `today` is the run's date (default: the local date), against which model shutdowns
+    are judged.
+    """
     shown = str(path)
     data, lines = read_yaml(Path(path), shown)
-    return _build_checked(data, Path(path).absolute().parent, shown, lines)
+    return _build_checked(data, Path(path).absolute().parent, shown, lines, today)
 
 
 def spec_from_data(
-    data: Mapping[str, Any], *, base_dir: Path | str | None = None, name: str = "<dict>"
+    data: Mapping[str, Any],
+    *,
+    base_dir: Path | str | None = None,
+    name: str = "<dict>",
+    today: dt.date | None = None,
 ) -> Spec:
     """Validate and check a spec given as data (what YAML would load to).
 
@@ -70,14 +79,18 @@ def spec_from_data(
     if not isinstance(data, Mapping):
         raise SpecError(f"a spec is a mapping of keys, got {type(data).__name__}", file=name)
     folder = Path(base_dir if base_dir is not None else Path.cwd()).absolute()
-    return _build_checked(copy.deepcopy(dict(data)), folder, name, {})
+    return _build_checked(copy.deepcopy(dict(data)), folder, name, {}, today)
 
 
 def _build_checked(
-    data: Mapping[str, Any], spec_dir: Path, shown: str, lines: Mapping[str, int]
+    data: Mapping[str, Any],
+    spec_dir: Path,
+    shown: str,
+    lines: Mapping[str, int],
+    today: dt.date | None = None,
 ) -> Spec:
     """`_build`, then the checks only the disk can answer."""
-    spec = _build(data, spec_dir, shown, lines)
+    spec = _build(data, spec_dir, shown, lines, today)
     try:
         _check_inputs(spec)
     except _Problem as exc:
@@ -85,9 +98,21 @@ def _build_checked(
     return spec
 
 
-def _build(data: Mapping[str, Any], spec_dir: Path, shown: str, lines: Mapping[str, int]) -> Spec:
+def _build(
+    data: Mapping[str, Any],
+    spec_dir: Path,
+    shown: str,
+    lines: Mapping[str, int],
+    today: dt.date | None = None,
+) -> Spec:
     """Validate `data` into a `Spec` and run the checks that span several keys."""
-    context = {"spec_dir": spec_dir, "spec_file": shown, "lines": lines, "raw": data}
+    context = {
+        "spec_dir": spec_dir,
+        "spec_file": shown,
+        "lines": lines,
+        "raw": data,
+        "today": today or dt.date.today(),
+    }
     try:
         spec = Spec.model_validate(data, context=context)
     except ValidationError as exc:
@@ -126,15 +151,36 @@ def _check_semantics(spec: Spec) -> None:
             )
         seen[source.name] = index
         _check_source_keys(source, at)
-        if batch and source.input_kind != "none":
-            raise _Problem(
-                f"{at}.{source.input_kind}",
-                "backend.mode batch sends prompt-only requests (/v1/images/generations): "
-                "use mode online for sources with input images",
-            )
         if not backend_kind(spec.backend.kind).roboflow_extras:
             _check_no_roboflow_extras(spec, source, at)
-        _check_params(spec.source_params(source), source.params, at)
+        if batch and source.input_kind in ("roboflow_ids", "roboflow_search"):
+            raise _Problem(
+                f"{at}.{source.input_kind}",
+                "backend.mode batch sends OpenAI requests, which cannot carry Roboflow image "
+                "ids: use images, folder or urls, or mode online",
+            )
+        _check_mask(spec, source, at)
+        _check_params(spec.source_params(source), source.params, at, spec.today)
+
+
+def _check_mask(spec: Spec, source: SourceSpec, at: str) -> None:
+    """A mask belongs to an edit, and only OpenAI's edits take one."""
+    if source.mask is None:
+        return
+    if source.input_kind not in ("images", "folder", "urls"):
+        raise _Problem(
+            f"{at}.mask",
+            "only applies to a source with input images (images, folder or urls)",
+            source.mask,
+        )
+    kind = spec.backend.kind
+    if not backend_kind(kind).takes_mask:
+        raise _Problem(
+            f"{at}.mask",
+            f"backend {kind}'s endpoint takes no mask: use backend.kind openai "
+            "(or mock to rehearse), or remove the mask",
+            source.mask,
+        )
 
 
 def _check_no_roboflow_extras(spec: Spec, source: SourceSpec, at: str) -> None:
@@ -160,7 +206,7 @@ def _check_no_roboflow_extras(spec: Spec, source: SourceSpec, at: str) -> None:
         )
 
 
-def _check_params(params: Mapping[str, Any], own: Params, at: str) -> None:
+def _check_params(params: Mapping[str, Any], own: Params, at: str, today: dt.date) -> None:
     """Combinations the API would refuse, caught before anything is paid for.
 
     `params` are a source's merged parameters; the key path names the source's own
@@ -170,13 +216,19 @@ def _check_params(params: Mapping[str, Any], own: Params, at: str) -> None:
     def where(key: str) -> str:
         return f"{at}.params.{key}" if getattr(own, key) is not None else f"params.{key}"
 
-    model = MODELS.get(str(params.get("model")))
+    catalog = default_catalog()
+    name = params.get("model")
+    shut_down = None if name is None else catalog.shutdown_problem(str(name), today)
+    if shut_down is not None:
+        raise _Problem(where("model"), shut_down, name)
+    model = catalog.get(name)
     size = params.get("size")
-    if model is not None and size is not None and size not in model.sizes:
+    wrong_size = None if model is None or size is None else model.sizes.problem(str(size))
+    if wrong_size is not None:
+        raise _Problem(where("size"), f"{name} {wrong_size}, not {size}", size)
+    if model is not None and not model.transparent and params.get("background") == "transparent":
         raise _Problem(
-            where("size"),
-            f"{model.name} makes {', '.join(model.sizes)}, not {size}",
-            size,
+            where("background"), f"{name} makes no transparent background: use opaque or auto"
         )
     output_format = params.get("output_format")
     if params.get("output_compression") is not None and output_format not in ("jpeg", "webp"):
@@ -277,6 +329,22 @@ def _check_inputs(spec: Spec) -> None:
                 _check_files(files, f"{at}.images[{number}]")
         elif source.folder is not None:
             _check_folder(spec, source, at)
+        if source.mask is not None:
+            _check_mask_file(spec.spec_dir / source.mask, source.mask, f"{at}.mask")
+
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_mask_file(path: Path, shown: str, key_path: str) -> None:
+    """A mask is a readable PNG (the Images API takes no other format for it)."""
+    if not path.is_file():
+        state = "is not a file" if path.exists() else "does not exist"
+        raise _Problem(key_path, f"{shown} {state}", shown)
+    _check_files([path], key_path)
+    with path.open("rb") as fh:
+        if fh.read(len(_PNG_MAGIC)) != _PNG_MAGIC:
+            raise _Problem(key_path, f"{shown} is not a PNG: a mask must be a PNG", shown)
 
 
 def _check_prompt(spec: Spec, source: SourceSpec, at: str) -> None:
@@ -364,7 +432,7 @@ def apply_overrides(
     if output_dir is not None:
         raw["output_dir"] = str(Path(output_dir).expanduser().absolute())
     raw.update({key: value for key, value in sections.items() if value or key in raw})
-    return _build(raw, spec.spec_dir, spec.spec_file, spec._lines)
+    return _build(raw, spec.spec_dir, spec.spec_file, spec._lines, spec.today)
 
 
 def json_schema() -> dict[str, Any]:

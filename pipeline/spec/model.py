@@ -7,6 +7,7 @@ in `pipeline.spec.load`; field types in `pipeline.spec.fields`.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -49,7 +50,7 @@ from .fields import (
     VarValues,
     check_kind,
 )
-from .models import MODELS, RETIRED_MODELS
+from .catalog import default_catalog
 from .yamlfile import line_for, show_value
 
 __all__ = [
@@ -125,7 +126,8 @@ class Params(_Model):
     """
 
     model: NonBlank | None = Field(
-        default=None, description="gpt-image-1, gpt-image-1-mini, gpt-image-1.5, ..."
+        default=None,
+        description="gpt-image-2, gpt-image-2.6-flare, ... (synthaug models lists them)",
     )
     n: int | None = Field(default=None, ge=1, le=MAX_N, description="images per request")
     quality: Literal["low", "medium", "high", "auto"] | None = None
@@ -153,17 +155,6 @@ class Params(_Model):
                 "style was a dall-e-3 parameter and GPT image models do not take it: remove it"
             )
         return data
-
-    @field_validator("model")
-    @classmethod
-    def _current_model(cls, value: str | None) -> str | None:
-        if value is not None and value in RETIRED_MODELS:
-            others = ", ".join(name for name in MODELS if name != RETIRED_MODELS[value])
-            raise ValueError(
-                f"{value} was retired by OpenAI on 2026-05-12: use {RETIRED_MODELS[value]} "
-                f"(or {others})"
-            )
-        return value
 
     def request_params(self) -> dict[str, Any]:
         """The parameters to send: exactly those the spec set."""
@@ -273,6 +264,11 @@ class SourceSpec(_Model):
     urls: tuple[Url, ...] | None = Field(default=None, min_length=1)
     roboflow_search: SearchSettings | None = Field(
         default=None, description="Roboflow image ids found by a search (run or plan --resolve)"
+    )
+    mask: NonBlank | None = Field(
+        default=None,
+        description="a PNG mask for every edit of the source, relative to the spec file "
+        "(images, folder or urls; kinds openai and mock)",
     )
 
     @property
@@ -415,6 +411,7 @@ class Spec(_Model):
     _spec_file: str = PrivateAttr(default="<spec>")
     _lines: Mapping[str, int] = PrivateAttr(default_factory=dict)
     _raw: Mapping[str, Any] = PrivateAttr(default_factory=dict)
+    _today: dt.date = PrivateAttr(default_factory=dt.date.today)
 
     def model_post_init(self, context: Any) -> None:
         """Keep where the spec came from: relative paths resolve against its folder."""
@@ -423,11 +420,17 @@ class Spec(_Model):
             self._spec_file = context["spec_file"]
             self._lines = context["lines"]
             self._raw = context["raw"]
+            self._today = context.get("today") or dt.date.today()
 
     @property
     def spec_dir(self) -> Path:
         """The absolute folder of the spec file (base of globs, folders and wildcards)."""
         return self._spec_dir
+
+    @property
+    def today(self) -> dt.date:
+        """The run's date, which model shutdowns are judged against (injectable in tests)."""
+        return self._today
 
     @property
     def spec_file(self) -> str:
@@ -445,6 +448,20 @@ class Spec(_Model):
         if source.roboflow_ids is None and source.roboflow_search is None:
             params.pop("force_caption_regenerate", None)
         return params
+
+    def model_warnings(self) -> list[str]:
+        """One line for each model the sources use that shuts down within 30 days."""
+        catalog = default_catalog()
+        names = dict.fromkeys(
+            str(model)
+            for source in self.sources
+            if (model := self.source_params(source).get("model")) is not None
+        )
+        return [
+            warning
+            for name in names
+            if (warning := catalog.shutdown_warning(name, self._today)) is not None
+        ]
 
     def error(self, key_path: str, message: str, value: object = None) -> SpecError:
         """A `SpecError` about `key_path` of this spec, with its line when known."""
