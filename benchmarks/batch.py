@@ -38,7 +38,7 @@ def write_spec(folder: Path, *, base_url: str, items: int, px: int, mode: str) -
             "timeout_s": 120,
         },
         # the model's sizes are 1024 and up: a smaller smoke-test image names no model
-        "params": {"model": "gpt-image-1-mini", "quality": "low", "size": f"{px}x{px}"}
+        "params": {"model": "gpt-image-2", "quality": "low", "size": f"{px}x{px}"}
         if px >= 1024
         else {"size": f"{px}x{px}"},
         "run": {"concurrency": 8, "rate_limit": "1000/s", "max_items": max(items, 10_000)},

@@ -51,7 +51,7 @@ def make_item(**overrides: Any) -> WorkItem:
         "source": "maple",
         "prompt": "A street in late fall",
         "project_url": "fall-leaves",
-        "params": {"model": "gpt-image-1", "n": 1},
+        "params": {"model": "gpt-image-2", "n": 1},
     }
     fields.update(overrides)
     return WorkItem(**fields)

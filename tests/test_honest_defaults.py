@@ -45,7 +45,7 @@ async def test_spec_without_params_sends_no_model_quality_style_size_or_n(
 
 def test_params_the_spec_sets_are_sent_as_set(spec_factory: Callable[..., Path]) -> None:
     """Set params reach the body unchanged; nothing is added next to them."""
-    params = {"model": "gpt-image-1.5", "quality": "low", "output_format": "webp"}
+    params = {"model": "gpt-image-2", "quality": "low", "output_format": "webp"}
     spec = load_spec(spec_factory(params=params))
     assert dict(next(expand_items(spec)).params) == params
 
@@ -53,12 +53,24 @@ def test_params_the_spec_sets_are_sent_as_set(spec_factory: Callable[..., Path])
 @pytest.mark.parametrize(
     ("params", "words"),
     [
-        pytest.param({"model": "dall-e-3"}, "dall-e-3 was retired", id="dall-e-3"),
-        pytest.param({"model": "dall-e-2"}, "use gpt-image-1-mini", id="dall-e-2"),
+        pytest.param(
+            {"model": "dall-e-3"}, "dall-e-3 was shut down by OpenAI on 2026-05-12", id="dall-e-3"
+        ),
+        pytest.param({"model": "dall-e-2"}, "use gpt-image-2", id="dall-e-2"),
+        pytest.param(
+            {"model": "gpt-image-1"}, "gpt-image-1 was shut down by OpenAI on 2026-10-23",
+            id="gpt-image-1",
+        ),
+        pytest.param(
+            {"model": "gpt-image-1-mini"}, "shut down by OpenAI on 2026-12-01: use gpt-image-2.6",
+            id="gpt-image-1-mini",
+        ),
         pytest.param({"style": "vivid"}, "style was a dall-e-3 parameter", id="style"),
         pytest.param({"quality": "hd"}, "expected 'low', 'medium', 'high' or 'auto'", id="hd"),
         pytest.param(
-            {"model": "gpt-image-1", "size": "1792x1024"}, "gpt-image-1 makes", id="dalle-size"
+            {"model": "gpt-image-2", "size": "1792x1000"},
+            "gpt-image-2 needs both sides multiples of 16",
+            id="size-not-multiple-of-16",
         ),
         pytest.param(
             {"output_format": "jpeg", "background": "transparent"},
@@ -93,7 +105,7 @@ def test_retired_model_error_names_current_models(
         main(["run", str(path), "--no-progress"])
     err = capsys.readouterr().err
     assert "spec.yaml" in err
-    assert "use gpt-image-1 (or gpt-image-1-mini, gpt-image-1.5)" in err
+    assert "dall-e-3 was shut down by OpenAI on 2026-05-12: use gpt-image-2" in err
 
 
 def test_keys_of_unchanged_bodies_keep_their_value() -> None:
@@ -185,12 +197,12 @@ async def test_spend_comes_from_the_answers_usage(
     async with MockServer(MockConfig(response_shape="b64_json")) as server:
         path = write_job_spec(tmp_path, server.base_url, prompts=3)
         spec: dict[str, Any] = yaml.safe_load(path.read_text())
-        spec["params"] = {"model": "gpt-image-1", "quality": "low"}  # size: the API's choice
+        spec["params"] = {"model": "gpt-image-2", "quality": "low"}  # size: the API's choice
         path.write_text(yaml.safe_dump(spec))
         result = await run_spec(path)
     assert result.exit_code == 0
     lines = [line for line in read_lines(tmp_path / "out" / "manifest.jsonl")]
-    costs = [cost_from_usage("gpt-image-1", line["response"]["usage"]) for line in lines]
+    costs = [cost_from_usage("gpt-image-2", line["response"]["usage"]) for line in lines]
     assert all(cost is not None and cost > 0 for cost in costs)
     expected = sum(cost for cost in costs if cost is not None)
     assert result.summary["cost_usd"] == pytest.approx(expected, abs=1e-4)
@@ -203,11 +215,11 @@ def test_usage_prices_tokens_by_kind() -> None:
         "input_tokens_details": {"text_tokens": 50, "image_tokens": 100},
         "output_tokens": 1056,
     }
-    assert cost_from_usage("gpt-image-1", usage) == pytest.approx(
-        (50 * 5 + 100 * 10 + 1056 * 40) / 1e6
+    assert cost_from_usage("gpt-image-2", usage) == pytest.approx(
+        (50 * 5 + 100 * 8 + 1056 * 30) / 1e6
     )
-    assert cost_from_usage("gpt-image-1-mini", {"input_tokens": 10, "output_tokens": 272}) == (
-        pytest.approx((10 * 2 + 272 * 8) / 1e6)
+    assert cost_from_usage("gpt-image-2.6-flare", {"input_tokens": 10, "output_tokens": 272}) == (
+        pytest.approx((10 * 5 + 272 * 30) / 1e6)
     )
     assert cost_from_usage("unknown-model", usage) is None
-    assert cost_from_usage("gpt-image-1", {"input_tokens": "many"}) is None
+    assert cost_from_usage("gpt-image-2", {"input_tokens": "many"}) is None

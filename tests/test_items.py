@@ -269,7 +269,7 @@ def test_fast_keys_equal_the_canonical_key(
     prompt: str, repeat: int, project: str, extra: dict[str, object]
 ) -> None:
     """The per-prompt key shortcut gives exactly DESIGN's key for any prompt and body."""
-    body = {**extra, "project_url": project, "model": "gpt-image-1", "n": 1}
+    body = {**extra, "project_url": project, "model": "gpt-image-2", "n": 1}
     body.pop("prompt", None)
     expected = item_key("roboflow", {**body, "prompt": prompt}, repeat)
     assert prompt_keyer("roboflow", body)(prompt, repeat) == expected

@@ -22,7 +22,7 @@ PAIRS = {"name": "pairs", "prompt": "two cats", "repeats": 3, "params": {"n": 2}
 
 
 ROBOFLOW = {"backend": {"kind": "roboflow"}, "project_url": "leaves"}
-PRICED = {"model": "gpt-image-1", "quality": "medium", "size": "1024x1024"}  # $0.042 an image
+PRICED = {"model": "gpt-image-2", "quality": "medium", "size": "1024x1024"}  # $0.053 an image
 
 
 def make_spec(spec_factory: Callable[..., Path], **run: Any) -> Spec:
@@ -66,8 +66,8 @@ def test_plan_counts_against_a_partial_manifest(
         "pending": 2,
     }
     assert (pairs["items"], pairs["images"], pairs["done"], pairs["pending"]) == (3, 6, 0, 3)
-    assert grid["cost_usd"] == pytest.approx(2 * 0.042)
-    assert pairs["cost_usd"] == pytest.approx(2 * 2 * 0.042)  # the generated item is paid
+    assert grid["cost_usd"] == pytest.approx(2 * 0.053)
+    assert pairs["cost_usd"] == pytest.approx(2 * 2 * 0.053)  # the generated item is paid
     total = data["total"]
     assert {k: total[k] for k in ("items", "images", "done", "failed", "pending")} == {
         "items": 7,
@@ -76,7 +76,7 @@ def test_plan_counts_against_a_partial_manifest(
         "failed": 1,
         "pending": 5,
     }
-    assert total["cost_usd"] == pytest.approx(6 * 0.042)
+    assert total["cost_usd"] == pytest.approx(6 * 0.053)
     assert total["eta_s"] == pytest.approx(5 / 0.1)
     assert data["stops_early"] is None
     json.dumps(data)  # plain JSON all the way down
@@ -89,14 +89,14 @@ def test_no_retry_failed_leaves_failed_items_out(
     spec = make_spec(spec_factory, retry_failed=False)
     data = build_plan(spec, partial_state(spec, sandbox)).to_json()
     assert (data["sources"][0]["pending"], data["sources"][0]["to_run"]) == (2, 1)
-    assert data["sources"][0]["cost_usd"] == pytest.approx(0.042)
+    assert data["sources"][0]["cost_usd"] == pytest.approx(0.053)
 
 
 def test_empty_manifest_plans_everything(spec_factory: Callable[..., Path]) -> None:
     """A fresh run has everything pending and costs all of it."""
     data = build_plan(make_spec(spec_factory), ManifestState()).to_json()
     assert data["total"]["pending"] == data["total"]["items"] == 7
-    assert data["total"]["cost_usd"] == pytest.approx(10 * 0.042)
+    assert data["total"]["cost_usd"] == pytest.approx(10 * 0.053)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_empty_manifest_plans_everything(spec_factory: Callable[..., Path]) -> N
             {"max_images": 5}, "max_images 5 stops the run after 5 of 10 images", id="images"
         ),
         pytest.param(
-            {"max_cost_usd": 0.3}, "max_cost_usd 0.3 stops the run at $0.30 of $0.42", id="cost"
+            {"max_cost_usd": 0.3}, "max_cost_usd 0.3 stops the run at $0.30 of $0.53", id="cost"
         ),
     ],
 )
@@ -135,14 +135,26 @@ def test_unknown_price_and_no_rate_limit(spec_factory: Callable[..., Path]) -> N
     [
         pytest.param({}, "no params.model: set it", id="no-model"),
         pytest.param(
-            {"model": "gpt-image-1"},
-            "gpt-image-1 chooses its quality and size itself: set params.quality and params.size",
+            {"model": "gpt-image-2"},
+            "gpt-image-2 chooses its quality and size itself: set params.quality and params.size",
             id="api-chooses",
         ),
         pytest.param(
             {"model": "gpt-image-9", "quality": "low", "size": "1024x1024"},
             "model gpt-image-9 is not in the price table: set run.price_per_image",
             id="unknown-model",
+        ),
+        pytest.param(
+            {"model": "gpt-image-2.6-flare", "quality": "low", "size": "1024x1024"},
+            "OpenAI publishes no per-image price for gpt-image-2.6-flare (it bills tokens; a run "
+            "reads each answer's cost from its usage): set run.price_per_image",
+            id="token-priced",
+        ),
+        pytest.param(
+            {"model": "gpt-image-2", "quality": "low", "size": "2048x1152"},
+            "gpt-image-2 has no list price for size 2048x1152: set run.price_per_image "
+            "(a run reads each answer's cost from its usage)",
+            id="custom-size",
         ),
     ],
 )
@@ -177,8 +189,8 @@ def test_format_plan_is_an_aligned_table(spec_factory: Callable[..., Path], sand
     lines = format_plan(build_plan(spec, partial_state(spec, sandbox))).splitlines()
     table = lines[:6]
     assert table[0].split() == ["source", "items", "images", "done", "failed", "pending", "cost"]
-    assert table[2].split() == ["grid", "4", "4", "2", "1", "2", "$0.08"]
-    assert table[5].split() == ["total", "7", "10", "2", "1", "5", "$0.25"]
+    assert table[2].split() == ["grid", "4", "4", "2", "1", "2", "$0.11"]
+    assert table[5].split() == ["total", "7", "10", "2", "1", "5", "$0.32"]
     assert len({len(line) for line in table}) == 1
     assert lines[6].startswith("eta: at least 50 s")
 
@@ -193,25 +205,37 @@ def test_plan_refuses_a_spec_past_max_items(spec_factory: Callable[..., Path]) -
     ("params", "override", "price"),
     [
         pytest.param(
-            {"model": "gpt-image-1", "size": "1024x1024", "quality": "medium"},
+            {"model": "gpt-image-2", "size": "1024x1024", "quality": "medium"},
             None,
-            0.042,
-            id="gpt-image-1-square",
+            0.053,
+            id="gpt-image-2-square",
         ),
         pytest.param(
-            {"model": "gpt-image-1-mini", "size": "1024x1536", "quality": "low"},
+            {"model": "gpt-image-2", "size": "1024x1536", "quality": "low"},
             None,
-            0.006,
-            id="mini-portrait",
+            0.005,
+            id="gpt-image-2-portrait",
         ),
         pytest.param(
-            {"model": "gpt-image-1.5", "size": "1024x1024", "quality": "high"},
+            {"model": "gpt-image-2-2026-04-21", "size": "1024x1024", "quality": "high"},
             None,
-            0.133,
-            id="gpt-image-1.5",
+            0.211,
+            id="dated-snapshot",
         ),
         pytest.param(
-            {"model": "gpt-image-1", "size": "auto", "quality": "high"}, None, None, id="auto-size"
+            {"model": "gpt-image-2", "size": "auto", "quality": "high"}, None, None, id="auto-size"
+        ),
+        pytest.param(
+            {"model": "gpt-image-2", "size": "2048x1152", "quality": "high"},
+            None,
+            None,
+            id="custom-size-unlisted",
+        ),
+        pytest.param(
+            {"model": "gpt-image-2.6-flare", "size": "1024x1024", "quality": "low"},
+            None,
+            None,
+            id="token-priced-only",
         ),
         pytest.param({"size": "1024x1024", "quality": "high"}, None, None, id="no-model"),
         pytest.param(
@@ -221,10 +245,10 @@ def test_plan_refuses_a_spec_past_max_items(spec_factory: Callable[..., Path]) -
             id="unknown-model",
         ),
         pytest.param(
-            {"model": "gpt-image-1", "size": "1536x1024", "quality": "high"},
+            {"model": "gpt-image-2", "size": "1536x1024", "quality": "high"},
             None,
-            0.25,
-            id="gpt-image-1",
+            0.165,
+            id="gpt-image-2-landscape",
         ),
         pytest.param({"model": "x"}, 0.5, 0.5, id="override"),
     ],
