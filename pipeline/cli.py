@@ -226,10 +226,13 @@ def _load(path: Path) -> Spec:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .api import plan as plan_job
+    from .manifest.log import gc_paused
     from .plan import format_plan
 
-    # the max_items guard and key-scheme check included
-    plan = plan_job(_load(args.spec), resolve=args.resolve)
+    # the max_items guard and key-scheme check included; the CLI owns its process: the
+    # GC pauses while the manifest loads (the library leaves it alone)
+    with gc_paused():
+        plan = plan_job(_load(args.spec), resolve=args.resolve)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return EXIT_OK
 
@@ -303,9 +306,11 @@ def _draw_views(out: Path, *, cell_px: int) -> list[Path]:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from .manifest.log import gc_paused
     from .views.report import format_status, status_report
 
-    report = status_report(args.out)
+    with gc_paused():  # the CLI owns its process (the library leaves the GC alone)
+        report = status_report(args.out)
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return EXIT_OK
 

@@ -106,8 +106,8 @@ async def run_job(
     """Run (or resume) the job of `spec`; see the module docstring for the order of steps.
 
     What only a process's owner may do is opt-in, for the CLI: `install_signals`
-    (SIGINT/SIGTERM handlers, main thread only) and `freeze_gc` (freezes the loaded
-    manifest state for the whole process's GC). Any caller can stop the run gracefully
+    (SIGINT/SIGTERM handlers, main thread only) and `freeze_gc` (pauses the process's
+    GC while the manifest loads, then freezes the loaded state). Any caller can stop the run gracefully
     through `control`. The `max_items` guard and the budgets hold for every caller.
     With ``backend.mode: batch``, `wait=False` submits and returns (``run --no-wait``);
     a later run collects.
@@ -269,13 +269,15 @@ def read_learned_pace(spec: Spec) -> LearnedPace | None:
 
 
 def _load_state(cache: StateCache, verify: bool, freeze: bool) -> ManifestState:
-    """Load the state with the cyclic GC off; with `freeze`, freeze it before the GC comes
+    """Load the state; with `freeze`, with the cyclic GC off and then frozen before it comes
     back: a million tuples that never form cycles, which every collection would walk again.
-    Freezing is process-wide, so only the CLI, which owns its process, asks for it."""
+    Pausing and freezing are process-wide (another thread of a library caller would lose
+    its GC meanwhile), so only the CLI, which owns its process, asks for them."""
+    if not freeze:
+        return cache.load(with_hashes=verify)
     with gc_paused():
         state = cache.load(with_hashes=verify)
-        if freeze:
-            gc.freeze()
+        gc.freeze()
     return state
 
 

@@ -43,7 +43,6 @@ from .log import (
     Finished,
     ManifestState,
     apply_line,
-    gc_paused,
     load_state,
     read_more,
 )
@@ -220,8 +219,7 @@ def _read_cache(manifest: Path) -> _Cached | None:
     except OSError as exc:
         log.info("ignoring the state cache of %s: %s", manifest, exc)
         return None
-    with gc_paused():
-        cached, last = _segments(memoryview(data))
+    cached, last = _segments(memoryview(data))  # the GC is the caller's (`gc_paused`)
     if cached is None or last is None or not _fits(last, manifest):
         return None
     cached.state.offset = cached.covered

@@ -201,23 +201,22 @@ def read_more(path: Path, state: ManifestState) -> None:
     sources: dict[str, str] = {}  # intern source names: 1M lines share a handful
     finished, open_ = state.finished, state.open
     fast_ok = _fast_ok if state.hashes is None else _no_fast_path
-    with gc_paused():
-        for offset, raw in _raw_lines(path, state.offset):
-            if raw.endswith(b"\n"):
-                state.offset = offset + len(raw)
-            fast = fast_ok(raw)
-            if fast is not None:
-                key, source, paths, stats = fast
-                finished[key] = (sources.setdefault(source, source), paths, stats)
-                if open_:
-                    open_.pop(key, None)
-                continue
-            record = _parse_line(raw)
-            if record is None:
-                _warn_unreadable(path, offset, raw)
-                continue
-            source = str(record.get("source", ""))
-            apply_line(state, record, sources.setdefault(source, source))
+    for offset, raw in _raw_lines(path, state.offset):
+        if raw.endswith(b"\n"):
+            state.offset = offset + len(raw)
+        fast = fast_ok(raw)
+        if fast is not None:
+            key, source, paths, stats = fast
+            finished[key] = (sources.setdefault(source, source), paths, stats)
+            if open_:
+                open_.pop(key, None)
+            continue
+        record = _parse_line(raw)
+        if record is None:
+            _warn_unreadable(path, offset, raw)
+            continue
+        source = str(record.get("source", ""))
+        apply_line(state, record, sources.setdefault(source, source))
 
 
 def _no_fast_path(raw: bytes) -> None:
@@ -228,7 +227,12 @@ def _no_fast_path(raw: bytes) -> None:
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """No cyclic GC while a million tuples are built: they hold no cycles, and each
-    collection would walk all of them again (a tenth of the load time)."""
+    collection would walk all of them again (a tenth of the load time).
+
+    Process-wide (every thread loses its GC meanwhile, and two threads pausing at once
+    race on turning it back on), so the loaders never pause by themselves: only a
+    process's owner wraps them in this (the CLI's `run`, `status` and `plan`).
+    """
     was_enabled = gc.isenabled()
     gc.disable()
     try:
