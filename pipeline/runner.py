@@ -107,8 +107,9 @@ async def run_job(
 
     What only a process's owner may do is opt-in, for the CLI: `install_signals`
     (SIGINT/SIGTERM handlers, main thread only) and `freeze_gc` (pauses the process's
-    GC while the manifest loads, then freezes the loaded state). Any caller can stop the run gracefully
-    through `control`. The `max_items` guard and the budgets hold for every caller.
+    GC while the manifest loads, then freezes the loaded state). Any caller can stop the
+    run gracefully through `control`. The `max_items` guard and the budgets hold for
+    every caller.
     With ``backend.mode: batch``, `wait=False` submits and returns (``run --no-wait``);
     a later run collects.
     """
