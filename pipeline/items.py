@@ -235,7 +235,9 @@ def check_max_items(spec: Spec, counts: Mapping[str, int] | None = None) -> None
 
 
 def describe_sources(spec: Spec) -> list[dict[str, Any]]:
-    """Each source as OUT/job.json records it: template, variable values, input kind."""
+    """Each source as OUT/job.json records it: template, variable values, input kind,
+    and `n` (images per request, global params merged with the source's): the contact
+    sheet draws one cell per image, placeholders included, from it."""
     out: list[dict[str, Any]] = []
     for source in spec.sources:
         template = parse_template(source.prompt)
@@ -248,6 +250,7 @@ def describe_sources(spec: Spec) -> list[dict[str, Any]]:
                 "combine": source.combine,
                 "repeats": source.repeats,
                 "input": source.input_kind,
+                "n": int(spec.source_params(source).get("n") or 1),
             }
         )
         if source.roboflow_search is not None:

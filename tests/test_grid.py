@@ -440,3 +440,36 @@ def test_rejects_a_limit_smaller_than_one_cell(tmp_path: Path) -> None:
     street_out(tmp_path)
     with pytest.raises(ValueError, match="too small"):
         draw_grids(tmp_path, cell_px=256, max_sheet_px=300)
+
+
+def test_a_real_runs_job_json_gives_n_cells_per_item(sandbox: Path) -> None:
+    """job.json as a run writes it carries each source's `n`: with nothing done yet, an
+    ``n: 2`` source still draws two cells per item; once run, both hold images."""
+    import synthaug
+
+    spec = synthaug.load_spec(
+        {
+            "version": 1,
+            "name": "n-two",
+            "backend": {"kind": "mock"},
+            "output_dir": "out",
+            "params": {"size": "32x32", "n": 2},
+            "sources": [{"name": "s", "prompt": "a {red|blue} {cat|dog}"}],
+        }
+    )
+    out = sandbox / "out"
+    control = synthaug.RunControl()
+    control.stop()  # a run that writes job.json and the manifest, and sends nothing
+    assert synthaug.run(spec, control=control).requests == 0
+    job = json.loads((out / "job.json").read_text(encoding="utf-8"))
+    assert [source["n"] for source in job["sources"]] == [2]
+    (path,) = draw_grids(out, cell_px=32)
+    with Image.open(path) as sheet:
+        box = layout(sheet)
+        assert [r["sample"] for r in box["rows"]] == ["image 1", "image 2"] * 2
+        placeholders = [cell_colours(sheet, c, r) for c in range(2) for r in range(4)]
+        assert all(len(colours) > 3 for colours in placeholders)  # hatch and text
+    assert synthaug.run(spec).images == 8
+    (path,) = draw_grids(out, cell_px=32)
+    with Image.open(path) as sheet:
+        assert [r["sample"] for r in layout(sheet)["rows"]] == ["image 1", "image 2"] * 2
