@@ -201,7 +201,7 @@ def test_each_file_is_hashed_once(sandbox: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_describe_sources_lists_every_variable(sandbox: Path) -> None:
-    """job.json's source list shows template, all variable values and input kind."""
+    """job.json's source list shows template, all variable values, input kind and n."""
     (sandbox / "wildcards").mkdir()
     (sandbox / "wildcards" / "tree.txt").write_text("oak\nelm\n", encoding="utf-8")
     mixed = {"name": "mixed", "prompt": "{s} __tree__ {a|b}", "vars": {"s": [1, 2.5]}}
@@ -214,6 +214,7 @@ def test_describe_sources_lists_every_variable(sandbox: Path) -> None:
             "combine": "product",
             "repeats": 1,
             "input": "none",
+            "n": 1,
         },
         {
             "name": "files",
@@ -222,6 +223,7 @@ def test_describe_sources_lists_every_variable(sandbox: Path) -> None:
             "combine": "product",
             "repeats": 2,
             "input": "images",
+            "n": 1,
         },
     ]
 
