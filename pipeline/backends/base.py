@@ -40,6 +40,7 @@ __all__ = [
     "encode_image",
     "excerpt",
     "load_answer",
+    "model_advice",
     "parse_duration",
     "parse_images",
     "parse_rate_limit",
@@ -68,6 +69,9 @@ _QUOTA_EXHAUSTED = re.compile(
     r"|out of credits?|credit balance is too low|billing (?:hard )?limit (?:has been )?reached",
     re.IGNORECASE,
 )
+# OpenAI's code for a model that is shut down, or that the key's organization or project
+# may not use (its answer is a 404 that says nothing about which of the two)
+_MODEL_NOT_FOUND = re.compile(r"\bmodel_not_found\b")
 QUOTA_ADVICE = (
     "the account's quota or billing limit is exhausted: add credit or raise the billing "
     "limit, then run the same command again to resume"
@@ -358,30 +362,44 @@ def _elided(encoded: str) -> str:
 
 
 def classify_http(
-    status: int, text: str, headers: Mapping[str, str], *, now: datetime
+    status: int,
+    text: str,
+    headers: Mapping[str, str],
+    *,
+    now: datetime,
+    projects: bool = True,
+    model: object = None,
 ) -> BackendError:
     """The error for a non-2xx answer: what the engine should do is in its class.
 
     `text` must already be free of the key; it is redacted and shortened again anyway.
     A 4xx whose body says the account's quota or billing is exhausted is fatal whatever
     its status (OpenAI answers it with 429): waiting cannot bring credit back.
+
+    The advice names only what the user can fix for this API: `projects` is False for a
+    kind whose requests name no Roboflow project (its spec has no project_url to check),
+    and `model` is the request's ``model``, which an answer ``model_not_found`` names.
     """
     detail = f"HTTP {status}: {excerpt(text)}" if text.strip() else f"HTTP {status}"
     if 400 <= status < 500 and _QUOTA_EXHAUSTED.search(text):
         return FatalError(f"{detail} — {QUOTA_ADVICE}", kind="http_status", status=status)
+    if status in (400, 404) and _MODEL_NOT_FOUND.search(text):
+        return FatalError(f"{detail} — {model_advice(model)}", kind="http_status", status=status)
     if status in (401, 403):
+        access = "the project" if projects else "this API and its models"
         return FatalError(
             f"{detail} — the API refused the key: check the API key variable "
-            "(backend.api_key_env) and that the key has access to the project",
+            f"(backend.api_key_env) and that the key has access to {access}",
             kind="http_status",
             status=status,
         )
     if status == 404:
-        return FatalError(
-            f"{detail} — unknown project or endpoint: check project_url and backend.base_url",
-            kind="http_status",
-            status=status,
+        advice = (
+            "unknown project or endpoint: check project_url and backend.base_url"
+            if projects
+            else "unknown endpoint: check backend.base_url"
         )
+        return FatalError(f"{detail} — {advice}", kind="http_status", status=status)
     if status == 429:
         retry_after = parse_retry_after(
             _header(headers, "retry-after"), now, server_date=_header(headers, "date")
@@ -394,6 +412,15 @@ def classify_http(
             f"{detail} — refused by the content policy", kind="refused", status=status
         )
     return PermanentError(detail, kind="http_status", status=status)
+
+
+def model_advice(model: object) -> str:
+    """What a ``model_not_found`` answer means, naming the requested model."""
+    named = f"model {model}" if model else "the requested model (the API's default)"
+    return (
+        f"{named} is not available to this key: shut down, or not open to its "
+        "organization or project (see `synthaug models`)"
+    )
 
 
 def parse_retry_after(

@@ -37,6 +37,7 @@ class OpenAIBackend(RoboflowBackend):
     """Sends work items to OpenAI's images endpoints under ``base_url`` (``…/v1``)."""
 
     ENDPOINT_PATH = "/images/generations"
+    KIND = "openai"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """As `RoboflowBackend` (the registry's common signature), with the edits URL."""

@@ -30,6 +30,7 @@ from .._version import __version__
 from ..credentials import DIRECT, ProxySettings
 from ..errors import BackendError, FatalError, TransientError
 from ..records import GeneratedImage, Generation, WorkItem, request_body
+from ..registry import backend_kind
 from .base import (
     classify_http,
     elide_images,
@@ -67,6 +68,7 @@ class RoboflowBackend:
     """Sends work items to ``{base_url}/synthetic-image`` and downloads the answers."""
 
     ENDPOINT_PATH = "/synthetic-image"
+    KIND = "roboflow"  # the registry's kind whose API this class speaks (for its advice)
 
     def __init__(
         self,
@@ -132,10 +134,13 @@ class RoboflowBackend:
         """The `Generation` of the request `sending` makes; errors carry the item's key."""
         try:
             status, chunks, headers = await sending
+            # an error naming no model (model_not_found) is told which one was asked for
+            parse = partial(
+                self._generation_of, status, chunks, headers, model=item.params.get("model")
+            )
             if sum(map(len, chunks)) > LARGE_ANSWER_BYTES:  # parsing would hold the loop
-                parse = partial(self._generation_of, status, chunks, headers)
                 return await asyncio.get_running_loop().run_in_executor(self._parser, parse)
-            return self._generation_of(status, chunks, headers)
+            return parse()
         except BackendError as error:
             error.item_key = item.key
             error.message = self._scrub(error.message)
@@ -293,12 +298,14 @@ class RoboflowBackend:
         return self._keyed_url
 
     def _generation_of(
-        self, status: int, chunks: list[bytes], headers: Mapping[str, str]
+        self, status: int, chunks: list[bytes], headers: Mapping[str, str], *, model: object = None
     ) -> Generation:
         """`_generation` of the answer whose body came in as `chunks`."""
-        return self._generation(status, b"".join(chunks), headers)
+        return self._generation(status, b"".join(chunks), headers, model=model)
 
-    def _generation(self, status: int, raw: bytes, headers: Mapping[str, str]) -> Generation:
+    def _generation(
+        self, status: int, raw: bytes, headers: Mapping[str, str], *, model: object = None
+    ) -> Generation:
         """The answer as a `Generation`, parsed from the raw bytes.
 
         Only text that is shown or kept is scrubbed of the key: error messages (here and
@@ -310,7 +317,7 @@ class RoboflowBackend:
         _log.debug("%s answered HTTP %d (%d bytes)", self._endpoint, status, len(raw))
         if not 200 <= status < 300:
             text = self._scrub(raw.decode("utf-8", errors="replace"))
-            raise classify_http(status, text, headers, now=self._clock())
+            raise self._http_error(status, text, headers, model=model)
         payload = _load_json(raw, in_thread=len(raw) > LARGE_ANSWER_BYTES)
         if payload is _INVALID:
             text = self._scrub(raw.decode("utf-8", errors="replace"))
@@ -329,6 +336,21 @@ class RoboflowBackend:
             response=scrub_strings(elide_images(payload), self._scrub),
             status=status,
             rate_limit=parse_rate_limit(headers),
+        )
+
+    def _http_error(
+        self, status: int, text: str, headers: Mapping[str, str], *, model: object = None
+    ) -> BackendError:
+        """`classify_http` of a non-2xx answer, its advice naming only this kind's keys
+        (an OpenAI spec has no project_url to check)."""
+        kind = backend_kind(self.KIND)
+        return classify_http(
+            status,
+            text,
+            headers,
+            now=self._clock(),
+            projects=kind.needs_project or kind.project_in_body,
+            model=model,
         )
 
     def _scrub(self, text: str) -> str:
