@@ -49,6 +49,10 @@ class BackendKind:
     # True: the API runs inside this process (the embedded mock) and forgets everything,
     # its batches too, when the run ends
     in_process: bool = False
+    # True: before the first generation a run asks ``GET {base_url}/models/{model}`` for
+    # each model the spec uses (the backend class has `ask_model`): a model shut down or
+    # not open to the key stops the run before it spends (`pipeline.model_check`)
+    asks_models: bool = False
 
     def open_backend_class(self, *, batch: bool = False) -> type:
         """The class that talks to this kind of API (imported now); with `batch`, the
@@ -79,6 +83,7 @@ BACKENDS: Mapping[str, BackendKind] = {
             project_in_body=False,
             roboflow_extras=False,
             batch_class="backends.openai_batch:BatchBackend",
+            asks_models=True,
         ),
         BackendKind(
             "mock",

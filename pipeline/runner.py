@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import items as items_mod
-from . import search
+from . import model_check, search
 from . import upload as upload_mod
 from .backends.base import Backend
 from .control import RunControl, signal_handlers
@@ -145,6 +145,8 @@ async def run_job(
             watch = BatchWatch()
             options = _batch_options(spec, wait, watch) if spec.backend.mode == "batch" else None
             async with _open_backend(spec, api_key, backend, proxies, options) as live_backend:
+                # the API's word on the spec's models, before anything is spent
+                await model_check.check_models(spec, live_backend)
                 spec = await _resolve_searches(spec, live_backend, api_key, proxies)
                 await asyncio.to_thread(_write_job_json, spec, spec_path)
                 return await _run_engine(

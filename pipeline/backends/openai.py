@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import Mapping
 from functools import partial
 from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from yarl import URL
 
 from ..errors import PermanentError
 from ..records import GeneratedImage, Generation, WorkItem, request_body
+from .base import scrub_strings
 from .roboflow import LARGE_ANSWER_BYTES, RoboflowBackend
 
 __all__ = ["OpenAIBackend", "image_type"]
@@ -60,6 +63,22 @@ class OpenAIBackend(RoboflowBackend):
             )
             return await self._answer(item, sending)
         return await self._answer(item, self._edit(item, image))
+
+    async def ask_model(self, model: str, *, timeout_s: float | None = None) -> tuple[int, Any]:
+        """``GET /models/{model}``: the answer's HTTP status and its JSON (None when it is
+        not JSON), scrubbed of the key. A transport failure raises a `BackendError`, as
+        for a generation; no retry: `pipeline.model_check` decides what an answer means.
+        """
+        url = f"{self._root}/models/{quote(model, safe='')}"
+        timeout = {} if timeout_s is None else {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
+        status, chunks, _headers = await self._send(
+            partial(self._url, url), url, method="GET", headers=self._auth(), **timeout
+        )
+        try:
+            payload = json.loads(b"".join(chunks))
+        except ValueError:
+            payload = None
+        return status, scrub_strings(payload, self._scrub)
 
     def _auth(self) -> dict[str, str]:
         """The key's header, built per request so that no shared object holds it."""

@@ -4,6 +4,7 @@ inject (`MockConfig`), and what clients did (`MockStats`, also served at ``GET /
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ __all__ = [
     "FAULT_KINDS",
     "MAX_BODY_BYTES",
     "MAX_TOKENS",
+    "MODELS_FAULT_KINDS",
     "PHOTO_VARIANTS",
     "MockConfig",
     "MockStats",
@@ -60,6 +62,9 @@ DEFAULT_FAULT_WEIGHTS: Mapping[str, float] = MappingProxyType(
 )
 ResponseShape = Literal["data", "array", "images", "results", "b64_json"]
 RetryAfterForm = Literal["seconds", "date", "none"]
+
+MODELS_FAULT_KINDS: tuple[str, ...] = ("500", "502", "503", "504", "drop", "malformed")
+"""What `MockConfig.models_fault` may name: how ``GET /v1/models`` fails, every time."""
 
 DEFAULT_PAUSE_GRACE_S = 0.05
 """Requests arriving this soon after a 429 were already in flight: not a pause violation."""
@@ -106,6 +111,11 @@ class MockConfig:
     clock_offset_s: float = 0.0
     batch_s: float = 3.0  # a batch's whole life, validating to completed (the API: up to 24 h)
     batch_expire_share: float = 0.0  # lines a batch does not reach: it ends expired
+    # model -> the date it is shut down (on top of the catalog's dates): /v1/models says
+    # so, and the generation endpoints answer 404 model_not_found from that date on
+    shutdowns: Mapping[str, dt.date] = field(default_factory=dict)
+    today: dt.date | None = None  # the mock's date, which shutdowns are judged on (None: host's)
+    models_fault: str | None = None  # every /v1/models request fails so (MODELS_FAULT_KINDS)
 
     def __post_init__(self) -> None:
         problems = [
@@ -136,6 +146,13 @@ class MockConfig:
             )
         if not math.isfinite(self.clock_offset_s):
             problems.append(f"clock_offset_s must be finite, got {self.clock_offset_s}")
+        if self.models_fault is not None and self.models_fault not in MODELS_FAULT_KINDS:
+            problems.append(
+                f"unknown models_fault {self.models_fault!r} "
+                f"(known: {', '.join(MODELS_FAULT_KINDS)})"
+            )
+        if not all(isinstance(day, dt.date) for day in self.shutdowns.values()):
+            problems.append("shutdowns must map model names to dates")
         if self.retry_after_form not in ("seconds", "date", "none"):
             problems.append(f"unknown retry_after_form {self.retry_after_form!r}")
         if self.photo_format not in (None, "png", "jpeg"):
@@ -176,6 +193,8 @@ class MockStats:
     upload_duplicates: int = 0  # uploads answered "duplicate"
     # per "project/name", the uploads that stored it (more than 1: uploaded twice)
     uploads_by_name: dict[str, int] = field(default_factory=dict)
+    model_requests: int = 0  # GET /v1/models and /v1/models/{id}, any answer
+    model_not_found: int = 0  # generation requests refused: their model is shut down
 
     @property
     def duplicates(self) -> int:
@@ -207,4 +226,6 @@ class MockStats:
             "upload_requests": self.upload_requests,
             "uploads": self.uploads,
             "upload_duplicates": self.upload_duplicates,
+            "model_requests": self.model_requests,
+            "model_not_found": self.model_not_found,
         }

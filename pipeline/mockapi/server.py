@@ -56,6 +56,7 @@ from .image import (
     paint,
     photo,
 )
+from .models import MockModels
 from .search import serve_search
 from .upload import serve_upload
 
@@ -116,6 +117,7 @@ class _MockApi:
             generate=self._batch_answer,
             count=self._count_generation,
         )
+        self.models = MockModels(config, stats, authorized=self._bearer_ok)  # /v1/models
 
     def app(self) -> web.Application:
         """The aiohttp application serving the API, the images and the stats."""
@@ -129,6 +131,7 @@ class _MockApi:
         application.router.add_post("/{workspace}/{project}/search", self.search)
         application.router.add_post("/dataset/{project}/upload", self.upload)
         self.batches.add_routes(application)
+        self.models.add_routes(application)
         if self.config.clock_offset_s:
             application.on_response_prepare.append(self._stamp_date)
         return application
@@ -228,6 +231,9 @@ class _MockApi:
         problem = None if openai else _roboflow_image_problem(body)
         if problem is not None:
             return _error(400, "invalid_request", problem)
+        refusal = self.models.refusal(body.get("model")) if openai else None
+        if refusal is not None:  # a model shut down by the mock's date: OpenAI's 404
+            return refusal
         projects = self.config.projects
         if openai is None and projects is not None and body.get("project_url") not in projects:
             self.stats.unknown_project += 1
