@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import logging
 import os
@@ -159,7 +160,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="how long a Batch API batch takes, validating to completed (the API: up to 24 h)",
     )
+    mock.add_argument(
+        "--shutdown",
+        action="append",
+        default=[],
+        metavar="MODEL=YYYY-MM-DD",
+        help="mark MODEL shut down on that date (repeatable): /v1/models says so, and "
+        "requests for it answer 404 model_not_found from then on",
+    )
     _add_log_level(mock)
+
+    models = sub.add_parser(
+        "models",
+        help="known image models: status, shutdown, replacement, prices",
+        description="Show the image models synthaug knows (packaged data, judged on "
+        "today's date): status, shutdown date, replacement, list prices. With SPEC, also "
+        "ask the API (GET /models/{id}, with the spec's key) about each model the spec "
+        "uses, as a run does before it spends: exit 2 if one is shut down, 3 if the key "
+        "cannot use it.",
+    )
+    models.add_argument("spec", type=Path, nargs="?", metavar="SPEC.yaml")
+    models.add_argument(
+        "--date",
+        type=_iso_date,
+        metavar="YYYY-MM-DD",
+        help="judge the models on this date instead of today (what will be shut down by then)",
+    )
+    models.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_log_level(models)
 
     schema = sub.add_parser("schema", help="print the job spec's JSON Schema")
     _add_log_level(schema)
@@ -216,12 +244,12 @@ def _setup_logging(level: str) -> None:
 # ---------------------------------------------------------------------- commands
 
 
-def _load(path: Path) -> Spec:
+def _load(path: Path, today: dt.date | None = None) -> Spec:
     from .spec.load import load_spec
 
     if not path.exists():
         raise UsageError(f"{path}: no such spec file")
-    return load_spec(path)
+    return load_spec(path, today=today)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -340,8 +368,54 @@ def _cmd_mock_server(args: argparse.Namespace) -> int:
         rate_limit=rate,
         seed=args.seed,
         batch_s=args.batch_seconds,
+        shutdowns=_parse_shutdowns(args.shutdown),
     )
     run_mock_server(config, args.host, args.port)
+    return EXIT_OK
+
+
+def _iso_date(value: str) -> dt.date:
+    """An argparse type: a ``YYYY-MM-DD`` date."""
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {value!r}") from None
+
+
+def _parse_shutdowns(values: Sequence[str]) -> dict[str, dt.date]:
+    """``--shutdown MODEL=YYYY-MM-DD`` flags as a mapping; UsageError for a bad one."""
+    shutdowns: dict[str, dt.date] = {}
+    for value in values:
+        model, sep, day = value.partition("=")
+        try:
+            if not sep or not model.strip():
+                raise ValueError(value)
+            shutdowns[model.strip()] = dt.date.fromisoformat(day.strip())
+        except ValueError:
+            raise UsageError(f"--shutdown takes MODEL=YYYY-MM-DD, got {value!r}") from None
+    return shutdowns
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .model_check import ask_spec_api, raise_or_warn
+    from .spec.catalog import default_catalog
+    from .views.model_table import format_models, models_report
+
+    if args.spec is None:
+        report = models_report(default_catalog(), args.date or dt.date.today())
+        print(json.dumps(report, indent=2) if args.json else format_models(report))
+        return EXIT_OK
+    spec = _load(args.spec, today=args.date)
+    answers = asyncio.run(ask_spec_api(spec))
+    report = models_report(
+        default_catalog(),
+        spec.today,
+        spec_file=str(args.spec),
+        kind=spec.backend.kind,
+        api=answers,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_models(report), flush=True)
+    raise_or_warn(spec, answers or ())  # the run's own verdict: exit 2 or 3, or warnings
     return EXIT_OK
 
 
@@ -358,6 +432,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": _cmd_status,
     "grid": _cmd_grid,
     "mock-server": _cmd_mock_server,
+    "models": _cmd_models,
     "schema": _cmd_schema,
 }
 
