@@ -13,8 +13,10 @@ cannot shadow)::
         raise RuntimeError(result.message)
 
 Everything that belongs to a process's owner stays with the CLI: no signal handlers, no
-progress bar, no logging setup, no GC tuning. What protects the user's money holds for
-every caller: the ``max_items`` typo guard, the budgets, the key-scheme check and the lock.
+progress bar, no logging setup, no GC tuning (the GC is never paused or frozen by these
+calls: another thread of the caller's would lose its collections meanwhile). What
+protects the user's money holds for every caller: the ``max_items`` typo guard, the
+budgets, the key-scheme check and the lock.
 A run is stopped gracefully with a `RunControl`, from any thread.
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -31,6 +33,7 @@ from typing import Any
 from .control import RunControl
 from .engine import RunStats
 from .manifest.cache import load_cached_state
+from .manifest.log import ManifestState
 from .plan import Plan, build_plan
 from .runner import check_key_scheme, run_job
 from .search import apply_recorded, resolve_standalone
@@ -42,6 +45,7 @@ from .views.report import status_report
 
 __all__ = [
     "Plan",
+    "Progress",
     "RunControl",
     "RunResult",
     "RunStats",
@@ -50,6 +54,7 @@ __all__ = [
     "Status",
     "load_spec",
     "plan",
+    "plan_async",
     "run",
     "run_async",
     "status",
@@ -74,19 +79,115 @@ def plan(spec: Spec, *, resolve: bool = False) -> Plan:
 
     A roboflow_search source counts the ids its output folder recorded; without them its
     count is unknown, unless `resolve` runs the search (its only network call; what it
-    finds is recorded, so the run works on the same images). Blocking, like `run`.
+    finds is recorded in OUT under OUT's lock, so the run works on the same images; a
+    run holding the lock makes it raise `OutputError`). Blocking, like `run`; without
+    `resolve` it needs no event loop (callable from async code too), with it, in async
+    code, await `plan_async`.
     """
+    if not resolve:
+        return _plan_from(spec, _read_state(spec))
+    _refuse_running_loop("synthaug.plan(resolve=True)", "synthaug.plan_async()")
+    return asyncio.run(plan_async(spec, resolve=True))
+
+
+async def plan_async(spec: Spec, *, resolve: bool = False) -> Plan:
+    """`plan` in the running event loop: the manifest is read and the plan built in a
+    worker thread (a big job's take seconds), the search (`resolve`) awaited."""
+    state = await asyncio.to_thread(_read_state, spec)
+    if resolve:
+        spec = await resolve_standalone(spec)
+    return await asyncio.to_thread(_plan_from, spec, state)
+
+
+def _read_state(spec: Spec) -> ManifestState:
+    """OUT's manifest state, refused when it was keyed by another scheme."""
     state = load_cached_state(spec.output_dir / MANIFEST_NAME)
     check_key_scheme(spec.output_dir, state)
-    if resolve:
-        spec = asyncio.run(resolve_standalone(spec))
+    return state
+
+
+def _plan_from(spec: Spec, state: ManifestState) -> Plan:
     return build_plan(apply_recorded(spec), state)
+
+
+def _refuse_running_loop(call: str, instead: str) -> None:
+    """A blocking call made from async code would fail deep inside `asyncio.run`: say
+    what to await instead."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(f"{call} blocks: in async code, await {instead}")
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot of a run's counters: what `on_progress` is called with.
+
+    Frozen and detached from the run: a callback may keep it or hand it to another
+    thread, and it never changes afterwards (the engine's own counters change under it
+    as the run goes on, so they are not handed out). `done` counts items settled in this
+    run or before it (ok, failed, skipped); `expected` is the job's item count;
+    `in_batches` items wait in Batch API batches and `batches` says where those stand;
+    `cost_usd` is None once an item's cost is unknown.
+    """
+
+    expected: int
+    total: int
+    done: int
+    ok: int
+    failed: int
+    skipped_ok: int
+    skipped_failed: int
+    requests: int
+    images: int
+    retries: int
+    rate_limited: int
+    in_flight: int
+    in_batches: int
+    batches: str
+    cost_usd: float | None
+
+    @classmethod
+    def of(cls, stats: RunStats) -> Progress:
+        """The snapshot of the engine's counters as they are now."""
+        return cls(
+            expected=stats.expected,
+            total=stats.total,
+            done=stats.done,
+            ok=stats.ok,
+            failed=stats.failed,
+            skipped_ok=stats.skipped_ok,
+            skipped_failed=stats.skipped_failed,
+            requests=stats.requests,
+            images=stats.images,
+            retries=stats.retries,
+            rate_limited=stats.rate_limited,
+            in_flight=stats.in_flight,
+            in_batches=stats.deferred,
+            batches=stats.batches,
+            cost_usd=stats.cost_usd if stats.cost_known else None,
+        )
+
+
+def _snapshots(on_progress: Callable[[Progress], None] | None) -> Callable[[RunStats], None] | None:
+    """The engine's progress hook for a caller's callback: a frozen `Progress` each time."""
+    if on_progress is None:
+        return None
+    callback = on_progress
+    return lambda stats: callback(Progress.of(stats))
 
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
     """How a run ended. `exit_code` is the CLI's (0 all ok, 1 some failed, 3 aborted,
-    4 budget reached, 130 stopped); `summary` is what ``OUT/summary.json`` holds."""
+    4 budget reached, 130 stopped); `summary` is what ``OUT/summary.json`` holds.
+
+    `in_batches` items were left waiting in Batch API batches (``wait=False``: a later
+    run collects them). `uploaded` and `upload_failed` count this run's uploads (images
+    new to the project; outputs whose upload failed for good, which a later run tries
+    again); both are None for a spec without an ``upload:`` block.
+    """
 
     exit_code: int
     stop_reason: str | None
@@ -99,6 +200,9 @@ class RunResult:
     cost_usd: float | None
     output_dir: Path
     summary: Mapping[str, Any]
+    in_batches: int = 0
+    uploaded: int | None = None
+    upload_failed: int | None = None
 
     @property
     def all_ok(self) -> bool:
@@ -112,18 +216,21 @@ async def run_async(
     verify: bool = False,
     wait: bool = True,
     control: RunControl | None = None,
-    on_progress: Callable[[RunStats], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> RunResult:
     """Run (or resume) `spec` in the running event loop; see `run`."""
+    if control is not None:
+        control.claim()  # one control per run: a used one is refused before anything
     result = await run_job(
         spec,
         spec_path=Path(spec.spec_file),
-        on_progress=on_progress,
+        on_progress=_snapshots(on_progress),
         control=control,
         verify=verify,
         wait=wait,
     )
     summary = result.summary
+    upload = summary.get("upload")
     return RunResult(
         exit_code=result.exit_code,
         stop_reason=result.stop_reason,
@@ -136,6 +243,9 @@ async def run_async(
         cost_usd=summary["cost_usd"],
         output_dir=spec.output_dir,
         summary=MappingProxyType(summary),
+        in_batches=int(summary.get("in_batches") or 0),
+        uploaded=int(upload["uploaded"]) if isinstance(upload, Mapping) else None,
+        upload_failed=int(upload["failed"]) if isinstance(upload, Mapping) else None,
     )
 
 
@@ -145,23 +255,19 @@ def run(
     verify: bool = False,
     wait: bool = True,
     control: RunControl | None = None,
-    on_progress: Callable[[RunStats], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> RunResult:
     """Run (or resume) `spec` and block until it ends; safe from any thread.
 
     `verify` re-hashes every stored image; `wait=False` (``backend.mode: batch``)
     submits the batches and returns, and a later run collects them; `control.stop()`
-    (from any thread) stops it gracefully; `on_progress` is called with the run's
-    counters as they change. Raises a `PipelineError` (`SpecError`, `CredentialsError`,
-    `OutputError`, ...) when the run cannot start; once it has started, the outcome
-    is in the result's `exit_code`.
+    (from any thread) stops it gracefully (a `RunControl` serves one run: a used one
+    raises `UsageError`); `on_progress` is called, on the run's thread, with a frozen
+    `Progress` snapshot of the run's counters each time they change. Raises a
+    `PipelineError` (`SpecError`, `CredentialsError`, `OutputError`, ...) when the run
+    cannot start; once it has started, the outcome is in the result's `exit_code`.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError("synthaug.run() blocks: in async code, await synthaug.run_async()")
+    _refuse_running_loop("synthaug.run()", "synthaug.run_async()")
     return asyncio.run(
         run_async(spec, verify=verify, wait=wait, control=control, on_progress=on_progress)
     )
@@ -180,7 +286,13 @@ class SourceStatus:
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    """What an output folder holds; `report` is the whole ``status --json`` object."""
+    """What an output folder holds; `report` is the whole ``status --json`` object.
+
+    `submitted` items wait in Batch API batches (`batches`: items per batch id, as
+    ``status`` lists them). `uploaded` and `upload_failed` are the last run's upload
+    counts (from its summary.json); None when that run had no ``upload:`` block, or
+    no run finished yet.
+    """
 
     ok: int
     failed: int
@@ -190,10 +302,17 @@ class Status:
     by_source: Mapping[str, SourceStatus]
     errors: Mapping[str, int]
     report: Mapping[str, Any]
+    submitted: int = 0
+    batches: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    uploaded: int | None = None
+    upload_failed: int | None = None
 
 
 def status(out_dir: str | os.PathLike[str]) -> Status:
-    """The state of the run in `out_dir`, from its manifest (``synthaug status``)."""
+    """The state of the run in `out_dir`, from its manifest (``synthaug status``).
+
+    Reads the manifest with the process's GC left on (unlike the CLI's ``status``,
+    which owns its process and pauses it)."""
     report = status_report(Path(out_dir))
     by_source = {
         name: SourceStatus(
@@ -214,4 +333,16 @@ def status(out_dir: str | os.PathLike[str]) -> Status:
         by_source=MappingProxyType(by_source),
         errors=MappingProxyType(dict(report["errors"])),
         report=MappingProxyType(report),
+        submitted=int(report.get("submitted", 0)),
+        batches=MappingProxyType(dict(report.get("batches") or {})),
+        uploaded=_last_upload(report, "uploaded"),
+        upload_failed=_last_upload(report, "failed"),
     )
+
+
+def _last_upload(report: Mapping[str, Any], field_name: str) -> int | None:
+    """One upload count of the last run's summary, None when it uploaded nothing."""
+    last_run = report.get("last_run")
+    upload = last_run.get("upload") if isinstance(last_run, Mapping) else None
+    value = upload.get(field_name) if isinstance(upload, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from .engine import Engine, StopReason
+from .errors import UsageError
 
 __all__ = ["RunControl", "signal_handlers"]
 
@@ -28,17 +29,33 @@ class RunControl:
     Like a first SIGINT: nothing new starts, in-flight items get the grace period, the
     manifest stays consistent, and the result's stop reason is ``stopped`` (exit 130).
     A stop asked for before the run starts takes effect as soon as it does.
+
+    One control serves one run: make a new one for each. It is never reset (a stop that
+    arrived after its run ended would otherwise stop the next one, or a stop asked before
+    a run be forgotten), so `synthaug.run` and `run_async` refuse a control that a run
+    already took with a `UsageError`, before anything is done.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._target: tuple[asyncio.AbstractEventLoop, Engine] | None = None
         self._requested = False
+        self._claimed = False
 
     @property
     def stop_requested(self) -> bool:
         """True once `stop` was called."""
         return self._requested
+
+    def claim(self) -> None:
+        """Take this control for a run; raise `UsageError` if a run already took it."""
+        with self._lock:
+            claimed, self._claimed = self._claimed, True
+        if claimed:
+            raise UsageError(
+                "this RunControl was already used by a run: a RunControl serves one run; "
+                "pass a new synthaug.RunControl() to each run"
+            )
 
     def stop(self) -> None:
         """Ask the run to stop; safe from any thread, and more than once."""

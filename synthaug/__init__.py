@@ -34,6 +34,7 @@ else:  # shadowed: serve the package's modules as synthaug.*
 
 __version__ = _version.__version__
 Plan = api.Plan
+Progress = api.Progress
 RunControl = api.RunControl
 RunResult = api.RunResult
 RunStats = api.RunStats
@@ -42,6 +43,7 @@ Spec = api.Spec
 Status = api.Status
 load_spec = api.load_spec
 plan = api.plan
+plan_async = api.plan_async
 run = api.run
 run_async = api.run_async
 status = api.status
@@ -78,6 +80,7 @@ __all__ = [
     "PermanentError",
     "PipelineError",
     "Plan",
+    "Progress",
     "RateLimitedError",
     "RunControl",
     "RunResult",
@@ -91,6 +94,7 @@ __all__ = [
     "__version__",
     "load_spec",
     "plan",
+    "plan_async",
     "run",
     "run_async",
     "status",

@@ -161,7 +161,7 @@ def test_a_caller_stops_a_run_gracefully_and_it_resumes(
         stopper = threading.Thread(target=lambda: (two_done.wait(60), control.stop()))
         stopper.start()
 
-        def progress(stats: synthaug.RunStats) -> None:
+        def progress(stats: synthaug.Progress) -> None:
             if stats.ok >= 2:
                 two_done.set()
 
