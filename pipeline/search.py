@@ -25,6 +25,7 @@ from .registry import backend_kind
 from .spec.model import SourceSpec, Spec
 from .store import layout
 from .store.layout import SEARCH_NAME
+from .store.lock import acquire_lock
 
 __all__ = [
     "SEARCH_FORMAT",
@@ -154,24 +155,28 @@ async def resolve_searches(
 
 async def resolve_standalone(spec: Spec) -> Spec:
     """`resolve_searches` outside a run (``plan --resolve``): opens the spec's backend
-    for its API root (the embedded mock's, for kind mock) and closes it again."""
+    for its API root (the embedded mock's, for kind mock) and closes it again.
+
+    Holds OUT's lock while it searches and records, as a run does: a run that holds it
+    raises `OutputError` (naming it) before anything is sent or written."""
     spec = apply_recorded(spec)
     if not unresolved(spec):
         return spec
     kind = backend_kind(spec.backend.kind)
     api_key = read_api_key(spec.backend)
     proxies = read_proxy_settings() if kind.proxied else DIRECT
-    backend_class = await asyncio.to_thread(kind.open_backend_class)
-    async with backend_class(
-        spec.backend.base_url,
-        api_key,
-        concurrency=1,
-        timeout_s=spec.backend.timeout_s,
-        proxies=proxies,
-    ) as backend:
-        return await resolve_searches(
-            spec, root=api_root(spec, backend), api_key=api_key, proxies=proxies
-        )
+    with await asyncio.to_thread(acquire_lock, spec.output_dir):
+        backend_class = await asyncio.to_thread(kind.open_backend_class)
+        async with backend_class(
+            spec.backend.base_url,
+            api_key,
+            concurrency=1,
+            timeout_s=spec.backend.timeout_s,
+            proxies=proxies,
+        ) as backend:
+            return await resolve_searches(
+                spec, root=api_root(spec, backend), api_key=api_key, proxies=proxies
+            )
 
 
 def api_root(spec: Spec, backend: object) -> str:

@@ -22,7 +22,7 @@ from yarl import URL
 
 from pipeline import api
 from pipeline.backends.roboflow_search import PAGE_LIMIT, RoboflowSearch
-from pipeline.errors import FatalError, SpecError
+from pipeline.errors import FatalError, OutputError, SpecError
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.dataset import MockDataset
 from pipeline.mockapi.search import match_images
@@ -30,6 +30,7 @@ from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.runner import run_job
 from pipeline.spec.load import load_spec, spec_from_data
 from pipeline.spec.model import SearchSettings
+from pipeline.store.lock import acquire_lock
 
 KEY = "sk-search-5b1e9f0c7d2a-secret"
 ROOT = "https://api.example.com"
@@ -548,6 +549,26 @@ async def test_plan_resolve_searches_records_and_counts(tmp_path: Path, key: str
         assert server.stats.searches == 1
     assert resolved.to_json()["total"]["items"] == again.to_json()["total"]["items"] == 8
     assert result.summary["ok"] == 8
+
+
+async def test_plan_resolve_is_refused_while_a_run_holds_the_lock(tmp_path: Path, key: str) -> None:
+    """--resolve writes OUT/search.json under OUT's lock: while a run holds it, plan
+    --resolve fails with the lock's error (exit 2) before it searches or writes."""
+    async with MockServer(MockConfig(api_key=key)) as server:
+        spec = load_spec(write_roboflow_spec(tmp_path, server.base_url))
+        out = spec.output_dir
+        with acquire_lock(out):  # as a run holds it
+            before = sorted(p.name for p in out.iterdir())
+            with pytest.raises(OutputError, match="in use by another synthaug run") as refused:
+                await asyncio.to_thread(api.plan, spec, resolve=True)
+            assert sorted(p.name for p in out.iterdir()) == before
+        assert refused.value.exit_code == 2
+        assert (server.stats.searches, server.stats.requests) == (0, 0)
+        assert not (out / "search.json").exists()
+        resolved = await asyncio.to_thread(api.plan, spec, resolve=True)  # lock released
+    assert resolved.to_json()["total"]["items"] == 8
+    assert (out / "search.json").exists()
+    assert not (out / ".synthaug.lock").exists()
 
 
 @pytest.mark.slow
