@@ -79,7 +79,8 @@ class WorkItem:
 
     `params` holds the OpenAI/Roboflow request parameters (model, n, quality, size,
     style, and the optional booleans); `vars` the template values that made `prompt`,
-    in template order; `index` the item's position within its source.
+    in template order; `index` the item's position within its source; `mask` the
+    source's edit mask (a local PNG, as a ``file`` input), None without one.
     """
 
     key: str
@@ -91,6 +92,7 @@ class WorkItem:
     repeat: int = 0
     input: InputImage | None = None
     index: int = 0
+    mask: InputImage | None = None
 
     @property
     def n(self) -> int:
@@ -244,7 +246,9 @@ def request_body(item: WorkItem, image: str | None, *, project: bool = True) -> 
     `image` is what goes in the ``image`` field: the base64 of a local file when sending,
     ``sha256:<hex>`` when computing the key, the id or URL otherwise. One function for both
     uses, so the key always describes exactly what is sent. Without `project` (a kind
-    that has none: OpenAI's images API) the body has no ``project_url``.
+    that has none: OpenAI's images API) the body has no ``project_url``. An item with
+    a `mask` has ``mask: sha256:<hex>`` (only then: every key without one is unchanged);
+    the clients that send a mask send its bytes in their own form.
     """
     body: dict[str, Any] = {"project_url": item.project_url} if project else {}
     body["prompt"] = item.prompt
@@ -252,6 +256,8 @@ def request_body(item: WorkItem, image: str | None, *, project: bool = True) -> 
     if item.input is not None:
         body["image"] = image
         body["image_type"] = {"file": "base64", "id": "id", "url": "url"}[item.input.kind]
+    if item.mask is not None:
+        body["mask"] = item.mask.key_value()
     return body
 
 

@@ -49,6 +49,9 @@ class BackendKind:
     # True: the API runs inside this process (the embedded mock) and forgets everything,
     # its batches too, when the run ends
     in_process: bool = False
+    # True: an edit may carry a source's `mask:` (OpenAI's edits take one; Roboflow's
+    # endpoint has no such field, so a mask is a spec error for it)
+    takes_mask: bool = False
     # True: before the first generation a run asks ``GET {base_url}/models/{model}`` for
     # each model the spec uses (the backend class has `ask_model`): a model shut down or
     # not open to the key stops the run before it spends (`pipeline.model_check`)
@@ -83,6 +86,7 @@ BACKENDS: Mapping[str, BackendKind] = {
             project_in_body=False,
             roboflow_extras=False,
             batch_class="backends.openai_batch:BatchBackend",
+            takes_mask=True,
             asks_models=True,
         ),
         BackendKind(
@@ -96,6 +100,7 @@ BACKENDS: Mapping[str, BackendKind] = {
             serves_uploads=True,
             batch_class="backends.embedded:MockBackend",
             in_process=True,
+            takes_mask=True,
         ),
     )
 }
