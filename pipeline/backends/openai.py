@@ -2,7 +2,10 @@
 
 A prompt-only item is a JSON ``generations`` request; an item with an input image is a
 multipart ``edits`` request whose ``image[]`` part holds the image's bytes (a local file
-as read by the engine, a URL fetched first through the same session and proxy). The key
+as read by the engine, a URL fetched first through the same session and proxy), and whose
+``mask`` part, when its source has one, the mask PNG's bytes. The mask is read here, just
+before the request starts, and checked against the hash its item's key was built from
+(one small file per source: the engine's one ``image`` argument stays as it is). The key
 travels as ``Authorization: Bearer``, set per request and never logged. Everything else,
 the session, proxies, timeouts, answer parsing (``data[].b64_json`` with ``usage``) and
 the error classes, is the Roboflow client's, which this class extends.
@@ -24,6 +27,7 @@ from yarl import URL
 
 from ..errors import PermanentError
 from ..records import GeneratedImage, Generation, WorkItem, request_body
+from ..sources import read_input_bytes
 from .base import scrub_strings
 from .roboflow import LARGE_ANSWER_BYTES, RoboflowBackend
 
@@ -99,16 +103,30 @@ class OpenAIBackend(RoboflowBackend):
     async def _edit(
         self, item: WorkItem, image: str | None
     ) -> tuple[int, list[bytes], Mapping[str, str]]:
-        """POST the multipart edit of `item`: its parameters, then its input as ``image[]``."""
+        """POST the multipart edit of `item`: its parameters, then its input as ``image[]``
+        and its mask (if any) as ``mask``."""
         data, name = await self._input_bytes(item, image)
+        mask = await self._mask_bytes(item)
         form = aiohttp.FormData()
         for key, value in {"prompt": item.prompt, **item.params}.items():
             form.add_field(key, _form_value(value))
         mime, extension = image_type(data)
         form.add_field("image[]", data, filename=f"{name}.{extension}", content_type=mime)
+        if mask is not None and item.mask is not None:
+            stem = _stem(item.mask.value)
+            form.add_field("mask", mask, filename=f"{stem}.png", content_type="image/png")
         return await self._send(
             partial(self._url, self._edits), self._edits, data=form, headers=self._auth()
         )
+
+    async def _mask_bytes(self, item: WorkItem) -> bytes | None:
+        """The bytes of the item's mask, as hashed into its key; None without a mask.
+
+        Raises `InputChangedError` (the engine skips the item) when the file changed.
+        """
+        if item.mask is None:
+            return None
+        return await asyncio.to_thread(read_input_bytes, item.mask.value, item.mask.sha256 or "")
 
     async def _input_bytes(self, item: WorkItem, image: str | None) -> tuple[bytes, str]:
         """The input image's bytes and a file name stem for its part."""
