@@ -7,6 +7,16 @@ file is uploaded, the batch created, and each waiting `generate` returns when it
 result comes back. So the engine's retries, checks, storage and checkpoint work as they
 do online: a line that failed for a transient reason is retried in a new batch.
 
+A batch has one endpoint, so prompt-only items gather into ``/v1/images/generations``
+batches and items with an input image into ``/v1/images/edits`` batches of their own. A
+JSONL line cannot carry multipart parts: an edit line uses the Images API's JSON form,
+``images: [{"image_url": ...}]`` (a local file as a ``data:`` URL of its bytes, a URL
+input as itself) and ``mask: {"image_url": "data:image/png;base64,..."}``. Inputs are
+inlined, never uploaded with ``POST /files`` for a ``file_id``: an input is at most 25 MB
+(`pipeline.sources.MAX_INPUT_BYTES`), so its line fits an input file several times over,
+and an upload per input would be one more thing to record, retry and clean up. A line is
+counted at its real size (the data URL included) against `max_file_bytes`.
+
 Paying twice is what this module is careful about. Before a batch is created, and again
 once it exists, the manifest records where each item waits (`bind_manifest`'s callback:
 a ``submitted`` line with the input file and the batch id), so a killed run re-attaches
@@ -23,6 +33,7 @@ memory faster than the engine stores them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
@@ -52,11 +63,21 @@ from ..records import (
     WorkItem,
     request_body,
 )
-from .base import classify_http, elide_images, excerpt, load_answer, parse_images, scrub_strings
-from .openai import OpenAIBackend
+from .base import (
+    classify_http,
+    elide_images,
+    encode_image,
+    excerpt,
+    load_answer,
+    parse_images,
+    scrub_strings,
+)
+from .openai import OpenAIBackend, image_type
+from .roboflow import LARGE_ANSWER_BYTES
 
 __all__ = [
     "BATCH_ENDPOINT",
+    "EDITS_ENDPOINT",
     "MAX_BATCH_BYTES",
     "MAX_BATCH_REQUESTS",
     "BatchBackend",
@@ -68,6 +89,9 @@ _log = logging.getLogger(__name__)
 _batch_log = logging.getLogger(BATCH_LOGGER)  # what is in flight: shown by default
 
 BATCH_ENDPOINT = "/v1/images/generations"
+"""The endpoint of prompt-only items' batches."""
+EDITS_ENDPOINT = "/v1/images/edits"
+"""The endpoint of the batches of items with an input image (a batch has one endpoint)."""
 
 MAX_BATCH_REQUESTS = 50_000
 MAX_BATCH_BYTES = 190 * 1024 * 1024  # the API takes 200 MB: a margin for either meaning of MB
@@ -118,8 +142,9 @@ class BatchOptions:
 
 @dataclass(eq=False)
 class _Chunk:
-    """Request lines gathering for the next input file."""
+    """Request lines gathering for the next input file of one endpoint."""
 
+    endpoint: str = BATCH_ENDPOINT
     items: list[WorkItem] = field(default_factory=list)
     lines: list[bytes] = field(default_factory=list)
     waiters: dict[str, asyncio.Future[Generation]] = field(default_factory=dict)
@@ -150,7 +175,7 @@ class BatchBackend(OpenAIBackend):
         self._batches_url = self._root + "/batches"
         self._record: Recorder = lambda _items, _ref: None
         self._attached: dict[str, BatchRef] = {}
-        self._chunk = _Chunk()
+        self._chunks: dict[str, _Chunk] = {}  # by endpoint
         self._flush: asyncio.TimerHandle | None = None
         self._tracked: dict[str, _Tracked] = {}
         self._found: dict[str, asyncio.Task[BatchRef | None]] = {}  # file id -> lookup
@@ -185,8 +210,9 @@ class BatchBackend(OpenAIBackend):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for waiter in self._chunk.waiters.values():
-            waiter.cancel()
+        for chunk in self._chunks.values():
+            for waiter in chunk.waiters.values():
+                waiter.cancel()
         self._record = _refuse_recording
 
     async def aclose(self) -> None:
@@ -198,15 +224,15 @@ class BatchBackend(OpenAIBackend):
 
     async def generate(self, item: WorkItem, image: str | None) -> Generation:
         """The item's result from its batch: the one the manifest names, or a new one."""
-        if item.input is not None:
+        if item.input is not None and item.input.kind == "id":
             raise PermanentError(
-                "backend.mode batch sends prompt-only requests: use mode online for "
-                "items with an input image",
+                "backend.mode batch sends OpenAI requests, which cannot carry a Roboflow "
+                "image id: use mode online",
                 kind="bad_response",
                 item_key=item.key,
             )
         if self._options.retry_online and item.key in self._failed:
-            return await self._online(item)
+            return await self._online(item, image)
         ref = self._attached.pop(item.key, None)
         if ref is not None and ref.batch_id is None:
             ref = await self._find_batch(ref.input_file_id)
@@ -214,7 +240,8 @@ class BatchBackend(OpenAIBackend):
             tracked = self._track(ref)
             waiter = self._wait_in(tracked, item.key)
             return await self._outcome(waiter, item)
-        return await self._outcome(self._enqueue(item), item)
+        endpoint, line = await self._request_line(item, image)
+        return await self._outcome(self._enqueue(item, endpoint, line), item)
 
     async def download(self, image: GeneratedImage) -> bytes:
         """The image's bytes (inline, as batch results carry them); frees their budget."""
@@ -232,7 +259,7 @@ class BatchBackend(OpenAIBackend):
             self._failed.add(item.key)
             raise
 
-    async def _online(self, item: WorkItem) -> Generation:
+    async def _online(self, item: WorkItem, image: str | None) -> Generation:
         """`retry_online`: the item's request sent to the Images API itself, paced by the
         spec's online rate and concurrency (full price; its answer carries no batch mark)."""
         if self._online_limiter is None:
@@ -244,7 +271,7 @@ class BatchBackend(OpenAIBackend):
         limiter = self._online_limiter
         async with limiter.slot(item.n) as ticket:
             try:
-                generation = await super().generate(item, None)
+                generation = await super().generate(item, image)
             except RateLimitedError as error:
                 limiter.pause(error.retry_after, started_at=ticket.started_at)
                 raise
@@ -253,22 +280,60 @@ class BatchBackend(OpenAIBackend):
 
     # ------------------------------------------------------------------ submitting
 
-    def _enqueue(self, item: WorkItem) -> asyncio.Future[Generation]:
-        """Add the item's request line to the gathering file; submit it when full."""
-        body = request_body(item, None, project=False)
-        request = {"custom_id": item.key, "method": "POST", "url": BATCH_ENDPOINT, "body": body}
-        line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
-        chunk = self._chunk
+    async def _request_line(self, item: WorkItem, image: str | None) -> tuple[str, bytes]:
+        """The item's endpoint and its JSONL request line (``custom_id`` its key)."""
+        if item.input is None:
+            endpoint, body = BATCH_ENDPOINT, request_body(item, None, project=False)
+        else:
+            endpoint, body = EDITS_ENDPOINT, await self._edit_body(item, image)
+        request = {"custom_id": item.key, "method": "POST", "url": endpoint, "body": body}
+        if len(image or "") > LARGE_ANSWER_BYTES:  # megabytes of base64: not on the loop
+            line = await asyncio.to_thread(_encode_line, request)
+        else:
+            line = _encode_line(request)
+        if len(line) > self._options.max_file_bytes:
+            raise PermanentError(
+                f"the request is {len(line):,} bytes, more than a batch input file takes "
+                f"({self._options.max_file_bytes:,}): use mode online for this input",
+                kind="bad_response",
+                item_key=item.key,
+            )
+        return endpoint, line
+
+    async def _edit_body(self, item: WorkItem, image: str | None) -> dict[str, Any]:
+        """An edit in the Images API's JSON form: the parameters, ``images`` (one input)
+        and, when the source has one, ``mask``."""
+        assert item.input is not None
+        if item.input.kind == "url":
+            reference = {"image_url": item.input.value}  # the API fetches it
+        elif item.input.kind == "file" and image is not None:
+            reference = {"image_url": _data_url(image)}
+        else:
+            raise PermanentError(
+                f"the openai backend cannot send a {item.input.kind} input: use a file or URL",
+                kind="bad_response",
+                item_key=item.key,
+            )
+        body: dict[str, Any] = {"prompt": item.prompt, **item.params, "images": [reference]}
+        mask = await self._mask_bytes(item)
+        if mask is not None:
+            body["mask"] = {"image_url": _data_url(encode_image(mask))}
+        return body
+
+    def _enqueue(self, item: WorkItem, endpoint: str, line: bytes) -> asyncio.Future[Generation]:
+        """Add the item's request line to its endpoint's gathering file; submit it when
+        full (a line is counted at its real size, inline images included)."""
+        chunk = self._chunks.setdefault(endpoint, _Chunk(endpoint))
         if chunk.lines and chunk.size + len(line) > self._options.max_file_bytes:
-            self._submit_gathered()
-            chunk = self._chunk
+            self._submit_gathered(endpoint)
+            chunk = self._chunks.setdefault(endpoint, _Chunk(endpoint))
         waiter: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
         chunk.items.append(item)
         chunk.lines.append(line)
         chunk.waiters[item.key] = waiter
         chunk.size += len(line)
         if len(chunk.lines) >= self._options.batch_size:
-            self._submit_gathered()
+            self._submit_gathered(endpoint)
         else:
             self._arm_flush()
         return waiter
@@ -280,13 +345,16 @@ class BatchBackend(OpenAIBackend):
         loop = asyncio.get_running_loop()
         self._flush = loop.call_later(self._options.gather_s, self._submit_gathered)
 
-    def _submit_gathered(self) -> None:
-        if self._flush is not None:
+    def _submit_gathered(self, endpoint: str | None = None) -> None:
+        """Submit the file gathering for `endpoint` (the others keep gathering), or, for
+        None (no new item came for `gather_s`), every gathering file."""
+        if endpoint is None and self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        chunk, self._chunk = self._chunk, _Chunk()
-        if chunk.lines:
-            self._spawn(self._submit(chunk))
+        for name in [endpoint] if endpoint is not None else list(self._chunks):
+            chunk = self._chunks.pop(name, None)
+            if chunk is not None and chunk.lines:
+                self._spawn(self._submit(chunk))
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -298,7 +366,7 @@ class BatchBackend(OpenAIBackend):
         try:
             file_id = await self._control(partial(self._upload, chunk))
             self._record(chunk.items, BatchRef(file_id))
-            ref = await self._create_batch(file_id)
+            ref = await self._create_batch(file_id, chunk.endpoint)
             self._record(chunk.items, ref)
         except BackendError as error:
             for waiter in chunk.waiters.values():
@@ -334,12 +402,12 @@ class BatchBackend(OpenAIBackend):
         answer = await self._json("POST", self._files_url, data=form)
         return _field(answer, "id", self._files_url)
 
-    async def _create_batch(self, file_id: str) -> BatchRef:
+    async def _create_batch(self, file_id: str, endpoint: str = BATCH_ENDPOINT) -> BatchRef:
         """POST /batches for the file; on an answer that may not have arrived, look the
         batch up by its input file before creating another."""
         body = {
             "input_file_id": file_id,
-            "endpoint": BATCH_ENDPOINT,
+            "endpoint": endpoint,
             "completion_window": "24h",
             "metadata": {"synthaug_job": self._options.job[:512]},
         }
@@ -641,6 +709,17 @@ class BatchBackend(OpenAIBackend):
         else:
             return
         raise failure
+
+
+def _encode_line(request: Mapping[str, Any]) -> bytes:
+    """One JSONL line: compact JSON (ASCII, so its length is its size in bytes)."""
+    return json.dumps(request, separators=(",", ":")).encode() + b"\n"
+
+
+def _data_url(encoded: str) -> str:
+    """A ``data:`` URL of an image given as base64, typed by its first bytes."""
+    mime, _ = image_type(base64.b64decode(encoded[:16]))
+    return f"data:{mime};base64,{encoded}"
 
 
 def _refuse_recording(_items: Sequence[WorkItem], _ref: BatchRef) -> None:
