@@ -9,11 +9,20 @@ generations counted when the batch is created (that is when it is paid for); the
 and error files are written out line by line when downloaded, deterministically, so a
 client that downloads them twice gets the same bytes. `MockConfig.batch_expire_share`
 leaves a share of lines undone: such a batch ends ``expired`` with what it finished.
+
+An ``/v1/images/edits`` batch takes edits in the Images API's JSON form (``images``: 1 to
+16 objects of one ``image_url`` (a ``data:`` URL or an http(s) URL) or ``file_id`` each;
+an optional ``mask`` object of the same form, a PNG). A line whose body the API would
+refuse is answered, as the API answers it, with its own 400 in the error file (nothing
+is generated or paid for it); the others are drawn from their prompt and first input
+image as the online edits are.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import json
 import time
@@ -24,11 +33,14 @@ from typing import Any
 from aiohttp import web
 
 from .config import MockConfig, MockStats
+from .image import PNG_SIGNATURE
 
-__all__ = ["MAX_BATCH_LINES", "MockBatches"]
+__all__ = ["MAX_BATCH_LINES", "MAX_EDIT_IMAGES", "MockBatches"]
 
 MAX_BATCH_LINES = 50_000
-BATCH_ENDPOINTS = ("/v1/images/generations",)
+MAX_EDIT_IMAGES = 16  # input images one edit takes at most (GPT image models)
+EDITS_ENDPOINT = "/v1/images/edits"
+BATCH_ENDPOINTS = ("/v1/images/generations", EDITS_ENDPOINT)
 # share of a batch's time spent in each phase before it is done
 _VALIDATING, _FINALIZING = 0.1, 0.9
 
@@ -39,9 +51,10 @@ Generate = Callable[[dict[str, Any], str | None], Awaitable[dict[str, Any]]]
 @dataclass
 class _Line:
     custom_id: str
-    body: dict[str, Any]
+    body: dict[str, Any]  # an edit's: the mock's drawing form (`_edit_body`)
     fault: str | None
     expired: bool = False
+    refused: str | None = None  # why the API would answer this line 400 (nothing is made)
 
 
 @dataclass
@@ -150,7 +163,7 @@ class MockBatches:
             created_at=int(time.time()),
             metadata=metadata if isinstance(metadata, dict) else {},
         )
-        batch.lines, batch.errors = _read_lines(source, batch.endpoint)
+        batch.lines, batch.errors = _read_lines(source, batch.endpoint, self._files)
         if not batch.errors:
             self._decide(batch)
         self._batches[batch.id] = batch
@@ -161,6 +174,8 @@ class MockBatches:
         """Draw each line's fault and which lines the batch will not reach in time."""
         share = self._config.batch_expire_share
         for line in batch.lines:
+            if line.refused is not None:
+                continue  # answered 400 whenever the batch reaches it: nothing to pay
             digest = hashlib.sha256(f"{batch.id}\0{line.custom_id}".encode()).digest()
             line.expired = share > 0 and digest[0] / 256 < share
             if not line.expired:
@@ -245,6 +260,8 @@ class MockBatches:
         return (json.dumps(result) + "\n").encode()
 
     async def _answer(self, line: _Line) -> tuple[int, dict[str, Any]]:
+        if line.refused is not None:
+            return 400, _error_body("invalid_request_error", line.refused)
         fault = line.fault
         if fault in ("500", "502", "503", "504"):
             return int(fault), _error_body("server_error", "The server had an error.")
@@ -279,7 +296,11 @@ class MockBatches:
         finished = status in ("completed", "expired")
         if finished:
             self._name_files(batch)
-        failed = sum(1 for line in batch.lines if line.fault in _FAILING or line.expired)
+        failed = sum(
+            1
+            for line in batch.lines
+            if line.fault in _FAILING or line.expired or line.refused is not None
+        )
         return {
             "id": batch.id,
             "object": "batch",
@@ -310,8 +331,11 @@ class MockBatches:
 _FAILING = frozenset({"500", "502", "503", "504", "429", "insufficient_quota"})
 
 
-def _read_lines(data: bytes, endpoint: str) -> tuple[list[_Line], list[dict[str, Any]]]:
-    """The request lines of an input file, or the errors that fail its batch."""
+def _read_lines(
+    data: bytes, endpoint: str, files: dict[str, bytes | _Batch]
+) -> tuple[list[_Line], list[dict[str, Any]]]:
+    """The request lines of an input file, or the errors that fail its batch (`files`:
+    what an edit's ``file_id`` may name)."""
     lines: list[_Line] = []
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -323,8 +347,13 @@ def _read_lines(data: bytes, endpoint: str) -> tuple[list[_Line], list[dict[str,
         found = _line_problem(raw, endpoint, seen)
         if isinstance(found, str):
             errors.append({"code": "invalid_request", "message": found, "line": number})
-        else:
-            lines.append(found)
+            continue
+        if endpoint == EDITS_ENDPOINT:
+            try:
+                found.body = _edit_body(found.body, files)
+            except _Refused as refused:
+                found.refused = str(refused)
+        lines.append(found)
     if not lines and not errors:
         errors.append({"code": "empty_file", "message": "The file has no requests.", "line": None})
     return lines, errors
@@ -348,6 +377,56 @@ def _line_problem(raw: bytes, endpoint: str, seen: set[str]) -> _Line | str:
         return "body must be a JSON object with a prompt."
     seen.add(custom_id)
     return _Line(custom_id, body, None)
+
+
+class _Refused(ValueError):
+    """An edit line's body that the API would answer with a 400 (the message says why)."""
+
+
+def _edit_body(body: dict[str, Any], files: dict[str, bytes | _Batch]) -> dict[str, Any]:
+    """An edit in the Images API's JSON form as the mock draws it: the body without
+    ``images`` and ``mask``, with the first image as ``image`` / ``image_type`` (as the
+    online edits' multipart is read) and the mask as its hash. Raises `_Refused`."""
+    images = body.get("images")
+    if not isinstance(images, list) or not 1 <= len(images) <= MAX_EDIT_IMAGES:
+        raise _Refused(f"images must be a list of 1 to {MAX_EDIT_IMAGES} image objects.")
+    inputs = [_image_reference(ref, files, f"images[{i}]") for i, ref in enumerate(images)]
+    drawn = {key: value for key, value in body.items() if key not in ("images", "mask")}
+    drawn["image"], drawn["image_type"] = inputs[0]
+    if "mask" in body:
+        mask, kind = _image_reference(body["mask"], files, "mask")
+        if kind != "base64" or not base64.b64decode(mask).startswith(PNG_SIGNATURE):
+            raise _Refused("mask must be a PNG image (a data URL or a file_id).")
+        drawn["mask"] = "sha256:" + hashlib.sha256(mask.encode()).hexdigest()
+    return drawn
+
+
+def _image_reference(
+    reference: object, files: dict[str, bytes | _Batch], where: str
+) -> tuple[str, str]:
+    """One image object as the mock's (image, image_type): base64 bytes or a URL."""
+    if not isinstance(reference, dict) or len(reference) != 1:
+        raise _Refused(f"{where} must be an object with exactly one of image_url or file_id.")
+    if "file_id" in reference:
+        stored = files.get(str(reference["file_id"]))
+        if not isinstance(stored, bytes):
+            raise _Refused(f"{where}.file_id: no such file.")
+        return base64.b64encode(stored).decode("ascii"), "base64"
+    url = reference.get("image_url")
+    if not isinstance(url, str):
+        raise _Refused(f"{where} must be an object with exactly one of image_url or file_id.")
+    if url.startswith(("https://", "http://")):
+        return url, "url"
+    header, comma, encoded = url.partition(",")
+    if not (url.startswith("data:image/") and comma and header.endswith(";base64")):
+        raise _Refused(f"{where}.image_url must be a data:image/...;base64 URL or an http(s) URL.")
+    try:
+        decoded = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        decoded = b""
+    if not decoded:
+        raise _Refused(f"{where}.image_url: the data URL's base64 does not decode.")
+    return encoded, "base64"
 
 
 def _error_body(code: str, message: str) -> dict[str, Any]:

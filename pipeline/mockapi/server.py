@@ -49,6 +49,7 @@ from .config import (
 )
 from .dataset import MockDataset
 from .image import (
+    PNG_SIGNATURE,
     damage,
     draw_image,
     input_thumbnail,
@@ -228,7 +229,7 @@ class _MockApi:
                 else ("a JSON object with a prompt")
             )
             return _error(400, "invalid_request", f"Body must be {what}.")
-        problem = None if openai else _roboflow_image_problem(body)
+        problem = _mask_problem(body) if openai else _roboflow_image_problem(body)
         if problem is not None:
             return _error(400, "invalid_request", problem)
         refusal = self.models.refusal(body.get("model")) if openai else None
@@ -568,6 +569,20 @@ def _roboflow_image_problem(body: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _mask_problem(body: Mapping[str, Any]) -> str | None:
+    """What OpenAI's edits would refuse about the body's mask (it must be a PNG), or None."""
+    mask = body.get("mask")
+    if mask is None:
+        return None
+    try:  # a file part was read as base64; a text field named mask is refused here
+        data = base64.b64decode(mask, validate=True) if isinstance(mask, str) else b""
+    except (binascii.Error, ValueError):
+        data = b""
+    if not data.startswith(PNG_SIGNATURE):
+        return "mask must be a PNG image (a file part named mask)."
+    return None
+
+
 def _bearer(request: web.Request) -> str:
     """The key of an ``Authorization: Bearer`` header ("" without one)."""
     scheme, _, key = request.headers.get("Authorization", "").partition(" ")
@@ -575,8 +590,9 @@ def _bearer(request: web.Request) -> str:
 
 
 async def _load_form(request: web.Request) -> dict[str, Any] | None:
-    """An edit's multipart form as a body: its fields, and its first ``image[]`` part as
-    base64 (``image_type: base64``, as the drawing code reads inputs); None if invalid."""
+    """An edit's multipart form as a body: its fields, its first ``image[]`` part as
+    base64 (``image_type: base64``, as the drawing code reads inputs) and its ``mask``
+    part, if any, as base64 too; None if invalid."""
     if not request.content_type.startswith("multipart/"):
         return None
     body: dict[str, Any] = {}
@@ -589,6 +605,8 @@ async def _load_form(request: web.Request) -> dict[str, Any] | None:
             if name in ("image[]", "image") and "image" not in body:
                 body["image"] = _b64(value.file.read())
                 body["image_type"] = "base64"
+            elif name == "mask":
+                body["mask"] = _b64(value.file.read())
         else:
             body[name] = value
     if not isinstance(body.get("prompt"), str) or not body.get("image"):
