@@ -671,9 +671,11 @@ def test_plan_prices_batch_mode_at_half_the_online_price(tmp_path: Path) -> None
             id="kind-without-batch",
         ),
         pytest.param(
-            lambda s: s["sources"][0].update(urls=["https://example.com/a.png"]),
-            "sources[0].urls: backend.mode batch sends prompt-only requests",
-            id="input-images",
+            lambda s: s["backend"].update(kind="mock")
+            or s["sources"][0].update(roboflow_ids=["img-1"]),
+            "sources[0].roboflow_ids: backend.mode batch sends OpenAI requests, which cannot "
+            "carry Roboflow image ids",
+            id="roboflow-ids",
         ),
         pytest.param(
             lambda s: s["backend"].update(batch_size=50_001),
