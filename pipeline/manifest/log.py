@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from ..records import (
     batch_from_json,
 )
 from ..store.layout import IMAGES_DIR, MANIFEST_NAME, write_all
+from .flusher import Flusher
 
 __all__ = [
     "MANIFEST_NAME",
@@ -54,6 +56,7 @@ __all__ = [
 ]
 
 DEFAULT_FSYNC_INTERVAL_S = 0.5
+_HOOK_PASSES = 3  # sync hook passes at most, while lines keep arriving during them
 
 log = logging.getLogger(__name__)
 
@@ -342,9 +345,17 @@ class ManifestWriter:
     for the next line to run into, and no half-line sits in a buffer to be flushed later
     or to make `close` raise. Use as a context manager; `close` fsyncs whatever is left.
 
-    Hooks given to `add_sync_hook` run before every fsync of the manifest: the engine
-    makes the renames of the image files durable there, so that a line is never durable
-    before the files it names.
+    The periodic fsync runs on the writer's own thread (`Flusher`), not in `append`:
+    `append` is called on the event loop, and an fsync there held up every request in
+    flight. `sync` stays synchronous (durable when it returns), and so does the fsync of
+    ``fsync_interval_s=0`` (every line durable before `append` returns). Lines are
+    appended from one thread at a time.
+
+    Hooks given to `add_sync_hook` run before every fsync of the manifest, on whichever
+    thread syncs (so they must be thread-safe): the engine makes the renames of the image
+    files durable there, so that a line is never durable before the files it names. A
+    line appended while the hooks run makes them run again (up to `_HOOK_PASSES` times)
+    before the fsync.
     """
 
     def __init__(
@@ -363,7 +374,10 @@ class ManifestWriter:
         self._append_hooks: list[Callable[[Mapping[str, Any], int], None]] = []
         self._encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
         self._last_sync = clock()
-        self._dirty = False
+        self._written = 0  # lines appended; `_synced`: of those, how many an fsync covered
+        self._synced = 0
+        self._sync_lock = threading.Lock()  # one sync at a time: the flusher's or a caller's
+        self._flusher: Flusher | None = None  # started by the first periodic fsync
         self._fence = False  # a failed line could not be cut off: start the next on a new line
         self._fd: int | None = self._open(path)
 
@@ -399,11 +413,21 @@ class ManifestWriter:
             self._cut(size)
             raise
         self._fence = False
-        self._dirty = True
+        self._written += 1
         for hook in self._append_hooks:
             hook(data, size + len(payload))
         if self._clock() - self._last_sync >= self._interval:
+            self._sync_soon()
+
+    def _sync_soon(self) -> None:
+        """The periodic fsync: on the flusher thread, or here for an interval of 0."""
+        self._last_sync = self._clock()
+        if self._interval <= 0:
             self.sync()
+            return
+        if self._flusher is None:
+            self._flusher = Flusher(self.sync, name=f"fsync {self._path.name}")
+        self._flusher.request()
 
     def add_append_hook(self, hook: Callable[[Mapping[str, Any], int], None]) -> None:
         """Call `hook(line, end)` after each line is written: the line as a dict and the
@@ -424,36 +448,51 @@ class ManifestWriter:
         self._hooks.append(hook)
 
     def sync(self) -> None:
-        """Run the sync hooks, then fsync what was written since the last sync.
+        """Run the sync hooks, then fsync what was written since the last sync; every line
+        appended before the call is durable when it returns (waits for a background
+        fsync under way, then makes its own).
 
         A failing fsync is logged, not raised: every line is already with the OS (a crash
         of this process loses nothing), and raising here would lose the run's summary.
         """
-        for hook in self._hooks:
-            try:
-                hook()
-            except OSError as exc:
-                log.warning(
-                    "%s: could not make image files durable (%s); they may not survive a "
-                    "power loss",
-                    self._path,
-                    exc.strerror or exc,
-                )
-        if self._dirty and self._fd is not None:
-            try:
-                (self._fsync or os.fsync)(self._fd)
-                self._dirty = False
-            except OSError as exc:
-                log.warning(
-                    "%s: fsync failed (%s); lines may not survive a power loss",
-                    self._path,
-                    exc.strerror or exc,
-                )
-        self._last_sync = self._clock()
+        with self._sync_lock:
+            written = self._run_hooks()
+            if written > self._synced and self._fd is not None:
+                try:
+                    (self._fsync or os.fsync)(self._fd)
+                    self._synced = max(self._synced, written)
+                except OSError as exc:
+                    log.warning(
+                        "%s: fsync failed (%s); lines may not survive a power loss",
+                        self._path,
+                        exc.strerror or exc,
+                    )
+            self._last_sync = self._clock()
+
+    def _run_hooks(self) -> int:
+        """Run the sync hooks until no line was appended meanwhile (or `_HOOK_PASSES`
+        times); the count of lines appended before the last pass began."""
+        for _ in range(_HOOK_PASSES):
+            written = self._written
+            for hook in self._hooks:
+                try:
+                    hook()
+                except OSError as exc:
+                    log.warning(
+                        "%s: could not make image files durable (%s); they may not survive "
+                        "a power loss",
+                        self._path,
+                        exc.strerror or exc,
+                    )
+            if self._written == written:
+                break
+        return written
 
     def close(self) -> None:
-        """Sync and close; safe to call twice."""
+        """Let a background fsync finish, sync and close; safe to call twice."""
         if self._fd is not None:
+            if self._flusher is not None:
+                self._flusher.close()
             self.sync()
             fd, self._fd = self._fd, None
             os.close(fd)
