@@ -15,8 +15,9 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 
-from .engine import Engine, StopReason
+from .engine import Engine
 from .errors import UsageError
+from .run.pool import StopReason
 
 __all__ = ["RunControl", "signal_handlers"]
 

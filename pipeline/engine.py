@@ -19,7 +19,6 @@ counters, budget and stop state; split apart, each piece would need all of them 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -59,6 +58,7 @@ from .records import (
     WorkItem,
 )
 from .retry import Retrier, RetryPolicy
+from .run.pool import Lane, RunStop, StopReason
 from .sources import InputChangedError, read_input_bytes
 from .spec.model import RunSettings
 from .store import files as outputs
@@ -67,8 +67,6 @@ from .store.layout import MANIFEST_NAME
 __all__ = ["Engine", "RunStats", "StopReason"]
 
 log = logging.getLogger(__name__)
-
-StopReason = Literal["budget", "fatal", "aborted", "sigint", "sigterm", "disk", "stopped"]
 
 CHUNK_SIZE = 256  # items that need work, handed over per trip to the worker thread
 SCAN_LIMIT = 64 * CHUNK_SIZE  # items looked at per trip (a resumed job skips most)
@@ -163,6 +161,8 @@ class Engine:
         actual_cost: Callable[[WorkItem, Any], float | None] = lambda _item, _response: None,
         expected: int = 0,
         on_progress: Callable[[RunStats], None] | None = None,
+        on_stored: Callable[[ItemRecord], None] = lambda _record: None,
+        stop: RunStop | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -195,47 +195,63 @@ class Engine:
             self._policy, sleep=self._backoff_sleep, on_retry=self._count_retry, rng=self._rng
         )
         self.stats = RunStats(expected=expected)
-        self.stop_reason: StopReason | None = None
-        self._stopping = asyncio.Event()
+        self.run_stop = stop or RunStop()  # shared with the stages after storage
+        self._on_stored = on_stored  # the stages after storage take each stored item
         self._budget = Budget(run.max_images, run.max_cost_usd, price, actual_cost)
         self._consecutive_failures = 0
         self._runs: dict[str, _ItemRun] = {}  # items being worked on, by key
-        self.fatal_error: FatalError | None = None
-        self.output_error: OutputError | None = None
 
     # ----------------------------------------------------------------- control
 
     def stop(self, reason: StopReason) -> None:
         """Stop starting new requests; the first reason given is the one reported."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
-            log.info("stopping: %s", reason)
-        self._stopping.set()
+        self.run_stop.stop(reason)
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """Why the run stopped (None: it did not)."""
+        return self.run_stop.reason
+
+    @property
+    def fatal_error(self) -> FatalError | None:
+        """The answer that aborted the run, in any stage."""
+        return self.run_stop.fatal_error
+
+    @property
+    def output_error(self) -> OutputError | None:
+        """The write failure that stopped the run, in any stage."""
+        return self.run_stop.output_error
 
     @property
     def stopping(self) -> bool:
         """True once nothing new may start."""
-        return self._stopping.is_set()
+        return self.run_stop.stopping
 
-    async def wait_stopping(self) -> None:
-        """Return once nothing new may start (for what runs beside the engine: uploads)."""
-        await self._stopping.wait()
+    def _halted(self) -> bool:
+        """A stop halts generation, except a budget stop: what was reserved fits it."""
+        return self.stopping and self.stop_reason != "budget"
 
     async def run(self) -> RunStats:
         """Process every item; return when all are settled or the run was stopped."""
         self.stats.started = self._clock()
-        queue: asyncio.Queue[_Todo | None] = asyncio.Queue(maxsize=self._run.concurrency * 2)
-        producer = asyncio.create_task(self._produce(queue), name="producer")
-        workers = [
-            asyncio.create_task(self._worker(queue), name=f"worker-{i}")
-            for i in range(self._run.concurrency)
-        ]
+        lane: Lane[_Todo] = Lane(
+            "worker",
+            self._run.concurrency,
+            self._work,
+            self.run_stop,
+            halts=self._halted,
+            grace_s=lambda reason: None if reason == "budget" else self._run.grace_period_s,
+            maxsize=self._run.concurrency * 2,
+            dropped=lambda todo: self._budget.release(todo.item),
+        )
+        lane.start()
+        producer = asyncio.create_task(self._produce(lane), name="producer")
         try:
-            await self._wait_until_done([producer, *workers])
+            await lane.finish(producer)
         finally:
-            for task in [producer, *workers]:
-                task.cancel()
-            await asyncio.gather(producer, *workers, return_exceptions=True)
+            producer.cancel()
+            await lane.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
             # a store begun by a cancelled item ends before the run does (and the OUT lock)
             await asyncio.to_thread(self._store_pool.shutdown)
             if self._stat_pass is not None:  # stopped before its verdict was needed
@@ -253,39 +269,14 @@ class Engine:
             self._on_progress(self.stats)
         return self.stats
 
-    async def _wait_until_done(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Wait for the pool to drain; after a stop, in-flight items get a grace period.
-
-        A budget stop waits for everything already reserved: those items fit the budget.
-        """
-        everything: asyncio.Future[Any] = asyncio.gather(*tasks)
-        stop_wait: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait([everything, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-            if not everything.done():
-                grace = None if self.stop_reason == "budget" else self._run.grace_period_s
-                done, _ = await asyncio.wait({everything}, timeout=grace)
-                if not done:
-                    log.warning(
-                        "grace period over: cancelling %d in-flight items", self.stats.in_flight
-                    )
-            if everything.done() and not everything.cancelled():
-                everything.result()  # re-raise a bug in a worker
-        finally:
-            stop_wait.cancel()
-            if not everything.done():
-                everything.cancel()
-            await asyncio.gather(everything, stop_wait, return_exceptions=True)
-
     # ---------------------------------------------------------------- producer
 
-    async def _produce(self, queue: asyncio.Queue[_Todo | None]) -> None:
-        """Feed the queue lazily, then one end marker per worker."""
-        await self._feed(queue)
-        for _ in range(self._run.concurrency):
-            await queue.put(None)
+    async def _produce(self, lane: Lane[_Todo]) -> None:
+        """Feed the lane lazily, then close it."""
+        await self._feed(lane)
+        await lane.close()
 
-    async def _feed(self, queue: asyncio.Queue[_Todo | None]) -> None:
+    async def _feed(self, lane: Lane[_Todo]) -> None:
         while not self.stopping:
             chunk = await asyncio.to_thread(self._decide_chunk)
             if chunk is None:
@@ -298,7 +289,7 @@ class Engine:
                 elif not self._budget.reserve(todo.item):
                     self.stop("budget")
                     return
-                await queue.put(todo)
+                await lane.put(todo)
 
     def _decide_chunk(self) -> list[_Todo] | None:
         """Up to CHUNK_SIZE items that need work, dropping the ones the manifest says
@@ -403,25 +394,17 @@ class Engine:
 
     async def _backoff_sleep(self, seconds: float) -> None:
         """Sleep between attempts, cut short by a stop (the next attempt then stands down)."""
-        if self.stop_reason == "budget":
-            await asyncio.sleep(seconds)
-            return
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        await self.run_stop.sleep(seconds, self._halted)
 
     # ----------------------------------------------------------------- workers
 
-    async def _worker(self, queue: asyncio.Queue[_Todo | None]) -> None:
-        while (todo := await queue.get()) is not None:
-            if self.stopping and self.stop_reason != "budget":
-                self._budget.release(todo.item)
-                continue  # drain without starting: the producer is waiting to finish
-            self.stats.in_flight += 1
-            try:
-                await self._process(todo)
-            finally:
-                self.stats.in_flight -= 1
-                self._on_progress(self.stats)
+    async def _work(self, todo: _Todo) -> None:
+        self.stats.in_flight += 1
+        try:
+            await self._process(todo)
+        finally:
+            self.stats.in_flight -= 1
+            self._on_progress(self.stats)
 
     async def _process(self, todo: _Todo) -> None:
         """One item from first attempt to its manifest line (or none, when stopped)."""
@@ -449,8 +432,7 @@ class Engine:
             return
         except FatalError as exc:
             self._budget.release(item)
-            self.fatal_error = exc
-            self.stop("fatal")
+            self.run_stop.fatal(exc)
             return
         except BackendError as exc:
             self._budget.release(item)
@@ -475,7 +457,7 @@ class Engine:
 
     async def _attempt(self, run: _ItemRun) -> tuple[OutputFile, ...]:
         """One attempt: download what a killed run was answered with, or generate anew."""
-        if self.stopping and self.stop_reason != "budget":
+        if self._halted():
             raise _Stopped
         item = run.item
         if run.pending:
@@ -502,14 +484,7 @@ class Engine:
 
     def _stop_for_disk(self, exc: OSError | OutputError) -> None:
         """Writing failed (disk full, read-only remount): stop cleanly, say how to go on."""
-        if isinstance(exc, OutputError):
-            self.output_error = exc
-        else:
-            self.output_error = OutputError(
-                f"cannot write in {self._out_dir}: {exc.strerror or exc}; "
-                "fix the disk and run the same command again to resume"
-            )
-        self.stop("disk")
+        self.run_stop.disk(exc, self._out_dir)
 
     def _count_retry(self, exc: BackendError, attempt: int, wait: float) -> None:
         self.stats.retries += 1
@@ -599,7 +574,9 @@ class Engine:
 
     def _finish_ok(self, run: _ItemRun, stored: tuple[OutputFile, ...]) -> None:
         elapsed = self._clock() - run.t0
-        self._writer.append(_record(run, "ok", outputs=stored, elapsed=elapsed))
+        record = _record(run, "ok", outputs=stored, elapsed=elapsed)
+        self._writer.append(record)
+        self._on_stored(record)
         self.stats.ok += 1
         self.stats.images += len(stored)
         cost = self._budget.settle(run.item, run.response)

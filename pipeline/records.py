@@ -29,6 +29,7 @@ __all__ = [
     "OutputFile",
     "RateLimitHint",
     "UploadAnswer",
+    "UploadRecord",
     "WorkItem",
     "batch_from_json",
     "record_from_json",
@@ -143,10 +144,13 @@ class OutputFile:
     id: str | None = None
     bytes: int | None = None  # file size: lets resume check a file without reading it
     mtime_ns: int | None = None  # the stored file's mtime: with `bytes`, its stat on resume
+    # --- what the stages after storage found (pipeline.run.stages): None until they ran
+    upload: UploadRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """Manifest form of the output."""
-        return {
+        """Manifest form of the output: the stored file's fields, then the stages' (only
+        those that ran, so a line without stages is what it always was)."""
+        out: dict[str, Any] = {
             "path": self.path,
             "sha256": self.sha256,
             "width": self.width,
@@ -156,6 +160,30 @@ class OutputFile:
             "bytes": self.bytes,
             "mtime_ns": self.mtime_ns,
         }
+        if self.upload is not None:
+            out["upload"] = self.upload.to_json()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRecord:
+    """Where the upload stage put an output: its Roboflow image id, or why it failed
+    (a failed upload is tried again by the next run)."""
+
+    project: str
+    id: str | None = None
+    duplicate: bool = False  # the project already held it: an earlier answer was lost
+    error: ErrorInfo | None = None
+
+    def done_in(self, project: str) -> bool:
+        """Whether the image is recorded as in `project` (an error does not count)."""
+        return self.error is None and self.project == project
+
+    def to_json(self) -> dict[str, Any]:
+        """Manifest form: ``{"id", "project", "duplicate"}`` or ``{"project", "error"}``."""
+        if self.error is not None:
+            return {"project": self.project, "error": self.error.to_json()}
+        return {"id": self.id, "project": self.project, "duplicate": self.duplicate}
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +366,19 @@ def _output(value: Mapping[str, Any]) -> OutputFile:
         id=_str_or_none(value.get("id")),
         bytes=value.get("bytes") if isinstance(value.get("bytes"), int) else None,
         mtime_ns=value.get("mtime_ns") if isinstance(value.get("mtime_ns"), int) else None,
+        upload=_upload(value.get("upload")),
+    )
+
+
+def _upload(value: object) -> UploadRecord | None:
+    if not isinstance(value, Mapping) or not isinstance(value.get("project"), str):
+        return None
+    error = _error(value.get("error"))
+    return UploadRecord(
+        project=value["project"],
+        id=_str_or_none(value.get("id")),
+        duplicate=value.get("duplicate") is True,
+        error=error,
     )
 
 

@@ -18,13 +18,13 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from datetime import date
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import items as items_mod
 from . import model_check, search
-from . import upload as upload_mod
 from .backends.base import Backend
 from .control import RunControl, signal_handlers
 from .credentials import (
@@ -34,7 +34,7 @@ from .credentials import (
     read_proxy_settings,
     read_upload_key,
 )
-from .engine import Engine, RunStats, StopReason, utc_now
+from .engine import Engine, RunStats, utc_now
 from .errors import (
     EXIT_BUDGET,
     EXIT_FATAL,
@@ -51,6 +51,8 @@ from .manifest.log import ManifestState, ManifestWriter, gc_paused
 from .pricing import BATCH_PRICE_FACTOR, check_cost_budget, cost_from_usage, is_free, spec_price
 from .records import BATCH_LOGGER, BATCH_MARK, WorkItem
 from .registry import backend_kind
+from .run.pool import RunStop, StopReason
+from .run.stages import StageChain, StageContext, open_stages
 from .sources import INPUT_HASHES_NAME, HashCache
 from .spec.model import RunSettings, Spec
 from .store import files as outputs
@@ -199,6 +201,24 @@ async def _run_engine(
         writer.add_append_hook(cache.add)
         await asyncio.to_thread(cache.start, state)
         hashes = HashCache(spec.output_dir / INPUT_HASHES_NAME)  # inputs: not re-read
+        stop = RunStop()
+        stages = await open_stages(
+            spec,
+            {"upload": upload_key},
+            StageContext(
+                stop=stop,
+                out_dir=spec.output_dir,
+                day=date.today().isoformat(),
+                backend_root=getattr(backend, "root", None),
+            ),
+        )
+        chain = StageChain(
+            stages,
+            writer=writer,
+            stop=stop,
+            grace_period_s=run.grace_period_s,
+            manifest=spec.output_dir / MANIFEST_NAME,
+        )
         engine = Engine(
             run,
             out_dir=spec.output_dir,
@@ -214,16 +234,17 @@ async def _run_engine(
             actual_cost=lambda item, response: _actual_cost(spec, item, response),
             expected=expected,
             on_progress=on_progress,
+            on_stored=chain.submit,
+            stop=stop,
         )
         _attach_batches(backend, state, engine)
         if watch is not None:
             watch.stats = engine.stats
-        uploads = await upload_mod.open_uploads(spec, upload_key, backend, writer)  # None: none
         try:
             async with (
                 signal_handlers(engine, enabled=install_signals),
                 control.attached(engine),
-                upload_mod.alongside(uploads, engine),
+                chain.running(),
             ):
                 await engine.run()
         except asyncio.CancelledError:
@@ -235,7 +256,7 @@ async def _run_engine(
             await asyncio.to_thread(cache.close)  # its last segment: marshal + write
             await asyncio.to_thread(hashes.save, discard=engine.stats.skipped_changed > 0)
             summary = _summary(spec, spec_path, engine, limiter, started_at, time.monotonic() - t0)
-            upload_mod.add_upload_summary(summary, uploads)
+            chain.add_summary(summary)
             await _write_summary(spec.output_dir / SUMMARY_NAME, summary)
     return JobResult(
         exit_code=summary["exit_code"],

@@ -56,7 +56,7 @@ def make_item(index: int, **overrides: Any) -> WorkItem:
         "source": "leaves",
         "prompt": f"leaf number {index}",
         "project_url": "",
-        "params": {"model": "gpt-image-1-mini", "quality": "low", "size": "1024x1024"},
+        "params": {"model": "gpt-image-2", "quality": "low", "size": "1024x1024"},
     }
     fields.update(overrides)
     return WorkItem(**fields)
@@ -494,7 +494,7 @@ def write_batch_spec(folder: Path, base_url: str, *, prompts: int = 6, **backend
             "timeout_s": 10,
             **backend,
         },
-        "params": {"model": "gpt-image-1-mini", "quality": "low", "size": "1024x1024"},
+        "params": {"model": "gpt-image-2", "quality": "low", "size": "1024x1024"},
         "run": {"max_attempts": 6, "backoff_base_s": 0.01, "backoff_max_s": 0.05},
         "sources": [
             {"name": "leaves", "prompt": "leaf {i}", "vars": {"i": list(map(str, range(prompts)))}}
@@ -545,7 +545,7 @@ def test_batch_job_on_the_mock_costs_half_and_pays_each_image_once(
     lines = last_lines(tmp_path / "out")
     assert {line["status"] for line in lines.values()} == {"ok"}
     online = sum(
-        cost_from_usage("gpt-image-1-mini", line["response"]["usage"]) or 0
+        cost_from_usage("gpt-image-2", line["response"]["usage"]) or 0
         for line in lines.values()
     )
     assert result.cost_usd == pytest.approx(online / 2, abs=1e-4)
@@ -565,6 +565,11 @@ def test_lines_that_fail_or_expire_go_into_a_new_batch_until_every_item_is_ok(
     )
     with ThreadedMock(config) as mock:
         spec = write_batch_spec(tmp_path, mock.base_url + "/v1", prompts=12)
+        data = yaml.safe_load(spec.read_text())
+        # about half the lines of each batch fail or expire: 6 attempts would leave an item
+        # failed for good in one job of five; 12 make every item's success near certain
+        data["run"]["max_attempts"] = 12
+        spec.write_text(yaml.safe_dump(data))
         result = api.run(api.load_spec(spec))
         counts = mock.server.stats
     assert result.exit_code == 0, result.message
@@ -769,9 +774,9 @@ def test_retry_online_sends_failed_lines_to_the_images_api_at_full_price(
     assert by_batch
     assert online
     expected = sum(
-        cost_from_usage("gpt-image-1-mini", line["response"]["usage"]) or 0 for line in by_batch
+        cost_from_usage("gpt-image-2", line["response"]["usage"]) or 0 for line in by_batch
     ) / 2 + sum(
-        cost_from_usage("gpt-image-1-mini", line["response"]["usage"]) or 0 for line in online
+        cost_from_usage("gpt-image-2", line["response"]["usage"]) or 0 for line in online
     )
     assert result.cost_usd == pytest.approx(expected, abs=1e-4)
 

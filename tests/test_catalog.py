@@ -70,7 +70,7 @@ def test_shut_down_model_exits_2_before_any_request(
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
     assert len(err) == 1
-    assert f"spec.yaml:" in err[0]
+    assert "spec.yaml:" in err[0]
     assert "params.model" in err[0]
     assert f"{model} was shut down by OpenAI on {date}: use {replacement}" in err[0]
     assert not (path.parent / "runs").exists()  # nothing written, nothing sent
@@ -178,5 +178,5 @@ def test_updating_the_table_is_a_data_change() -> None:
     assert catalog.shutdown_problem("gpt-image-2", dt.date(2027, 3, 1)) == (
         "gpt-image-2 was shut down by OpenAI on 2027-03-01: use gpt-image-3"
     )
-    with pytest.raises(ValueError, match="gpt-image-2.shutdown: expected a date"):
+    with pytest.raises(ValueError, match=r"gpt-image-2\.shutdown: expected a date"):
         parse_catalog({"models": {"gpt-image-2": {"shutdown": "soon"}}})

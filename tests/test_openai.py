@@ -61,7 +61,7 @@ def make_item(**overrides: Any) -> WorkItem:
         "source": "cats",
         "prompt": "a cat on a sofa",
         "project_url": "",
-        "params": {"model": "gpt-image-1", "n": 2, "size": "1024x1024", "quality": "low"},
+        "params": {"model": "gpt-image-2", "n": 2, "size": "1024x1024", "quality": "low"},
     }
     fields.update(overrides)
     return WorkItem(**fields)
@@ -91,7 +91,7 @@ async def test_prompt_item_posts_json_to_generations_with_bearer_key(
     }
     assert call.kwargs["json"] == {
         "prompt": "a cat on a sofa",
-        "model": "gpt-image-1",
+        "model": "gpt-image-2",
         "n": 2,
         "size": "1024x1024",
         "quality": "low",
@@ -149,7 +149,7 @@ async def test_file_item_posts_multipart_edit_with_the_files_bytes(tmp_path: Pat
     [parts] = recorder.parts
     assert parts == {
         "prompt": "a cat on a sofa",
-        "model": "gpt-image-1",
+        "model": "gpt-image-2",
         "n": "2",
         "size": "1024x1024",
         "quality": "low",
@@ -310,7 +310,7 @@ def write_spec(folder: Path, backend: dict[str, Any], **extra: Any) -> Path:
         "name": "oa",
         "output_dir": "out",
         "backend": {"kind": "openai", **backend},
-        "params": {"model": "gpt-image-1-mini", "quality": "low", "size": "1024x1024"},
+        "params": {"model": "gpt-image-2", "quality": "low", "size": "1024x1024"},
         "run": {"rate_limit": "1000/s", "backoff_base_s": 0.01, "backoff_max_s": 0.1},
         "sources": [{"name": "cats", "prompt": "a {c} cat", "vars": {"c": ["red", "tabby"]}}],
     }
@@ -393,9 +393,9 @@ async def test_openai_job_on_the_mock_runs_prices_and_resumes(
     lines = [line for line in read_lines(out / "manifest.jsonl") if line["status"] == "ok"]
     assert len(lines) == 3
     assert all(line["response"]["usage"]["output_tokens"] > 0 for line in lines)
-    # gpt-image-1-mini: 272 output tokens a low-quality image at $8 per million, and input
+    # gpt-image-2: 272 output tokens a low-quality image at $30 per million, and input
     assert summary["cost_usd"] is not None
-    assert 3 * 0.002176 < summary["cost_usd"] < 0.01
+    assert 3 * 0.00816 < summary["cost_usd"] < 0.03
     assert again.exit_code == 0
     assert again.summary["skipped_ok"] == 3
     assert KEY not in caplog.text
@@ -436,7 +436,7 @@ async def test_mock_refuses_an_edit_without_an_image(monkeypatch: pytest.MonkeyP
     import aiohttp
 
     async with MockServer(MockConfig()) as server, aiohttp.ClientSession() as session:
-        form = aiohttp.FormData({"prompt": "x", "model": "gpt-image-1"})
+        form = aiohttp.FormData({"prompt": "x", "model": "gpt-image-2"})
         async with session.post(f"{server.base_url}/v1/images/edits", data=form) as answer:
             assert answer.status == 400
             assert re.search("image", (await answer.json())["error"]["message"])
@@ -447,7 +447,7 @@ def test_plan_prices_an_openai_job(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path, {}))
     plan = build_plan(spec, ManifestState())
     [source] = plan.sources
-    assert source.price_per_image == 0.005
+    assert source.price_per_image == 0.006  # gpt-image-2, low, 1024x1024
 
 
 @pytest.mark.parametrize(

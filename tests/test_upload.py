@@ -46,12 +46,12 @@ from pipeline.errors import (
     SpecError,
     TransientError,
 )
-from pipeline.manifest.log import load_state, read_latest
+from pipeline.manifest.log import load_state, read_latest, read_records
 from pipeline.mockapi.server import MockConfig, MockServer
-from pipeline.records import ImageUpload
+from pipeline.records import ImageUpload, ItemRecord
 from pipeline.runner import run_job
 from pipeline.spec.load import load_spec
-from pipeline.upload import MAX_TAG_CHARS, pending_uploads, provenance_tags
+from pipeline.stages.upload import MAX_TAG_CHARS, provenance_tags
 
 KEY = "sk-upload-UNIQUE-93c1e7a4"
 BASE = "https://api.roboflow.test"
@@ -241,12 +241,17 @@ async def test_key_echoed_by_the_server_never_reaches_the_error(
 
 def test_provenance_tags_are_sanitized() -> None:
     """Job, source, each variable and the key become tags of a safe alphabet and length."""
-    line = {
-        "key": "3f2a9c1d2e4b5a69" + "0" * 48,
-        "source": "maple-grid",
-        "vars": {"season": "late fall", "light": "dawn/dusk ✓", "long": "x" * 200},
-    }
-    tags = provenance_tags("fall-leaves", line, ("aug-2026-11-30",))
+    record = ItemRecord(
+        key="3f2a9c1d2e4b5a69" + "0" * 48,
+        status="ok",
+        source="maple-grid",
+        vars={"season": "late fall", "light": "dawn/dusk ✓", "long": "x" * 200},
+        repeat=0,
+        input=None,
+        prompt="p",
+        params={},
+    )
+    tags = provenance_tags("fall-leaves", record, ("aug-2026-11-30",))
     assert tags[:5] == (
         "synthaug",
         "job-fall-leaves",
@@ -432,7 +437,8 @@ async def test_unknown_project_aborts_the_run(tmp_path: Path) -> None:
     assert result.exit_code == 3
     assert "upload.project" in (result.message or "")
     out = path.parent / "out"
-    assert pending_uploads(out / "manifest.jsonl", "leaves")
+    records = read_records(out / "manifest.jsonl").values()
+    assert any(o.upload is None for record in records for o in record.outputs)
     assert not any("upload" in o for o in outputs(out))
 
 

@@ -179,12 +179,30 @@ _OUTPUTS_START = b',"outputs":['
 _OUTPUTS_END = b'],"attempts":'
 _JSON_STR = rb'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, escapes and all
 _IMAGES = re.escape(IMAGES_DIR.encode())  # the layout's image folder, as `store_image` names it
-_FAST_OUTPUT = re.compile(
+
+
+def _nested(depth: int) -> bytes:
+    """The inside of a JSON object or array nested up to `depth` levels (strings whole)."""
+    inner = rb'(?:[^{}\[\]"]|' + _JSON_STR + rb")*"
+    for _ in range(depth):
+        inner = rb'(?:[^{}\[\]"]|' + _JSON_STR + rb"|\{" + inner + rb"\}|\[" + inner + rb"\])*"
+    return inner
+
+
+# What the stages after storage add to an output (`OutputFile`: upload, and the stages
+# to come): fields after the file's own, each a JSON value nested at most 3 levels deep.
+_STAGE_FIELDS = (
+    rb'(?:,"[a-z_]+":(?:' + _JSON_STR + rb"|[-+0-9.eE]+|true|false|null"
+    rb"|\{" + _nested(2) + rb"\}|\[" + _nested(2) + rb"\]))*"
+)
+_OUTPUT = (
     rb'\{"path":"(' + _IMAGES + rb'/[A-Za-z0-9._-]+/[0-9a-f]{16}-[0-9]+\.[a-z0-9]+)",'
     rb'"sha256":"[0-9a-f]*","width":[0-9]+,"height":[0-9]+,'
     rb'"url":(?:null|' + _JSON_STR + rb'),"id":(?:null|' + _JSON_STR + rb"),"
-    rb'"bytes":([0-9]+)(?:,"mtime_ns":(?:([0-9]+)|null))?\}'
+    rb'"bytes":([0-9]+)(?:,"mtime_ns":(?:([0-9]+)|null))?' + _STAGE_FIELDS + rb"\}"
 )
+_FAST_OUTPUT = re.compile(_OUTPUT)
+_FAST_OUTPUTS = re.compile(_OUTPUT + rb"(?:," + _OUTPUT + rb")*")  # a whole outputs list
 
 
 def load_state(path: Path, *, with_hashes: bool = False) -> ManifestState:
@@ -261,8 +279,12 @@ def _fast_ok(raw: bytes) -> tuple[str, str, tuple[str, ...], tuple[Stat | None, 
     if start < 0 or end < 0:
         return None
     found = _FAST_OUTPUT.findall(raw, start, end)
-    if not found or len(found) != raw.count(b'{"', start, end):
+    if not found:
         return None
+    if len(found) != raw.count(b'{"', start, end) and not _FAST_OUTPUTS.fullmatch(
+        raw, start + len(_OUTPUTS_START), end
+    ):
+        return None  # an object the pattern does not know: not a line the writer made
     key, source = match.groups()
     prefix = b"%s/%s/%s-" % (IMAGES_DIR.encode(), source, key[:16])
     paths: list[str] = []

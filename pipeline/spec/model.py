@@ -31,6 +31,7 @@ from ..sources import (
     iter_folder,
     list_globs,
 )
+from .catalog import default_catalog
 from .fields import (
     DEFAULT_API_KEY_ENV,
     DEFAULT_BASE_URL,
@@ -50,7 +51,6 @@ from .fields import (
     VarValues,
     check_kind,
 )
-from .catalog import default_catalog
 from .yamlfile import line_for, show_value
 
 __all__ = [

@@ -43,6 +43,7 @@ __all__ = [
     "output_error",
     "read_job",
     "read_json",
+    "stored_image_path",
     "temp_path",
     "write_all",
     "write_atomic",
@@ -63,6 +64,16 @@ _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 log = logging.getLogger(__name__)
+
+
+def stored_image_path(out_dir: Path, relative: str) -> Path | None:
+    """The file a manifest's output path names, if it is one of OUT's image files
+    (``images/<source>/<name>``); None for any other path, so that a hand-edited line
+    never makes synthaug read or send a file outside OUT."""
+    parts = PurePosixPath(relative).parts
+    if len(parts) != 3 or parts[0] != IMAGES_DIR or any(p in ("", ".", "..") for p in parts):
+        return None
+    return out_dir.joinpath(*parts)
 
 
 def temp_path(path: Path) -> Path:

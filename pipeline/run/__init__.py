@@ -1,0 +1,1 @@
+"""A run: the one worker pool, the stages after storage, and the run from lock to summary."""

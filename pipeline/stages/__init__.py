@@ -1,0 +1,1 @@
+"""The stages after storage, one module each (see `pipeline.run.stages`)."""
