@@ -148,7 +148,7 @@ def _longest(beat: Heartbeat, after: float | None, before: float | None) -> floa
 
 
 async def _run_synthaug(spec_path: Path) -> dict[str, Any]:
-    from pipeline.runner import run_job
+    from pipeline.run.job import run_job
 
     spec = _load_spec()(spec_path)
     options: dict[str, Any] = {"install_signals": False}
@@ -229,7 +229,7 @@ def child_main(args: list[str]) -> int:
             Path(params["out"]),
         )  # fmt: skip
     else:
-        import pipeline.runner  # noqa: F401 (imported before measuring, as the CLI has it)
+        import pipeline.run.job  # noqa: F401 (imported before measuring, as the CLI has it)
 
         _load_spec()
         work = lambda: _run_synthaug(Path(params["spec"]))  # noqa: E731

@@ -51,14 +51,14 @@ from typing import Any
 
 from _common import print_table, run_child, save_results, write_spec
 
-from pipeline.engine import utc_now
-from pipeline.items import expand_items
+from pipeline.items import count_items, expand_items
 from pipeline.manifest.cache import StateCache, cache_path
 from pipeline.manifest.log import MANIFEST_NAME, ManifestWriter
 from pipeline.mockapi.image import photo
 from pipeline.mockapi.server import draw_image
 from pipeline.records import ItemRecord, OutputFile
-from pipeline.runner import _write_job_json
+from pipeline.run.prepare import write_job_json
+from pipeline.run.stats import utc_now
 from pipeline.spec.load import load_spec
 from pipeline.store.files import output_path
 
@@ -68,7 +68,7 @@ QUIET_FROM_ITEMS = 100_000  # smaller jobs (smoke runs, tests) do not wait for q
 INPUT_PHOTOS = 200  # inputs of the folder job whose no-op resume's reads are counted
 _READS_CHILD = """
 import sys
-from pipeline import cli, runner
+from pipeline import cli
 from pipeline.mockapi import server as mock
 def rchar():
     with open("/proc/self/io") as fh:
@@ -133,7 +133,7 @@ def build_finished_job(spec_path: Path) -> dict[str, Any]:
             writer.append(record)
             count += 1
     cache.close()
-    _write_job_json(spec, spec_path)  # what a run leaves beside its manifest
+    write_job_json(spec, spec_path, count_items(spec))  # what a run leaves beside its manifest
     manifest = out / MANIFEST_NAME
     return {
         "items": count,

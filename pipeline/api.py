@@ -31,11 +31,12 @@ from types import MappingProxyType
 from typing import Any
 
 from .control import RunControl
-from .engine import RunStats
 from .manifest.cache import load_cached_state
 from .manifest.log import ManifestState
 from .plan import Plan, build_plan
-from .runner import check_key_scheme, run_job
+from .run.job import run_job
+from .run.prepare import check_key_scheme
+from .run.stats import RunStats
 from .search import apply_recorded, resolve_standalone
 from .spec.load import load_spec as _load_spec_file
 from .spec.load import spec_from_data

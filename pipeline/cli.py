@@ -266,7 +266,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .runner import run_job
+    from .run.job import run_job
     from .spec.load import apply_overrides
 
     spec = apply_overrides(

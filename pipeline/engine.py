@@ -11,9 +11,9 @@ signal set `stop_reason`; nothing new starts after that, in-flight items get
 `grace_period_s` to finish, then are cancelled. A cancelled item simply has no line (or
 only its ``generated`` line) and runs again on resume.
 
-The module is longer than most (about 550 lines) because it is one state machine: the
-producer, the workers, the retry loop, the checkpoint and the shutdown share the run's
-counters, budget and stop state; split apart, each piece would need all of them passed in.
+What needs work is decided by `pipeline.run.todo`, the workers are a `Lane` of the one
+worker pool (`pipeline.run.pool`), and each stored item is handed to the stages after
+storage (`on_stored`: `pipeline.run.stages`).
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from functools import partial
-from itertools import islice
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +43,7 @@ from .errors import (
 from .items import ItemDraft
 from .limiter import Limiter
 from .manifest import freshness as freshness
-from .manifest.log import Entry, Finished, ManifestState, ManifestWriter
+from .manifest.log import Finished, ManifestState, ManifestWriter
 from .records import (
     BatchRef,
     ErrorInfo,
@@ -59,57 +55,21 @@ from .records import (
 )
 from .retry import Retrier, RetryPolicy
 from .run.pool import Lane, RunStop, StopReason
+from .run.stats import RunStats, utc_now
+from .run.todo import Todo, TodoSource
 from .sources import InputChangedError, read_input_bytes
 from .spec.model import RunSettings
 from .store import files as outputs
-from .store.layout import MANIFEST_NAME
 
-__all__ = ["Engine", "RunStats", "StopReason"]
+__all__ = ["Engine"]
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 256  # items that need work, handed over per trip to the worker thread
-SCAN_LIMIT = 64 * CHUNK_SIZE  # items looked at per trip (a resumed job skips most)
 DOWNLOAD_ATTEMPTS = 3  # tries of one image URL before the item regenerates
 LARGE_INPUT_BYTES = 256 * 1024  # base64 in a thread above this
-VERIFIED_BATCH = 65536  # --verify: refreshed stats handed to `remember_stats` at a time
 STORE_THREADS = 2
 """Threads that check, hash and write images: few, so that the event loop thread competes
 for the GIL and the CPUs with few others (a stall of the loop delays every request)."""
-
-
-@dataclass(slots=True)
-class RunStats:
-    """Counters of one run, for progress, the summary and the exit code."""
-
-    expected: int = 0  # items in the job, counted up front (for progress)
-    total: int = 0  # items the producer has looked at so far
-    ok: int = 0
-    failed: int = 0
-    skipped_ok: int = 0
-    skipped_failed: int = 0
-    resumed_downloads: int = 0
-    skipped_changed: int = 0  # input file changed after the run began: its key is stale
-    rehashed: int = 0  # stored images re-read by the resume check (stat differed, --verify)
-    requests: int = 0
-    images: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    ambiguous_retries: int = 0
-    deferred: int = 0  # items left waiting in a Batch API batch (run --no-wait)
-    batches: str = ""  # where the run's Batch API batches stand, for progress
-    in_flight: int = 0
-    retrying: int = 0
-    cost_usd: float = 0.0
-    cost_known: bool = True  # False once an item had neither a usage block nor a list price
-    errors: Counter[str] = field(default_factory=Counter)
-    started: float = 0.0
-    finished: float = 0.0
-
-    @property
-    def done(self) -> int:
-        """Items settled in this run or before it."""
-        return self.ok + self.failed + self.skipped_ok + self.skipped_failed
 
 
 class _Stopped(Exception):
@@ -126,19 +86,8 @@ class _ItemRun:
     attempts: int = 0
     pending: tuple[GeneratedImage, ...] = ()
     response: object = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Todo:
-    """An item that needs work, with what the manifest already knows of it."""
-
-    item: WorkItem
-    entry: Entry | None
-
-
-def utc_now() -> str:
-    """ISO-8601 UTC timestamp with a Z, as manifest lines carry."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    batch: BatchRef | None = None  # the Batch API batch the answer came from
+    price_factor: float = 1.0  # the answer's discount (`Generation.price_factor`)
 
 
 class Engine:
@@ -168,18 +117,8 @@ class Engine:
     ) -> None:
         self._run = run
         self._out_dir = out_dir
-        self._items = iter(items)
         self._backend = backend
         self._limiter = limiter
-        self._state = state
-        self._files = files or outputs.StoredFiles(out_dir)
-        self._redo: set[str] | None = None  # ok keys whose files are gone (once decided)
-        # with `expand_again`, a big job's files are stat'ed by a child process while the
-        # keys are expanded (`freshness.StatPass`); its verdict comes at the end
-        self._expand_again = expand_again
-        self._stat_pass: freshness.StatPass | None = None
-        self._remember_stats = remember_stats
-        self._verified: dict[str, Finished] = {}  # --verify: matched with another stat
         self._writer = writer
         # its threads start on first use and end with `run`
         self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="synthaug-store")
@@ -195,6 +134,18 @@ class Engine:
             self._policy, sleep=self._backoff_sleep, on_retry=self._count_retry, rng=self._rng
         )
         self.stats = RunStats(expected=expected)
+        # with `expand_again`, a big job's files are stat'ed by a child process while the
+        # keys are expanded (`freshness.StatPass`); its verdict comes at the end
+        self._todos = TodoSource(
+            items,
+            state=state,
+            files=files or outputs.StoredFiles(out_dir),
+            out_dir=out_dir,
+            stats=self.stats,
+            retry_failed=run.retry_failed,
+            expand_again=expand_again,
+            remember_stats=remember_stats,
+        )
         self.run_stop = stop or RunStop()  # shared with the stages after storage
         self._on_stored = on_stored  # the stages after storage take each stored item
         self._budget = Budget(run.max_images, run.max_cost_usd, price, actual_cost)
@@ -234,7 +185,7 @@ class Engine:
     async def run(self) -> RunStats:
         """Process every item; return when all are settled or the run was stopped."""
         self.stats.started = self._clock()
-        lane: Lane[_Todo] = Lane(
+        lane: Lane[Todo] = Lane(
             "worker",
             self._run.concurrency,
             self._work,
@@ -254,13 +205,10 @@ class Engine:
             await asyncio.gather(producer, return_exceptions=True)
             # a store begun by a cancelled item ends before the run does (and the OUT lock)
             await asyncio.to_thread(self._store_pool.shutdown)
-            if self._stat_pass is not None:  # stopped before its verdict was needed
-                check, self._stat_pass = self._stat_pass, None
-                await asyncio.to_thread(check.cancel)
             # The job's state is let go now (a million entries for a big job): the engine
             # sits in reference cycles (its retrier holds its bound methods), so keeping it
             # would leave the state to the full collection at exit (0.4 s for 1M items).
-            self._state = ManifestState()
+            await asyncio.to_thread(self._todos.release)
             self.stats.finished = self._clock()
             try:
                 self._writer.sync()
@@ -271,126 +219,25 @@ class Engine:
 
     # ---------------------------------------------------------------- producer
 
-    async def _produce(self, lane: Lane[_Todo]) -> None:
+    async def _produce(self, lane: Lane[Todo]) -> None:
         """Feed the lane lazily, then close it."""
         await self._feed(lane)
         await lane.close()
 
-    async def _feed(self, lane: Lane[_Todo]) -> None:
+    async def _feed(self, lane: Lane[Todo]) -> None:
         while not self.stopping:
-            chunk = await asyncio.to_thread(self._decide_chunk)
+            chunk = await asyncio.to_thread(self._todos.next_chunk)
             if chunk is None:
                 return
             for todo in chunk:
                 if self.stopping:
                     return
-                if _submitted(todo):
+                if todo.submitted:
                     self._budget.commit(todo.item)  # already paid for: collect it anyway
                 elif not self._budget.reserve(todo.item):
                     self.stop("budget")
                     return
                 await lane.put(todo)
-
-    def _decide_chunk(self) -> list[_Todo] | None:
-        """Up to CHUNK_SIZE items that need work, dropping the ones the manifest says
-        are done (looking at up to SCAN_LIMIT items per call: one trip to the thread).
-
-        Runs in a worker thread: it lists image folders (once) and, with ``--verify``,
-        hashes files. An item is built from its draft only when it will run.
-        """
-        if self._redo is None:
-            self._redo = self._start_check()
-        todos: list[_Todo] = []
-        scanned = 0
-        while len(todos) < CHUNK_SIZE and scanned < SCAN_LIMIT:
-            chunk = list(islice(self._items, CHUNK_SIZE))
-            if not chunk and self._stat_pass is not None:
-                self._items = self._second_pass()  # the child's verdict: what runs again
-                continue
-            if not chunk:
-                break
-            scanned += len(chunk)
-            self._decide(chunk, todos)
-        if self._verified and (not scanned or len(self._verified) >= VERIFIED_BATCH):
-            verified, self._verified = self._verified, {}
-            self._remember_stats(verified)
-        return todos if scanned else None
-
-    def _decide(self, drafts: list[ItemDraft], todos: list[_Todo]) -> None:
-        self.stats.total += len(drafts)
-        finished, open_, hashes = self._state.finished, self._state.open, self._state.hashes
-        redo = self._redo or set()
-        for draft in drafts:
-            key = draft.key
-            if key in finished:
-                if key not in redo and (hashes is None or self._verify(key, hashes.get(key, ()))):
-                    self.stats.skipped_ok += 1
-                    continue
-                log.info("%s: recorded ok but its files are missing or changed; redoing", key)
-            entry = open_.get(key)
-            if entry is not None and entry.status == "failed" and not self._run.retry_failed:
-                self.stats.skipped_failed += 1
-                continue
-            todos.append(_Todo(draft.build(), entry))
-
-    def _start_check(self) -> set[str]:
-        """The ok keys whose files are gone or changed, or, when a child process checks
-        them (`freshness.StatPass`, for a big job given `expand_again`), none for now:
-        finished keys are skipped optimistically and `_second_pass` runs the ones the
-        child's verdict names."""
-        if self._state.hashes is not None:
-            return set()  # --verify re-hashes every file as it decides (`_decide`)
-        finished = self._state.finished
-        files = sum(map(len, map(itemgetter(1), finished.values())))
-        if self._expand_again is not None and files >= freshness.BACKGROUND_MIN_FILES:
-            self._stat_pass = freshness.StatPass.start(finished, self._files, self._out_dir)
-            if self._stat_pass is not None:
-                return set()
-        return self._keys_missing_files()
-
-    def _second_pass(self) -> Iterator[ItemDraft]:
-        """The drafts of the ok keys the child found with missing or changed files (every
-        item was seen once: each of these was counted as skipped then)."""
-        check, self._stat_pass = self._stat_pass, None
-        assert check is not None
-        differing = check.result()
-        redo = self._keys_missing_files(differing)
-        self._redo = redo
-        if not redo or self._expand_again is None:
-            return
-        for draft in self._expand_again():
-            if draft.key in redo:
-                self.stats.total -= 1  # `_decide` counts it again
-                self.stats.skipped_ok -= 1
-                yield draft
-
-    def _keys_missing_files(self, differing: list[int] | None = None) -> set[str]:
-        """The ok keys whose files are gone or changed (`freshness.check_finished`: a stat
-        of every recorded file, a re-hash of those whose size or mtime differ; or
-        `freshness.settle` of the indexes a child found differing); the ones re-hashed
-        and found unchanged are remembered with their new stats."""
-        manifest = self._out_dir / MANIFEST_NAME
-        finished = self._state.finished
-        if differing is None:
-            found = freshness.check_finished(finished, self._files, manifest)
-        else:
-            found = freshness.settle(finished, differing, self._files, manifest)
-        self.stats.rehashed += found.rehashed
-        if found.rehashed:
-            log.warning("%s", _rehash_message(found))
-        if found.missing:
-            log.info("%s recorded images are missing: their items run again", f"{found.missing:,}")
-        self._remember_stats(found.refreshed)
-        return found.redo
-
-    def _verify(self, key: str, sha256s: tuple[str, ...]) -> bool:
-        """``run --verify``: re-hash every file of an ok key; remember changed stats."""
-        entry = self._state.finished[key]
-        self.stats.rehashed += len(entry[1])
-        intact, fresh = freshness.verify_key(entry, sha256s, self._files)
-        if fresh is not None:
-            self._verified[key] = fresh
-        return intact
 
     async def _backoff_sleep(self, seconds: float) -> None:
         """Sleep between attempts, cut short by a stop (the next attempt then stands down)."""
@@ -398,7 +245,7 @@ class Engine:
 
     # ----------------------------------------------------------------- workers
 
-    async def _work(self, todo: _Todo) -> None:
+    async def _work(self, todo: Todo) -> None:
         self.stats.in_flight += 1
         try:
             await self._process(todo)
@@ -406,7 +253,7 @@ class Engine:
             self.stats.in_flight -= 1
             self._on_progress(self.stats)
 
-    async def _process(self, todo: _Todo) -> None:
+    async def _process(self, todo: Todo) -> None:
         """One item from first attempt to its manifest line (or none, when stopped)."""
         item = todo.item
         run = _ItemRun(item, started_at=utc_now(), t0=self._clock())
@@ -468,6 +315,7 @@ class Engine:
         run.attempts += 1
         generation = await self._generate(item)
         run.response = generation.response
+        run.batch, run.price_factor = generation.batch, generation.price_factor
         if any(img.url for img in generation.images):
             self._append_generated(run, generation.images)
         return await self._fetch_and_store(item, generation.images)
@@ -574,12 +422,12 @@ class Engine:
 
     def _finish_ok(self, run: _ItemRun, stored: tuple[OutputFile, ...]) -> None:
         elapsed = self._clock() - run.t0
-        record = _record(run, "ok", outputs=stored, elapsed=elapsed)
+        record = _record(run, "ok", outputs=stored, elapsed=elapsed, batch=run.batch)
         self._writer.append(record)
         self._on_stored(record)
         self.stats.ok += 1
         self.stats.images += len(stored)
-        cost = self._budget.settle(run.item, run.response)
+        cost = self._budget.settle(run.item, run.response, run.price_factor)
         if cost is None:
             self.stats.cost_known = False
         else:
@@ -598,14 +446,6 @@ class Engine:
         self._consecutive_failures += 1
         if self._consecutive_failures >= self._run.max_consecutive_failures:
             self.stop("aborted")
-
-
-def _rehash_message(found: freshness.Freshness) -> str:
-    """The one line that says why a resume read some images again, and what it found."""
-    head = f"re-hashed {found.rehashed:,} images whose size or mtime changed"
-    if not found.changed:
-        return f"{head} (a copy that did not keep mtimes?); all matched"
-    return f"{head}: {found.changed:,} differ from the manifest and their items run again"
 
 
 def _record(
@@ -638,8 +478,3 @@ def _record(
         pending=pending,
         batch=batch,
     )
-
-
-def _submitted(todo: _Todo) -> bool:
-    """The manifest says this item waits in a Batch API batch."""
-    return todo.entry is not None and todo.entry.status == "submitted"

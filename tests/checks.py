@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.server import MockConfig, MockServer
-from pipeline.runner import JobResult, run_job
+from pipeline.run.job import JobResult, run_job
 from pipeline.spec.load import load_spec
 
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.config import FAULT_KINDS, MockConfig, ResponseShape, RetryAfterForm
 from pipeline.mockapi.server import MockServer
-from pipeline.runner import JobResult, run_job
+from pipeline.run.job import JobResult, run_job
 from pipeline.spec.load import load_spec
 
 KEY = "sk-chaos-0c5e1f"

@@ -11,7 +11,7 @@ from checks import run_spec, write_job_spec
 from pipeline.errors import EXIT_FATAL
 from pipeline.limiter import LearnedPace
 from pipeline.mockapi.server import MockConfig, MockServer
-from pipeline.runner import read_learned_pace
+from pipeline.run.prepare import read_learned_pace
 from pipeline.spec.load import load_spec
 
 KEY = "sk-test-quota-5b1e"

@@ -24,7 +24,7 @@ from pipeline.manifest import freshness
 from pipeline.manifest.cache import cache_path
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.server import MockConfig, MockServer
-from pipeline.runner import JobResult, run_job
+from pipeline.run.job import JobResult, run_job
 from pipeline.sources import INPUT_HASHES_NAME, HashCache
 from pipeline.spec.load import load_spec
 

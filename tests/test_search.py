@@ -27,7 +27,7 @@ from pipeline.manifest.log import read_latest
 from pipeline.mockapi.dataset import MockDataset
 from pipeline.mockapi.search import match_images
 from pipeline.mockapi.server import MockConfig, MockServer
-from pipeline.runner import run_job
+from pipeline.run.job import run_job
 from pipeline.spec.load import load_spec, spec_from_data
 from pipeline.spec.model import SearchSettings
 from pipeline.store.lock import acquire_lock

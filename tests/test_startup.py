@@ -9,7 +9,7 @@ import sys
 def test_runner_does_not_load_the_mock_server() -> None:
     """Importing the run path leaves the mock API (aiohttp.web, Pillow drawing) unloaded."""
     code = (
-        "import sys, pipeline.cli, pipeline.runner; "
+        "import sys, pipeline.cli, pipeline.run.job; "
         "print(sorted(m for m in ('pipeline.mockapi.server', 'aiohttp.web', 'PIL.ImageDraw') "
         "if m in sys.modules))"
     )

@@ -49,7 +49,7 @@ from pipeline.errors import (
 from pipeline.manifest.log import load_state, read_latest, read_records
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.records import ImageUpload, ItemRecord
-from pipeline.runner import run_job
+from pipeline.run.job import run_job
 from pipeline.spec.load import load_spec
 from pipeline.stages.upload import MAX_TAG_CHARS, provenance_tags
 

@@ -6,4 +6,11 @@ import json
 
 from .load import json_schema
 
-print(json.dumps(json_schema(), indent=2))
+
+def main() -> None:
+    """Print the schema editors validate job specs with."""
+    print(json.dumps(json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

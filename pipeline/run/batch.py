@@ -1,0 +1,120 @@
+"""Batch mode's side of a run: how it makes and waits for Batch API batches, and what it
+says of them while it waits."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from ..backends.base import Backend, batch_control
+from ..engine import Engine
+from ..manifest.log import ManifestState
+from ..records import BATCH_LOGGER
+from ..registry import backend_kind
+from ..spec.model import RunSettings, Spec
+from .stats import RunStats
+
+if TYPE_CHECKING:
+    from ..backends.openai_batch import BatchOptions, BatchProgress
+
+__all__ = [
+    "BATCH_WORKERS",
+    "BatchWatch",
+    "attach_batches",
+    "batch_options",
+    "batch_workers",
+    "detach_batches",
+]
+
+BATCH_WORKERS = 50_000
+"""Items a batch-mode run keeps waiting at once (about 2 KB each): a batch's worth."""
+
+_batch_log = logging.getLogger(BATCH_LOGGER)  # status changes at INFO, each poll at DEBUG
+
+
+def batch_options(spec: Spec, wait: bool, watch: BatchWatch) -> BatchOptions:
+    """How this run makes and waits for Batch API batches (the spec's backend section)."""
+    from ..backends.openai_batch import BatchOptions  # the client stack: only when used
+
+    settings = spec.backend
+    return BatchOptions(
+        job=spec.name,
+        wait=wait,
+        batch_size=settings.batch_size,
+        poll_interval_s=settings.poll_interval_s,
+        poll_max_s=max(settings.poll_max_s, settings.poll_interval_s),
+        resubmit_lost=backend_kind(spec.backend.kind).in_process,
+        retry_online=settings.retry_online,
+        online_rate=spec.run.rate_limit,
+        online_concurrency=spec.run.concurrency,
+        control_attempts=spec.run.max_attempts,
+        backoff_base_s=spec.run.backoff_base_s,
+        backoff_max_s=spec.run.backoff_max_s,
+        on_progress=watch.update,
+    )
+
+
+class BatchWatch:
+    """Where the run's batches stand: a log line when one changes status (on the
+    `BATCH_LOGGER`), and a short note in the run's counters for the progress bar."""
+
+    def __init__(self) -> None:
+        self.stats: RunStats | None = None
+        self._seen: dict[str, BatchProgress] = {}
+
+    def update(self, progress: BatchProgress) -> None:
+        """Record one poll's answer."""
+        before = self._seen.get(progress.batch_id)
+        self._seen[progress.batch_id] = progress
+        changed = before is None or before.status != progress.status
+        _batch_log.log(
+            logging.INFO if changed else logging.DEBUG,
+            "batch %s: %s, %d of %d requests done, %d failed",
+            progress.batch_id,
+            progress.status,
+            progress.completed,
+            progress.total,
+            progress.failed,
+        )
+        if self.stats is not None:
+            self.stats.batches = self.note()
+
+    def note(self) -> str:
+        """e.g. ``2 batches: 1 in_progress, 1 completed; 1,200/5,000 done``."""
+        states = Counter(p.status for p in self._seen.values())
+        done = sum(p.completed for p in self._seen.values())
+        total = sum(p.total for p in self._seen.values())
+        kinds = ", ".join(f"{count} {status}" for status, count in sorted(states.items()))
+        plural = "batch" if len(self._seen) == 1 else "batches"
+        return f"{len(self._seen)} {plural}: {kinds}; {done:,}/{total:,} done"
+
+
+def batch_workers(spec: Spec, expected: int) -> RunSettings:
+    """The run settings for batch mode: a worker per item waiting in a batch (up to
+    `BATCH_WORKERS`), no request pace (the Batch API has its own limits)."""
+    workers = max(1, min(expected, BATCH_WORKERS))
+    return spec.run.model_copy(update={"concurrency": workers})
+
+
+async def detach_batches(spec: Spec, backend: Backend) -> None:
+    """Stop a Batch API backend (the registry says which are) from submitting or polling."""
+    kind = backend_kind(spec.backend.kind)
+    control = batch_control(backend, provided=kind.provides_batch_control(spec.backend.mode))
+    if control is not None:
+        await control.detach()
+
+
+def attach_batches(spec: Spec, backend: Backend, state: ManifestState, engine: Engine) -> None:
+    """Tell a Batch API backend (the registry says which are) where the manifest says
+    items wait, and let it record new batches through the engine's checkpoint."""
+    kind = backend_kind(spec.backend.kind)
+    control = batch_control(backend, provided=kind.provides_batch_control(spec.backend.mode))
+    if control is None:
+        return
+    attached = {
+        key: entry.batch
+        for key, entry in state.open.items()
+        if entry.status == "submitted" and entry.batch is not None
+    }
+    control.bind_manifest(attached, engine.record_submitted)

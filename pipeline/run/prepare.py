@@ -1,0 +1,266 @@
+"""Preparing a run: everything between a validated spec and the first request.
+
+Order matters, because every image costs money: the keys are read and OUT is checked and
+locked before anything is sent; the manifest is read for resume and its key scheme
+checked; the backend is opened and, where the kind can say, asked about the spec's
+models; searches are resolved; the items are counted once (the `max_items` guard, the
+progress total and ``job.json`` all use that count); ``job.json`` records the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import items as items_mod
+from .. import model_check, search
+from ..backends.base import Backend
+from ..credentials import (
+    DIRECT,
+    ProxySettings,
+    read_api_key,
+    read_proxy_settings,
+    read_upload_key,
+)
+from ..errors import OutputError, UsageError
+from ..limiter import LearnedPace, learned_pace
+from ..manifest.cache import StateCache
+from ..manifest.log import ManifestState, gc_paused
+from ..pricing import check_cost_budget
+from ..registry import backend_kind
+from ..spec.model import Spec
+from ..store import files as outputs
+from ..store import layout
+from ..store.layout import JOB_NAME, MANIFEST_NAME, SUMMARY_NAME
+from ..store.lock import acquire_lock
+from .batch import BatchWatch, batch_options
+
+if TYPE_CHECKING:
+    from ..backends.openai_batch import BatchOptions
+
+__all__ = [
+    "Prepared",
+    "check_key_scheme",
+    "prepare",
+    "read_learned_pace",
+    "recorded_key_scheme",
+    "write_job_json",
+]
+
+log = logging.getLogger("pipeline.runner")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A run ready to start: OUT locked, its state loaded, the backend open."""
+
+    spec: Spec  # its searches resolved
+    counts: Mapping[str, int]  # items per source, counted once
+    state: ManifestState
+    cache: StateCache
+    files: outputs.StoredFiles
+    backend: Backend
+    upload_key: str
+    watch: BatchWatch  # batch mode: where its batches stand
+
+    @property
+    def expected(self) -> int:
+        """Items in the job."""
+        return sum(self.counts.values())
+
+
+def check_spec(spec: Spec, *, wait: bool) -> Spec:
+    """What can be refused before OUT is touched: `--no-wait` without batches, the
+    budget without prices, `max_items`; the ids this OUT's searches already found."""
+    if not wait and spec.backend.mode != "batch":
+        raise UsageError("--no-wait needs backend.mode: batch (an online run cannot leave)")
+    if not wait and backend_kind(spec.backend.kind).in_process:
+        raise UsageError(
+            "--no-wait cannot leave batches with the embedded mock (it stops with the run): "
+            "rehearse with `synthaug mock-server` and backend.kind openai pointed at it"
+        )
+    spec = search.apply_recorded(spec)  # roboflow_search: ids this OUT already found
+    check_cost_budget(spec)
+    for warning in spec.model_warnings():
+        log.warning("%s", warning)
+    return spec
+
+
+@contextlib.asynccontextmanager
+async def prepare(
+    spec: Spec,
+    *,
+    spec_path: Path,
+    backend: Backend | None = None,
+    verify: bool = False,
+    wait: bool = True,
+    freeze_gc: bool = False,
+) -> AsyncIterator[Prepared]:
+    """Hold OUT's lock and the open backend while the body runs; see the module docstring.
+
+    `freeze_gc` (the CLI's) pauses the process's GC while the manifest loads and freezes
+    the loaded state until the run ends.
+    """
+    spec = check_spec(spec, wait=wait)
+    counts = None if search.unresolved(spec) else items_mod.count_items(spec)
+    if counts is not None:  # else counted once the searches have found their ids
+        items_mod.check_max_items(spec, counts)
+    kind = backend_kind(spec.backend.kind)
+    api_key = read_api_key(spec.backend)
+    upload_key = read_upload_key(spec.upload, spec.backend.kind)  # fails before anything is sent
+    # the embedded mock is on loopback in this process: a corporate proxy must not see it
+    proxies = read_proxy_settings() if kind.proxied else DIRECT
+    out = spec.output_dir
+    await asyncio.to_thread(outputs.check_writable, out)
+    with acquire_lock(out):
+        files = outputs.StoredFiles(out)
+        swept = await asyncio.to_thread(files.sweep_temp_files)
+        if swept:
+            log.info("removed %d half-written temp files left by a killed run", swept)
+        cache = StateCache(out / MANIFEST_NAME)
+        with _gc_spares_state(freeze_gc):
+            state = await asyncio.to_thread(_load_state, cache, verify, freeze_gc)
+            await asyncio.to_thread(check_key_scheme, out, state)
+            watch = BatchWatch()
+            options = batch_options(spec, wait, watch) if spec.backend.mode == "batch" else None
+            async with _open_backend(spec, api_key, backend, proxies, options) as live_backend:
+                # the API's word on the spec's models, before anything is spent
+                await model_check.check_models(spec, live_backend)
+                if counts is None:
+                    spec = await _resolve_searches(spec, live_backend, api_key, proxies)
+                    counts = items_mod.count_items(spec)
+                    items_mod.check_max_items(spec, counts)
+                await asyncio.to_thread(write_job_json, spec, spec_path, counts)
+                yield Prepared(
+                    spec, counts, state, cache, files, live_backend, upload_key, watch
+                )
+
+
+async def _resolve_searches(
+    spec: Spec, backend: Backend, api_key: str, proxies: ProxySettings
+) -> Spec:
+    """roboflow_search sources resolved (`pipeline.search`) against the open backend's
+    API root."""
+    root = search.api_root(spec, backend)
+    return await search.resolve_searches(spec, root=root, api_key=api_key, proxies=proxies)
+
+
+def read_learned_pace(spec: Spec) -> LearnedPace | None:
+    """The pace the last run on this OUT learned from 429s (its summary.json), if any.
+
+    A nightly job pays for learning the API's real limit once. A missing or corrupt
+    summary, or one written for another backend, starts from the spec's rate; the
+    limiter never goes above the spec's rate, even if it changed since.
+    """
+    data = layout.read_json(spec.output_dir / SUMMARY_NAME)
+    if data is None or data.get("backend") != spec.backend.kind:
+        return None
+    return learned_pace(data.get("limiter"))
+
+
+def _load_state(cache: StateCache, verify: bool, freeze: bool) -> ManifestState:
+    """Load the state; with `freeze`, with the cyclic GC off and then frozen before it comes
+    back: a million tuples that never form cycles, which every collection would walk again.
+    Pausing and freezing are process-wide (another thread of a library caller would lose
+    its GC meanwhile), so only the CLI, which owns its process, asks for them."""
+    if not freeze:
+        return cache.load(with_hashes=verify)
+    with gc_paused():
+        state = cache.load(with_hashes=verify)
+        gc.freeze()
+    return state
+
+
+@contextlib.contextmanager
+def _gc_spares_state(frozen: bool) -> Iterator[None]:
+    """Give objects frozen by `_load_state` back to the GC when the run is over."""
+    try:
+        yield
+    finally:
+        if frozen:
+            gc.unfreeze()
+
+
+def check_key_scheme(out_dir: Path, state: ManifestState) -> None:
+    """Refuse an OUT whose manifest was keyed by another scheme (see `items.KEY_SCHEME`).
+
+    Its keys would match nothing this version computes, so a run would quietly pay for
+    every item again. An OUT without a recorded scheme but with manifest lines was
+    written by synthaug 0.1 (scheme 1).
+    """
+    if not len(state):
+        return
+    found = recorded_key_scheme(out_dir)
+    if found == items_mod.KEY_SCHEME:
+        return
+    if found > items_mod.KEY_SCHEME:
+        raise OutputError(
+            f"{out_dir} was written by a newer synthaug (key scheme {found}; this one uses "
+            f"{items_mod.KEY_SCHEME}): upgrade synthaug (pip install -U synthaug) to resume it"
+        )
+    raise OutputError(
+        f"{out_dir} holds a manifest of key scheme {found} (synthaug 0.1, whose requests "
+        f"always carried model dall-e-3): this synthaug computes other keys (scheme "
+        f"{items_mod.KEY_SCHEME}) and would pay for every item again; point output_dir "
+        "(or --out) at a new folder"
+    )
+
+
+def recorded_key_scheme(out_dir: Path) -> int:
+    """The key scheme OUT/job.json records; 1 when it records none (synthaug 0.1)."""
+    scheme = layout.read_job(out_dir).get("key_scheme", 1)
+    return scheme if isinstance(scheme, int) and not isinstance(scheme, bool) else 1
+
+
+def write_job_json(spec: Spec, spec_path: Path, counts: Mapping[str, int]) -> None:
+    """Record in OUT what the job is: its sources, their item counts, the key scheme."""
+    sources = items_mod.describe_sources(spec)
+    for source in sources:
+        source["items"] = counts.get(source["name"], 0)
+    job = {
+        "name": spec.name,
+        "spec": spec_path.name,  # OUT is shared: no home folder in it
+        "backend": spec.backend.kind,
+        "key_scheme": items_mod.KEY_SCHEME,
+        "host": socket.gethostname(),
+        "sources": sources,
+    }
+    layout.write_json_atomic(spec.output_dir / JOB_NAME, job)
+
+
+@contextlib.asynccontextmanager
+async def _open_backend(
+    spec: Spec,
+    api_key: str,
+    given: Backend | None,
+    proxies: ProxySettings,
+    batch: BatchOptions | None = None,
+) -> AsyncIterator[Backend]:
+    """The backend of the spec's kind, as the registry names it (or `given`, for tests);
+    with `batch` options, the kind's Batch API client."""
+    if given is not None:
+        yield given
+        return
+    kind = backend_kind(spec.backend.kind)
+    # its first import (aiohttp's) takes about 100 ms: in a thread, not holding the loop
+    backend_class = await asyncio.to_thread(
+        partial(kind.open_backend_class, batch=batch is not None)
+    )
+    extra: dict[str, Any] = {"batch": batch} if batch is not None else {}
+    async with backend_class(
+        spec.backend.base_url,
+        api_key,
+        concurrency=spec.run.concurrency,
+        timeout_s=spec.backend.timeout_s,
+        proxies=proxies,
+        **extra,
+    ) as backend:
+        yield backend
