@@ -61,13 +61,15 @@ class Budget:
         self.images += item.n
         self.cost_usd += self.cost_of(item)
 
-    def settle(self, item: WorkItem, response: Any) -> float | None:
+    def settle(self, item: WorkItem, response: Any, price_factor: float = 1.0) -> float | None:
         """What `item` cost now that it is answered (None when unknown): the answer's
-        own figure when it reports one, which then replaces the reservation."""
+        own figure when it reports one, times `price_factor` (a Batch API answer's
+        discount: `Generation.price_factor`), which then replaces the reservation."""
         actual = self.actual(item, response)
         if actual is None:
             price = self.price(item)
             return None if price is None else price * item.n
+        actual *= price_factor
         self.cost_usd += actual - self.cost_of(item)
         return actual
 

@@ -42,8 +42,8 @@ BATCH_LOGGER = "pipeline.batches"
 """The logger of Batch API lifecycle lines (submitted, status changes): the CLI shows it
 at INFO by default, since what is in flight is what a nightly log is read for."""
 BATCH_MARK = "synthaug_batch_id"
-"""Added to the kept answer of a Batch API result: the batch it came from. What the item
-cost is then billed at the batch price."""
+"""What manifests written before `Generation.batch` marked a Batch API answer with (in
+its kept ``response``): readers may meet it in an old OUT; nothing writes it any more."""
 ITEM_STATUSES: tuple[ItemStatus, ...] = ("ok", "failed", "generated", "submitted")
 
 
@@ -123,13 +123,17 @@ class Generation:
     """A successful API answer.
 
     `response` is the JSON answer with image bytes (``b64_json``) elided, kept in the
-    manifest because the answer's shape is undocumented.
+    manifest because the answer's shape is undocumented (and kept as the API sent it).
+    `batch` is the Batch API batch the answer came from (None online); `price_factor`
+    what the price its ``usage`` reports is multiplied by (the batch discount).
     """
 
     images: tuple[GeneratedImage, ...]
     response: Any
     status: int = 200
     rate_limit: RateLimitHint | None = None
+    batch: BatchRef | None = None
+    price_factor: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

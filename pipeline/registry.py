@@ -57,6 +57,11 @@ class BackendKind:
     # not open to the key stops the run before it spends (`pipeline.model_check`)
     asks_models: bool = False
 
+    def provides_batch_control(self, mode: str) -> bool:
+        """Whether the backend a run opens in `mode` (``backend.mode``) is a Batch API
+        client (`pipeline.backends.base.BatchControl`): batch mode of a kind that has one."""
+        return mode == "batch" and self.batch_class is not None
+
     def open_backend_class(self, *, batch: bool = False) -> type:
         """The class that talks to this kind of API (imported now); with `batch`, the
         one that sends through the Batch API."""

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .backends.base import Backend
 from .credentials import DIRECT, ProxySettings, read_api_key, read_proxy_settings
 from .registry import backend_kind
 from .spec.model import SourceSpec, Spec
@@ -179,11 +180,10 @@ async def resolve_standalone(spec: Spec) -> Spec:
             )
 
 
-def api_root(spec: Spec, backend: object) -> str:
+def api_root(spec: Spec, backend: Backend) -> str:
     """Where the Roboflow API is for this run: the open backend's root (the embedded
     mock's URL for kind mock), else the spec's ``base_url``."""
-    root = getattr(backend, "root", None)
-    return root if isinstance(root, str) else spec.backend.base_url
+    return backend.api_root or spec.backend.base_url
 
 
 def _read_records(out_dir: Path) -> dict[str, dict[str, Any]]:

@@ -554,6 +554,31 @@ def test_batch_job_on_the_mock_costs_half_and_pays_each_image_once(
         assert not path.is_file() or KEY.encode() not in path.read_bytes(), path
 
 
+def test_an_out_whose_ok_lines_carry_the_old_batch_mark_resumes_without_paying_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ok lines written before `Generation.batch` (the batch id as
+    ``response.synthaug_batch_id``, no ``batch`` field) are done: a rerun sends nothing,
+    and status reads them."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with ThreadedMock(MockConfig(batch_s=0.1)) as mock:
+        spec = write_batch_spec(tmp_path, mock.base_url + "/v1", prompts=3)
+        assert api.run(api.load_spec(spec)).ok == 3
+        manifest = tmp_path / "out" / "manifest.jsonl"
+        old = []
+        for line in read_lines(manifest):
+            if line["status"] == "ok":
+                line["response"]["synthaug_batch_id"] = line.pop("batch")["id"]
+            old.append(json.dumps(line) + "\n")
+        manifest.write_text("".join(old))
+        before = mock.server.stats.batch_files, mock.server.stats.generations
+        again = api.run(api.load_spec(spec))
+        after = mock.server.stats.batch_files, mock.server.stats.generations
+    assert again.exit_code == 0, again.message
+    assert after == before  # nothing submitted, nothing generated again
+    assert api.status(tmp_path / "out").ok == 3
+
+
 def test_lines_that_fail_or_expire_go_into_a_new_batch_until_every_item_is_ok(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -603,7 +628,8 @@ def test_killed_while_waiting_then_resumed_submits_one_batch_and_finishes_each_i
 
         def submitted() -> bool:
             lines = list(read_lines(manifest)) if manifest.exists() else []
-            return sum(1 for line in lines if (line.get("batch") or {}).get("id")) == 8
+            waiting = [line for line in lines if line["status"] == "submitted"]
+            return sum(1 for line in waiting if (line.get("batch") or {}).get("id")) == 8
 
         wait_until(submitted, what="the batch to be recorded")
         first.send_signal(sig)
@@ -769,8 +795,8 @@ def test_retry_online_sends_failed_lines_to_the_images_api_at_full_price(
     assert counts.batches == 1
     assert counts.requests > 0  # retries went to /v1/images/generations
     lines = last_lines(tmp_path / "out")
-    by_batch = [line for line in lines.values() if "synthaug_batch_id" in line["response"]]
-    online = [line for line in lines.values() if "synthaug_batch_id" not in line["response"]]
+    by_batch = [line for line in lines.values() if "batch" in line]
+    online = [line for line in lines.values() if "batch" not in line]
     assert by_batch
     assert online
     expected = sum(

@@ -348,7 +348,7 @@ def test_batch_edit_job_runs_on_the_embedded_mock_and_stores_its_images(
         with Image.open(stored) as image:
             middle = image.convert("RGB").getpixel((image.width // 2, image.height // 2))
         assert middle == mock_color(prompt, b64(source_bytes))  # drawn from this input
-        assert line["response"]["synthaug_batch_id"].startswith("batch-mock")
+        assert line["batch"]["id"].startswith("batch-mock")  # the ok line names its batch
     statuses = [line["status"] for line in read_lines(tmp_path / "out" / "manifest.jsonl")]
     assert statuses.count("submitted") == 4  # recorded before and after the batch was made
 

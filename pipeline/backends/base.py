@@ -14,11 +14,11 @@ import email.utils
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import (
     BackendError,
@@ -27,14 +27,17 @@ from ..errors import (
     RateLimitedError,
     TransientError,
 )
-from ..records import GeneratedImage, Generation, RateLimitHint, WorkItem
+from ..records import BatchRef, GeneratedImage, Generation, RateLimitHint, WorkItem
 
 __all__ = [
     "EXCERPT_CHARS",
     "INLINE_CHUNK_CHARS",
     "QUOTA_ADVICE",
     "Backend",
+    "BatchControl",
     "InlineImage",
+    "Recorder",
+    "batch_control",
     "classify_http",
     "elide_images",
     "encode_image",
@@ -102,6 +105,45 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Release connections; the backend is unusable afterwards."""
         ...
+
+    @property
+    def api_root(self) -> str | None:
+        """The API root this backend sends to, where a run's other Roboflow calls (search,
+        upload) go for a kind that serves them itself (the embedded mock's URL); None when
+        the backend has no root of its own to offer."""
+        ...
+
+
+Recorder = Callable[[Sequence[WorkItem], BatchRef], None]
+"""Appends and fsyncs a ``submitted`` line for each item waiting in the batch `BatchRef`."""
+
+
+@runtime_checkable
+class BatchControl(Protocol):
+    """What a Batch API backend offers a run besides `Backend`: the manifest's word on
+    where items wait, and a way to stop submitting and polling. Which backends provide
+    it is the registry's to say (`BackendKind.provides_batch_control`)."""
+
+    def bind_manifest(self, attached: Mapping[str, BatchRef], record: Recorder) -> None:
+        """Where the manifest says items already wait, and how to record new ones."""
+        ...
+
+    async def detach(self) -> None:
+        """Stop gathering, submitting and polling: the run's manifest is about to close."""
+        ...
+
+
+def batch_control(backend: Backend, *, provided: bool) -> BatchControl | None:
+    """`backend` as the `BatchControl` the registry says it is (`provided`), else None.
+
+    A backend the registry promised that is not one is a bug in the registry: it fails
+    here, loudly, rather than leaving batches unrecorded.
+    """
+    if not provided:
+        return None
+    if not isinstance(backend, BatchControl):
+        raise TypeError(f"{backend!r} was registered as a Batch API client but is not one")
+    return backend
 
 
 def encode_image(data: bytes) -> str:

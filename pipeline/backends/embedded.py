@@ -79,10 +79,10 @@ class MockBackend:
 
 
 class _EmbeddedBatchBackend(BatchBackend):
-    """A rehearsal's Batch API client: its `root` is the mock's own, where the mock's
+    """A rehearsal's Batch API client: its `api_root` is the mock's own, where the mock's
     Roboflow endpoints (upload, search) are, not its ``/v1``."""
 
     @property
-    def root(self) -> str:
+    def api_root(self) -> str:
         """The embedded mock's root URL."""
         return self._root.removesuffix("/v1")

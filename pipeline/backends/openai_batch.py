@@ -54,9 +54,9 @@ from ..errors import (
     TransientError,
 )
 from ..limiter import Limiter
+from ..pricing import BATCH_PRICE_FACTOR
 from ..records import (
     BATCH_LOGGER,
-    BATCH_MARK,
     BatchRef,
     GeneratedImage,
     Generation,
@@ -64,6 +64,7 @@ from ..records import (
     request_body,
 )
 from .base import (
+    Recorder,
     classify_http,
     elide_images,
     encode_image,
@@ -100,8 +101,6 @@ UNCLAIMED_BYTES = 64 * 1024 * 1024
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _READ_CHUNK = 1024 * 1024
 _CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"([0-9a-f]{64})"')
-
-Recorder = Callable[[Sequence[WorkItem], BatchRef], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +260,7 @@ class BatchBackend(OpenAIBackend):
 
     async def _online(self, item: WorkItem, image: str | None) -> Generation:
         """`retry_online`: the item's request sent to the Images API itself, paced by the
-        spec's online rate and concurrency (full price; its answer carries no batch mark)."""
+        spec's online rate and concurrency (full price: its answer names no batch)."""
         if self._online_limiter is None:
             self._online_limiter = Limiter(
                 rate=self._options.online_rate,
@@ -588,7 +587,7 @@ class BatchBackend(OpenAIBackend):
             found = _CUSTOM_ID.search(line, 0, 512)
             if found is not None and found.group(1).decode() not in tracked.waiters:
                 continue  # an item this run does not wait for: not worth decoding
-            parse = partial(self._result, line, tracked.ref.batch_id or "")
+            parse = partial(self._result, line, tracked.ref)
             key, outcome = await loop.run_in_executor(self._parser, parse)
             waiter = tracked.waiters.pop(key, None)
             if waiter is None or waiter.done():
@@ -607,11 +606,11 @@ class BatchBackend(OpenAIBackend):
             )
             self._unclaimed += size
 
-    def _result(self, raw: bytes, batch_id: str) -> tuple[str, Generation | BackendError]:
+    def _result(self, raw: bytes, ref: BatchRef) -> tuple[str, Generation | BackendError]:
         """One result line as the item's `Generation` or its error (parsing thread).
 
-        The kept answer is the line's body, marked with the batch it came from
-        (`BATCH_MARK`): what it cost is billed at the batch price."""
+        The kept answer is the line's body; the `Generation` names the batch it came
+        from and carries the batch discount (`BATCH_PRICE_FACTOR`) for what it cost."""
         try:
             line = load_answer(raw)
         except ValueError:
@@ -634,9 +633,13 @@ class BatchBackend(OpenAIBackend):
             failure.status = status
             return key, failure
         kept = scrub_strings(elide_images(body), self._scrub)
-        if isinstance(kept, dict):
-            kept[BATCH_MARK] = batch_id
-        return key, Generation(images=images, response=kept, status=status)
+        return key, Generation(
+            images=images,
+            response=kept,
+            status=status,
+            batch=ref,
+            price_factor=BATCH_PRICE_FACTOR,
+        )
 
     def _fail_all(self, tracked: _Tracked, error: BackendError) -> None:
         for waiter in tracked.waiters.values():

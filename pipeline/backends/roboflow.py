@@ -98,7 +98,7 @@ class RoboflowBackend:
         return f"RoboflowBackend({self._endpoint!r})"
 
     @property
-    def root(self) -> str:
+    def api_root(self) -> str:
         """The API root this client sends to (the embedded mock's URL for kind mock)."""
         return self._root
 
