@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import unicodedata
@@ -79,7 +80,7 @@ def failed_record(source: str, variables: Mapping[str, str], *, repeat: int = 0)
     )
 
 
-def write_manifest(out: Path, records: Sequence[ItemRecord | Mapping[str, Any]]) -> None:
+def write_manifest(out: Path, records: Sequence[ItemRecord]) -> None:
     with ManifestWriter(out / "manifest.jsonl") as writer:
         for record in records:
             writer.append(record)
@@ -175,8 +176,8 @@ def test_generated_and_missing_files_are_placeholders(tmp_path: Path) -> None:
     write_job(tmp_path, source_spec("s", {"tree": TREES}))
     gone = ok_record(tmp_path, "s", {"tree": "oak"}, [PALETTE[1]])
     (tmp_path / gone.outputs[0].path).unlink()
-    generated = {**failed_record("s", {"tree": "birch"}).to_json(), "status": "generated"}
-    generated["error"] = None
+    generated = dataclasses.replace(failed_record("s", {"tree": "birch"}), status="generated")
+    generated = dataclasses.replace(generated, error=None)
     write_manifest(
         tmp_path, [ok_record(tmp_path, "s", {"tree": "maple"}, [PALETTE[0]]), gone, generated]
     )

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from pipeline.manifest.log import ManifestWriter
+from pipeline.records import ItemRecord
 
 KEY = "a" * 64
 WAIT_S = 30.0  # a bound against hanging, not a timing assertion
@@ -60,8 +61,18 @@ class Disk:
             return [event for event in self.events if event.startswith("fsync")]
 
 
-def line(i: int) -> dict[str, object]:
-    return {"key": KEY, "status": "ok", "attempt": i}
+def line(i: int) -> ItemRecord:
+    return ItemRecord(
+        key=KEY,
+        status="ok",
+        source="s",
+        vars={},
+        repeat=0,
+        input=None,
+        prompt="p",
+        params={},
+        attempts=i,
+    )
 
 
 def test_the_periodic_fsync_runs_on_the_writers_thread_not_in_append(tmp_path: Path) -> None:

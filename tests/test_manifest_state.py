@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 
 from pipeline.manifest.cache import StateCache, cache_path, load_cached_state
 from pipeline.manifest.log import ManifestState, ManifestWriter, _fast_ok, load_state
-from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
+from pipeline.records import (
+    ErrorInfo,
+    GeneratedImage,
+    InputImage,
+    ItemRecord,
+    OutputFile,
+    UploadRecord,
+)
 
 KEYS = [f"{i:02x}" * 32 for i in range(6)]
 MTIME_NS = 1_700_000_000_123_456_789
@@ -39,6 +46,7 @@ def _record(key: str, status: str, prompt: str, n: int, source: str = "src") -> 
             id=prompt,
             bytes=100 + i,
             mtime_ns=MTIME_NS + i,
+            upload=_upload(i, prompt),
         )
         for i in range(n if status == "ok" else 0)
     )
@@ -56,7 +64,20 @@ def _record(key: str, status: str, prompt: str, n: int, source: str = "src") -> 
         attempts=2,
         error=error,
         response={"data": [{"url": prompt, "path": "images/src/x-0.png"}]},
+        pending=(GeneratedImage(url=f"https://x.test/{prompt}", id=prompt),)
+        if status == "generated"
+        else (),
     )
+
+
+def _upload(index: int, text: str) -> UploadRecord | None:
+    """What the stages after storage add to an output, tricky text included: none on the
+    first output, an upload on the second, a failed one on the third."""
+    if index == 1:
+        return UploadRecord(project=text, id=text, duplicate=True)
+    if index == 2:
+        return UploadRecord(project=text, error=ErrorInfo("http_status", 422, text))
+    return None
 
 
 LINES = st.lists(
@@ -79,10 +100,7 @@ def _write(
             writer.add_append_hook(cache.add)
             cache.start(cache.load())
         for key, status, prompt, n in lines:
-            line = _record(key, status, prompt, n).to_json()
-            if status == "generated":
-                line["pending"] = [{"url": f"https://x.test/{prompt}", "id": prompt}]
-            writer.append(line)
+            writer.append(_record(key, status, prompt, n))
 
 
 def _run(path: Path, lines: list[tuple[str, str, str, int]], *, killed: bool = False) -> None:
@@ -151,9 +169,9 @@ def test_writer_lines_take_the_fast_path(tmp_path: Path, prompt: str) -> None:
     """The lines the writer makes are the ones the quick reading understands (else the
     speed-up silently vanishes)."""
     path = tmp_path / "manifest.jsonl"
-    _write(path, [(KEYS[0], "ok", prompt, 2)])
-    paths = (f"images/src/{KEYS[0][:16]}-0.png", f"images/src/{KEYS[0][:16]}-1.png")
-    stats = ((100, MTIME_NS), (101, MTIME_NS + 1))
+    _write(path, [(KEYS[0], "ok", prompt, 3)])  # with an upload and a failed upload
+    paths = tuple(f"images/src/{KEYS[0][:16]}-{i}.png" for i in range(3))
+    stats = ((100, MTIME_NS), (101, MTIME_NS + 1), (102, MTIME_NS + 2))
     assert _fast_ok(path.read_bytes()) == (KEYS[0], "src", paths, stats)
 
 

@@ -46,6 +46,7 @@ from pipeline.errors import (
     SpecError,
     TransientError,
 )
+from pipeline.manifest import log as manifest_log
 from pipeline.manifest.log import load_state, read_latest, read_records
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.records import ImageUpload, ItemRecord
@@ -386,8 +387,32 @@ async def test_every_image_is_uploaded_once_and_its_id_recorded(tmp_path: Path) 
     assert again.summary["upload"]["uploaded"] == 0
     assert server.stats.upload_requests == 10
     assert_outputs_valid(out)
-    # the resume state still sees every item ok (lines with uploads take the full parse)
     assert len(load_state(out / "manifest.jsonl").finished) == 5
+
+
+@pytest.mark.usefixtures("keyed")
+async def test_an_upload_jobs_lines_stay_on_the_resume_fast_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold resume (no state cache) of an upload job reads no line in full: every ok
+    line, with its uploads, is one the quick reading understands."""
+    async with MockServer(MockConfig(api_key=KEY)) as server:
+        path = write_job_spec(tmp_path, server.base_url, prompts=6, n=2)
+        add_upload(path, base_url=server.base_url)
+        result = await run_spec(path)
+    assert result.summary["upload"]["uploaded"] == 12
+    manifest = path.parent / "out" / "manifest.jsonl"
+    assert sum('"upload":{"id"' in line for line in manifest.read_text().splitlines()) == 6
+    for cache in manifest.parent.glob(".manifest.jsonl.state*"):
+        cache.unlink()
+    full_parses: list[bytes] = []
+    parse = manifest_log._parse_line
+    monkeypatch.setattr(
+        manifest_log, "_parse_line", lambda raw: full_parses.append(raw) or parse(raw)
+    )
+    state = load_state(manifest)
+    assert len(state.finished) == 6
+    assert [raw for raw in full_parses if b'"status":"ok"' in raw] == []
 
 
 async def test_mock_backend_uploads_to_its_embedded_server_without_a_key(

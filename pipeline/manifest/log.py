@@ -415,15 +415,18 @@ class ManifestWriter:
             raise
         return fd
 
-    def append(self, record: ItemRecord | Mapping[str, Any]) -> None:
-        """Write one line (the whole object, then newline) and hand it to the OS.
+    def append(self, record: ItemRecord) -> None:
+        """Write one record as a line (the whole object, then newline) and hand it to the OS.
+
+        Only records: every line is one the readers know, in the fields' canonical order
+        (the resume's fast path reads exactly that).
 
         Raises `OSError` when the disk refuses it (disk full, read-only remount); the
         file is then left as it was before this line.
         """
         if self._fd is None:
             raise ValueError(f"{self._path}: manifest writer is closed")
-        data = record.to_json() if isinstance(record, ItemRecord) else dict(record)
+        data = record.to_json()
         line = self._encoder.encode(data)
         payload = line.encode("utf-8") + b"\n"
         if self._fence:
