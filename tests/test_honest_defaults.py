@@ -180,11 +180,23 @@ def test_old_key_scheme_exits_2_with_one_line_for_run_and_plan(
 def test_newer_key_scheme_asks_for_an_upgrade(tmp_path: Path) -> None:
     """An OUT written by a newer synthaug is refused with the command that fixes it."""
     from pipeline.manifest.log import ManifestWriter, load_state
+    from pipeline.records import ItemRecord
     from pipeline.run.prepare import check_key_scheme
 
     (tmp_path / "job.json").write_text(json.dumps({"key_scheme": 99}))
     with ManifestWriter(tmp_path / "manifest.jsonl") as writer:
-        writer.append({"key": "k" * 64, "status": "failed", "source": "s"})
+        writer.append(
+            ItemRecord(
+                key="k" * 64,
+                status="failed",
+                source="s",
+                vars={},
+                repeat=0,
+                input=None,
+                prompt="p",
+                params={},
+            )
+        )
     with pytest.raises(OutputError, match=r"newer synthaug .*pip install -U synthaug"):
         check_key_scheme(tmp_path, load_state(tmp_path / "manifest.jsonl"))
 
