@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,7 @@ class Progress:
     in_batches: int
     batches: str
     cost_usd: float | None
+    elapsed_s: float  # since the run's workers started (0 before)
 
     @classmethod
     def of(cls, stats: RunStats) -> Progress:
@@ -168,6 +170,7 @@ class Progress:
             in_batches=stats.deferred,
             batches=stats.batches,
             cost_usd=stats.cost_usd if stats.cost_known else None,
+            elapsed_s=max(0.0, time.monotonic() - stats.started) if stats.started else 0.0,
         )
 
 
@@ -218,8 +221,15 @@ async def run_async(
     wait: bool = True,
     control: RunControl | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    process_owner: bool = False,
 ) -> RunResult:
-    """Run (or resume) `spec` in the running event loop; see `run`."""
+    """Run (or resume) `spec` in the running event loop; see `run`.
+
+    `process_owner` is for a program that owns its process, as the CLI does: it installs
+    SIGINT/SIGTERM handlers (main thread only; a first signal stops gracefully, a second
+    cancels) and freezes the loaded manifest state for the process's GC (faster with a
+    big manifest; process-wide, so a library caller leaves it off).
+    """
     if control is not None:
         control.claim()  # one control per run: a used one is refused before anything
     result = await run_job(
@@ -229,6 +239,8 @@ async def run_async(
         control=control,
         verify=verify,
         wait=wait,
+        install_signals=process_owner,
+        freeze_gc=process_owner,
     )
     summary = result.summary
     upload = summary.get("upload")

@@ -266,7 +266,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .run.job import run_job
+    from .api import run_async
     from .spec.load import apply_overrides
 
     spec = apply_overrides(
@@ -282,14 +282,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     show = not args.no_progress and sys.stderr.isatty()
     with _Progress(enabled=show) as progress:
         result = asyncio.run(
-            run_job(
+            run_async(
                 spec,
-                spec_path=args.spec,
-                on_progress=progress.update,
+                on_progress=progress.update if show else None,
                 verify=args.verify,
                 wait=not args.no_wait,
-                install_signals=True,  # the CLI owns its process: signals and the GC
-                freeze_gc=True,
+                process_owner=True,  # the CLI owns its process: signals and the GC
             )
         )
     s = result.summary
@@ -464,7 +462,7 @@ class _Progress:
         if now - self._last < 0.1 and stats.in_flight:
             return
         self._last = now
-        elapsed = max(now - stats.started, 1e-9) if stats.started else 0.0
+        elapsed = stats.elapsed_s
         self._bar.total = stats.expected or None
         self._bar.n = stats.done
         rate = {"req_s": f"{stats.requests / elapsed:.2f}" if elapsed else "-"}
