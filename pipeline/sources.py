@@ -26,6 +26,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .errors import PipelineError
+from .store.layout import INPUT_HASHES_NAME
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-INPUT_HASHES_NAME = ".inputs.json"  # in OUT: the inputs' hashes by path, size and mtime
 # A hash taken this close to the file's mtime is not stored: 2 s covers the coarsest
 # common mtime granularity (FAT).
 RACY_NS = 2_000_000_000

@@ -310,17 +310,17 @@ def test_sweep_temp_files_removes_only_leftover_temps(tmp_path: Path) -> None:
     incoming = tmp_path / "images" / TEMP_DIR
     folder.mkdir(parents=True)
     incoming.mkdir()
-    keep = [folder / "abc-0.png", incoming / "notes.tmp", tmp_path / "manifest.jsonl"]
-    temps = [incoming / ".abc-0.png.1a2b3c4d.tmp", tmp_path / ".summary.json.5e6f7a8b.tmp"]
+    keep = [folder / "0123456789abcdef-0.png", incoming / "notes.tmp", tmp_path / "manifest.jsonl"]
+    temps = [incoming / ".0123456789abcdef-0.png.1a2b3c4d.tmp", tmp_path / ".summary.json.5e6f7a8b.tmp"]
     for path in keep + temps:
         path.write_bytes(b"x")
     files = StoredFiles(tmp_path)
     assert files.sweep_temp_files() == 2
     assert all(p.exists() for p in keep)
     assert not any(p.exists() for p in temps)
-    assert files.intact(["images/s/abc-0.png"])
-    (folder / ".abc-0.png.1a2b3c4d.tmp").write_bytes(b"x")
-    assert not files.intact(["images/s/.abc-0.png.1a2b3c4d.tmp"])
+    assert files.intact(["images/s/0123456789abcdef-0.png"])
+    (folder / ".0123456789abcdef-0.png.1a2b3c4d.tmp").write_bytes(b"x")
+    assert not files.intact(["images/s/.0123456789abcdef-0.png.1a2b3c4d.tmp"])
 
 
 def test_sweep_temp_files_on_fresh_out_is_zero(tmp_path: Path) -> None:

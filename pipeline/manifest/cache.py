@@ -61,7 +61,7 @@ _PYTHON = f"{sys.implementation.name}-{sys.version_info[0]}.{sys.version_info[1]
 
 def cache_path(manifest: Path) -> Path:
     """``OUT/.manifest.jsonl.state`` beside the manifest."""
-    return manifest.with_name(f".{manifest.name}.state")
+    return layout.state_cache_path(manifest)
 
 
 def load_cached_state(manifest: Path) -> ManifestState:

@@ -35,7 +35,7 @@ from ..records import (
     ItemStatus,
     batch_from_json,
 )
-from ..store.layout import IMAGES_DIR, MANIFEST_NAME, write_all
+from ..store.layout import IMAGE_NAME, IMAGES_DIR, MANIFEST_NAME, write_all
 from .flusher import Flusher
 
 __all__ = [
@@ -196,7 +196,7 @@ _STAGE_FIELDS = (
     rb"|\{" + _nested(2) + rb"\}|\[" + _nested(2) + rb"\]))*"
 )
 _OUTPUT = (
-    rb'\{"path":"(' + _IMAGES + rb'/[A-Za-z0-9._-]+/[0-9a-f]{16}-[0-9]+\.[a-z0-9]+)",'
+    rb'\{"path":"(' + _IMAGES + rb"/[A-Za-z0-9._-]+/" + IMAGE_NAME.encode() + rb')",'
     rb'"sha256":"[0-9a-f]*","width":[0-9]+,"height":[0-9]+,'
     rb'"url":(?:null|' + _JSON_STR + rb'),"id":(?:null|' + _JSON_STR + rb"),"
     rb'"bytes":([0-9]+)(?:,"mtime_ns":(?:([0-9]+)|null))?' + _STAGE_FIELDS + rb"\}"

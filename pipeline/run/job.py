@@ -24,9 +24,9 @@ from ..limiter import Limiter
 from ..manifest.log import ManifestWriter
 from ..pricing import cost_from_usage, is_free, spec_price
 from ..records import WorkItem
-from ..sources import INPUT_HASHES_NAME, HashCache
+from ..sources import HashCache
 from ..spec.model import Spec
-from ..store.layout import MANIFEST_NAME, SUMMARY_NAME
+from ..store.layout import INPUT_HASHES_NAME, MANIFEST_NAME, SUMMARY_NAME
 from .batch import attach_batches, batch_workers, detach_batches
 from .pool import RunStop
 from .prepare import Prepared, prepare, read_learned_pace

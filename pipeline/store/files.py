@@ -28,7 +28,7 @@ from ..errors import OutputError, TransientError
 from ..records import OutputFile
 from . import layout
 from .image_check import DEFAULT_MAX_PIXELS, ImageInfo, check_image
-from .layout import IMAGES_DIR, TMP_SUFFIX
+from .layout import IMAGE_NAME, IMAGES_DIR, TMP_SUFFIX, image_name
 from .statpass import DIR_FLAGS, STAT_DIR_FD, differing
 
 __all__ = [
@@ -50,7 +50,6 @@ _SOURCE_RE = re.compile(r"[A-Za-z0-9._-]+")
 _KEY_RE = re.compile(r"[0-9A-Za-z]+")
 _EXT_RE = re.compile(r"[a-z0-9]+")
 _HASH_CHUNK = 1024 * 1024
-_NAME = r"[0-9A-Za-z]+-[0-9]+\.[a-z0-9]+"  # an image's file name, as `output_path` gives it
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 TEMP_DIR = ".incoming"
 """OUT/images/.incoming: where images are written before their rename into place."""
@@ -100,7 +99,7 @@ def output_path(out_dir: Path, source: str, key: str, index: int, ext: str) -> P
         raise OutputError(f"source name {source!r} cannot name a folder under {out_dir}")
     if not _KEY_RE.fullmatch(key) or index < 0 or not _EXT_RE.fullmatch(ext):
         raise OutputError(f"cannot name an output file from key={key!r} index={index} ext={ext!r}")
-    return out_dir / IMAGES_DIR / source / f"{key[:16]}-{index}.{ext}"
+    return out_dir / IMAGES_DIR / source / image_name(key, index, ext)
 
 
 def store_image(
@@ -328,7 +327,8 @@ class StoredFiles:
         source folder that is a real folder now and a name as `output_path` gives."""
         if self._shape is None:
             sources = "|".join(map(re.escape, _source_folders(self._out / IMAGES_DIR)))
-            self._shape = re.compile(f"{IMAGES_DIR}/(?:{sources})/{_NAME}" if sources else "(?!)")
+            shape = f"{IMAGES_DIR}/(?:{sources})/{IMAGE_NAME}"
+            self._shape = re.compile(shape if sources else "(?!)")
         return self._shape
 
 

@@ -10,6 +10,8 @@ way synthaug replaces a file there.
     OUT/.manifest.jsonl.state, OUT/.inputs.json           disposable caches
     OUT/.synthaug.lock                     held while a run writes
 
+Every name above is defined here and nowhere else.
+
 A file synthaug replaces is written under a temporary name in its own folder, fsynced and
 renamed over the old one (`write_atomic`): a reader, or a run that resumes after a crash,
 sees the old file or the new one, never half of either. Temporary names start with a dot
@@ -32,17 +34,22 @@ from ..errors import OutputError
 __all__ = [
     "GRIDS_DIR",
     "IMAGES_DIR",
+    "IMAGE_NAME",
     "INDEX_NAME",
+    "INPUT_HASHES_NAME",
     "JOB_NAME",
+    "LOCK_NAME",
     "MANIFEST_NAME",
     "SEARCH_NAME",
     "SUMMARY_NAME",
     "THUMBS_DIR",
     "TMP_SUFFIX",
     "fsync_dir",
+    "image_name",
     "output_error",
     "read_job",
     "read_json",
+    "state_cache_path",
     "stored_image_path",
     "temp_path",
     "write_all",
@@ -59,6 +66,22 @@ GRIDS_DIR = "grids"
 INDEX_NAME = "index.html"
 THUMBS_DIR = "thumbs"
 TMP_SUFFIX = ".tmp"
+LOCK_NAME = ".synthaug.lock"
+INPUT_HASHES_NAME = ".inputs.json"  # the inputs' hashes by path, size and mtime
+IMAGE_NAME = r"[0-9a-f]{16}-[0-9]+\.[a-z0-9]+"
+"""An image's file name (`image_name`): its key's first 16 hex digits, its index, its
+format's extension."""
+
+
+def image_name(key: str, index: int, ext: str) -> str:
+    """``<key16>-<index>.<ext>``: the name an item's `index`-th image is stored under, the
+    same on every machine (uploads are named by it: a repeat is answered duplicate)."""
+    return f"{key[:16]}-{index}.{ext}"
+
+
+def state_cache_path(manifest: Path) -> Path:
+    """``OUT/.manifest.jsonl.state``, the disposable cache of the manifest's state."""
+    return manifest.with_name(f".{manifest.name}.state")
 
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})

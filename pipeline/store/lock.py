@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError, UsageError
+from .layout import LOCK_NAME
 
 try:
     import fcntl
@@ -42,7 +43,6 @@ UNSUPPORTED_PLATFORM = (
     "on Windows, run it inside WSL (https://learn.microsoft.com/windows/wsl/)"
 )
 
-LOCK_NAME = ".synthaug.lock"
 # A holder that releases between our open() and flock() leaves us an unlinked file;
 # retry a few times on the path's new file rather than give up.
 _MAX_TRIES = 5
