@@ -310,8 +310,12 @@ def test_sweep_temp_files_removes_only_leftover_temps(tmp_path: Path) -> None:
     incoming = tmp_path / "images" / TEMP_DIR
     folder.mkdir(parents=True)
     incoming.mkdir()
-    keep = [folder / "0123456789abcdef-0.png", incoming / "notes.tmp", tmp_path / "manifest.jsonl"]
-    temps = [incoming / ".0123456789abcdef-0.png.1a2b3c4d.tmp", tmp_path / ".summary.json.5e6f7a8b.tmp"]
+    stored = folder / "0123456789abcdef-0.png"
+    keep = [stored, incoming / "notes.tmp", tmp_path / "manifest.jsonl"]
+    temps = [
+        incoming / ".0123456789abcdef-0.png.1a2b3c4d.tmp",
+        tmp_path / ".summary.json.5e6f7a8b.tmp",
+    ]
     for path in keep + temps:
         path.write_bytes(b"x")
     files = StoredFiles(tmp_path)
