@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .errors import CredentialsError
-from .registry import backend_kind
 from .spec.model import BackendSettings, UploadSettings
 
 __all__ = [
@@ -89,7 +88,7 @@ def read_api_key(backend: BackendSettings, environ: Mapping[str, str] = os.envir
 
     Raises `CredentialsError` when the variable is unset or blank.
     """
-    if not backend_kind(backend.kind).needs_key:
+    if not backend.registered.needs_key:
         return ""
     return _read_key(
         backend.api_key_env,
@@ -110,18 +109,20 @@ def _read_key(name: str, who: str, instead: str, environ: Mapping[str, str]) -> 
     return key
 
 
-def uploads_to_backend(upload: UploadSettings, kind: str) -> bool:
+def uploads_to_backend(upload: UploadSettings, backend: BackendSettings) -> bool:
     """Whether the `upload:` block goes to the backend's own server (the embedded mock)."""
-    return upload.base_url is None and backend_kind(kind).serves_uploads
+    return upload.base_url is None and backend.registered.serves_uploads
 
 
 def read_upload_key(
-    upload: UploadSettings | None, kind: str, environ: Mapping[str, str] = os.environ
+    upload: UploadSettings | None,
+    backend: BackendSettings,
+    environ: Mapping[str, str] = os.environ,
 ) -> str:
     """The Roboflow key the `upload:` block sends; "" when there is no upload block or it
     goes to the embedded mock. Raises `CredentialsError` when the variable is unset or
     blank, before anything is sent."""
-    if upload is None or uploads_to_backend(upload, kind):
+    if upload is None or uploads_to_backend(upload, backend):
         return ""
     return _read_key(
         upload.api_key_env,

@@ -27,7 +27,6 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from .credentials import DIRECT, read_api_key, read_proxy_settings
 from .errors import BackendError, FatalError
-from .registry import backend_kind
 from .spec.catalog import SHUTDOWN_WARNING_DAYS, Catalog, default_catalog
 from .spec.model import Spec
 
@@ -232,7 +231,7 @@ async def check_models(spec: Spec, backend: object) -> list[ModelAnswer]:
     """Before a run of a kind that `asks_models` spends: ask about the spec's models
     through its open `backend` and stop or warn (`raise_or_warn`). A backend that
     cannot ask (one a test passed in) is not asked."""
-    if not backend_kind(spec.backend.kind).asks_models:
+    if not spec.backend.registered.asks_models:
         return []
     models = list(spec_models(spec))
     if not isinstance(backend, ModelAsker) or not models:
@@ -248,7 +247,7 @@ async def ask_spec_api(spec: Spec) -> list[ModelAnswer] | None:
 
     Needs the key (`CredentialsError` without it); sends nothing but the questions.
     """
-    kind = backend_kind(spec.backend.kind)
+    kind = spec.backend.registered
     if not kind.asks_models:
         return None
     api_key = read_api_key(spec.backend)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .registry import backend_kind
 from .spec.catalog import default_catalog
 from .spec.model import Spec
 
@@ -102,7 +101,7 @@ def price_factor(spec: Spec) -> float:
 
 def is_free(spec: Spec) -> bool:
     """True when the spec's backend costs nothing (the registry's `priced`)."""
-    return not backend_kind(spec.backend.kind).priced
+    return not spec.backend.registered.priced
 
 
 def cost_from_usage(model_name: object, usage: object) -> float | None:

@@ -14,6 +14,7 @@ from pipeline.items import expand_items
 from pipeline.manifest.log import ManifestState, ManifestWriter, load_state
 from pipeline.plan import build_plan, format_plan
 from pipeline.pricing import price_per_image
+from pipeline.records import ItemRecord, ItemStatus
 from pipeline.spec.load import load_spec
 from pipeline.spec.model import Spec
 
@@ -41,13 +42,21 @@ def partial_state(spec: Spec, sandbox: Path) -> ManifestState:
     pairs = [i for i in items if i.source == "pairs"]
     path = sandbox / "out" / "manifest.jsonl"
     with ManifestWriter(path) as writer:
-        writer.append({"key": grid[0].key, "status": "failed", "source": "grid"})
-        writer.append({"key": grid[0].key, "status": "ok", "source": "grid"})  # last wins
-        writer.append({"key": grid[1].key, "status": "ok", "source": "grid"})
-        writer.append({"key": grid[2].key, "status": "failed", "source": "grid"})
-        writer.append({"key": pairs[0].key, "status": "generated", "source": "pairs"})
-        writer.append({"key": "f" * 64, "status": "ok", "source": "gone"})
+        writer.append(line(grid[0].key, "failed", "grid"))
+        writer.append(line(grid[0].key, "ok", "grid"))  # last wins
+        writer.append(line(grid[1].key, "ok", "grid"))
+        writer.append(line(grid[2].key, "failed", "grid"))
+        writer.append(line(pairs[0].key, "generated", "pairs"))
+        writer.append(line("f" * 64, "ok", "gone"))
     return load_state(path)
+
+
+def line(key: str, status: ItemStatus, source: str) -> ItemRecord:
+    """A manifest line of `key` with `status`, nothing else recorded."""
+    return ItemRecord(
+        key=key, status=status, source=source, vars={}, repeat=0, input=None, prompt="",
+        params={},
+    )
 
 
 def test_plan_counts_against_a_partial_manifest(

@@ -129,13 +129,13 @@ def _check_semantics(spec: Spec) -> None:
     _check_base_url(spec.backend)
     if spec.upload is not None and spec.upload.base_url is not None:
         _check_upload_url(spec.upload.base_url)
-    if backend_kind(spec.backend.kind).needs_project and not spec.project_url:
+    if spec.backend.registered.needs_project and not spec.project_url:
         raise _Problem(
             "project_url",
             f"required for backend {spec.backend.kind} (the project to add images to)",
         )
     batch = spec.backend.mode == "batch"
-    if batch and backend_kind(spec.backend.kind).batch_class is None:
+    if batch and spec.backend.registered.batch_class is None:
         raise _Problem(
             "backend.mode",
             f"backend {spec.backend.kind} has no batch mode: use kind openai (or mock to "
@@ -151,7 +151,7 @@ def _check_semantics(spec: Spec) -> None:
             )
         seen[source.name] = index
         _check_source_keys(source, at)
-        if not backend_kind(spec.backend.kind).roboflow_extras:
+        if not spec.backend.registered.roboflow_extras:
             _check_no_roboflow_extras(spec, source, at)
         if batch and source.input_kind in ("roboflow_ids", "roboflow_search"):
             raise _Problem(

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from ..errors import SpecError
-from ..registry import BACKENDS, DEFAULT_KIND
+from ..registry import BACKENDS, DEFAULT_KIND, BackendKind
 from ..sources import (
     DEFAULT_EXTENSIONS,
     iter_folder,
@@ -115,6 +115,12 @@ class BackendSettings(_Model):
         if not ENV_NAME.fullmatch(value):
             raise ValueError(f"{show_value(value)} is not an environment variable name")
         return value
+
+    @property
+    def registered(self) -> BackendKind:
+        """What the registry says of this kind: its needs, defaults and classes (looked up
+        here, once per question, so no module tests a kind by its name)."""
+        return BACKENDS[self.kind]
 
 
 class Params(_Model):

@@ -278,7 +278,7 @@ async def open_stage(spec: Spec, api_key: str, context: StageContext) -> UploadS
     (default Roboflow's API)."""
     settings = spec.upload
     assert settings is not None
-    embedded = uploads_to_backend(settings, spec.backend.kind)
+    embedded = uploads_to_backend(settings, spec.backend)
     root = context.backend_root if embedded else settings.base_url
     if embedded and root is None:
         raise OutputError("upload: this backend serves no upload endpoint: set upload.base_url")
