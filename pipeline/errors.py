@@ -8,13 +8,16 @@ into a single line and an exit code (`.exit_code`). A traceback is shown only wi
     ├── UsageError                 bad command line                      exit 2
     ├── SpecError                  bad job spec (file, key path, line)   exit 2
     ├── CredentialsError           API key variable unset or empty       exit 2
-    ├── OutputError                OUT not writable, locked by another run  exit 2
+    ├── OutputError                OUT not writable, locked by another run,
+    │                              keyed by another scheme               exit 2
+    │                              (a disk that fills mid-run stops the run: exit 3)
     ├── BackendError               one request failed (carries kind, status, item_key)
     │   ├── TransientError         retried with backoff (408/425/429/5xx, timeouts, ...)
     │   │   └── RateLimitedError   a 429: all starts pause for `retry_after`
     │   ├── PermanentError         recorded as failed at once (other 4xx, refusals)
-    │   └── FatalError             aborts the run: 401, 403, unknown project,
-    │                              quota or billing exhausted            exit 3
+    │   └── FatalError             aborts the run, in any stage: 401, 403, unknown
+    │                              project or model, quota or billing exhausted,
+    │                              uploads failing in a row              exit 3
     └── Deferred                   an item waits in a submitted batch (run --no-wait)
 
 How a run ended (too many consecutive failures: exit 3; a budget reached: exit 4;
