@@ -421,6 +421,7 @@ def test_mask_spec_errors_name_the_key_and_line(
     assert words in str(error)
 
 
+@pytest.mark.slow
 def test_a_mask_spec_error_exits_2_from_the_cli(sandbox: Path) -> None:
     """The CLI prints the one-line error with file, line and key, and exits 2."""
     (sandbox / "mask.png").write_bytes(png())

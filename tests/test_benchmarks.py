@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # each runs a benchmark script in a child process
 
 
 def run_benchmark(tmp_path: Path, script: str, *args: str) -> dict[str, Any]:

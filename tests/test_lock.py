@@ -86,6 +86,7 @@ def test_second_acquire_in_same_process_is_refused(tmp_path: Path) -> None:
         acquire_lock(tmp_path)
 
 
+@pytest.mark.slow
 def test_second_run_is_refused_while_another_process_holds(
     tmp_path: Path, holder: subprocess.Popen[str]
 ) -> None:
@@ -97,6 +98,7 @@ def test_second_run_is_refused_while_another_process_holds(
     assert message.endswith("wait for it or stop it")
 
 
+@pytest.mark.slow
 def test_lock_is_free_after_holder_finishes(tmp_path: Path, holder: subprocess.Popen[str]) -> None:
     """Once the other run ends normally, the next run gets the lock."""
     assert holder.stdin is not None
@@ -106,6 +108,7 @@ def test_lock_is_free_after_holder_finishes(tmp_path: Path, holder: subprocess.P
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_holder_is_taken_over(
     tmp_path: Path, holder: subprocess.Popen[str]
 ) -> None:

@@ -184,6 +184,7 @@ def test_a_stop_asked_before_the_run_starts_sends_nothing(sandbox: Path) -> None
     assert (result.exit_code, result.requests) == (130, 0)
 
 
+@pytest.mark.slow
 def test_a_users_pipeline_module_cannot_shadow_synthaug(tmp_path: Path) -> None:
     """With a DAG folder's own pipeline.py first on sys.path, `import synthaug` still runs."""
     dags = tmp_path / "dags"

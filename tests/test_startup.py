@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_runner_does_not_load_the_mock_server() -> None:
     """Importing the run path leaves the mock API (aiohttp.web, Pillow drawing) unloaded."""
     code = (

@@ -494,6 +494,7 @@ async def test_a_refused_upload_is_recorded_exits_1_and_is_retried_next_run(
     assert {o["upload"]["id"] for o in outputs(out)} == {"rf-1"}
 
 
+@pytest.mark.slow
 def test_key_never_appears_in_logs_or_out(tmp_path: Path) -> None:
     """A DEBUG run whose uploads meet faults shows the key nowhere: stdout, stderr, OUT."""
     config = MockConfig(
@@ -588,6 +589,7 @@ def test_killed_upload_job_resumes_without_uploading_twice(
     assert_outputs_valid(out)
 
 
+@pytest.mark.slow
 def test_cli_reports_upload_counts(tmp_path: Path) -> None:
     """`synthaug run` on a mock job with upload: exit 0, summary.json has the counts."""
     path = tmp_path / "spec.yaml"
