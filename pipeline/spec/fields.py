@@ -30,6 +30,7 @@ __all__ = [
     "MAX_ATTEMPTS",
     "MAX_CONCURRENCY",
     "MAX_N",
+    "EnvName",
     "Extension",
     "ImageSize",
     "InputKindName",
@@ -154,7 +155,15 @@ _RATE_SCHEMA = {
 }
 Rate = Annotated[float | None, BeforeValidator(_rate_or_none), WithJsonSchema(_RATE_SCHEMA)]
 Name = Annotated[str, AfterValidator(_check_name)]
+def _check_env_name(value: str) -> str:
+    if not ENV_NAME.fullmatch(value):
+        raise ValueError(f"{show_value(value)} is not an environment variable name")
+    return value
+
+
 ImageSize = Annotated[str, AfterValidator(_check_size)]
+EnvName = Annotated[str, AfterValidator(_check_env_name)]
+"""The name of an environment variable (where a key is read from; never the key)."""
 Url = Annotated[str, AfterValidator(_check_url)]
 NonBlank = Annotated[str, AfterValidator(_check_nonblank)]
 VarValues = Annotated[

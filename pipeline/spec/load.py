@@ -61,7 +61,7 @@ def load_spec(path: Path | str, *, today: dt.date | None = None) -> Spec:
     """
     shown = str(path)
     data, lines = read_yaml(Path(path), shown)
-    return _build_checked(data, Path(path).absolute().parent, shown, lines, today)
+    return _checked(_build(data, Path(path).absolute().parent, shown, lines, today))
 
 
 def spec_from_data(
@@ -79,18 +79,11 @@ def spec_from_data(
     if not isinstance(data, Mapping):
         raise SpecError(f"a spec is a mapping of keys, got {type(data).__name__}", file=name)
     folder = Path(base_dir if base_dir is not None else Path.cwd()).absolute()
-    return _build_checked(copy.deepcopy(dict(data)), folder, name, {}, today)
+    return _checked(_build(copy.deepcopy(dict(data)), folder, name, {}, today))
 
 
-def _build_checked(
-    data: Mapping[str, Any],
-    spec_dir: Path,
-    shown: str,
-    lines: Mapping[str, int],
-    today: dt.date | None = None,
-) -> Spec:
-    """`_build`, then the checks only the disk can answer."""
-    spec = _build(data, spec_dir, shown, lines, today)
+def _checked(spec: Spec) -> Spec:
+    """`spec` once the checks only the disk can answer have passed."""
     try:
         _check_inputs(spec)
     except _Problem as exc:

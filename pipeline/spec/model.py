@@ -36,11 +36,11 @@ from .fields import (
     DEFAULT_API_KEY_ENV,
     DEFAULT_BASE_URL,
     DEFAULT_CONCURRENCY,
-    ENV_NAME,
     INPUT_KINDS,
     MAX_ATTEMPTS,
     MAX_CONCURRENCY,
     MAX_N,
+    EnvName,
     Extension,
     ImageSize,
     InputKindName,
@@ -81,7 +81,7 @@ class BackendSettings(_Model):
     base_url: str = Field(
         default=DEFAULT_BASE_URL, description="API root URL (default: the kind's own)"
     )
-    api_key_env: str = Field(
+    api_key_env: EnvName = Field(
         default=DEFAULT_API_KEY_ENV,
         description="env var holding the API key (default: the kind's own)",
     )
@@ -108,13 +108,6 @@ class BackendSettings(_Model):
         description="mode batch: retry a failed line online (now, full price, paced by run) "
         "instead of in a new batch",
     )
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str) -> str:
-        if not ENV_NAME.fullmatch(value):
-            raise ValueError(f"{show_value(value)} is not an environment variable name")
-        return value
 
     @property
     def registered(self) -> BackendKind:
@@ -357,7 +350,7 @@ class UploadSettings(_Model):
         default=None,
         description="API root (default https://api.roboflow.com; the embedded mock's for mock)",
     )
-    api_key_env: str = Field(
+    api_key_env: EnvName = Field(
         default=DEFAULT_API_KEY_ENV, description="env var holding the Roboflow API key"
     )
     concurrency: int = Field(
@@ -371,13 +364,6 @@ class UploadSettings(_Model):
         description=f"upload starts per period (default {DEFAULT_UPLOAD_RATE}; none for the mock)",
     )
     max_attempts: int = Field(default=DEFAULT_UPLOAD_ATTEMPTS, ge=1, le=MAX_ATTEMPTS)
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str) -> str:
-        if not ENV_NAME.fullmatch(value):
-            raise ValueError(f"{show_value(value)} is not an environment variable name")
-        return value
 
     def batch_name(self, day: str) -> str | None:
         """The batch with `{date}` filled in (`day` is YYYY-MM-DD)."""
