@@ -19,6 +19,7 @@ storage (`on_stored`: `pipeline.run.stages`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -132,6 +133,13 @@ class Engine:
         # built once: a tenacity loop per item cost more CPU than the request it guarded
         self._retrier = Retrier(
             self._policy, sleep=self._backoff_sleep, on_retry=self._count_retry, rng=self._rng
+        )
+        # a download is free to repeat (the image was paid for once): no ambiguity to weigh
+        self._downloads = Retrier(
+            dataclasses.replace(self._policy, max_attempts=DOWNLOAD_ATTEMPTS, retry_ambiguous=True),
+            sleep=self._backoff_sleep,
+            on_retry=_log_download_retry,
+            rng=self._rng,
         )
         self.stats = RunStats(expected=expected)
         # with `expand_again`, a big job's files are stat'ed by a child process while the
@@ -383,28 +391,28 @@ class Engine:
         return tuple(stored)
 
     async def _fetch_one(self, item: WorkItem, index: int, image: GeneratedImage) -> OutputFile:
-        last: BackendError | None = None
-        for _ in range(DOWNLOAD_ATTEMPTS):
-            try:
-                data = await self._backend.download(image)
-                store = partial(
-                    outputs.store_image,
-                    self._out_dir,
-                    source=item.source,
-                    key=item.key,
-                    index=index,
-                    data=data,
-                    url=image.url,
-                    id=image.id,
-                    folders=self._folders,
-                )
-                return await asyncio.get_running_loop().run_in_executor(self._store_pool, store)
-            except TransientError as exc:
-                last = exc
-                if image.url is None:
-                    break  # bytes came inline: downloading again gives the same bytes
-        assert last is not None
-        raise last
+        """One image downloaded (by the one retry policy, `DOWNLOAD_ATTEMPTS` tries) and
+        stored; bytes that came inline are stored once (fetching them again gives the same
+        bytes: a bad image regenerates the item instead)."""
+        fetch = partial(self._fetch_once, item, index, image)
+        if image.url is None:
+            return await fetch()
+        return await self._downloads.call(fetch)
+
+    async def _fetch_once(self, item: WorkItem, index: int, image: GeneratedImage) -> OutputFile:
+        data = await self._backend.download(image)
+        store = partial(
+            outputs.store_image,
+            self._out_dir,
+            source=item.source,
+            key=item.key,
+            index=index,
+            data=data,
+            url=image.url,
+            id=image.id,
+            folders=self._folders,
+        )
+        return await asyncio.get_running_loop().run_in_executor(self._store_pool, store)
 
     # ---------------------------------------------------------------- manifest
 
@@ -478,3 +486,7 @@ def _record(
         pending=pending,
         batch=batch,
     )
+
+
+def _log_download_retry(exc: BackendError, attempt: int, wait: float) -> None:
+    log.info("download retry %d after %s (%s) in %.1fs", attempt, exc.kind, exc.status, wait)
