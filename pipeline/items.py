@@ -17,7 +17,7 @@ from json.encoder import encode_basestring
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .records import InputImage, WorkItem, request_body
+from .records import InputImage, JobSource, WorkItem, request_body
 from .registry import backend_kind
 from .sources import HashCache
 from .spec.model import SourceSpec, Spec
@@ -245,25 +245,26 @@ def check_max_items(spec: Spec, counts: Mapping[str, int] | None = None) -> None
             )
 
 
-def describe_sources(spec: Spec) -> list[dict[str, Any]]:
+def describe_sources(spec: Spec, counts: Mapping[str, int] | None = None) -> list[JobSource]:
     """Each source as OUT/job.json records it: template, variable values, input kind,
     and `n` (images per request, global params merged with the source's): the contact
-    sheet draws one cell per image, placeholders included, from it."""
-    out: list[dict[str, Any]] = []
+    sheet draws one cell per image, placeholders included, from it. With `counts`
+    (items per source, `count_items`), each source's `items` too."""
+    out: list[JobSource] = []
     for source in spec.sources:
         template = parse_template(source.prompt)
-        values = resolve_values(template, source.vars, spec.spec_dir)
+        search = source.roboflow_search
         out.append(
-            {
-                "name": source.name,
-                "prompt": source.prompt,
-                "vars": {name: list(v) for name, v in values.items()},
-                "combine": source.combine,
-                "repeats": source.repeats,
-                "input": source.input_kind,
-                "n": int(spec.source_params(source).get("n") or 1),
-            }
+            JobSource(
+                name=source.name,
+                prompt=source.prompt,
+                vars=resolve_values(template, source.vars, spec.spec_dir),
+                combine=source.combine,
+                repeats=source.repeats,
+                input=source.input_kind,
+                n=int(spec.source_params(source).get("n") or 1),
+                items=None if counts is None else counts.get(source.name, 0),
+                search=None if search is None else search.model_dump(exclude_none=True),
+            )
         )
-        if source.roboflow_search is not None:
-            out[-1]["search"] = source.roboflow_search.model_dump(exclude_none=True)
     return out

@@ -25,7 +25,7 @@ from pipeline.items import (
     item_key,
     prompt_keyer,
 )
-from pipeline.records import request_body
+from pipeline.records import JobSource, request_body
 from pipeline.sources import HashCache, InputChangedError, read_input_bytes
 from pipeline.spec.load import load_spec
 
@@ -207,24 +207,24 @@ def test_describe_sources_lists_every_variable(sandbox: Path) -> None:
     mixed = {"name": "mixed", "prompt": "{s} __tree__ {a|b}", "vars": {"s": [1, 2.5]}}
     spec = load_spec(job(sandbox, [mixed, FILES]))
     assert describe_sources(spec) == [
-        {
-            "name": "mixed",
-            "prompt": "{s} __tree__ {a|b}",
-            "vars": {"s": ["1", "2.5"], "__tree__": ["oak", "elm"], "a|b": ["a", "b"]},
-            "combine": "product",
-            "repeats": 1,
-            "input": "none",
-            "n": 1,
-        },
-        {
-            "name": "files",
-            "prompt": "red {x|y}",
-            "vars": {"x|y": ["x", "y"]},
-            "combine": "product",
-            "repeats": 2,
-            "input": "images",
-            "n": 1,
-        },
+        JobSource(
+            name="mixed",
+            prompt="{s} __tree__ {a|b}",
+            vars={"s": ("1", "2.5"), "__tree__": ("oak", "elm"), "a|b": ("a", "b")},
+            combine="product",
+            repeats=1,
+            input="none",
+            n=1,
+        ),
+        JobSource(
+            name="files",
+            prompt="red {x|y}",
+            vars={"x|y": ("x", "y")},
+            combine="product",
+            repeats=2,
+            input="images",
+            n=1,
+        ),
     ]
 
 

@@ -35,11 +35,12 @@ from ..limiter import LearnedPace, learned_pace
 from ..manifest.cache import StateCache
 from ..manifest.log import ManifestState, gc_paused
 from ..pricing import check_cost_budget
+from ..records import JobRecord
 from ..registry import backend_kind
 from ..spec.model import Spec
 from ..store import files as outputs
 from ..store import layout
-from ..store.layout import JOB_NAME, MANIFEST_NAME, SUMMARY_NAME
+from ..store.layout import MANIFEST_NAME, SUMMARY_NAME
 from ..store.lock import acquire_lock
 from .batch import BatchWatch, batch_options
 
@@ -216,24 +217,21 @@ def check_key_scheme(out_dir: Path, state: ManifestState) -> None:
 
 def recorded_key_scheme(out_dir: Path) -> int:
     """The key scheme OUT/job.json records; 1 when it records none (synthaug 0.1)."""
-    scheme = layout.read_job(out_dir).get("key_scheme", 1)
-    return scheme if isinstance(scheme, int) and not isinstance(scheme, bool) else 1
+    job = layout.read_job(out_dir)
+    return 1 if job is None else job.key_scheme
 
 
 def write_job_json(spec: Spec, spec_path: Path, counts: Mapping[str, int]) -> None:
     """Record in OUT what the job is: its sources, their item counts, the key scheme."""
-    sources = items_mod.describe_sources(spec)
-    for source in sources:
-        source["items"] = counts.get(source["name"], 0)
-    job = {
-        "name": spec.name,
-        "spec": spec_path.name,  # OUT is shared: no home folder in it
-        "backend": spec.backend.kind,
-        "key_scheme": items_mod.KEY_SCHEME,
-        "host": socket.gethostname(),
-        "sources": sources,
-    }
-    layout.write_json_atomic(spec.output_dir / JOB_NAME, job)
+    job = JobRecord(
+        name=spec.name,
+        spec=spec_path.name,  # OUT is shared: no home folder in it
+        backend=spec.backend.kind,
+        key_scheme=items_mod.KEY_SCHEME,
+        host=socket.gethostname(),
+        sources=tuple(items_mod.describe_sources(spec, counts)),
+    )
+    layout.write_job(spec.output_dir, job)
 
 
 @contextlib.asynccontextmanager

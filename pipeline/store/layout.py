@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from ..errors import OutputError
+from ..records import JobRecord
 
 __all__ = [
     "GRIDS_DIR",
@@ -54,6 +55,7 @@ __all__ = [
     "temp_path",
     "write_all",
     "write_atomic",
+    "write_job",
     "write_json_atomic",
 ]
 
@@ -190,13 +192,16 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def read_job(out_dir: Path) -> dict[str, Any]:
-    """``OUT/job.json`` as a dict, ``{}`` when it is absent or unreadable.
+def read_job(out_dir: Path) -> JobRecord | None:
+    """``OUT/job.json`` as the record a run wrote, None when it is absent or unreadable.
 
-    Its ``spec`` is cut to the file name: OUT is meant to be zipped and shared, and an
-    older synthaug recorded the spec's absolute path (the author's home folder).
+    Read leniently (`JobRecord.from_json`): a view of OUT works without the file, so a
+    hand-edited or older one must never stop it.
     """
-    job = read_json(out_dir / JOB_NAME) or {}
-    if job.get("spec"):
-        job["spec"] = PurePosixPath(str(job["spec"]).replace("\\", "/")).name
-    return job
+    data = read_json(out_dir / JOB_NAME)
+    return None if data is None else JobRecord.from_json(data)
+
+
+def write_job(out_dir: Path, job: JobRecord) -> None:
+    """Replace ``OUT/job.json`` with `job`, atomically and durably (`write_json_atomic`)."""
+    write_json_atomic(out_dir / JOB_NAME, job.to_json())

@@ -21,7 +21,7 @@ from urllib.parse import quote
 from PIL import Image, ImageOps
 
 from ..manifest.log import read_records
-from ..records import ErrorInfo, ItemRecord, OutputFile
+from ..records import ErrorInfo, ItemRecord, JobRecord, JobSource, OutputFile
 from ..store.layout import (
     GRIDS_DIR,
     INDEX_NAME,
@@ -30,6 +30,7 @@ from ..store.layout import (
     read_job,
     write_atomic,
 )
+from .grid_model import declared_sources, group_by_source
 from .sheet_text import META_SOURCE, path_inside
 
 __all__ = ["THUMB_PX", "write_gallery"]
@@ -71,18 +72,15 @@ def write_gallery(out_dir: Path) -> Path:
     which the manifest first mentions them). CPU-bound (thumbnails) and sync.
     """
     job = read_job(out_dir)
-    by_source: dict[str, list[ItemRecord]] = {}
-    for record in read_records(out_dir / MANIFEST_NAME).values():
-        by_source.setdefault(record.source, []).append(record)
-    declared = {str(s.get("name")): s for s in job.get("sources") or () if isinstance(s, dict)}
-    names = [*declared, *(n for n in by_source if n not in declared)]
+    by_source = group_by_source(read_records(out_dir / MANIFEST_NAME).values())
+    shown = declared_sources(job, by_source)
     sheets = _sheets(out_dir)
     thumbs = _Thumbs(out_dir)
     sections = [
-        _section(out_dir, name, declared.get(name, {}), by_source.get(name, []), sheets, thumbs)
-        for name in names
+        _section(name, declared, by_source.get(name, []), sheets, thumbs)
+        for name, declared in shown
     ]
-    page = _page(job, names, by_source, sections)
+    page = _page(job, [name for name, _ in shown], by_source, sections)
     path = out_dir / INDEX_NAME
     data = page.encode("utf-8")
     write_atomic(path, data, fsync=False)  # a view: drawn again on demand
@@ -162,16 +160,17 @@ class _Thumbs:
 
 
 def _page(
-    job: Mapping[str, Any],
+    job: JobRecord | None,
     names: Sequence[str],
     by_source: Mapping[str, Sequence[ItemRecord]],
     sections: Iterable[str],
 ) -> str:
-    title = f"synthaug: {job.get('name') or 'run'}"
+    spec, backend = (job.spec, job.backend) if job else (None, None)
+    title = f"synthaug: {(job.name if job else None) or 'run'}"
     every = [r for records in by_source.values() for r in records]
     facts = [
-        f"spec <code>{_e(job['spec'])}</code>" if job.get("spec") else "",
-        f"backend <code>{_e(job['backend'])}</code>" if job.get("backend") else "",
+        f"spec <code>{_e(spec)}</code>" if spec else "",
+        f"backend <code>{_e(backend)}</code>" if backend else "",
     ]
     nav = "".join(
         f'<li><a href="#{_anchor(n)}">{_e(n)}</a> '
@@ -205,14 +204,13 @@ def _counts(records: Sequence[ItemRecord]) -> str:
 
 
 def _section(
-    out_dir: Path,
     name: str,
-    spec: Mapping[str, Any],
+    declared: JobSource | None,
     records: Sequence[ItemRecord],
     sheets: Mapping[str, Sequence[str]],
     thumbs: _Thumbs,
 ) -> str:
-    template = spec.get("prompt")
+    template = declared.prompt if declared else None
     head = (
         f'<section id="{_e(_anchor(name))}"><h2>{_e(name)}</h2>'
         + (f"<p>prompt: <code>{_e(template)}</code></p>" if template else "")
@@ -222,7 +220,7 @@ def _section(
         f'<a href="{_href(rel)}"><img src="{_href(rel)}" alt="contact sheet {_e(rel)}"></a>'
         for rel in sheets.get(name, ())
     )
-    records = sorted(records, key=_job_order(spec))
+    records = sorted(records, key=_job_order(declared))
     items = "".join(_figure(r, thumbs) for r in records if r.status == "ok")
     failed = [r for r in records if r.status == "failed"]
     pending = [r for r in records if r.status not in ("ok", "failed")]
@@ -236,10 +234,10 @@ def _section(
     )
 
 
-def _job_order(spec: Mapping[str, Any]) -> Callable[[ItemRecord], tuple[Any, ...]]:
+def _job_order(source: JobSource | None) -> Callable[[ItemRecord], tuple[Any, ...]]:
     """Sort key reading like the contact sheets (further variables' sheets, then rows, then
     input and repeat, then columns), not in the order the requests happened to finish."""
-    declared = {str(k): [str(v) for v in vs] for k, vs in (spec.get("vars") or {}).items()}
+    declared = source.vars if source else {}
     names = list(declared)
     sheet_order = names[2:] + names[1:2]
 

@@ -45,7 +45,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,9 +54,9 @@ from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from ..manifest.log import read_records
-from ..records import ItemRecord
+from ..records import JobRecord
 from ..store.layout import GRIDS_DIR, MANIFEST_NAME, read_job, write_atomic
-from .grid_model import Cell, Grid, Sample, Source, Tone, collect_sources
+from .grid_model import Cell, Grid, Sample, Source, Tone, collect_sources, group_by_source
 from .sheet_text import META_SOURCE, Font, Typeface, line_height, text_width
 
 __all__ = ["DEFAULT_CELL_PX", "DEFAULT_MAX_SHEET_PX", "GRIDS_DIR", "META_SOURCE", "draw_grids"]
@@ -99,10 +99,7 @@ def draw_grids(
         raise ValueError(f"cell_px must be at least {MIN_CELL_PX}, got {cell_px}")
     style = _Style.for_cell(cell_px, Typeface.load())
     job = read_job(out_dir)
-    records = read_records(out_dir / MANIFEST_NAME)
-    by_source: dict[str, list[ItemRecord]] = {}
-    for record in records.values():
-        by_source.setdefault(record.source, []).append(record)
+    by_source = group_by_source(read_records(out_dir / MANIFEST_NAME).values())
     grids_dir = out_dir / GRIDS_DIR
     written: list[Path] = []
     for source in collect_sources(job, by_source):
@@ -185,7 +182,7 @@ class _Page:
 
 
 def _sheets(
-    grid: Grid, style: _Style, max_px: int, job: Mapping[str, Any]
+    grid: Grid, style: _Style, max_px: int, job: JobRecord | None
 ) -> Iterable[tuple[str, Image.Image, PngInfo]]:
     """Every (file name, image, metadata) of `grid`: its slices, each in pages."""
     source = grid.source
@@ -426,13 +423,13 @@ def _lines_height(lines: Sequence[tuple[Any, ...]]) -> int:
 
 
 def _metadata(
-    job: Mapping[str, Any], source: Source, slice_values: Sequence[str], page: _Page
+    job: JobRecord | None, source: Source, slice_values: Sequence[str], page: _Page
 ) -> PngInfo:
     """iTXt chunks (UTF-8) that let a sheet explain itself once it is copied elsewhere."""
     z_names = list(source.vars)[2:]
     fields = {
-        "synthaug.spec": str(job.get("spec") or ""),
-        "synthaug.job": str(job.get("name") or ""),
+        "synthaug.spec": (job.spec if job else None) or "",
+        "synthaug.job": (job.name if job else None) or "",
         META_SOURCE: source.name,
         "synthaug.template": source.template or "",
         "synthaug.vars": json.dumps(source.vars, ensure_ascii=False),

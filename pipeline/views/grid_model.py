@@ -16,10 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..records import ItemRecord
+from ..records import ItemRecord, JobRecord, JobSource
 from .sheet_text import path_inside
 
-__all__ = ["Cell", "Grid", "Sample", "Source", "Tone", "collect_sources"]
+__all__ = [
+    "Cell",
+    "Grid",
+    "Sample",
+    "Source",
+    "Tone",
+    "collect_sources",
+    "declared_sources",
+    "group_by_source",
+]
 
 Tone = Literal["image", "failed", "pending", "absent"]
 Sample = tuple[str | None, int, int]  # (input value, repeat, output index)
@@ -38,17 +47,35 @@ class Source:
     no_input: bool = False
 
 
+def group_by_source(records: Iterable[ItemRecord]) -> dict[str, list[ItemRecord]]:
+    """Manifest records by source, sources in order of first appearance."""
+    by_source: dict[str, list[ItemRecord]] = {}
+    for record in records:
+        by_source.setdefault(record.source, []).append(record)
+    return by_source
+
+
+def declared_sources(
+    job: JobRecord | None, seen: Iterable[str]
+) -> list[tuple[str, JobSource | None]]:
+    """Every source a view shows, with what job.json says of it: job.json's in its order,
+    then those only the manifest knows (`seen`, in order of appearance) with None."""
+    declared = {s.name: s for s in job.sources} if job is not None else {}
+    return [
+        *declared.items(),
+        *((name, None) for name in dict.fromkeys(seen) if name not in declared),
+    ]
+
+
 def collect_sources(
-    job: Mapping[str, Any], by_source: Mapping[str, list[ItemRecord]]
+    job: JobRecord | None, by_source: Mapping[str, list[ItemRecord]]
 ) -> list[Source]:
     """Sources in job.json order, then those only the manifest knows, in order of appearance."""
-    declared = {str(s.get("name")): s for s in job.get("sources") or () if isinstance(s, dict)}
     out = []
-    for name in [*declared, *(n for n in by_source if n not in declared)]:
-        spec = declared.get(name, {})
-        names: dict[str, list[str]] = {
-            str(k): [str(v) for v in vs] for k, vs in (spec.get("vars") or {}).items()
-        }
+    for name, declared in declared_sources(job, by_source):
+        names: dict[str, list[str]] = (
+            {k: list(vs) for k, vs in declared.vars.items()} if declared else {}
+        )
         for record in by_source.get(name, ()):
             for key, value in record.vars.items():
                 values = names.setdefault(key, [])
@@ -57,12 +84,12 @@ def collect_sources(
         out.append(
             Source(
                 name=name,
-                template=spec.get("prompt"),
+                template=declared.prompt if declared else None,
                 vars=names,
-                combine=str(spec["combine"]) if "combine" in spec else None,
-                repeats=max(1, int(spec.get("repeats") or 1)),
-                n=max(1, int(spec.get("n") or 1)),
-                no_input=spec.get("input") == "none",
+                combine=declared.combine if declared else None,
+                repeats=declared.repeats if declared else 1,
+                n=declared.n if declared else 1,
+                no_input=declared is not None and declared.input == "none",
             )
         )
     return out

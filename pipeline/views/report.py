@@ -15,8 +15,8 @@ from typing import Any, TypeAlias
 
 from ..errors import UsageError
 from ..manifest.cache import load_cached_state
-from ..records import ItemStatus
-from ..store.layout import JOB_NAME, MANIFEST_NAME, SUMMARY_NAME, read_json
+from ..records import ItemStatus, JobRecord
+from ..store.layout import MANIFEST_NAME, SUMMARY_NAME, read_job, read_json
 
 __all__ = ["format_status", "status_report"]
 
@@ -42,7 +42,7 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     manifest = out_dir / MANIFEST_NAME
     if not manifest.is_file():
         raise UsageError(f"no manifest in {out_dir}: run `synthaug run SPEC` first")
-    job = read_json(out_dir / JOB_NAME)
+    job = read_job(out_dir)
     by_source: dict[str, dict[str, int]] = {}
     for name, _ in _job_sources(job):
         by_source[name] = _empty_counts()
@@ -97,10 +97,10 @@ def _total(by_source: Mapping[str, Mapping[str, int]], field: str) -> int:
     return sum(counts[field] for counts in by_source.values())
 
 
-def _add_pending(report: dict[str, Any], job: Mapping[str, Any]) -> None:
+def _add_pending(report: dict[str, Any], job: JobRecord) -> None:
     """Pending = items the job asks for minus those already ok (failed ones still count)."""
-    if isinstance(job.get("name"), str):
-        report["name"] = job["name"]
+    if job.name is not None:
+        report["name"] = job.name
     total = 0
     for name, items in _job_sources(job):
         counts = report["by_source"][name]
@@ -109,18 +109,11 @@ def _add_pending(report: dict[str, Any], job: Mapping[str, Any]) -> None:
     report["pending"] = total
 
 
-def _job_sources(job: Mapping[str, Any] | None) -> list[tuple[str, int]]:
-    """(name, items) of each well-formed source in job.json, in spec order."""
-    if job is None or not isinstance(job.get("sources"), list):
+def _job_sources(job: JobRecord | None) -> list[tuple[str, int]]:
+    """(name, items) of each source job.json counted, in spec order."""
+    if job is None:
         return []
-    found: list[tuple[str, int]] = []
-    for source in job["sources"]:
-        if not isinstance(source, dict):
-            continue
-        name, items = source.get("name"), source.get("items")
-        if isinstance(name, str) and isinstance(items, int) and not isinstance(items, bool):
-            found.append((name, items))
-    return found
+    return [(s.name, s.items) for s in job.sources if s.items is not None]
 
 
 def format_status(report: Mapping[str, Any]) -> str:
