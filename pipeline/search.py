@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend
 from .credentials import DIRECT, ProxySettings, read_api_key, read_proxy_settings
-from .registry import backend_kind
+from .retry import RetryPolicy
 from .spec.model import SourceSpec, Spec
 from .store import layout
 from .store.layout import SEARCH_NAME
@@ -100,7 +100,6 @@ async def resolve_searches(
     root: str,
     api_key: str,
     proxies: ProxySettings = DIRECT,
-    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
 ) -> Spec:
     """`spec` with every search source resolved: from OUT's record, else by searching the
     API at `root` (and recording what it found).
@@ -119,11 +118,8 @@ async def resolve_searches(
         root,
         api_key,
         timeout_s=spec.backend.timeout_s,
+        policy=RetryPolicy.from_run(spec.run),
         proxies=proxies,
-        attempts=spec.run.max_attempts,
-        backoff_s=spec.run.backoff_base_s,
-        backoff_max_s=spec.run.backoff_max_s,
-        sleep=sleep,
     )
     async with client:
         for source in pending:
@@ -163,7 +159,7 @@ async def resolve_standalone(spec: Spec) -> Spec:
     spec = apply_recorded(spec)
     if not unresolved(spec):
         return spec
-    kind = backend_kind(spec.backend.kind)
+    kind = spec.backend.registered
     api_key = read_api_key(spec.backend)
     proxies = read_proxy_settings() if kind.proxied else DIRECT
     with await asyncio.to_thread(acquire_lock, spec.output_dir):

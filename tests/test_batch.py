@@ -33,6 +33,7 @@ from pipeline.manifest.log import read_lines
 from pipeline.mockapi.server import MockConfig
 from pipeline.pricing import cost_from_usage
 from pipeline.records import BatchRef, WorkItem
+from pipeline.retry import RetryPolicy
 
 KEY = "sk-batch-test-7c1e9a2f4b"
 USAGE = {
@@ -191,8 +192,7 @@ async def harness() -> AsyncIterator[Callable[..., Any]]:
             poll_interval_s=0.01,
             poll_max_s=0.02,
             gather_s=0.05,
-            backoff_base_s=0.01,
-            backoff_max_s=0.02,
+            retry=RetryPolicy(base_s=0.01, cap_s=0.02),
             on_progress=progress.append,
             **options,
         )
@@ -545,8 +545,7 @@ def test_batch_job_on_the_mock_costs_half_and_pays_each_image_once(
     lines = last_lines(tmp_path / "out")
     assert {line["status"] for line in lines.values()} == {"ok"}
     online = sum(
-        cost_from_usage("gpt-image-2", line["response"]["usage"]) or 0
-        for line in lines.values()
+        cost_from_usage("gpt-image-2", line["response"]["usage"]) or 0 for line in lines.values()
     )
     assert result.cost_usd == pytest.approx(online / 2, abs=1e-4)
     assert result.summary["mode"] == "batch"
@@ -611,6 +610,7 @@ def test_lines_that_fail_or_expire_go_into_a_new_batch_until_every_item_is_ok(
         pytest.param(signal.SIGTERM, 143, id="sigterm"),
     ],
 )
+@pytest.mark.slow
 def test_killed_while_waiting_then_resumed_submits_one_batch_and_finishes_each_item_once(
     tmp_path: Path, sig: int, code: int
 ) -> None:
@@ -646,6 +646,7 @@ def test_killed_while_waiting_then_resumed_submits_one_batch_and_finishes_each_i
     assert len({line["key"] for line in oks}) == 8
 
 
+@pytest.mark.slow
 def test_no_wait_submits_and_exits_then_a_later_run_collects(tmp_path: Path) -> None:
     """``run --no-wait`` leaves the batch running (exit 0, status lists it); the next
     run collects it without submitting anything."""
@@ -702,8 +703,9 @@ def test_plan_prices_batch_mode_at_half_the_online_price(tmp_path: Path) -> None
             id="kind-without-batch",
         ),
         pytest.param(
-            lambda s: s["backend"].update(kind="mock")
-            or s["sources"][0].update(roboflow_ids=["img-1"]),
+            lambda s: (
+                s["backend"].update(kind="mock") or s["sources"][0].update(roboflow_ids=["img-1"])
+            ),
             "sources[0].roboflow_ids: backend.mode batch sends OpenAI requests, which cannot "
             "carry Roboflow image ids",
             id="roboflow-ids",
@@ -801,9 +803,7 @@ def test_retry_online_sends_failed_lines_to_the_images_api_at_full_price(
     assert online
     expected = sum(
         cost_from_usage("gpt-image-2", line["response"]["usage"]) or 0 for line in by_batch
-    ) / 2 + sum(
-        cost_from_usage("gpt-image-2", line["response"]["usage"]) or 0 for line in online
-    )
+    ) / 2 + sum(cost_from_usage("gpt-image-2", line["response"]["usage"]) or 0 for line in online)
     assert result.cost_usd == pytest.approx(expected, abs=1e-4)
 
 

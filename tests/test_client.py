@@ -499,7 +499,7 @@ def test_backend_repr_hides_key() -> None:
 async def test_session_is_sized_to_concurrency_and_ignores_env_proxies() -> None:
     """One session per run: its pool fits the concurrency plus downloads; no env proxies."""
     async with RoboflowBackend(BASE, KEY, concurrency=5, timeout_s=1) as client:
-        session = client._ensure_session()
+        session = client._http.session()
         assert session.connector is not None
         assert session.connector.limit == 5 + DOWNLOAD_CONNECTIONS
         assert session.trust_env is False

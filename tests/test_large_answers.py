@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from checks import run_spec, write_job_spec
 
-from pipeline.backends import base
-from pipeline.backends.base import elide_images, load_answer, parse_images
+from pipeline.backends import inline
+from pipeline.backends.base import elide_images, parse_images
+from pipeline.backends.inline import load_answer
 from pipeline.errors import TransientError
 from pipeline.mockapi.server import MockConfig, MockServer
 
@@ -42,12 +43,12 @@ ANSWERS = {
 
 
 @pytest.mark.parametrize("raw", ANSWERS.values(), ids=ANSWERS.keys())
-@pytest.mark.parametrize("chunk", [base.INLINE_CHUNK_CHARS, 8])
+@pytest.mark.parametrize("chunk", [inline.INLINE_CHUNK_CHARS, 8])
 def test_an_answer_gives_the_images_and_record_a_full_parse_gives(
     raw: bytes, chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Images and the manifest's elided answer are those of parsing the whole JSON."""
-    monkeypatch.setattr(base, "INLINE_CHUNK_CHARS", chunk)
+    monkeypatch.setattr(inline, "INLINE_CHUNK_CHARS", chunk)
     expected: Any = json.loads(raw)
     payload = load_answer(raw)
     assert parse_images(payload) == parse_images(expected)
@@ -56,7 +57,7 @@ def test_an_answer_gives_the_images_and_record_a_full_parse_gives(
 
 def test_an_image_decoded_in_pieces_is_the_image_sent(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding a few characters at a time gives back every byte of the image."""
-    monkeypatch.setattr(base, "INLINE_CHUNK_CHARS", 12)
+    monkeypatch.setattr(inline, "INLINE_CHUNK_CHARS", 12)
     (image,) = parse_images(load_answer(ANSWERS["plain"]))
     assert image.data == IMAGE
 

@@ -27,6 +27,7 @@ from pipeline.manifest.log import read_latest
 from pipeline.mockapi.dataset import MockDataset
 from pipeline.mockapi.search import match_images
 from pipeline.mockapi.server import MockConfig, MockServer
+from pipeline.retry import RetryPolicy
 from pipeline.run.job import run_job
 from pipeline.spec.load import load_spec, spec_from_data
 from pipeline.spec.model import SearchSettings
@@ -55,17 +56,36 @@ def page(ids: list[str], total: int | None = None, offset: int = 0) -> dict[str,
 
 
 class Sleeps:
-    """A fake `sleep` that records the waits instead of waiting."""
+    """A fake `sleep` that records the waits (those of the backoff, and of a 429's
+    pause) and moves a fake `clock` on instead of waiting."""
 
     def __init__(self) -> None:
         self.waits: list[float] = []
+        self.now = 0.0
 
     async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
+        if seconds:  # the retrier's 0 after a 429: its pause is the limiter's wait
+            self.waits.append(seconds)
+        self.now += seconds
+
+    def clock(self) -> float:
+        return self.now
+
+
+def searcher(root: str, key: str, *, attempts: int = 4, sleeps: Sleeps | None = None) -> Any:
+    sleeps = sleeps or Sleeps()
+    return RoboflowSearch(
+        root,
+        key,
+        timeout_s=5,
+        policy=RetryPolicy(max_attempts=attempts),
+        sleep=sleeps,
+        clock=sleeps.clock,
+    )
 
 
 async def search(q: SearchSettings, *, attempts: int = 4, sleep: Sleeps | None = None) -> Any:
-    client = RoboflowSearch(ROOT, KEY, timeout_s=5, attempts=attempts, sleep=sleep or Sleeps())
+    client = searcher(ROOT, KEY, attempts=attempts, sleeps=sleep)
     async with client:
         return await client.search(q)
 
@@ -245,7 +265,7 @@ async def test_the_key_is_in_no_log_line_or_error(
 async def test_a_keyless_search_sends_no_api_key_parameter(mock_http: aioresponses) -> None:
     """The embedded mock takes no key: none is sent (not even an empty one)."""
     mock_http.post(ANY_SEARCH, payload=page(["a"]))
-    async with RoboflowSearch(ROOT, "", timeout_s=5) as client:
+    async with searcher(ROOT, "") as client:
         await client.search(query())
     [(_, url, _)] = sent(mock_http)
     assert "api_key" not in url.query
@@ -395,7 +415,7 @@ async def test_the_client_rides_through_the_mocks_injected_faults() -> None:
     config = MockConfig(error_rate=0.5, seed=3, faults={"503": 1, "429": 1, "malformed": 1})
     sleeps = Sleeps()
     async with MockServer(config) as server:
-        client = RoboflowSearch(server.base_url, "", timeout_s=5, attempts=20, sleep=sleeps)
+        client = searcher(server.base_url, "", attempts=20, sleeps=sleeps)
         async with client:
             result = await client.search(query(workspace="ws", tag=None, class_name="pine"))
     assert len(result.ids) == 8

@@ -40,13 +40,14 @@ class MockBackend:
         self._concurrency = concurrency
         self._timeout_s = timeout_s
         self._batch = batch
-        self._client: RoboflowBackend | None = None
+        self._client: RoboflowBackend | BatchBackend | None = None
 
     async def __aenter__(self) -> Backend:
         await self._server.start()
         try:
+            client: RoboflowBackend | BatchBackend
             if self._batch is not None:
-                self._client = _EmbeddedBatchBackend(
+                client = _EmbeddedBatchBackend(
                     self._server.base_url + "/v1",
                     _NO_KEY,
                     concurrency=self._concurrency,
@@ -54,13 +55,14 @@ class MockBackend:
                     batch=self._batch,
                 )
             else:
-                self._client = RoboflowBackend(
+                client = RoboflowBackend(
                     self._server.base_url,
                     _NO_KEY,
                     concurrency=self._concurrency,
                     timeout_s=self._timeout_s,
                 )
-            return await self._client.__aenter__()
+            self._client = client
+            return await client.__aenter__()
         except BaseException:
             await self._server.close()
             raise
@@ -85,4 +87,4 @@ class _EmbeddedBatchBackend(BatchBackend):
     @property
     def api_root(self) -> str:
         """The embedded mock's root URL."""
-        return self._root.removesuffix("/v1")
+        return super().api_root.removesuffix("/v1")

@@ -9,10 +9,10 @@ the ``api_key`` query parameter, a JSON body with the query (``prompt``, ``like_
 
 Pages are asked for with a growing offset until the source's limit is reached, a page
 comes back short, or ``total`` says there is no more. A search has no side effect, so
-every transient failure (429, 5xx, timeout, connection, a garbled answer) is retried a
-few times; what no retry can fix (401/403: the key; 404: workspace or project; another
-4xx: the query) is a `FatalError` that says what to check. No aiohttp exception escapes:
-their text holds the keyed URL.
+every transient failure (429, 5xx, timeout, connection, a garbled answer) is retried
+under the run's retry policy (`RetriedCalls`); what no retry can fix (401/403: the key;
+404: workspace or project; another 4xx: the query) is a `FatalError` that says what to
+check. The session, proxies, key and transport errors are its `ApiClient`'s.
 """
 
 from __future__ import annotations
@@ -20,25 +20,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
-from .._version import __version__
 from ..credentials import DIRECT, ProxySettings
-from ..errors import BackendError, FatalError, RateLimitedError, TransientError
+from ..errors import BackendError, FatalError, TransientError
+from ..retry import RetryPolicy
 from ..spec.model import SearchSettings
-from .base import classify_http, excerpt, redact
+from .base import excerpt, redact
+from .http import ApiClient
+from .retried import RetriedCalls
 
 __all__ = [
     "PAGE_LIMIT",
-    "SEARCH_ATTEMPTS",
     "SEARCH_FIELDS",
     "RoboflowSearch",
     "SearchResult",
@@ -47,8 +46,6 @@ __all__ = [
 
 PAGE_LIMIT = 250
 """Most results the search API returns per request (its documented maximum)."""
-SEARCH_ATTEMPTS = 4
-"""Tries per page before a transient failure aborts the run (it has not started yet)."""
 SEARCH_FIELDS = ("id",)
 """The result fields asked for: only the id is used (the default adds names, labels...)."""
 
@@ -67,8 +64,10 @@ class SearchResult:
 class RoboflowSearch:
     """Runs searches against the Roboflow API at `root` (or the embedded mock's URL).
 
-    `sleep` waits between attempts (tests pass a fake); waits grow from `backoff_s`
-    with full jitter, or follow a 429's Retry-After, never beyond `backoff_max_s`.
+    Each page is tried under `policy` (the run's: ``run.max_attempts`` and its backoff;
+    an ambiguous failure is retried too, a search has no side effect), a 429 pausing the
+    next try for its Retry-After (`RetriedCalls`). `sleep` and `clock` are its time
+    (tests pass fakes).
     """
 
     def __init__(
@@ -77,29 +76,23 @@ class RoboflowSearch:
         api_key: str,
         *,
         timeout_s: float,
+        policy: RetryPolicy,
         proxies: ProxySettings = DIRECT,
-        attempts: int = SEARCH_ATTEMPTS,
-        backoff_s: float = 1.0,
-        backoff_max_s: float = 30.0,
-        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._root = root.rstrip("/")
-        self._api_key = api_key
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._proxies = proxies
-        self._attempts = max(attempts, 1)
-        self._backoff_s = backoff_s
-        self._backoff_max_s = backoff_max_s
-        self._sleep = sleep
-        self._session: aiohttp.ClientSession | None = None
+        self._http = ApiClient(api_key, timeout_s=timeout_s, proxies=proxies, pending_note="")
+        self._attempts = policy.max_attempts
+        self._calls = RetriedCalls(
+            replace(policy, retry_ambiguous=True),
+            sleep=sleep,
+            clock=clock,
+            on_retry=_log_retry,
+        )
 
     async def __aenter__(self) -> RoboflowSearch:
-        self._session = aiohttp.ClientSession(
-            timeout=self._timeout,
-            trust_env=False,  # proxies come from `proxies`; never ~/.netrc passwords
-            cookie_jar=aiohttp.DummyCookieJar(),
-            headers={"User-Agent": f"synthaug/{__version__}"},
-        )
+        self._http.session()
         return self
 
     async def __aexit__(
@@ -108,9 +101,7 @@ class RoboflowSearch:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.aclose()
 
     async def search(self, query: SearchSettings) -> SearchResult:
         """The ids `query` finds, at most ``query.limit``, without repeats."""
@@ -139,56 +130,41 @@ class RoboflowSearch:
     def _keyed(self, endpoint: str, what: str) -> URL:
         """The endpoint with the key as query parameter (none for the keyless mock)."""
         try:
-            url = URL(endpoint)
-        except ValueError:
+            url = self._http.keyed_url(endpoint)
+        except aiohttp.InvalidURL:
             url = None
-        if url is None or not url.is_absolute() or url.scheme not in ("http", "https"):
+        if url is None or url.scheme not in ("http", "https"):
             raise FatalError(
                 f"invalid API URL {redact(endpoint)} for {what}: check backend.base_url",
                 kind="connection",
             )
-        return url.extend_query(api_key=self._api_key) if self._api_key else url
+        return url
 
     async def _page(
         self, url: URL, endpoint: str, body: Mapping[str, Any], what: str
     ) -> tuple[list[str], int | None]:
         """One page's ids and total, with retries; `FatalError` when they run out."""
-        last: BackendError | None = None
-        for attempt in range(1, self._attempts + 1):
-            _log.debug("POST %s offset %s limit %s", endpoint, body["offset"], body["limit"])
-            try:
-                return await self._ask(url, endpoint, body, what)
-            except TransientError as error:
-                last = error
-            if attempt < self._attempts:
-                wait = self._wait(last, attempt)
-                _log.info("%s: %s; retrying in %.1f s", what, last.message, wait)
-                await self._sleep(wait)
-        assert last is not None
-        raise FatalError(
-            f"{what} failed {self._attempts} times (last: {last.message}): check the "
-            "API's status and run the same command again",
-            kind=last.kind,
-            status=last.status,
-        )
-
-    def _wait(self, error: BackendError, attempt: int) -> float:
-        """Seconds before the next attempt: the 429's Retry-After, or jittered backoff."""
-        cap = min(self._backoff_max_s, self._backoff_s * 2 ** (attempt - 1))
-        if isinstance(error, RateLimitedError) and error.retry_after is not None:
-            return min(error.retry_after, self._backoff_max_s)
-        return random.uniform(0, cap)  # full jitter, as the item retries wait
+        try:
+            return await self._calls.call(lambda: self._ask(url, endpoint, body, what))
+        except TransientError as last:
+            failure = FatalError(
+                f"{what} failed {self._attempts} times (last: {last.message}): check the "
+                "API's status and run the same command again",
+                kind=last.kind,
+                status=last.status,
+            )
+        raise failure
 
     async def _ask(
         self, url: URL, endpoint: str, body: Mapping[str, Any], what: str
     ) -> tuple[list[str], int | None]:
-        status, raw, headers = await self._post(url, endpoint, body)
+        _log.debug("POST %s offset %s limit %s", endpoint, body["offset"], body["limit"])
+        status, chunks, headers = await self._http.send(lambda: url, endpoint, json=body)
+        raw = b"".join(chunks)
         _log.debug("%s answered HTTP %d (%d bytes)", endpoint, status, len(raw))
-        text = self._scrub(raw.decode("utf-8", errors="replace"))
+        text = self._http.scrub(raw.decode("utf-8", errors="replace"))
         if not 200 <= status < 300:
-            raise _search_error(
-                classify_http(status, text, headers, now=datetime.now(timezone.utc)), what
-            )
+            raise _search_error(self._http.http_error(status, text, headers), what)
         try:
             payload = json.loads(raw)
         except ValueError:
@@ -204,37 +180,11 @@ class RoboflowSearch:
         except TransientError as error:
             failure = error
         failure.status = status
-        failure.message = self._scrub(failure.message)  # an answer may echo the key
-        failure.args = (failure.message,)
-        raise failure
+        raise self._http.scrub_error(failure)  # an answer may echo the key
 
-    async def _post(
-        self, url: URL, endpoint: str, body: Mapping[str, Any]
-    ) -> tuple[int, bytes, Mapping[str, str]]:
-        """Status, body and headers of the answer; transport failures as `TransientError`,
-        raised outside the ``except`` blocks so that no aiohttp exception is chained."""
-        if self._session is None:
-            raise RuntimeError("RoboflowSearch is used outside its `async with`")
-        proxy = self._proxies.proxy_for(url.scheme, url.host or "")
-        failure: BackendError
-        try:
-            async with self._session.post(url, json=body, proxy=proxy) as response:
-                return response.status, await response.read(), response.headers
-        except asyncio.TimeoutError:
-            failure = TransientError(f"no answer from {endpoint} in time", kind="timeout")
-        except aiohttp.ClientConnectorError as exc:
-            failure = TransientError(
-                f"cannot connect to {endpoint}: {type(exc).__name__}", kind="connection"
-            )
-        except aiohttp.ClientError as exc:
-            failure = TransientError(
-                f"connection to {endpoint} failed: {type(exc).__name__}", kind="connection"
-            )
-        raise failure
 
-    def _scrub(self, text: str) -> str:
-        text = redact(text)
-        return text.replace(self._api_key, "***") if self._api_key else text
+def _log_retry(error: BackendError, attempt: int, wait_s: float) -> None:
+    _log.info("search attempt %d: %s; retrying in %.1f s", attempt, error.message, wait_s)
 
 
 _INVALID = object()

@@ -8,25 +8,23 @@ sends). The answer is ``{"success": true, "id": ...}`` for a new image, or
 derived from item keys a duplicate means an earlier upload of this very image
 succeeded (a retry after a lost answer, a rerun), so it is a success too.
 
-The session, proxies, timeouts and the mapping of transport failures to error classes
-are the Roboflow generation client's, which this class extends; it never generates.
+The session, proxies, timeouts, the key and the mapping of failures to error classes are
+its `ApiClient`'s (`pipeline.backends.http`), as for every API client.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
-from functools import partial
-from typing import Any
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from types import TracebackType
 
-import aiohttp
-from yarl import URL
-
+from ..credentials import DIRECT, ProxySettings
 from ..errors import BackendError, FatalError, TransientError
 from ..records import ImageUpload, UploadAnswer
-from .base import classify_http, encode_image, excerpt, redact
-from .roboflow import MIN_BARE_KEY_CHARS, RoboflowBackend
+from .base import encode_image, excerpt
+from .http import ApiClient, utc_now
 
 __all__ = ["FORM_CONTENT_TYPE", "RoboflowUploadClient"]
 
@@ -35,68 +33,77 @@ FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 _log = logging.getLogger(__name__)
 
 
-class RoboflowUploadClient(RoboflowBackend):
+class RoboflowUploadClient:
     """Uploads images to one Roboflow project under ``base_url``."""
 
-    def __init__(self, base_url: str, api_key: str, *, project: str, **kwargs: Any) -> None:
-        """As `RoboflowBackend` (base URL, key, concurrency, timeout, proxies) plus the
-        project the images go to."""
-        super().__init__(base_url, api_key, **kwargs)
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        project: str,
+        concurrency: int,
+        timeout_s: float,
+        clock: Callable[[], datetime] = utc_now,
+        proxies: ProxySettings = DIRECT,
+    ) -> None:
+        """Base URL, key, concurrency, timeout and proxies (as `RoboflowBackend`), plus
+        the project the images go to."""
+        self._http = ApiClient(
+            api_key, timeout_s=timeout_s, concurrency=concurrency, proxies=proxies, clock=clock
+        )
         self._project = project
-        self._endpoint = f"{self._root}/dataset/{project}/upload"
+        self._endpoint = f"{base_url.rstrip('/')}/dataset/{project}/upload"
 
     def __repr__(self) -> str:
         return f"RoboflowUploadClient({self._endpoint!r})"
+
+    async def __aenter__(self) -> RoboflowUploadClient:
+        self._http.session()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session and its connections."""
+        await self._http.aclose()
 
     async def upload(self, image: ImageUpload) -> UploadAnswer:
         """POST `image`; raises a `BackendError` subclass on any failure (never the key)."""
         body = encode_image(image.data).encode("ascii")
         _log.debug("POST %s for %s (%d bytes)", self._endpoint, image.name, len(image.data))
         try:
-            status, chunks, headers = await self._send(
-                partial(self._upload_url, image),
+            status, chunks, headers = await self._http.send(
+                lambda: self._http.keyed_url(self._endpoint, _labels(image)),
                 self._endpoint,
                 data=body,
                 headers={"Content-Type": FORM_CONTENT_TYPE},
             )
             return self._answer_of(status, b"".join(chunks), headers)
         except BackendError as error:
-            error.message = self._scrub(error.message)
-            error.args = (error.message,)
+            self._http.scrub_error(error)
             raise
-
-    def _upload_url(self, image: ImageUpload) -> URL:
-        """The endpoint with the key and the image's labels as query parameters."""
-        query: list[tuple[str, str]] = [("api_key", self._api_key), ("name", image.name)]
-        if image.split is not None:
-            query.append(("split", image.split))
-        if image.batch is not None:
-            query.append(("batch", image.batch))
-        query += [("tag", tag) for tag in image.tags]
-        try:
-            url = URL(self._endpoint)
-        except ValueError as exc:
-            raise aiohttp.InvalidURL(self._endpoint) from exc
-        if not url.is_absolute():
-            raise aiohttp.InvalidURL(self._endpoint)
-        return url.with_query(query)
 
     def _answer_of(self, status: int, raw: bytes, headers: Mapping[str, str]) -> UploadAnswer:
         _log.debug("%s answered HTTP %d (%d bytes)", self._endpoint, status, len(raw))
-        text = self._scrub(raw.decode("utf-8", errors="replace"))
+        text = self._http.scrub(raw.decode("utf-8", errors="replace"))
         if not 200 <= status < 300:
-            raise self._upload_error(classify_http(status, text, headers, now=self._clock()))
+            raise self._upload_error(self._http.http_error(status, text, headers))
         try:
             payload = json.loads(raw)
         except ValueError:
             payload = None
         if isinstance(payload, dict) and (payload.get("success") or payload.get("duplicate")):
             image_id = payload.get("id")
-            # the id is recorded: scrub a key's bare text only when it is long enough to be
-            # found by more than chance (as the generation client scrubs its image ids)
-            scrub = redact if len(self._api_key) < MIN_BARE_KEY_CHARS else self._scrub
+            # the id is recorded: scrubbed as the generation client scrubs its image ids
             return UploadAnswer(
-                id=scrub(str(image_id)) if image_id is not None else None,
+                id=self._http.scrub_recorded(str(image_id)) if image_id is not None else None,
                 duplicate=bool(payload.get("duplicate")),
             )
         raise TransientError(
@@ -119,3 +126,13 @@ class RoboflowUploadClient(RoboflowBackend):
                 f"the key may write to project {self._project!r}"
             )
         return FatalError(f"upload: {head} — {advice}", kind=error.kind, status=error.status)
+
+
+def _labels(image: ImageUpload) -> list[tuple[str, str]]:
+    """The image's name and labels as query parameters (after the key)."""
+    query: list[tuple[str, str]] = [("name", image.name)]
+    if image.split is not None:
+        query.append(("split", image.split))
+    if image.batch is not None:
+        query.append(("batch", image.batch))
+    return query + [("tag", tag) for tag in image.tags]

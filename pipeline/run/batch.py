@@ -11,7 +11,7 @@ from ..backends.base import Backend, batch_control
 from ..engine import Engine
 from ..manifest.log import ManifestState
 from ..records import BATCH_LOGGER
-from ..registry import backend_kind
+from ..retry import RetryPolicy
 from ..spec.model import RunSettings, Spec
 from .stats import RunStats
 
@@ -44,13 +44,11 @@ def batch_options(spec: Spec, wait: bool, watch: BatchWatch) -> BatchOptions:
         batch_size=settings.batch_size,
         poll_interval_s=settings.poll_interval_s,
         poll_max_s=max(settings.poll_max_s, settings.poll_interval_s),
-        resubmit_lost=backend_kind(spec.backend.kind).in_process,
+        resubmit_lost=spec.backend.registered.in_process,
         retry_online=settings.retry_online,
         online_rate=spec.run.rate_limit,
         online_concurrency=spec.run.concurrency,
-        control_attempts=spec.run.max_attempts,
-        backoff_base_s=spec.run.backoff_base_s,
-        backoff_max_s=spec.run.backoff_max_s,
+        retry=RetryPolicy.from_run(spec.run),
         on_progress=watch.update,
     )
 
@@ -99,7 +97,7 @@ def batch_workers(spec: Spec, expected: int) -> RunSettings:
 
 async def detach_batches(spec: Spec, backend: Backend) -> None:
     """Stop a Batch API backend (the registry says which are) from submitting or polling."""
-    kind = backend_kind(spec.backend.kind)
+    kind = spec.backend.registered
     control = batch_control(backend, provided=kind.provides_batch_control(spec.backend.mode))
     if control is not None:
         await control.detach()
@@ -108,7 +106,7 @@ async def detach_batches(spec: Spec, backend: Backend) -> None:
 def attach_batches(spec: Spec, backend: Backend, state: ManifestState, engine: Engine) -> None:
     """Tell a Batch API backend (the registry says which are) where the manifest says
     items wait, and let it record new batches through the engine's checkpoint."""
-    kind = backend_kind(spec.backend.kind)
+    kind = spec.backend.registered
     control = batch_control(backend, provided=kind.provides_batch_control(spec.backend.mode))
     if control is None:
         return
