@@ -19,25 +19,21 @@ storage (`on_stored`: `pipeline.run.stages`).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol, runtime_checkable
 
-from .backends.base import Backend, encode_image
+from .backends.base import Backend
 from .budget import Budget
 from .errors import (
     BackendError,
     Deferred,
     FatalError,
     OutputError,
-    PermanentError,
     RateLimitedError,
     TransientError,
 )
@@ -47,18 +43,19 @@ from .manifest import freshness as freshness
 from .manifest.log import Finished, ManifestState, ManifestWriter
 from .records import (
     BatchRef,
-    ErrorInfo,
     GeneratedImage,
     Generation,
     ItemRecord,
     OutputFile,
     WorkItem,
 )
-from .retry import Retrier, RetryPolicy
+from .retry import Retrier, RetryPolicy, should_retry
+from .run.checkpoint import Checkpoint, ItemRun
+from .run.image_io import ImageIO
 from .run.pool import Lane, RunStop, StopReason
-from .run.stats import RunStats, utc_now
+from .run.stats import RunStats
 from .run.todo import Todo, TodoSource
-from .sources import InputChangedError, read_input_bytes
+from .sources import InputChangedError
 from .spec.model import RunSettings
 from .store import files as outputs
 
@@ -66,29 +63,25 @@ __all__ = ["Engine"]
 
 log = logging.getLogger(__name__)
 
-DOWNLOAD_ATTEMPTS = 3  # tries of one image URL before the item regenerates
-LARGE_INPUT_BYTES = 256 * 1024  # base64 in a thread above this
-STORE_THREADS = 2
-"""Threads that check, hash and write images: few, so that the event loop thread competes
-for the GIL and the CPUs with few others (a stall of the loop delays every request)."""
 
 
 class _Stopped(Exception):
     """The run is stopping: leave this item unrecorded so it runs again on resume."""
 
 
-@dataclass(slots=True)
-class _ItemRun:
-    """What one item's attempts have learned so far (mutable, owned by one worker)."""
+@runtime_checkable
+class BatchSubmit(Protocol):
+    """A backend that takes a request into a batch and hands back where its answer will
+    arrive, instead of holding a worker while the batch runs (the Batch API client)."""
 
-    item: WorkItem
-    started_at: str
-    t0: float
-    attempts: int = 0
-    pending: tuple[GeneratedImage, ...] = ()
-    response: object = None
-    batch: BatchRef | None = None  # the Batch API batch the answer came from
-    price_factor: float = 1.0  # the answer's discount (`Generation.price_factor`)
+    async def submit(self, item: WorkItem, image: str | None) -> asyncio.Future[Generation]:
+        """Queue `item`'s request; the future holds its `Generation` or its error."""
+        ...
+
+
+_Outcome = tuple[OutputFile, ...] | BaseException
+"""What an item's attempts came to: its stored files, or why it has none."""
+_SETTLING = (_Stopped, Deferred, InputChangedError, BackendError, OutputError, OSError)
 
 
 class Engine:
@@ -121,11 +114,6 @@ class Engine:
         self._backend = backend
         self._limiter = limiter
         self._writer = writer
-        # its threads start on first use and end with `run`
-        self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="synthaug-store")
-        # image folders are fsynced once per manifest sync, before it, not once per image
-        self._folders = outputs.FolderSync()
-        writer.add_sync_hook(self._folders.flush)
         self._on_progress = on_progress or (lambda _stats: None)
         self._clock = clock
         self._policy = RetryPolicy.from_run(run)
@@ -134,9 +122,11 @@ class Engine:
         self._retrier = Retrier(
             self._policy, sleep=self._backoff_sleep, on_retry=self._count_retry, rng=self._rng
         )
-        # a download is free to repeat (the image was paid for once): no ambiguity to weigh
-        self._downloads = Retrier(
-            dataclasses.replace(self._policy, max_attempts=DOWNLOAD_ATTEMPTS, retry_ambiguous=True),
+        self._images = ImageIO(
+            backend,
+            out_dir=out_dir,
+            writer=writer,
+            policy=self._policy,
             sleep=self._backoff_sleep,
             on_retry=_log_download_retry,
             rng=self._rng,
@@ -155,10 +145,21 @@ class Engine:
             remember_stats=remember_stats,
         )
         self.run_stop = stop or RunStop()  # shared with the stages after storage
-        self._on_stored = on_stored  # the stages after storage take each stored item
         self._budget = Budget(run.max_images, run.max_cost_usd, price, actual_cost)
-        self._consecutive_failures = 0
-        self._runs: dict[str, _ItemRun] = {}  # items being worked on, by key
+        self._checkpoint = Checkpoint(
+            writer,
+            stats=self.stats,
+            budget=self._budget,
+            stop=self.run_stop,
+            max_consecutive_failures=run.max_consecutive_failures,
+            on_stored=on_stored,  # the stages after storage take each stored item
+            clock=clock,
+        )
+        # batch mode: a request waits in its batch without a worker (or a task) of its own
+        self._parking = backend if isinstance(backend, BatchSubmit) else None
+        self._parked = 0
+        self._all_arrived = asyncio.Event()
+        self._arrivals: Lane[tuple[ItemRun, asyncio.Future[Generation]]] | None = None
 
     # ----------------------------------------------------------------- control
 
@@ -205,14 +206,19 @@ class Engine:
         )
         lane.start()
         producer = asyncio.create_task(self._produce(lane), name="producer")
+        arrivals = self._arrivals = self._arrivals_lane()
+        closer = asyncio.create_task(self._close_arrivals(producer), name="arrivals-closer")
         try:
             await lane.finish(producer)
+            await arrivals.finish(closer)
         finally:
-            producer.cancel()
+            for task in (producer, closer):
+                task.cancel()
             await lane.cancel()
-            await asyncio.gather(producer, return_exceptions=True)
+            await arrivals.cancel()
+            await asyncio.gather(producer, closer, return_exceptions=True)
             # a store begun by a cancelled item ends before the run does (and the OUT lock)
-            await asyncio.to_thread(self._store_pool.shutdown)
+            await asyncio.to_thread(self._images.close)
             # The job's state is let go now (a million entries for a big job): the engine
             # sits in reference cycles (its retrier holds its bound methods), so keeping it
             # would leave the state to the full collection at exit (0.4 s for 1M items).
@@ -263,54 +269,144 @@ class Engine:
 
     async def _process(self, todo: Todo) -> None:
         """One item from first attempt to its manifest line (or none, when stopped)."""
-        item = todo.item
-        run = _ItemRun(item, started_at=utc_now(), t0=self._clock())
+        run = self._checkpoint.start(todo.item)
         if todo.entry is not None and todo.entry.status == "generated":
             run.pending, run.attempts = todo.entry.pending, todo.entry.attempts
         if todo.entry is not None and todo.entry.status == "submitted":
             run.attempts = todo.entry.attempts - 1  # its batch request is the same attempt
-        failure: BackendError | None = None
-        self._runs[item.key] = run
+        if self._parking is not None and not run.pending:
+            await self._park(run)  # the worker is free again: the answer comes to `_arrived`
+            return
+        outcome: _Outcome
         try:
-            stored = await self._attempt_until_settled(run)
-        except _Stopped:
-            self._budget.release(item)
-            return
-        except Deferred:
-            self._budget.release(item)
-            self.stats.deferred += 1
-            return
-        except InputChangedError as exc:
-            self._budget.release(item)
-            self.stats.skipped_changed += 1
-            log.warning("%s: skipped, run again to use the new version", exc)
-            return
-        except FatalError as exc:
-            self._budget.release(item)
-            self.run_stop.fatal(exc)
-            return
-        except BackendError as exc:
-            self._budget.release(item)
-            failure = exc
-        except (OutputError, OSError) as exc:
-            self._budget.release(item)
-            self._stop_for_disk(exc)
-            return
-        finally:
-            del self._runs[item.key]
-        try:  # the checkpoint, outside the handlers so its own failure is handled once
-            if failure is None:
-                self._finish_ok(run, stored)
+            outcome = await self._attempt_until_settled(run)
+        except _SETTLING as exc:
+            outcome = exc
+        self._conclude(run, outcome)
+
+    def _conclude(self, run: ItemRun, outcome: _Outcome) -> None:
+        """The item's end: its ok or failed line, or none when it is left for later."""
+        self._checkpoint.end(run)
+        try:  # the checkpoint's own failure (a full disk) is handled once, here
+            if isinstance(outcome, tuple):
+                self._checkpoint.ok(run, outcome)
             else:
-                self._finish_failed(run, failure)
+                self._budget.release(run.item)
+                self._left_without_files(run, outcome)
         except OSError as exc:
             self._stop_for_disk(exc)
 
-    async def _attempt_until_settled(self, run: _ItemRun) -> tuple[OutputFile, ...]:
+    def _left_without_files(self, run: ItemRun, exc: BaseException) -> None:
+        if isinstance(exc, Deferred):
+            self.stats.deferred += 1
+        elif isinstance(exc, InputChangedError):
+            self.stats.skipped_changed += 1
+            log.warning("%s: skipped, run again to use the new version", exc)
+        elif isinstance(exc, FatalError):
+            self.run_stop.fatal(exc)
+        elif isinstance(exc, BackendError):
+            self._checkpoint.failed(run, exc)
+        elif isinstance(exc, (OutputError, OSError)):
+            self._stop_for_disk(exc)
+        elif not isinstance(exc, _Stopped):
+            raise exc  # a bug: not an outcome an item can have
+
+    # ------------------------------------------------------- batch mode: parked
+
+    async def _park(self, run: ItemRun) -> None:
+        """Hand the item's request to its batch and free the worker; its answer comes
+        back through the arrivals lane (no task waits per item)."""
+        assert self._parking is not None
+        try:
+            if self._halted():
+                raise _Stopped
+            run.attempts += 1
+            image = await self._images.input_for_body(run.item)
+            self.stats.requests += 1
+            waiter = await self._parking.submit(run.item, image)
+        except _SETTLING as exc:
+            self._conclude(run, exc)
+            return
+        self._parked += 1
+        self._all_arrived.clear()
+        waiter.add_done_callback(partial(self._arrived, run))
+
+    def _arrived(self, run: ItemRun, waiter: asyncio.Future[Generation]) -> None:
+        if self._arrivals is not None:
+            self._arrivals.put_nowait((run, waiter))
+
+    async def _settle_arrival(self, arrival: tuple[ItemRun, asyncio.Future[Generation]]) -> None:
+        """A parked item's answer: store it, or submit again under the retry policy."""
+        run, waiter = arrival
+        self._count_arrival()
+        outcome: _Outcome
+        try:
+            if waiter.cancelled():
+                raise _Stopped
+            outcome = await self._store_answer(run, waiter.result())
+        except BackendError as exc:
+            if self._retry_parked(run, exc):
+                await self._park(run)
+                return
+            outcome = exc
+        except _SETTLING as exc:
+            outcome = exc
+        self._conclude(run, outcome)
+
+    def _retry_parked(self, run: ItemRun, exc: BackendError) -> bool:
+        """Whether a parked item's failure goes into a new batch (no wait: a batch is
+        its own delay)."""
+        if self._halted() or run.attempts >= self._policy.max_attempts:
+            return False
+        if not should_retry(exc, self._policy):
+            return False
+        self._count_retry(exc, run.attempts, 0.0)
+        return True
+
+    def _count_arrival(self) -> None:
+        self._parked -= 1
+        if not self._parked:
+            self._all_arrived.set()
+
+    def _arrivals_lane(self) -> Lane[tuple[ItemRun, asyncio.Future[Generation]]]:
+        def dropped(arrival: tuple[ItemRun, asyncio.Future[Generation]]) -> None:
+            self._count_arrival()
+            self._conclude(arrival[0], _Stopped())
+
+        lane: Lane[tuple[ItemRun, asyncio.Future[Generation]]] = Lane(
+            "arrivals",
+            self._run.concurrency,
+            self._settle_arrival,
+            self.run_stop,
+            halts=self._halted,
+            grace_s=lambda reason: None if reason == "budget" else self._run.grace_period_s,
+            dropped=dropped,
+        )
+        lane.start()
+        return lane
+
+    async def _close_arrivals(self, producer: asyncio.Task[None]) -> None:
+        """Once everything is fed and every parked item has come back (or the run halts),
+        the arrivals lane ends."""
+        await asyncio.wait([producer])
+        while self._parked and not self._halted():
+            waits: list[asyncio.Future[Any]] = [
+                asyncio.ensure_future(self._all_arrived.wait()),
+                asyncio.ensure_future(self.run_stop.wait()),
+            ]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+        assert self._arrivals is not None
+        await self._arrivals.close()
+
+    async def _attempt_until_settled(self, run: ItemRun) -> tuple[OutputFile, ...]:
         """Try the item up to max_attempts times; return its stored images or raise."""
         return await self._retrier.call(partial(self._attempt, run))
 
-    async def _attempt(self, run: _ItemRun) -> tuple[OutputFile, ...]:
+    async def _attempt(self, run: ItemRun) -> tuple[OutputFile, ...]:
         """One attempt: download what a killed run was answered with, or generate anew."""
         if self._halted():
             raise _Stopped
@@ -321,19 +417,22 @@ class Engine:
             self.stats.resumed_downloads += 1
             return stored
         run.attempts += 1
-        generation = await self._generate(item)
+        return await self._store_answer(run, await self._generate(item))
+
+    async def _store_answer(self, run: ItemRun, generation: Generation) -> tuple[OutputFile, ...]:
+        """The answer's images, downloaded and stored (URLs checkpointed first)."""
         run.response = generation.response
         run.batch, run.price_factor = generation.batch, generation.price_factor
         if any(img.url for img in generation.images):
-            self._append_generated(run, generation.images)
-        return await self._fetch_and_store(item, generation.images)
+            self._checkpoint.generated(run, generation.images)
+        return await self._images.fetch_and_store(run.item, generation.images)
 
     async def _resume_download(
         self, item: WorkItem, pending: tuple[GeneratedImage, ...]
     ) -> tuple[OutputFile, ...]:
         """Fetch the images a killed run was answered with; on failure generate anew."""
         try:
-            return await self._fetch_and_store(item, pending)
+            return await self._images.fetch_and_store(item, pending)
         except TransientError:
             log.info("%s: recorded URLs no longer serve; generating again", item.key[:16])
             raise
@@ -350,7 +449,7 @@ class Engine:
 
     async def _generate(self, item: WorkItem) -> Generation:
         """One paid request, through the limiter; teaches the limiter what the API said."""
-        image = await self._input_for_body(item)
+        image = await self._images.input_for_body(item)
         async with self._limiter.slot(item.n) as ticket:
             self.stats.requests += 1
             try:
@@ -363,129 +462,13 @@ class Engine:
         self._limiter.record_success()
         return generation
 
-    async def _input_for_body(self, item: WorkItem) -> str | None:
-        """The body's `image` value, read and encoded just before the request starts."""
-        if item.input is None:
-            return None
-        if item.input.kind != "file":
-            return item.input.value
-        data = await asyncio.to_thread(
-            read_input_bytes, Path(item.input.value), item.input.sha256 or ""
-        )
-        if len(data) > LARGE_INPUT_BYTES:
-            return await asyncio.to_thread(encode_image, data)
-        return encode_image(data)
-
-    async def _fetch_and_store(
-        self, item: WorkItem, images: tuple[GeneratedImage, ...]
-    ) -> tuple[OutputFile, ...]:
-        """Download every image of an answer and store it verified, atomically."""
-        stored: list[OutputFile] = []
-        try:
-            for index, image in enumerate(images):
-                stored.append(await self._fetch_one(item, index, image))
-        except BaseException:
-            # no manifest line will name these: leave no unnamed file behind
-            await asyncio.shield(asyncio.to_thread(outputs.discard_outputs, self._out_dir, stored))
-            raise
-        return tuple(stored)
-
-    async def _fetch_one(self, item: WorkItem, index: int, image: GeneratedImage) -> OutputFile:
-        """One image downloaded (by the one retry policy, `DOWNLOAD_ATTEMPTS` tries) and
-        stored; bytes that came inline are stored once (fetching them again gives the same
-        bytes: a bad image regenerates the item instead)."""
-        fetch = partial(self._fetch_once, item, index, image)
-        if image.url is None:
-            return await fetch()
-        return await self._downloads.call(fetch)
-
-    async def _fetch_once(self, item: WorkItem, index: int, image: GeneratedImage) -> OutputFile:
-        data = await self._backend.download(image)
-        store = partial(
-            outputs.store_image,
-            self._out_dir,
-            source=item.source,
-            key=item.key,
-            index=index,
-            data=data,
-            url=image.url,
-            id=image.id,
-            folders=self._folders,
-        )
-        return await asyncio.get_running_loop().run_in_executor(self._store_pool, store)
-
     # ---------------------------------------------------------------- manifest
 
     def record_submitted(self, items: Iterable[WorkItem], ref: BatchRef) -> None:
         """Checkpoint that `items` wait in a Batch API batch (`ref`), durably: a resume
         then re-attaches instead of paying for them again. Raises `OSError` if the
         manifest cannot be written."""
-        for item in items:
-            run = self._runs.get(item.key) or _ItemRun(item, utc_now(), self._clock())
-            self._writer.append(_record(run, "submitted", batch=ref))
-        self._writer.sync()
-
-    def _append_generated(self, run: _ItemRun, images: tuple[GeneratedImage, ...]) -> None:
-        self._writer.append(_record(run, "generated", pending=images))
-
-    def _finish_ok(self, run: _ItemRun, stored: tuple[OutputFile, ...]) -> None:
-        elapsed = self._clock() - run.t0
-        record = _record(run, "ok", outputs=stored, elapsed=elapsed, batch=run.batch)
-        self._writer.append(record)
-        self._on_stored(record)
-        self.stats.ok += 1
-        self.stats.images += len(stored)
-        cost = self._budget.settle(run.item, run.response, run.price_factor)
-        if cost is None:
-            self.stats.cost_known = False
-        else:
-            self.stats.cost_usd += cost
-        self._consecutive_failures = 0
-
-    def _finish_failed(self, run: _ItemRun, exc: BackendError) -> None:
-        error = ErrorInfo(kind=exc.kind, status=exc.status, message=exc.message)
-        elapsed = self._clock() - run.t0
-        self._writer.append(_record(run, "failed", error=error, elapsed=elapsed))
-        self.stats.failed += 1
-        self.stats.errors[exc.kind] += 1
-        log.warning("%s failed for good: %s", run.item.key[:16], exc.message)
-        if isinstance(exc, PermanentError):
-            return  # a refusal or a 4xx is about this request, not about the API's health
-        self._consecutive_failures += 1
-        if self._consecutive_failures >= self._run.max_consecutive_failures:
-            self.stop("aborted")
-
-
-def _record(
-    run: _ItemRun,
-    status: Literal["ok", "failed", "generated", "submitted"],
-    *,
-    outputs: tuple[OutputFile, ...] = (),
-    error: ErrorInfo | None = None,
-    elapsed: float | None = None,
-    pending: tuple[GeneratedImage, ...] = (),
-    batch: BatchRef | None = None,
-) -> ItemRecord:
-    item = run.item
-    return ItemRecord(
-        key=item.key,
-        status=status,
-        source=item.source,
-        vars=item.vars,
-        repeat=item.repeat,
-        input=item.input,
-        prompt=item.prompt,
-        params=item.params,
-        outputs=outputs,
-        attempts=run.attempts,
-        error=error,
-        started_at=run.started_at,
-        finished_at=utc_now() if status in ("ok", "failed") else None,
-        elapsed_s=round(elapsed, 3) if elapsed is not None else None,
-        response=run.response if status in ("ok", "generated") else None,
-        pending=pending,
-        batch=batch,
-    )
+        self._checkpoint.submitted(items, ref)
 
 
 def _log_download_retry(exc: BackendError, attempt: int, wait: float) -> None:
