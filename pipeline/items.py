@@ -18,7 +18,6 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from .records import InputImage, JobSource, WorkItem, request_body
-from .registry import backend_kind
 from .sources import HashCache
 from .spec.model import SourceSpec, Spec
 from .spec.template import count_variants, iter_prompts, parse_template, resolve_values
@@ -154,7 +153,7 @@ def iter_source_drafts(
     params = MappingProxyType(spec.source_params(source))  # shared by all items: read-only
     seed = DEFAULT_SEED if source.seed is None else source.seed
     kind, project_url = spec.backend.kind, spec.project_url or ""
-    in_body = backend_kind(kind).project_in_body
+    in_body = spec.backend.registered.project_in_body
     repeats = range(source.repeats)
     mask = _mask(spec, source, hashes)
     new = tuple.__new__  # ItemDraft(...) without the keyword handling: 0.1 s per million

@@ -36,7 +36,6 @@ from ..manifest.cache import StateCache
 from ..manifest.log import ManifestState, gc_paused
 from ..pricing import check_cost_budget
 from ..records import JobRecord
-from ..registry import backend_kind
 from ..spec.model import Spec
 from ..store import files as outputs
 from ..store import layout
@@ -83,7 +82,7 @@ def check_spec(spec: Spec, *, wait: bool) -> Spec:
     budget without prices, `max_items`; the ids this OUT's searches already found."""
     if not wait and spec.backend.mode != "batch":
         raise UsageError("--no-wait needs backend.mode: batch (an online run cannot leave)")
-    if not wait and backend_kind(spec.backend.kind).in_process:
+    if not wait and spec.backend.registered.in_process:
         raise UsageError(
             "--no-wait cannot leave batches with the embedded mock (it stops with the run): "
             "rehearse with `synthaug mock-server` and backend.kind openai pointed at it"
@@ -114,9 +113,9 @@ async def prepare(
     counts = None if search.unresolved(spec) else items_mod.count_items(spec)
     if counts is not None:  # else counted once the searches have found their ids
         items_mod.check_max_items(spec, counts)
-    kind = backend_kind(spec.backend.kind)
+    kind = spec.backend.registered
     api_key = read_api_key(spec.backend)
-    upload_key = read_upload_key(spec.upload, spec.backend.kind)  # fails before anything is sent
+    upload_key = read_upload_key(spec.upload, spec.backend)  # fails before anything is sent
     # the embedded mock is on loopback in this process: a corporate proxy must not see it
     proxies = read_proxy_settings() if kind.proxied else DIRECT
     out = spec.output_dir
@@ -247,7 +246,7 @@ async def _open_backend(
     if given is not None:
         yield given
         return
-    kind = backend_kind(spec.backend.kind)
+    kind = spec.backend.registered
     # its first import (aiohttp's) takes about 100 ms: in a thread, not holding the loop
     backend_class = await asyncio.to_thread(
         partial(kind.open_backend_class, batch=batch is not None)
