@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -27,6 +27,8 @@ from .http import ApiClient
 from .retried import RetriedCalls, unlimited
 
 __all__ = ["BatchFiles"]
+
+_READ_CHUNK = 1024 * 1024
 
 _log = logging.getLogger(__name__)
 _batch_log = logging.getLogger(BATCH_LOGGER)  # what is in flight: shown by default
@@ -139,10 +141,39 @@ class BatchFiles:
         async def once() -> None:
             if not wanted():
                 return
-            async for line in self._http.lines(url):
+            async for line in _lines(self._http, url):
                 await take(line)
 
         await self._reads.call(once)
+
+
+async def _lines(http: ApiClient, url: str) -> AsyncIterator[bytes]:
+    """The lines of a results file as they arrive (without waiting for the whole)."""
+    session = http.session()
+    target = http.url(url)
+    # no total timeout: a results file is gigabytes; a stalled read still times out
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=http.timeout.total)
+    try:
+        async with session.get(
+            target, proxy=http.proxy_for(target), headers=http.auth(), timeout=timeout
+        ) as response:
+            if response.status != 200:
+                text = await response.text(errors="replace")
+                raise http.http_error(response.status, text, response.headers)
+            rest = b""
+            async for piece in response.content.iter_chunked(_READ_CHUNK):
+                rest += piece
+                *whole, rest = rest.split(b"\n")
+                for line in whole:
+                    if line.strip():
+                        yield line
+            if rest.strip():
+                yield rest
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        failure = TransientError(f"reading {url} failed: {type(exc).__name__}", kind="download")
+    else:
+        return
+    raise failure
 
 
 def _log_retry(error: BackendError, attempt: int, wait_s: float) -> None:

@@ -6,7 +6,7 @@ clients share: proxies, timeouts, the key (as Roboflow's ``?api_key=`` or a Bear
 header, built per request so that no shared object holds it), the scrubbing of the key
 from every URL and message, the mapping of transport failures and non-2xx answers to
 `BackendError` classes (`pipeline.backends.base.classify_http`), and reading answers:
-JSON, bytes, a results file line by line, an image answer as a `Generation`. No aiohttp
+JSON, bytes, an image answer as a `Generation`. No aiohttp
 exception escapes: their text holds the request URL and with it the key.
 
 Proxies come in as `ProxySettings` (read from HTTPS_PROXY / HTTP_PROXY / NO_PROXY by
@@ -20,11 +20,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -50,6 +50,7 @@ __all__ = [
     "MIN_BARE_KEY_CHARS",
     "Answer",
     "ApiClient",
+    "ApiClientOwner",
     "utc_now",
 ]
 
@@ -66,12 +67,14 @@ one would take it back before a waiting thread has woken up)."""
 GENERATION_PENDING = " (the image may still be generated)"
 """What a timeout's message adds for a request that may go on without us."""
 
-_READ_CHUNK = 1024 * 1024
 _log = logging.getLogger(__name__)
 _INVALID = object()
 
 Answer = tuple[int, list[bytes], Mapping[str, str]]
 """Status, raw body (as it arrived, in pieces) and headers of one answer."""
+
+
+_Owner = TypeVar("_Owner", bound="ApiClientOwner")
 
 
 def utc_now() -> datetime:
@@ -341,34 +344,6 @@ class ApiClient:
             failure = TransientError(f"download of {shown} failed: invalid URL", kind="download")
         raise failure
 
-    async def lines(self, url: str) -> AsyncIterator[bytes]:
-        """The lines of a file (a Batch API results file) as they arrive, Bearer-keyed."""
-        session = self.session()
-        target = self.url(url)
-        # no total timeout: a results file is gigabytes; a stalled read still times out
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total)
-        try:
-            async with session.get(
-                target, proxy=self.proxy_for(target), headers=self.auth(), timeout=timeout
-            ) as response:
-                if response.status != 200:
-                    text = await response.text(errors="replace")
-                    raise self.http_error(response.status, text, response.headers)
-                rest = b""
-                async for piece in response.content.iter_chunked(_READ_CHUNK):
-                    rest += piece
-                    *whole, rest = rest.split(b"\n")
-                    for line in whole:
-                        if line.strip():
-                            yield line
-                if rest.strip():
-                    yield rest
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            failure = TransientError(f"reading {url} failed: {type(exc).__name__}", kind="download")
-        else:
-            return
-        raise failure
-
     # --------------------------------------------------------------- transport
 
     async def send(
@@ -456,6 +431,24 @@ class ApiClient:
                 f"through the proxy {_shown(self._routes[origin])}" if proxy else "direct",
             )
         return self._routes[origin]
+
+
+class ApiClientOwner:
+    """What a client that composes an `ApiClient` (as ``_http``) is as an async context
+    manager: entering opens the session, leaving (or `aclose`) closes it."""
+
+    _http: ApiClient
+
+    async def __aenter__(self: _Owner) -> _Owner:
+        self._http.session()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session and its connections, and end the parsing thread."""
+        await self._http.aclose()
 
 
 def _shown(proxy: URL | None) -> str:

@@ -17,7 +17,6 @@ import asyncio
 import base64
 from collections.abc import Callable
 from datetime import datetime
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
@@ -29,12 +28,12 @@ from ..errors import PermanentError
 from ..records import GeneratedImage, Generation, WorkItem, request_body
 from ..registry import backend_kind
 from .edit_input import image_type, read_mask, stem
-from .http import LARGE_ANSWER_BYTES, Answer, ApiClient, utc_now
+from .http import LARGE_ANSWER_BYTES, Answer, ApiClient, ApiClientOwner, utc_now
 
 __all__ = ["OpenAIBackend"]
 
 
-class OpenAIBackend:
+class OpenAIBackend(ApiClientOwner):
     """Sends work items to OpenAI's images endpoints under ``base_url`` (``…/v1``)."""
 
     def __init__(
@@ -74,22 +73,6 @@ class OpenAIBackend:
     def http(self) -> ApiClient:
         """The HTTP client this backend sends through (the Batch API client shares it)."""
         return self._http
-
-    async def __aenter__(self) -> OpenAIBackend:
-        self._http.session()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the session and its connections, and end the parsing thread."""
-        await self._http.aclose()
 
     async def generate(self, item: WorkItem, image: str | None) -> Generation:
         """A generation for a prompt-only item, an edit for one with an input image."""

@@ -55,7 +55,7 @@ from .base import Recorder
 from .batch_files import BatchFiles
 from .batch_lines import BATCH_ENDPOINT, MAX_BATCH_BYTES, request_line
 from .batch_results import BatchProgress
-from .http import utc_now
+from .http import ApiClientOwner, utc_now
 from .openai import OpenAIBackend
 
 __all__ = ["BatchBackend", "BatchOptions", "BatchProgress"]
@@ -119,7 +119,7 @@ class _Tracked:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class BatchBackend:
+class BatchBackend(ApiClientOwner):
     """Sends work items through OpenAI's Batch API under ``base_url`` (``…/v1``)."""
 
     def __init__(
@@ -174,13 +174,6 @@ class BatchBackend:
         """``GET /models/{model}``, as `OpenAIBackend.ask_model` (the same API's models)."""
         return await self._online_client.ask_model(model, timeout_s=timeout_s)
 
-    async def __aenter__(self) -> BatchBackend:
-        self._http.session()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
     def bind_manifest(self, attached: Mapping[str, BatchRef], record: Recorder) -> None:
         """Where the manifest says items already wait, and how to record new ones.
 
@@ -216,7 +209,13 @@ class BatchBackend:
     # ------------------------------------------------------------ the engine's calls
 
     async def generate(self, item: WorkItem, image: str | None) -> Generation:
-        """The item's result from its batch: the one the manifest names, or a new one."""
+        """The item's result from its batch, waited for here (`submit` does not wait)."""
+        return await (await self.submit(item, image))
+
+    async def submit(self, item: WorkItem, image: str | None) -> asyncio.Future[Generation]:
+        """Where the item's result will arrive: the batch the manifest names, or a new one
+        (or, `retry_online`, the Images API). The engine parks the item on it: nothing
+        waits per item while the batch runs."""
         if item.input is not None and item.input.kind == "id":
             raise PermanentError(
                 "backend.mode batch sends OpenAI requests, which cannot carry a Roboflow "
@@ -224,17 +223,22 @@ class BatchBackend:
                 kind="bad_response",
                 item_key=item.key,
             )
+        waiter: asyncio.Future[Generation]
         if self._options.retry_online and item.key in self._failed:
-            return await self._online(item, image)
+            waiter = asyncio.ensure_future(self._online(item, image))  # a retried line only
+        else:
+            waiter = await self._batch_waiter(item, image)
+        waiter.add_done_callback(partial(self._note_failure, item.key))
+        return waiter
+
+    async def _batch_waiter(self, item: WorkItem, image: str | None) -> asyncio.Future[Generation]:
         ref = self._attached.pop(item.key, None)
         if ref is not None and ref.batch_id is None:
             ref = await self._files.find(ref.input_file_id)
         if ref is not None and ref.batch_id is not None:
-            tracked = self._track(ref)
-            waiter = self._wait_in(tracked, item.key)
-            return await self._outcome(waiter, item)
+            return self._wait_in(self._track(ref), item.key)
         endpoint, line = await request_line(item, image, max_bytes=self._options.max_file_bytes)
-        return await self._outcome(self._enqueue(item, endpoint, line), item)
+        return self._enqueue(item, endpoint, line)
 
     async def download(self, image: GeneratedImage) -> bytes:
         """The image's bytes (inline, as batch results carry them); frees their budget."""
@@ -244,13 +248,13 @@ class BatchBackend:
             self._claimed.notify_all()
         return data
 
-    async def _outcome(self, waiter: asyncio.Future[Generation], item: WorkItem) -> Generation:
-        try:
-            return await waiter
-        except BackendError as error:
-            error.item_key = item.key
-            self._failed.add(item.key)
-            raise
+    def _note_failure(self, key: str, waiter: asyncio.Future[Generation]) -> None:
+        """A failed line names its item, and the item goes online next time when
+        `retry_online` is set."""
+        error = None if waiter.cancelled() else waiter.exception()
+        if isinstance(error, BackendError):
+            error.item_key = key
+            self._failed.add(key)
 
     async def _online(self, item: WorkItem, image: str | None) -> Generation:
         """`retry_online`: the item's request sent to the Images API itself, paced by the

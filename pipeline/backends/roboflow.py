@@ -10,19 +10,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from types import TracebackType
 
 from ..credentials import DIRECT, ProxySettings
 from ..records import GeneratedImage, Generation, WorkItem, request_body
 from ..registry import backend_kind
-from .http import DOWNLOAD_CONNECTIONS, LARGE_ANSWER_BYTES, ApiClient, utc_now
+from .http import DOWNLOAD_CONNECTIONS, LARGE_ANSWER_BYTES, ApiClient, ApiClientOwner, utc_now
 
 __all__ = ["DOWNLOAD_CONNECTIONS", "LARGE_ANSWER_BYTES", "RoboflowBackend", "utc_now"]
 
 _log = logging.getLogger(__name__)
 
 
-class RoboflowBackend:
+class RoboflowBackend(ApiClientOwner):
     """Sends work items to ``{base_url}/synthetic-image`` and downloads the answers."""
 
     def __init__(
@@ -54,22 +53,6 @@ class RoboflowBackend:
     def api_root(self) -> str:
         """The API root this client sends to (the embedded mock's URL for kind mock)."""
         return self._root
-
-    async def __aenter__(self) -> RoboflowBackend:
-        self._http.session()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the session and its connections, and end the parsing thread."""
-        await self._http.aclose()
 
     async def generate(self, item: WorkItem, image: str | None) -> Generation:
         """POST the request for `item`; raises a `BackendError` subclass on any failure."""

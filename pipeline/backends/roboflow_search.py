@@ -22,7 +22,6 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -33,7 +32,7 @@ from ..errors import BackendError, FatalError, TransientError
 from ..retry import RetryPolicy
 from ..spec.model import SearchSettings
 from .base import excerpt, redact
-from .http import ApiClient
+from .http import ApiClient, ApiClientOwner
 from .retried import RetriedCalls
 
 __all__ = [
@@ -61,7 +60,7 @@ class SearchResult:
     requests: int
 
 
-class RoboflowSearch:
+class RoboflowSearch(ApiClientOwner):
     """Runs searches against the Roboflow API at `root` (or the embedded mock's URL).
 
     Each page is tried under `policy` (the run's: ``run.max_attempts`` and its backoff;
@@ -90,18 +89,6 @@ class RoboflowSearch:
             clock=clock,
             on_retry=_log_retry,
         )
-
-    async def __aenter__(self) -> RoboflowSearch:
-        self._http.session()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._http.aclose()
 
     async def search(self, query: SearchSettings) -> SearchResult:
         """The ids `query` finds, at most ``query.limit``, without repeats."""

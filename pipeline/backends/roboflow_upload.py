@@ -18,13 +18,12 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from types import TracebackType
 
 from ..credentials import DIRECT, ProxySettings
 from ..errors import BackendError, FatalError, TransientError
 from ..records import ImageUpload, UploadAnswer
 from .base import encode_image, excerpt
-from .http import ApiClient, utc_now
+from .http import ApiClient, ApiClientOwner, utc_now
 
 __all__ = ["FORM_CONTENT_TYPE", "RoboflowUploadClient"]
 
@@ -33,7 +32,7 @@ FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 _log = logging.getLogger(__name__)
 
 
-class RoboflowUploadClient:
+class RoboflowUploadClient(ApiClientOwner):
     """Uploads images to one Roboflow project under ``base_url``."""
 
     def __init__(
@@ -57,22 +56,6 @@ class RoboflowUploadClient:
 
     def __repr__(self) -> str:
         return f"RoboflowUploadClient({self._endpoint!r})"
-
-    async def __aenter__(self) -> RoboflowUploadClient:
-        self._http.session()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the session and its connections."""
-        await self._http.aclose()
 
     async def upload(self, image: ImageUpload) -> UploadAnswer:
         """POST `image`; raises a `BackendError` subclass on any failure (never the key)."""
