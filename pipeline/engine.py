@@ -106,6 +106,7 @@ class Engine:
         on_progress: Callable[[RunStats], None] | None = None,
         on_stored: Callable[[ItemRecord], None] = lambda _record: None,
         stop: RunStop | None = None,
+        max_waiting: int = 50_000,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -158,6 +159,7 @@ class Engine:
         # batch mode: a request waits in its batch without a worker (or a task) of its own
         self._parking = backend if isinstance(backend, BatchSubmit) else None
         self._parked = 0
+        self._room = asyncio.Semaphore(max_waiting)  # parked items at most
         self._all_arrived = asyncio.Event()
         self._arrivals: Lane[tuple[ItemRun, asyncio.Future[Generation]]] | None = None
 
@@ -206,17 +208,18 @@ class Engine:
         )
         lane.start()
         producer = asyncio.create_task(self._produce(lane), name="producer")
-        arrivals = self._arrivals = self._arrivals_lane()
-        closer = asyncio.create_task(self._close_arrivals(producer), name="arrivals-closer")
+        # batch mode: parked items' answers come back through a lane of their own
+        arrivals = self._arrivals = self._arrivals_lane() if self._parking else None
         try:
             await lane.finish(producer)
-            await arrivals.finish(closer)
+            if arrivals is not None:
+                await self._drain_arrivals(arrivals)
         finally:
-            for task in (producer, closer):
-                task.cancel()
+            producer.cancel()
             await lane.cancel()
-            await arrivals.cancel()
-            await asyncio.gather(producer, closer, return_exceptions=True)
+            if arrivals is not None:
+                await arrivals.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
             # a store begun by a cancelled item ends before the run does (and the OUT lock)
             await asyncio.to_thread(self._images.close)
             # The job's state is let go now (a million entries for a big job): the engine
@@ -320,10 +323,15 @@ class Engine:
         try:
             if self._halted():
                 raise _Stopped
-            run.attempts += 1
-            image = await self._images.input_for_body(run.item)
-            self.stats.requests += 1
-            waiter = await self._parking.submit(run.item, image)
+            await self._room.acquire()
+            try:
+                run.attempts += 1
+                image = await self._images.input_for_body(run.item)
+                self.stats.requests += 1
+                waiter = await self._parking.submit(run.item, image)
+            except BaseException:
+                self._room.release()
+                raise
         except _SETTLING as exc:
             self._conclude(run, exc)
             return
@@ -364,6 +372,7 @@ class Engine:
         return True
 
     def _count_arrival(self) -> None:
+        self._room.release()
         self._parked -= 1
         if not self._parked:
             self._all_arrived.set()
@@ -385,22 +394,22 @@ class Engine:
         lane.start()
         return lane
 
-    async def _close_arrivals(self, producer: asyncio.Task[None]) -> None:
-        """Once everything is fed and every parked item has come back (or the run halts),
-        the arrivals lane ends."""
-        await asyncio.wait([producer])
+    async def _drain_arrivals(
+        self, arrivals: Lane[tuple[ItemRun, asyncio.Future[Generation]]]
+    ) -> None:
+        """Once every item was submitted: wait for every parked item to come back (or the
+        run to halt), then let the arrivals lane end."""
         while self._parked and not self._halted():
-            waits: list[asyncio.Future[Any]] = [
-                asyncio.ensure_future(self._all_arrived.wait()),
-                asyncio.ensure_future(self.run_stop.wait()),
-            ]
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._all_arrived.wait())]
+            if not self.stopping:  # a budget stop lets what is in batches come back
+                waits.append(asyncio.ensure_future(self.run_stop.wait()))
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for wait in waits:
                     wait.cancel()
-        assert self._arrivals is not None
-        await self._arrivals.close()
+        await arrivals.close()
+        await arrivals.finish()
 
     async def _attempt_until_settled(self, run: ItemRun) -> tuple[OutputFile, ...]:
         """Try the item up to max_attempts times; return its stored images or raise."""

@@ -12,23 +12,23 @@ from ..engine import Engine
 from ..manifest.log import ManifestState
 from ..records import BATCH_LOGGER
 from ..retry import RetryPolicy
-from ..spec.model import RunSettings, Spec
+from ..spec.model import Spec
 from .stats import RunStats
 
 if TYPE_CHECKING:
     from ..backends.openai_batch import BatchOptions, BatchProgress
 
 __all__ = [
-    "BATCH_WORKERS",
+    "BATCH_WAITING",
     "BatchWatch",
     "attach_batches",
     "batch_options",
-    "batch_workers",
     "detach_batches",
 ]
 
-BATCH_WORKERS = 50_000
-"""Items a batch-mode run keeps waiting at once (about 2 KB each): a batch's worth."""
+BATCH_WAITING = 50_000
+"""Items a batch-mode run keeps waiting in batches at once (each a record and a future in
+memory, no task): a batch's worth."""
 
 _batch_log = logging.getLogger(BATCH_LOGGER)  # status changes at INFO, each poll at DEBUG
 
@@ -86,13 +86,6 @@ class BatchWatch:
         kinds = ", ".join(f"{count} {status}" for status, count in sorted(states.items()))
         plural = "batch" if len(self._seen) == 1 else "batches"
         return f"{len(self._seen)} {plural}: {kinds}; {done:,}/{total:,} done"
-
-
-def batch_workers(spec: Spec, expected: int) -> RunSettings:
-    """The run settings for batch mode: a worker per item waiting in a batch (up to
-    `BATCH_WORKERS`), no request pace (the Batch API has its own limits)."""
-    workers = max(1, min(expected, BATCH_WORKERS))
-    return spec.run.model_copy(update={"concurrency": workers})
 
 
 async def detach_batches(spec: Spec, backend: Backend) -> None:

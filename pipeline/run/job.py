@@ -27,7 +27,7 @@ from ..records import WorkItem
 from ..sources import HashCache
 from ..spec.model import Spec
 from ..store.layout import INPUT_HASHES_NAME, MANIFEST_NAME, SUMMARY_NAME
-from .batch import attach_batches, batch_workers, detach_batches
+from .batch import BATCH_WAITING, attach_batches, detach_batches
 from .pool import RunStop
 from .prepare import Prepared, prepare, read_learned_pace
 from .stages import StageChain, StageContext, open_stages
@@ -81,7 +81,7 @@ async def _execute(
 ) -> JobResult:
     spec, backend, state, cache = prepared.spec, prepared.backend, prepared.state, prepared.cache
     batch = spec.backend.mode == "batch"
-    run = batch_workers(spec, prepared.expected) if batch else spec.run
+    run = spec.run
     limiter = Limiter(
         rate=None if batch else run.rate_limit,  # the Batch API paces itself
         image_rate=None if batch else run.image_rate_limit,
@@ -117,6 +117,7 @@ async def _execute(
             on_progress=on_progress,
             on_stored=chain.submit,
             stop=stop,
+            max_waiting=BATCH_WAITING,
         )
         attach_batches(spec, backend, state, engine)
         prepared.watch.stats = engine.stats
