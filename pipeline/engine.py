@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from .backends.base import Backend
+from .backends.base import Backend, BatchControl
 from .budget import Budget
 from .errors import (
     BackendError,
@@ -69,16 +69,6 @@ class _Stopped(Exception):
     """The run is stopping: leave this item unrecorded so it runs again on resume."""
 
 
-@runtime_checkable
-class BatchSubmit(Protocol):
-    """A backend that takes a request into a batch and hands back where its answer will
-    arrive, instead of holding a worker while the batch runs (the Batch API client)."""
-
-    async def submit(self, item: WorkItem, image: str | None) -> asyncio.Future[Generation]:
-        """Queue `item`'s request; the future holds its `Generation` or its error."""
-        ...
-
-
 _Outcome = tuple[OutputFile, ...] | BaseException
 """What an item's attempts came to: its stored files, or why it has none."""
 _SETTLING = (_Stopped, Deferred, InputChangedError, BackendError, OutputError, OSError)
@@ -106,6 +96,7 @@ class Engine:
         on_progress: Callable[[RunStats], None] | None = None,
         on_stored: Callable[[ItemRecord], None] = lambda _record: None,
         stop: RunStop | None = None,
+        batches: BatchControl | None = None,
         max_waiting: int = 50_000,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -157,7 +148,7 @@ class Engine:
             clock=clock,
         )
         # batch mode: a request waits in its batch without a worker (or a task) of its own
-        self._parking = backend if isinstance(backend, BatchSubmit) else None
+        self._parking = batches
         self._parked = 0
         self._room = asyncio.Semaphore(max_waiting)  # parked items at most
         self._all_arrived = asyncio.Event()

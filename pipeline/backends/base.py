@@ -10,6 +10,7 @@ them). Inline base64 images are decoded as the answer is loaded: `pipeline.backe
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import email.utils
@@ -120,6 +121,11 @@ class BatchControl(Protocol):
 
     async def detach(self) -> None:
         """Stop gathering, submitting and polling: the run's manifest is about to close."""
+        ...
+
+    async def submit(self, item: WorkItem, image: str | None) -> asyncio.Future[Generation]:
+        """Queue `item`'s request into a batch; the future holds its `Generation` or its
+        error. The engine parks the item on it: nothing waits per item meanwhile."""
         ...
 
 

@@ -7,8 +7,7 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from ..backends.base import Backend, batch_control
-from ..engine import Engine
+from ..backends.base import Backend, BatchControl, Recorder, batch_control
 from ..manifest.log import ManifestState
 from ..records import BATCH_LOGGER
 from ..retry import RetryPolicy
@@ -22,8 +21,8 @@ __all__ = [
     "BATCH_WAITING",
     "BatchWatch",
     "attach_batches",
+    "batch_control_of",
     "batch_options",
-    "detach_batches",
 ]
 
 BATCH_WAITING = 50_000
@@ -88,19 +87,17 @@ class BatchWatch:
         return f"{len(self._seen)} {plural}: {kinds}; {done:,}/{total:,} done"
 
 
-async def detach_batches(spec: Spec, backend: Backend) -> None:
-    """Stop a Batch API backend (the registry says which are) from submitting or polling."""
+def batch_control_of(spec: Spec, backend: Backend) -> BatchControl | None:
+    """The backend's Batch API side, when the registry says its kind and mode have one."""
     kind = spec.backend.registered
-    control = batch_control(backend, provided=kind.provides_batch_control(spec.backend.mode))
-    if control is not None:
-        await control.detach()
+    return batch_control(backend, provided=kind.provides_batch_control(spec.backend.mode))
 
 
-def attach_batches(spec: Spec, backend: Backend, state: ManifestState, engine: Engine) -> None:
-    """Tell a Batch API backend (the registry says which are) where the manifest says
-    items wait, and let it record new batches through the engine's checkpoint."""
-    kind = spec.backend.registered
-    control = batch_control(backend, provided=kind.provides_batch_control(spec.backend.mode))
+def attach_batches(
+    control: BatchControl | None, state: ManifestState, record: Recorder
+) -> None:
+    """Tell a Batch API backend where the manifest says items wait, and let it record new
+    batches through the engine's checkpoint (`record`)."""
     if control is None:
         return
     attached = {
@@ -108,4 +105,4 @@ def attach_batches(spec: Spec, backend: Backend, state: ManifestState, engine: E
         for key, entry in state.open.items()
         if entry.status == "submitted" and entry.batch is not None
     }
-    control.bind_manifest(attached, engine.record_submitted)
+    control.bind_manifest(attached, record)

@@ -27,7 +27,7 @@ from ..records import WorkItem
 from ..sources import HashCache
 from ..spec.model import Spec
 from ..store.layout import INPUT_HASHES_NAME, MANIFEST_NAME, SUMMARY_NAME
-from .batch import BATCH_WAITING, attach_batches, detach_batches
+from .batch import BATCH_WAITING, attach_batches, batch_control_of
 from .pool import RunStop
 from .prepare import Prepared, prepare, read_learned_pace
 from .stages import StageChain, StageContext, open_stages
@@ -117,9 +117,10 @@ async def _execute(
             on_progress=on_progress,
             on_stored=chain.submit,
             stop=stop,
+            batches=(batches := batch_control_of(spec, backend)),
             max_waiting=BATCH_WAITING,
         )
-        attach_batches(spec, backend, state, engine)
+        attach_batches(batches, state, engine.record_submitted)
         prepared.watch.stats = engine.stats
         try:
             async with (
@@ -133,7 +134,8 @@ async def _execute(
                 raise
             # our own second-signal cancel: the workers are down, finish the checkpoint
         finally:
-            await detach_batches(spec, backend)  # nothing records after the manifest closes
+            if batches is not None:  # nothing records after the manifest closes
+                await batches.detach()
             await asyncio.to_thread(cache.close)  # its last segment: marshal + write
             await asyncio.to_thread(hashes.save, discard=engine.stats.skipped_changed > 0)
             elapsed = time.monotonic() - t0
