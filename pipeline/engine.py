@@ -110,7 +110,7 @@ class Engine:
         self._clock = clock
         self._policy = RetryPolicy.from_run(run)
         self._rng = rng or random.Random()
-        # built once: a tenacity loop per item cost more CPU than the request it guarded
+        # built once: a retry loop per item cost more CPU than the request it guarded
         self._retrier = Retrier(
             self._policy, sleep=self._backoff_sleep, on_retry=self._count_retry, rng=self._rng
         )

@@ -16,7 +16,6 @@ from .errors import ErrorKind
 
 __all__ = [
     "BATCH_LOGGER",
-    "BATCH_MARK",
     "ITEM_STATUSES",
     "BatchRef",
     "ErrorInfo",
@@ -44,9 +43,6 @@ ItemStatus = Literal["ok", "failed", "generated", "submitted"]
 BATCH_LOGGER = "pipeline.batches"
 """The logger of Batch API lifecycle lines (submitted, status changes): the CLI shows it
 at INFO by default, since what is in flight is what a nightly log is read for."""
-BATCH_MARK = "synthaug_batch_id"
-"""What manifests written before `Generation.batch` marked a Batch API answer with (in
-its kept ``response``): readers may meet it in an old OUT; nothing writes it any more."""
 ITEM_STATUSES: tuple[ItemStatus, ...] = ("ok", "failed", "generated", "submitted")
 
 

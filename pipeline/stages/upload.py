@@ -31,11 +31,12 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+from ..backends.retried import RetriedCalls
 from ..credentials import DIRECT, read_proxy_settings, uploads_to_backend
 from ..errors import BackendError, ErrorKind, FatalError, OutputError, RateLimitedError
 from ..limiter import Limiter
 from ..records import ErrorInfo, ImageUpload, ItemRecord, OutputFile, UploadAnswer, UploadRecord
-from ..retry import Retrier, RetryPolicy
+from ..retry import RetryPolicy
 from ..run.pool import StopReason
 from ..run.stages import StageContext
 from ..spec.fields import parse_rate
@@ -142,12 +143,14 @@ class UploadStage:
         self._settings = settings
         self._job = job
         self._client = client
-        self._limiter = limiter
         self._context = context
         self._stop = context.stop
         self._batch = settings.batch_name(context.day)
         self._extra_tags = settings.tag_names(context.day)
-        self._retrier = Retrier(policy, sleep=self._backoff_sleep, on_retry=self._count_retry)
+        # the one retry policy, with 429s pausing every upload as they pause generations
+        self._calls = RetriedCalls(
+            policy, sleep=self._backoff_sleep, on_retry=self._count_retry, limiter=limiter
+        )
         self._max_failures = max_consecutive_failures
         self._failures_in_a_row = 0
         self.concurrency = settings.concurrency
@@ -220,7 +223,7 @@ class UploadStage:
             tags=provenance_tags(self._job, record, self._extra_tags),
         )
         try:
-            answer = await self._retrier.call(partial(self._attempt, image, halted))
+            answer = await self._calls.call(partial(self._attempt, image, halted))
         except FatalError as exc:
             self._stop.fatal(exc)
             raise _Stopped from None
@@ -254,15 +257,11 @@ class UploadStage:
     async def _attempt(self, image: ImageUpload, halted: Callable[[], bool]) -> UploadAnswer:
         if halted():
             raise _Stopped
-        async with self._limiter.slot() as ticket:
-            try:
-                answer = await self._client.upload(image)
-            except RateLimitedError as exc:
-                self.stats.rate_limited_429 += 1
-                self._limiter.pause(exc.retry_after, started_at=ticket.started_at)
-                raise
-        self._limiter.record_success()
-        return answer
+        try:
+            return await self._client.upload(image)
+        except RateLimitedError:
+            self.stats.rate_limited_429 += 1
+            raise
 
 
 def _client_class() -> type[UploadTarget]:
