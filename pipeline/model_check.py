@@ -18,7 +18,6 @@ once per model before the first generation, and:
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from collections.abc import Iterable, Mapping
@@ -252,12 +251,7 @@ async def ask_spec_api(spec: Spec) -> list[ModelAnswer] | None:
         return None
     api_key = read_api_key(spec.backend)
     proxies = read_proxy_settings() if kind.proxied else DIRECT
-    backend_class = await asyncio.to_thread(kind.open_backend_class)
-    async with backend_class(
-        spec.backend.base_url,
-        api_key,
-        concurrency=1,
-        timeout_s=spec.backend.timeout_s,
-        proxies=proxies,
+    async with kind.open_single(
+        spec.backend.base_url, api_key, timeout_s=spec.backend.timeout_s, proxies=proxies
     ) as backend:
         return await ask_models(backend, spec_models(spec), spec.today)

@@ -3,8 +3,9 @@
 The one place a kind is described: whether it needs a key, whether its images cost
 money, whether it needs a Roboflow project, its default pace, whether it may go through
 a proxy, and the class that talks to it. The class is named, not imported: a run opens
-it through `open_backend_class`, so a run against the real API never loads the mock
-server (aiohttp.web and Pillow's drawing are a measurable share of a short run's CPU).
+it through `open_backend_class` (or, for one question outside a run, `open_single`), so
+a run against the real API never loads the mock server (aiohttp.web and Pillow's drawing
+are a measurable share of a short run's CPU).
 No other module tests a kind by its name.
 
 A backend class is built as ``cls(base_url, api_key, concurrency=..., timeout_s=...,
@@ -13,9 +14,12 @@ proxies=...)`` and used as an async context manager that yields the `Backend`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["BACKENDS", "DEFAULT_KIND", "DEFAULT_RATE_LIMIT", "BackendKind", "backend_kind"]
 
@@ -71,6 +75,21 @@ class BackendKind:
         cls = getattr(importlib.import_module(f".{module}", __package__), name)
         assert isinstance(cls, type), named
         return cls
+
+    @contextlib.asynccontextmanager
+    async def open_single(
+        self, base_url: str, api_key: str, *, timeout_s: float, proxies: object
+    ) -> AsyncIterator[Any]:
+        """A client of this kind for a question outside a run (``synthaug models``,
+        ``plan --resolve``): one connection, open for the ``async with``, closed after.
+
+        Its class is imported in a thread: the first import (aiohttp's) takes about
+        100 ms, which must not hold the event loop."""
+        backend_class = await asyncio.to_thread(self.open_backend_class)
+        async with backend_class(
+            base_url, api_key, concurrency=1, timeout_s=timeout_s, proxies=proxies
+        ) as backend:
+            yield backend
 
 
 BACKENDS: Mapping[str, BackendKind] = {

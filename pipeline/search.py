@@ -163,13 +163,8 @@ async def resolve_standalone(spec: Spec) -> Spec:
     api_key = read_api_key(spec.backend)
     proxies = read_proxy_settings() if kind.proxied else DIRECT
     with await asyncio.to_thread(acquire_lock, spec.output_dir):
-        backend_class = await asyncio.to_thread(kind.open_backend_class)
-        async with backend_class(
-            spec.backend.base_url,
-            api_key,
-            concurrency=1,
-            timeout_s=spec.backend.timeout_s,
-            proxies=proxies,
+        async with kind.open_single(
+            spec.backend.base_url, api_key, timeout_s=spec.backend.timeout_s, proxies=proxies
         ) as backend:
             return await resolve_searches(
                 spec, root=api_root(spec, backend), api_key=api_key, proxies=proxies

@@ -8,8 +8,6 @@ leaving it closes both. It never uses a proxy or a key.
 
 from __future__ import annotations
 
-from types import TracebackType
-
 from ..mockapi.server import MockConfig, MockServer
 from .base import Backend
 from .openai_batch import BatchBackend, BatchOptions
@@ -67,12 +65,7 @@ class MockBackend:
             await self._server.close()
             raise
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         try:
             if self._client is not None:
                 await self._client.aclose()
