@@ -8,10 +8,16 @@ leaving it closes both. It never uses a proxy or a key.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..mockapi.server import MockConfig, MockServer
 from .base import Backend
+from .http import ClientOptions
 from .openai_batch import BatchBackend, BatchOptions
 from .roboflow import RoboflowBackend
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is Python 3.11+; we support 3.10
 
 __all__ = ["MockBackend"]
 
@@ -26,17 +32,16 @@ class MockBackend:
         base_url: str,
         api_key: str,
         *,
-        concurrency: int,
-        timeout_s: float,
-        proxies: object = None,
         config: MockConfig | None = None,
         batch: BatchOptions | None = None,
+        **options: Unpack[ClientOptions],
     ) -> None:
-        # base_url, api_key and proxies are the registry's common signature: unused here
-        del base_url, api_key, proxies
+        # the registry's common signature; of it only concurrency and timeout_s serve here:
+        # the client talks to its own server, without a key or a proxy
+        del base_url, api_key
         self._server = MockServer(config or MockConfig())
-        self._concurrency = concurrency
-        self._timeout_s = timeout_s
+        self._concurrency = options["concurrency"]
+        self._timeout_s = options["timeout_s"]
         self._batch = batch
         self._client: RoboflowBackend | BatchBackend | None = None
 

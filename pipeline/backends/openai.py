@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Callable
-from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import aiohttp
 from yarl import URL
 
-from ..credentials import DIRECT, ProxySettings
 from ..errors import PermanentError
 from ..records import GeneratedImage, Generation, WorkItem, request_body
 from ..registry import backend_kind
 from .edit_input import image_type, read_mask, stem
-from .http import LARGE_ANSWER_BYTES, Answer, ApiClient, ApiClientOwner, utc_now
+from .http import LARGE_ANSWER_BYTES, Answer, ApiClient, ApiClientOwner, ClientOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is Python 3.11+; we support 3.10
 
 __all__ = ["OpenAIBackend"]
 
@@ -36,26 +36,10 @@ __all__ = ["OpenAIBackend"]
 class OpenAIBackend(ApiClientOwner):
     """Sends work items to OpenAI's images endpoints under ``base_url`` (``…/v1``)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        concurrency: int,
-        timeout_s: float,
-        clock: Callable[[], datetime] = utc_now,
-        proxies: ProxySettings = DIRECT,
-    ) -> None:
+    def __init__(self, base_url: str, api_key: str, **options: Unpack[ClientOptions]) -> None:
         """The registry's common signature (as `RoboflowBackend`)."""
         kind = backend_kind("openai")
-        client = ApiClient(
-            api_key,
-            timeout_s=timeout_s,
-            concurrency=concurrency,
-            proxies=proxies,
-            clock=clock,
-            projects=kind.needs_project or kind.project_in_body,
-        )
+        client = ApiClient(api_key, projects=kind.needs_project or kind.project_in_body, **options)
         self._root = base_url.rstrip("/")
         self._http = client
         self._endpoint = self._root + "/images/generations"

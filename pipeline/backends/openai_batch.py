@@ -34,9 +34,8 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..credentials import DIRECT, ProxySettings
 from ..errors import (
     BackendError,
     Deferred,
@@ -55,8 +54,11 @@ from .base import Recorder
 from .batch_files import BatchFiles
 from .batch_lines import BATCH_ENDPOINT, MAX_BATCH_BYTES, request_line
 from .batch_results import BatchProgress
-from .http import ApiClientOwner, utc_now
+from .http import ApiClientOwner, ClientOptions
 from .openai import OpenAIBackend
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is Python 3.11+; we support 3.10
 
 __all__ = ["BatchBackend", "BatchOptions", "BatchProgress"]
 
@@ -123,25 +125,10 @@ class BatchBackend(ApiClientOwner):
     """Sends work items through OpenAI's Batch API under ``base_url`` (``…/v1``)."""
 
     def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        concurrency: int,
-        timeout_s: float,
-        batch: BatchOptions,
-        clock: Callable[[], Any] = utc_now,
-        proxies: ProxySettings = DIRECT,
+        self, base_url: str, api_key: str, *, batch: BatchOptions, **options: Unpack[ClientOptions]
     ) -> None:
         """The registry's common signature (as `OpenAIBackend`), with the batch options."""
-        self._online_client = OpenAIBackend(
-            base_url,
-            api_key,
-            concurrency=concurrency,
-            timeout_s=timeout_s,
-            clock=clock,
-            proxies=proxies,
-        )
+        self._online_client = OpenAIBackend(base_url, api_key, **options)
         self._http = self._online_client.http
         self._options = batch
         self._files = BatchFiles(

@@ -8,13 +8,21 @@ proxies, timeouts, answer parsing and error classes are its `ApiClient`'s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from datetime import datetime
+from typing import TYPE_CHECKING
 
-from ..credentials import DIRECT, ProxySettings
 from ..records import GeneratedImage, Generation, WorkItem, request_body
 from ..registry import backend_kind
-from .http import DOWNLOAD_CONNECTIONS, LARGE_ANSWER_BYTES, ApiClient, ApiClientOwner, utc_now
+from .http import (
+    DOWNLOAD_CONNECTIONS,
+    LARGE_ANSWER_BYTES,
+    ApiClient,
+    ApiClientOwner,
+    ClientOptions,
+    utc_now,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is Python 3.11+; we support 3.10
 
 __all__ = ["DOWNLOAD_CONNECTIONS", "LARGE_ANSWER_BYTES", "RoboflowBackend", "utc_now"]
 
@@ -24,26 +32,13 @@ _log = logging.getLogger(__name__)
 class RoboflowBackend(ApiClientOwner):
     """Sends work items to ``{base_url}/synthetic-image`` and downloads the answers."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        concurrency: int,
-        timeout_s: float,
-        clock: Callable[[], datetime] = utc_now,
-        proxies: ProxySettings = DIRECT,
-    ) -> None:
+    def __init__(self, base_url: str, api_key: str, **options: Unpack[ClientOptions]) -> None:
+        """The registry's common signature: the API root, the key, `ClientOptions`."""
         self._root = base_url.rstrip("/")
         self._endpoint = self._root + "/synthetic-image"
         kind = backend_kind("roboflow")
         self._http = ApiClient(
-            api_key,
-            timeout_s=timeout_s,
-            concurrency=concurrency,
-            proxies=proxies,
-            clock=clock,
-            projects=kind.needs_project or kind.project_in_body,
+            api_key, projects=kind.needs_project or kind.project_in_body, **options
         )
 
     def __repr__(self) -> str:

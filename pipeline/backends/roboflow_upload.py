@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
-from datetime import datetime
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from ..credentials import DIRECT, ProxySettings
 from ..errors import BackendError, FatalError, TransientError
 from ..records import ImageUpload, UploadAnswer
 from .base import encode_image, excerpt
-from .http import ApiClient, ApiClientOwner, utc_now
+from .http import ApiClient, ApiClientOwner, ClientOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is Python 3.11+; we support 3.10
 
 __all__ = ["FORM_CONTENT_TYPE", "RoboflowUploadClient"]
 
@@ -36,21 +38,11 @@ class RoboflowUploadClient(ApiClientOwner):
     """Uploads images to one Roboflow project under ``base_url``."""
 
     def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        project: str,
-        concurrency: int,
-        timeout_s: float,
-        clock: Callable[[], datetime] = utc_now,
-        proxies: ProxySettings = DIRECT,
+        self, base_url: str, api_key: str, *, project: str, **options: Unpack[ClientOptions]
     ) -> None:
-        """Base URL, key, concurrency, timeout and proxies (as `RoboflowBackend`), plus
-        the project the images go to."""
-        self._http = ApiClient(
-            api_key, timeout_s=timeout_s, concurrency=concurrency, proxies=proxies, clock=clock
-        )
+        """Base URL, key and `ClientOptions` (as `RoboflowBackend`), plus the project the
+        images go to."""
+        self._http = ApiClient(api_key, **options)
         self._project = project
         self._endpoint = f"{base_url.rstrip('/')}/dataset/{project}/upload"
 
