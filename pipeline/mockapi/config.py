@@ -5,6 +5,7 @@ inject (`MockConfig`), and what clients did (`MockStats`, also served at ``GET /
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -116,6 +117,12 @@ class MockConfig:
     shutdowns: Mapping[str, dt.date] = field(default_factory=dict)
     today: dt.date | None = None  # the mock's date, which shutdowns are judged on (None: host's)
     models_fault: str | None = None  # every /v1/models request fails so (MODELS_FAULT_KINDS)
+
+    def accepts_key(self, given: str) -> bool:
+        """`given` is the key the mock was started with (any key passes without one);
+        compared in constant time, as a real API does."""
+        expected = self.api_key
+        return expected is None or hmac.compare_digest(given.encode(), expected.encode())
 
     def __post_init__(self) -> None:
         problems = [

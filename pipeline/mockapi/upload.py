@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import io
 from collections.abc import Awaitable, Callable
 
@@ -50,9 +49,7 @@ async def serve_upload(
     `pause(seconds)` its sleep that ends when the server closes.
     """
     stats.upload_requests += 1
-    expected = config.api_key
-    given = request.query.get("api_key", "")
-    if expected is not None and not hmac.compare_digest(given.encode(), expected.encode()):
+    if not config.accepts_key(request.query.get("api_key", "")):
         stats.unauthorized += 1
         return _error(401, "Unauthorized: invalid api_key.")
     name = request.query.get("name", "").strip()
