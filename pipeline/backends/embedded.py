@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..mockapi.server import MockConfig, MockServer
 from .base import Backend
-from .http import ClientOptions
+from .client_options import ClientOptions
 from .openai_batch import BatchBackend, BatchOptions
 from .roboflow import RoboflowBackend
 

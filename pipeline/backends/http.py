@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any, TypedDict, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -51,7 +51,6 @@ __all__ = [
     "Answer",
     "ApiClient",
     "ApiClientOwner",
-    "ClientOptions",
     "utc_now",
 ]
 
@@ -76,22 +75,6 @@ Answer = tuple[int, list[bytes], Mapping[str, str]]
 
 
 _Owner = TypeVar("_Owner", bound="ApiClientOwner")
-
-
-class _ClientNeeds(TypedDict):
-    concurrency: int
-    timeout_s: float
-
-
-class ClientOptions(_ClientNeeds, total=False):
-    """The keywords every API client takes after ``base_url, api_key`` (the registry's
-    common signature): ``concurrency`` and ``timeout_s``, and optionally ``clock`` and
-    ``proxies`` (`ApiClient`'s defaults). Declared once: a client takes them as
-    ``**options: Unpack[ClientOptions]`` and hands them on to `ApiClient` as they came,
-    so a run's and a stage's call sites name them as before."""
-
-    clock: Callable[[], datetime]
-    proxies: ProxySettings
 
 
 def utc_now() -> datetime:

@@ -24,8 +24,9 @@ from yarl import URL
 from ..errors import PermanentError
 from ..records import GeneratedImage, Generation, WorkItem, request_body
 from ..registry import backend_kind
+from .client_options import ClientOptions
 from .edit_input import image_type, read_mask, stem
-from .http import LARGE_ANSWER_BYTES, Answer, ApiClient, ApiClientOwner, ClientOptions
+from .http import LARGE_ANSWER_BYTES, Answer, ApiClient, ApiClientOwner
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is Python 3.11+; we support 3.10

@@ -54,7 +54,8 @@ from .base import Recorder
 from .batch_files import BatchFiles
 from .batch_lines import BATCH_ENDPOINT, MAX_BATCH_BYTES, request_line
 from .batch_results import BatchProgress
-from .http import ApiClientOwner, ClientOptions
+from .client_options import ClientOptions
+from .http import ApiClientOwner
 from .openai import OpenAIBackend
 
 if TYPE_CHECKING:

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 from ..records import GeneratedImage, Generation, WorkItem, request_body
 from ..registry import backend_kind
+from .client_options import ClientOptions
 from .http import (
     DOWNLOAD_CONNECTIONS,
     LARGE_ANSWER_BYTES,
     ApiClient,
     ApiClientOwner,
-    ClientOptions,
     utc_now,
 )
 

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 from ..errors import BackendError, FatalError, TransientError
 from ..records import ImageUpload, UploadAnswer
 from .base import encode_image, excerpt
-from .http import ApiClient, ApiClientOwner, ClientOptions
+from .client_options import ClientOptions
+from .http import ApiClient, ApiClientOwner
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is Python 3.11+; we support 3.10
