@@ -211,7 +211,8 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
 def default_catalog() -> Catalog:
     """The packaged table (read once per process: it is immutable data)."""
     text = resources.files(__package__).joinpath("image_models.yaml").read_text("utf-8")
-    return parse_catalog(yaml.safe_load(text))
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 10x faster
+    return parse_catalog(yaml.load(text, Loader=loader))  # a safe loader, C or Python
 
 
 def _parse_model(name: str, entry: Any) -> ImageModel:
