@@ -53,7 +53,8 @@ from _common import print_table, run_child, save_results, write_spec
 
 from pipeline.items import count_items, expand_items
 from pipeline.manifest.cache import StateCache, cache_path
-from pipeline.manifest.log import MANIFEST_NAME, ManifestWriter
+from pipeline.manifest.log import MANIFEST_NAME
+from pipeline.manifest.writer import ManifestWriter
 from pipeline.mockapi.image import photo
 from pipeline.mockapi.server import draw_image
 from pipeline.records import ItemRecord, OutputFile

@@ -40,7 +40,8 @@ from .errors import (
 from .items import ItemDraft
 from .limiter import Limiter
 from .manifest import freshness as freshness
-from .manifest.log import Finished, ManifestState, ManifestWriter
+from .manifest.log import Finished, ManifestState
+from .manifest.writer import ManifestWriter
 from .records import (
     BatchRef,
     GeneratedImage,

@@ -17,7 +17,8 @@ from json.encoder import encode_basestring
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .records import InputImage, JobSource, WorkItem, request_body
+from .job_record import JobSource
+from .records import InputImage, WorkItem, request_body
 from .sources import HashCache
 from .spec.model import SourceSpec, Spec
 from .spec.template import count_variants, iter_prompts, parse_template, resolve_values

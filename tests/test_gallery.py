@@ -13,7 +13,7 @@ import pytest
 from checks import run_spec
 from PIL import Image
 
-from pipeline.manifest.log import ManifestWriter
+from pipeline.manifest.writer import ManifestWriter
 from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
 from pipeline.views.gallery import write_gallery
 from pipeline.views.grid import draw_grids

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pipeline.manifest.log import ManifestWriter
+from pipeline.manifest.writer import ManifestWriter
 from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
 from pipeline.views.grid import draw_grids
 from pipeline.views.sheet_text import FONT_FILE, Typeface

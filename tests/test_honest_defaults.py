@@ -179,7 +179,8 @@ def test_old_key_scheme_exits_2_with_one_line_for_run_and_plan(
 
 def test_newer_key_scheme_asks_for_an_upgrade(tmp_path: Path) -> None:
     """An OUT written by a newer synthaug is refused with the command that fixes it."""
-    from pipeline.manifest.log import ManifestWriter, load_state
+    from pipeline.manifest.log import load_state
+    from pipeline.manifest.writer import ManifestWriter
     from pipeline.records import ItemRecord
     from pipeline.run.prepare import check_key_scheme
 

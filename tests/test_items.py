@@ -25,7 +25,8 @@ from pipeline.items import (
     item_key,
     prompt_keyer,
 )
-from pipeline.records import JobSource, request_body
+from pipeline.job_record import JobSource
+from pipeline.records import request_body
 from pipeline.sources import HashCache, InputChangedError, read_input_bytes
 from pipeline.spec.load import load_spec
 

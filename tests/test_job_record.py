@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.manifest.log import ManifestWriter
-from pipeline.records import ItemRecord, JobRecord, JobSource
+from pipeline.job_record import JobRecord, JobSource
+from pipeline.manifest.writer import ManifestWriter
+from pipeline.records import ItemRecord
 from pipeline.store.layout import read_job, write_job, write_json_atomic
 from pipeline.views.gallery import write_gallery
 from pipeline.views.grid import draw_grids

@@ -20,7 +20,7 @@ import yaml
 from checks import ThreadedMock
 
 import synthaug
-from pipeline.manifest.log import ManifestWriter
+from pipeline.manifest.writer import ManifestWriter
 from pipeline.mockapi.server import MockConfig
 from pipeline.records import ItemRecord, OutputFile
 

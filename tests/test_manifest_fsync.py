@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from pipeline.manifest.log import ManifestWriter
+from pipeline.manifest.writer import ManifestWriter
 from pipeline.records import ItemRecord
 
 KEY = "a" * 64

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.manifest.cache import StateCache, cache_path, load_cached_state
-from pipeline.manifest.log import ManifestState, ManifestWriter, _fast_ok, load_state
+from pipeline.manifest.log import ManifestState, _fast_ok, load_state
+from pipeline.manifest.writer import ManifestWriter
 from pipeline.records import (
     ErrorInfo,
     GeneratedImage,

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.errors import SpecError
 from pipeline.items import expand_items
-from pipeline.manifest.log import ManifestState, ManifestWriter, load_state
+from pipeline.manifest.log import ManifestState, load_state
+from pipeline.manifest.writer import ManifestWriter
 from pipeline.plan import build_plan, format_plan
 from pipeline.pricing import price_per_image
 from pipeline.records import ItemRecord, ItemStatus

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pipeline.errors import ErrorKind, UsageError
-from pipeline.manifest.log import ManifestWriter
+from pipeline.manifest.writer import ManifestWriter
 from pipeline.records import ErrorInfo, ItemRecord, ItemStatus, OutputFile
 from pipeline.views.report import format_status, status_report
 

@@ -15,7 +15,7 @@ from checks import run_spec, write_job_spec
 from PIL import Image
 
 from pipeline.errors import TransientError
-from pipeline.manifest.log import ManifestWriter
+from pipeline.manifest.writer import ManifestWriter
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.records import ItemRecord, OutputFile
 from pipeline.store import files as outputs

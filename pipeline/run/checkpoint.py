@@ -16,7 +16,7 @@ from typing import Literal
 
 from ..budget import Budget
 from ..errors import BackendError, PermanentError
-from ..manifest.log import ManifestWriter
+from ..manifest.writer import ManifestWriter
 from ..records import (
     BatchRef,
     ErrorInfo,

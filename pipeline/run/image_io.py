@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..backends.base import Backend, encode_image
 from ..errors import BackendError
-from ..manifest.log import ManifestWriter
+from ..manifest.writer import ManifestWriter
 from ..records import GeneratedImage, OutputFile, WorkItem
 from ..retry import Retrier, RetryPolicy
 from ..sources import read_input_bytes

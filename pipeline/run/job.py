@@ -21,7 +21,7 @@ from ..backends.base import Backend
 from ..control import RunControl, signal_handlers
 from ..engine import Engine
 from ..limiter import Limiter
-from ..manifest.log import ManifestWriter
+from ..manifest.writer import ManifestWriter
 from ..pricing import cost_from_usage, is_free, spec_price
 from ..records import WorkItem
 from ..sources import HashCache

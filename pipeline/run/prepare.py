@@ -31,11 +31,11 @@ from ..credentials import (
     read_upload_key,
 )
 from ..errors import OutputError, UsageError
+from ..job_record import JobRecord
 from ..limiter import LearnedPace, learned_pace
 from ..manifest.cache import StateCache
 from ..manifest.log import ManifestState, gc_paused
 from ..pricing import check_cost_budget
-from ..records import JobRecord
 from ..spec.model import Spec
 from ..store import files as outputs
 from ..store import layout

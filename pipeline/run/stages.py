@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import EXIT_OK, EXIT_SOME_FAILED
-from ..manifest.log import ManifestWriter, read_lines
+from ..manifest.log import read_lines
+from ..manifest.writer import ManifestWriter
 from ..records import ItemRecord
 from .pool import Lane, RunStop, StopReason
 

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from ..errors import OutputError
-from ..records import JobRecord
+from ..job_record import JobRecord
 
 __all__ = [
     "GRIDS_DIR",

@@ -20,8 +20,9 @@ from urllib.parse import quote
 
 from PIL import Image, ImageOps
 
+from ..job_record import JobRecord, JobSource
 from ..manifest.log import read_records
-from ..records import ErrorInfo, ItemRecord, JobRecord, JobSource, OutputFile
+from ..records import ErrorInfo, ItemRecord, OutputFile
 from ..store.layout import (
     GRIDS_DIR,
     INDEX_NAME,

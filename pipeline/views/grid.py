@@ -53,8 +53,8 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
+from ..job_record import JobRecord
 from ..manifest.log import read_records
-from ..records import JobRecord
 from ..store.layout import GRIDS_DIR, MANIFEST_NAME, read_job, write_atomic
 from .grid_model import Cell, Grid, Sample, Source, Tone, collect_sources, group_by_source
 from .sheet_text import META_SOURCE, Font, Typeface, line_height, text_width

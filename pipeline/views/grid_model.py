@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..records import ItemRecord, JobRecord, JobSource
+from ..job_record import JobRecord, JobSource
+from ..records import ItemRecord
 from .sheet_text import path_inside
 
 __all__ = [

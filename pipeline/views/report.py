@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from ..errors import UsageError
+from ..job_record import JobRecord
 from ..manifest.cache import load_cached_state
-from ..records import ItemStatus, JobRecord
+from ..records import ItemStatus
 from ..store.layout import MANIFEST_NAME, SUMMARY_NAME, read_job, read_json
 
 __all__ = ["format_status", "status_report"]
