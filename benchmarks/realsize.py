@@ -167,9 +167,9 @@ async def _run_synthaug(spec_path: Path) -> dict[str, Any]:
 def _load_spec() -> Callable[[Path], Any]:
     """`load_spec` of this tree, or of the old code (where it had another home)."""
     try:
-        from pipeline.spec.load import load_spec
+        from pipeline.jobspec.load import load_spec
     except ImportError:  # the old code: pipeline/spec.py
-        from pipeline.spec import load_spec  # type: ignore[attr-defined,no-redef]
+        from pipeline.jobspec import load_spec  # type: ignore[attr-defined,no-redef]
     return load_spec
 
 

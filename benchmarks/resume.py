@@ -52,6 +52,7 @@ from typing import Any
 from _common import print_table, run_child, save_results, write_spec
 
 from pipeline.items import count_items, expand_items
+from pipeline.jobspec.load import load_spec
 from pipeline.manifest.cache import StateCache, cache_path
 from pipeline.manifest.log import MANIFEST_NAME
 from pipeline.manifest.writer import ManifestWriter
@@ -60,7 +61,6 @@ from pipeline.mockapi.server import draw_image
 from pipeline.records import ItemRecord, OutputFile
 from pipeline.run.prepare import write_job_json
 from pipeline.run.stats import utc_now
-from pipeline.spec.load import load_spec
 from pipeline.store.files import output_path
 
 REPEAT = 3  # runs per resume case: the table shows the median

@@ -32,6 +32,9 @@ from types import MappingProxyType
 from typing import Any
 
 from .control import RunControl
+from .jobspec.load import load_spec as _load_spec_file
+from .jobspec.load import spec_from_data
+from .jobspec.model import Spec
 from .manifest.cache import load_cached_state
 from .manifest.log import ManifestState
 from .plan import Plan, build_plan
@@ -39,9 +42,6 @@ from .run.job import run_job
 from .run.prepare import check_key_scheme
 from .run.stats import RunStats
 from .search import apply_recorded, resolve_standalone
-from .spec.load import load_spec as _load_spec_file
-from .spec.load import spec_from_data
-from .spec.model import Spec
 from .store.layout import MANIFEST_NAME
 from .views.report import status_report
 

@@ -21,9 +21,9 @@ from typing import Any, NoReturn
 
 from ._version import __version__
 from .errors import EXIT_OK, EXIT_USAGE, PipelineError, UsageError
+from .jobspec.model import Spec
 from .records import BATCH_LOGGER
 from .registry import BACKENDS
-from .spec.model import Spec
 from .store.lock import check_platform
 
 __all__ = ["build_parser", "main"]
@@ -245,7 +245,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _load(path: Path, today: dt.date | None = None) -> Spec:
-    from .spec.load import load_spec
+    from .jobspec.load import load_spec
 
     if not path.exists():
         raise UsageError(f"{path}: no such spec file")
@@ -267,7 +267,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .api import run_async
-    from .spec.load import apply_overrides
+    from .jobspec.load import apply_overrides
 
     spec = apply_overrides(
         _load(args.spec),
@@ -352,8 +352,8 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 
 def _cmd_mock_server(args: argparse.Namespace) -> int:
+    from .jobspec.fields import parse_rate
     from .mockapi.server import MockConfig, run_mock_server
-    from .spec.fields import parse_rate
 
     if not 0.0 <= args.error_rate <= 1.0:
         raise UsageError(f"--error-rate must be between 0 and 1, got {args.error_rate}")
@@ -395,8 +395,8 @@ def _parse_shutdowns(values: Sequence[str]) -> dict[str, dt.date]:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from .jobspec.catalog import default_catalog
     from .model_check import ask_spec_api, raise_or_warn
-    from .spec.catalog import default_catalog
     from .views.model_table import format_models, models_report
 
     if args.spec is None:
@@ -418,7 +418,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from .spec.load import json_schema
+    from .jobspec.load import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return EXIT_OK

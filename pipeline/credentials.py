@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .errors import CredentialsError
-from .spec.model import BackendSettings, UploadSettings
+from .jobspec.model import BackendSettings, UploadSettings
 
 __all__ = [
     "DIRECT",

@@ -38,6 +38,7 @@ from .errors import (
     TransientError,
 )
 from .items import ItemDraft
+from .jobspec.model import RunSettings
 from .limiter import Limiter
 from .manifest import freshness as freshness
 from .manifest.log import Finished, ManifestState
@@ -57,7 +58,6 @@ from .run.pool import Lane, RunStop, StopReason
 from .run.stats import RunStats
 from .run.todo import Todo, TodoSource
 from .sources import InputChangedError
-from .spec.model import RunSettings
 from .store import files as outputs
 
 __all__ = ["Engine"]

@@ -18,10 +18,10 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from .job_record import JobSource
+from .jobspec.model import SourceSpec, Spec
+from .jobspec.template import count_variants, iter_prompts, parse_template, resolve_values
 from .records import InputImage, WorkItem, request_body
 from .sources import HashCache
-from .spec.model import SourceSpec, Spec
-from .spec.template import count_variants, iter_prompts, parse_template, resolve_values
 
 __all__ = [
     "KEY_SCHEME",

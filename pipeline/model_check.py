@@ -1,6 +1,6 @@
 """Ask the API, before a run spends, whether it still serves the spec's models.
 
-The packaged table (`pipeline.spec.catalog`) knows the shutdowns OpenAI had announced
+The packaged table (`pipeline.jobspec.catalog`) knows the shutdowns OpenAI had announced
 when this synthaug was released; the API knows today's, and which models the key may
 use. So a kind that `asks_models` (the registry) sends ``GET {base_url}/models/{model}``
 once per model before the first generation, and:
@@ -26,8 +26,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from .credentials import DIRECT, read_api_key, read_proxy_settings
 from .errors import BackendError, FatalError
-from .spec.catalog import SHUTDOWN_WARNING_DAYS, Catalog, default_catalog
-from .spec.model import Spec
+from .jobspec.catalog import SHUTDOWN_WARNING_DAYS, Catalog, default_catalog
+from .jobspec.model import Spec
 
 __all__ = [
     "ASK_TIMEOUT_S",

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .items import check_max_items, count_items, iter_source_drafts
+from .jobspec.model import SourceSpec, Spec
 from .manifest.log import ManifestState
 from .pricing import check_cost_budget, spec_price, unknown_price_reason
 from .search import unresolved
 from .sources import HashCache
-from .spec.model import SourceSpec, Spec
 
 __all__ = ["Plan", "SourcePlan", "build_plan", "format_plan"]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .spec.catalog import default_catalog
-from .spec.model import Spec
+from .jobspec.catalog import default_catalog
+from .jobspec.model import Spec
 
 __all__ = [
     "BATCH_PRICE_FACTOR",

@@ -33,7 +33,7 @@ from typing import Any, TypeVar, cast
 import tenacity
 
 from .errors import BackendError, RateLimitedError, TransientError
-from .spec.model import RunSettings
+from .jobspec.model import RunSettings
 
 __all__ = [
     "DEFAULT_BASE_S",

@@ -22,8 +22,8 @@ from typing import Any
 
 from .backends.base import Backend
 from .credentials import DIRECT, ProxySettings, read_api_key, read_proxy_settings
+from .jobspec.model import SourceSpec, Spec
 from .retry import RetryPolicy
-from .spec.model import SourceSpec, Spec
 from .store import layout
 from .store.layout import SEARCH_NAME
 from .store.lock import acquire_lock

@@ -20,10 +20,10 @@ from typing import Any
 import yaml
 from PIL import Image
 
+from pipeline.jobspec.load import load_spec
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.run.job import JobResult, run_job
-from pipeline.spec.load import load_spec
 
 
 def assert_outputs_valid(out: Path) -> None:

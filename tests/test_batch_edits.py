@@ -29,11 +29,11 @@ from pipeline.backends.openai import OpenAIBackend
 from pipeline.backends.openai_batch import BatchBackend, BatchOptions
 from pipeline.errors import PermanentError, SpecError
 from pipeline.items import expand_items, item_key
+from pipeline.jobspec.load import load_spec
 from pipeline.manifest.log import read_lines
 from pipeline.mockapi.image import mock_color
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.records import InputImage, WorkItem
-from pipeline.spec.load import load_spec
 
 __all__ = ["harness"]  # the loopback Batch API fixture, shared with test_batch
 

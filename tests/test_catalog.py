@@ -12,10 +12,10 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import SpecError
+from pipeline.jobspec.catalog import default_catalog, parse_catalog
+from pipeline.jobspec.load import load_spec, spec_from_data
 from pipeline.manifest.log import ManifestState
 from pipeline.plan import build_plan, format_plan
-from pipeline.spec.catalog import default_catalog, parse_catalog
-from pipeline.spec.load import load_spec, spec_from_data
 
 OPENAI = {"backend": {"kind": "openai"}}
 TEN = {"name": "ten", "prompt": "a cat", "repeats": 10}

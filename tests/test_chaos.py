@@ -21,11 +21,11 @@ from checks import assert_outputs_valid, write_job_spec
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from pipeline.jobspec.load import load_spec
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.config import FAULT_KINDS, MockConfig, ResponseShape, RetryAfterForm
 from pipeline.mockapi.server import MockServer
 from pipeline.run.job import JobResult, run_job
-from pipeline.spec.load import load_spec
 
 KEY = "sk-chaos-0c5e1f"
 PROMPTS = 10

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pipeline import errors
-from pipeline.spec.model import Spec
+from pipeline.jobspec.model import Spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -18,12 +18,12 @@ from PIL import Image
 from pipeline.engine import Engine
 from pipeline.errors import FatalError, PermanentError, RateLimitedError, TransientError
 from pipeline.items import expand_drafts
+from pipeline.jobspec.load import spec_from_data
+from pipeline.jobspec.model import Spec
 from pipeline.limiter import Limiter
 from pipeline.manifest.log import ManifestState, load_state, read_latest, read_lines
 from pipeline.manifest.writer import ManifestWriter
 from pipeline.records import GeneratedImage, Generation, WorkItem
-from pipeline.spec.load import spec_from_data
-from pipeline.spec.model import Spec
 from pipeline.store.files import StoredFiles
 
 

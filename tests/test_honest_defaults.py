@@ -18,10 +18,10 @@ from pipeline.backends.roboflow import RoboflowBackend
 from pipeline.cli import main
 from pipeline.errors import OutputError
 from pipeline.items import expand_items, item_key
+from pipeline.jobspec.load import load_spec
 from pipeline.manifest.log import read_lines
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.pricing import cost_from_usage
-from pipeline.spec.load import load_spec
 
 KEY = "test-key-honest"
 OPENAI_KEYS = {"model", "quality", "style", "size", "n", "output_format", "background"}

@@ -26,9 +26,9 @@ from pipeline.items import (
     prompt_keyer,
 )
 from pipeline.job_record import JobSource
+from pipeline.jobspec.load import load_spec
 from pipeline.records import request_body
 from pipeline.sources import HashCache, InputChangedError, read_input_bytes
-from pipeline.spec.load import load_spec
 
 
 def write_png(path: Path, colour: tuple[int, int, int]) -> None:

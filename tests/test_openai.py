@@ -26,12 +26,12 @@ from pipeline import __version__
 from pipeline.backends.openai import OpenAIBackend
 from pipeline.errors import FatalError, PermanentError, RateLimitedError, SpecError, TransientError
 from pipeline.items import expand_items
+from pipeline.jobspec.load import load_spec
 from pipeline.manifest.cache import ManifestState
 from pipeline.manifest.log import read_lines
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.plan import build_plan
 from pipeline.records import InputImage, WorkItem
-from pipeline.spec.load import load_spec
 
 KEY = "sk-openai-test-4b9e1c7d2a"
 BASE = "https://api.openai.test/v1"

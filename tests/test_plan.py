@@ -11,13 +11,13 @@ import pytest
 
 from pipeline.errors import SpecError
 from pipeline.items import expand_items
+from pipeline.jobspec.load import load_spec
+from pipeline.jobspec.model import Spec
 from pipeline.manifest.log import ManifestState, load_state
 from pipeline.manifest.writer import ManifestWriter
 from pipeline.plan import build_plan, format_plan
 from pipeline.pricing import price_per_image
 from pipeline.records import ItemRecord, ItemStatus
-from pipeline.spec.load import load_spec
-from pipeline.spec.model import Spec
 
 GRID = {"name": "grid", "prompt": "{s} {t}", "vars": {"s": ["fall", "winter"], "t": ["oak", "elm"]}}
 PAIRS = {"name": "pairs", "prompt": "two cats", "repeats": 3, "params": {"n": 2}}

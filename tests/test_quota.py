@@ -9,10 +9,10 @@ import pytest
 from checks import run_spec, write_job_spec
 
 from pipeline.errors import EXIT_FATAL
+from pipeline.jobspec.load import load_spec
 from pipeline.limiter import LearnedPace
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.run.prepare import read_learned_pace
-from pipeline.spec.load import load_spec
 
 KEY = "sk-test-quota-5b1e"
 

@@ -20,13 +20,13 @@ import yaml
 from checks import assert_outputs_valid, run_spec, write_job_spec
 from PIL import Image, PngImagePlugin
 
+from pipeline.jobspec.load import load_spec
 from pipeline.manifest import freshness
 from pipeline.manifest.cache import cache_path
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.run.job import JobResult, run_job
 from pipeline.sources import INPUT_HASHES_NAME, HashCache
-from pipeline.spec.load import load_spec
 
 KEY = "sk-test-resume-stat-51c2"
 HOUR_NS = 3600 * 10**9

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from checks import assert_outputs_valid, run_spec, write_job_spec
 
+from pipeline.jobspec.load import load_spec
 from pipeline.manifest.log import read_latest, read_lines
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.run.job import run_job
-from pipeline.spec.load import load_spec
 
 KEY = "sk-test-run-7f3a9c1d2e"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.items import check_max_items
-from pipeline.spec.load import json_schema, load_spec
+from pipeline.jobspec.load import json_schema, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +19,7 @@ def test_schema_file_is_fresh() -> None:
     actual = (ROOT / "configs" / "schema.json").read_text(encoding="utf-8")
     assert actual == expected, (
         "configs/schema.json is stale; regenerate it with: "
-        "python -m pipeline.spec > configs/schema.json"
+        "python -m pipeline.jobspec > configs/schema.json"
     )
 
 

@@ -23,14 +23,14 @@ from yarl import URL
 from pipeline import api
 from pipeline.backends.roboflow_search import PAGE_LIMIT, RoboflowSearch
 from pipeline.errors import FatalError, OutputError, SpecError
+from pipeline.jobspec.load import load_spec, spec_from_data
+from pipeline.jobspec.model import SearchSettings
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.dataset import MockDataset
 from pipeline.mockapi.search import match_images
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.retry import RetryPolicy
 from pipeline.run.job import run_job
-from pipeline.spec.load import load_spec, spec_from_data
-from pipeline.spec.model import SearchSettings
 from pipeline.store.lock import acquire_lock
 
 KEY = "sk-search-5b1e9f0c7d2a-secret"

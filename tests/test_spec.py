@@ -12,9 +12,9 @@ from PIL import Image
 
 from pipeline.credentials import read_api_key
 from pipeline.errors import CredentialsError, SpecError, UsageError
-from pipeline.spec.fields import parse_rate
-from pipeline.spec.load import apply_overrides, load_spec
-from pipeline.spec.model import BackendSettings
+from pipeline.jobspec.fields import parse_rate
+from pipeline.jobspec.load import apply_overrides, load_spec
+from pipeline.jobspec.model import BackendSettings
 
 HEAD = """\
 version: 1

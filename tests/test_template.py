@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.spec.template import (
+from pipeline.jobspec.template import (
     TemplateError,
     count_variants,
     iter_variants,

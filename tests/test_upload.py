@@ -46,12 +46,12 @@ from pipeline.errors import (
     SpecError,
     TransientError,
 )
+from pipeline.jobspec.load import load_spec
 from pipeline.manifest import log as manifest_log
 from pipeline.manifest.log import load_state, read_latest, read_records
 from pipeline.mockapi.server import MockConfig, MockServer
 from pipeline.records import ImageUpload, ItemRecord
 from pipeline.run.job import run_job
-from pipeline.spec.load import load_spec
 from pipeline.stages.upload import MAX_TAG_CHARS, provenance_tags
 
 KEY = "sk-upload-UNIQUE-93c1e7a4"

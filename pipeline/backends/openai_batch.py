@@ -45,10 +45,10 @@ from ..errors import (
     RateLimitedError,
     TransientError,
 )
+from ..jobspec.model import BackendSettings, RunSettings
 from ..limiter import Limiter
 from ..records import BATCH_LOGGER, BatchRef, GeneratedImage, Generation, WorkItem
 from ..retry import RetryPolicy
-from ..spec.model import BackendSettings, RunSettings
 from . import batch_results as results
 from .base import Recorder
 from .batch_files import BatchFiles

@@ -29,8 +29,8 @@ from yarl import URL
 
 from ..credentials import DIRECT, ProxySettings
 from ..errors import BackendError, FatalError, TransientError
+from ..jobspec.model import SearchSettings
 from ..retry import RetryPolicy
-from ..spec.model import SearchSettings
 from .base import excerpt, redact
 from .http import ApiClient, ApiClientOwner
 from .retried import RetriedCalls

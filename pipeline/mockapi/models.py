@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..spec.catalog import Catalog, default_catalog
+from ..jobspec.catalog import Catalog, default_catalog
 from .config import MockConfig, MockStats
 
 __all__ = ["MockModels", "model_not_found"]

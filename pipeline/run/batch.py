@@ -8,10 +8,10 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from ..backends.base import Backend, BatchControl, Recorder, batch_control
+from ..jobspec.model import Spec
 from ..manifest.log import ManifestState
 from ..records import BATCH_LOGGER
 from ..retry import RetryPolicy
-from ..spec.model import Spec
 from .stats import RunStats
 
 if TYPE_CHECKING:

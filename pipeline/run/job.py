@@ -20,12 +20,12 @@ from .. import items as items_mod
 from ..backends.base import Backend
 from ..control import RunControl, signal_handlers
 from ..engine import Engine
+from ..jobspec.model import Spec
 from ..limiter import Limiter
 from ..manifest.writer import ManifestWriter
 from ..pricing import cost_from_usage, is_free, spec_price
 from ..records import WorkItem
 from ..sources import HashCache
-from ..spec.model import Spec
 from ..store.layout import INPUT_HASHES_NAME, MANIFEST_NAME, SUMMARY_NAME
 from .batch import BATCH_WAITING, attach_batches, batch_control_of
 from .pool import RunStop

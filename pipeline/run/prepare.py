@@ -32,11 +32,11 @@ from ..credentials import (
 )
 from ..errors import OutputError, UsageError
 from ..job_record import JobRecord
+from ..jobspec.model import Spec
 from ..limiter import LearnedPace, learned_pace
 from ..manifest.cache import StateCache
 from ..manifest.log import ManifestState, gc_paused
 from ..pricing import check_cost_budget
-from ..spec.model import Spec
 from ..store import files as outputs
 from ..store import layout
 from ..store.layout import MANIFEST_NAME, SUMMARY_NAME

@@ -23,8 +23,8 @@ from ..errors import (
     EXIT_SOME_FAILED,
     OutputError,
 )
+from ..jobspec.model import Spec
 from ..limiter import Limiter
-from ..spec.model import Spec
 from ..store import layout
 from .pool import StopReason
 from .stats import utc_now

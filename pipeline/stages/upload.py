@@ -34,13 +34,13 @@ from typing import Any, Protocol
 from ..backends.retried import RetriedCalls
 from ..credentials import DIRECT, read_proxy_settings, uploads_to_backend
 from ..errors import BackendError, ErrorKind, FatalError, OutputError, RateLimitedError
+from ..jobspec.fields import parse_rate
+from ..jobspec.model import DEFAULT_UPLOAD_RATE, Spec, UploadSettings
 from ..limiter import Limiter
 from ..records import ErrorInfo, ImageUpload, ItemRecord, OutputFile, UploadAnswer, UploadRecord
 from ..retry import RetryPolicy
 from ..run.pool import StopReason
 from ..run.stages import StageContext
-from ..spec.fields import parse_rate
-from ..spec.model import DEFAULT_UPLOAD_RATE, Spec, UploadSettings
 from ..store.layout import stored_image_path
 
 __all__ = ["MAX_TAG_CHARS", "UploadStage", "UploadStats", "open_stage", "provenance_tags"]

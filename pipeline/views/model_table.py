@@ -11,8 +11,8 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
+from ..jobspec.catalog import Catalog, ImageModel
 from ..model_check import ModelAnswer
-from ..spec.catalog import Catalog, ImageModel
 
 __all__ = ["LIST_SIZE", "format_models", "models_report"]
 

@@ -437,5 +437,5 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
-if __name__ == "__main__":  # python -m pipeline.spec.load > configs/schema.json
+if __name__ == "__main__":  # python -m pipeline.jobspec.load > configs/schema.json
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")

@@ -2,7 +2,7 @@
 
 Defaults are declared once, here (the engine, the limiter and the retry policy read them
 from these objects). Rules that span several keys and the checks that need the disk live
-in `pipeline.spec.load`; field types in `pipeline.spec.fields`.
+in `pipeline.jobspec.load`; field types in `pipeline.jobspec.fields`.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ SEARCH_QUERY_KEYS: tuple[str, ...] = ("prompt", "like_image", "tag", "class_name
 class SearchSettings(_Model):
     """A Roboflow image search whose ids become a source's inputs (``roboflow_search:``).
 
-    Exactly one of `SEARCH_QUERY_KEYS` is set (checked by `pipeline.spec.load`); its
+    Exactly one of `SEARCH_QUERY_KEYS` is set (checked by `pipeline.jobspec.load`); its
     ``prompt`` is the search's text, not the source's generation prompt.
     """
 

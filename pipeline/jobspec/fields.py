@@ -1,7 +1,7 @@
 """The job spec's field types: names, rates, sizes, URLs, variable values and limits.
 
 Each type validates and normalizes one kind of value (``5/min`` becomes requests per
-second, ``.JPG`` becomes ``.jpg``) and words its mistake for the user; `pipeline.spec.model`
+second, ``.JPG`` becomes ``.jpg``) and words its mistake for the user; `pipeline.jobspec.model`
 composes the settings from them.
 """
 

@@ -1,4 +1,4 @@
-"""``python -m pipeline.spec > configs/schema.json``: print the spec's JSON Schema."""
+"""``python -m pipeline.jobspec > configs/schema.json``: print the spec's JSON Schema."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """The spec as a file: read its YAML, remember where each key is, and word its mistakes.
 
-This module exists so that `pipeline.spec` can be only the model. Every user mistake
+This module exists so that `pipeline.jobspec` can be only the model. Every user mistake
 becomes a single `SpecError` naming the file, the key path and the line
 (``spec.yaml:14 sources[2].folder: no images in data/leaves``): the YAML node tree is
 composed first so that pydantic's error locations can be mapped back to lines, and
 pydantic's messages are rewritten in plain words, with a "did you mean" for a misspelled
-key. It sits below `pipeline.spec`, which imports it: the model is passed in where the
+key. It sits below `pipeline.jobspec`, which imports it: the model is passed in where the
 wording needs its field names, so nothing here imports the model.
 """
 
