@@ -31,13 +31,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .control import RunControl
 from .jobspec.load import load_spec as _load_spec_file
 from .jobspec.load import spec_from_data
 from .jobspec.model import Spec
 from .manifest.cache import load_cached_state
 from .manifest.log import ManifestState
 from .plan import Plan, build_plan
+from .run.control import RunControl
 from .run.job import run_job
 from .run.prepare import check_key_scheme
 from .run.stats import RunStats

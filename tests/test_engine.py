@@ -15,7 +15,6 @@ import pytest
 from conftest import run_virtual
 from PIL import Image
 
-from pipeline.engine import Engine
 from pipeline.errors import FatalError, PermanentError, RateLimitedError, TransientError
 from pipeline.items import expand_drafts
 from pipeline.jobspec.load import spec_from_data
@@ -24,6 +23,7 @@ from pipeline.limiter import Limiter
 from pipeline.manifest.log import ManifestState, load_state, read_latest, read_lines
 from pipeline.manifest.writer import ManifestWriter
 from pipeline.records import GeneratedImage, Generation, WorkItem
+from pipeline.run.engine import Engine
 from pipeline.store.files import StoredFiles
 
 

@@ -18,8 +18,6 @@ from typing import Any
 
 from .. import items as items_mod
 from ..backends.base import Backend
-from ..control import RunControl, signal_handlers
-from ..engine import Engine
 from ..jobspec.model import Spec
 from ..limiter import Limiter
 from ..manifest.writer import ManifestWriter
@@ -28,6 +26,8 @@ from ..records import WorkItem
 from ..sources import HashCache
 from ..store.layout import INPUT_HASHES_NAME, MANIFEST_NAME, SUMMARY_NAME
 from .batch import BATCH_WAITING, attach_batches, batch_control_of
+from .control import RunControl, signal_handlers
+from .engine import Engine
 from .pool import RunStop
 from .prepare import Prepared, prepare, read_learned_pace
 from .stages import StageChain, StageContext, open_stages
@@ -124,8 +124,8 @@ async def _execute(
         prepared.watch.stats = engine.stats
         try:
             async with (
-                signal_handlers(engine, enabled=install_signals),
-                control.attached(engine),
+                signal_handlers(stop, enabled=install_signals),
+                control.attached(stop),
                 chain.running(),
             ):
                 await engine.run()

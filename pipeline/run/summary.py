@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engine import Engine
 from ..errors import (
     EXIT_BUDGET,
     EXIT_FATAL,
@@ -26,6 +25,7 @@ from ..errors import (
 from ..jobspec.model import Spec
 from ..limiter import Limiter
 from ..store import layout
+from .engine import Engine
 from .pool import StopReason
 from .stats import utc_now
 

@@ -1,9 +1,9 @@
 """How a run is stopped from outside: signals for the CLI, `RunControl` for library callers.
 
-Both stop the same way (the engine's `stop`): nothing new starts, requests in flight get
-the grace period, the manifest stays consistent. Signal handlers belong to the process's
-owner (the CLI, on the main thread); a scheduler's task, which may run on any thread,
-uses a `RunControl` instead.
+Both stop the same way (the run's `RunStop`, shared by every stage): nothing new starts,
+requests in flight get the grace period, the manifest stays consistent. Signal handlers
+belong to the process's owner (the CLI, on the main thread); a scheduler's task, which may
+run on any thread, uses a `RunControl` instead.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 
-from .engine import Engine
-from .errors import UsageError
-from .run.pool import StopReason
+from ..errors import UsageError
+from .pool import RunStop, StopReason
 
 __all__ = ["RunControl", "signal_handlers"]
 
@@ -39,7 +38,7 @@ class RunControl:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._target: tuple[asyncio.AbstractEventLoop, Engine] | None = None
+        self._target: tuple[asyncio.AbstractEventLoop, RunStop] | None = None
         self._requested = False
         self._claimed = False
 
@@ -64,17 +63,17 @@ class RunControl:
             self._requested = True
             target = self._target
         if target is not None:
-            loop, engine = target
-            loop.call_soon_threadsafe(engine.stop, "stopped")
+            loop, stop = target
+            loop.call_soon_threadsafe(stop.stop, "stopped")
 
     @contextlib.asynccontextmanager
-    async def attached(self, engine: Engine) -> AsyncIterator[None]:
-        """Route `stop` to `engine` while the run lasts."""
+    async def attached(self, stop: RunStop) -> AsyncIterator[None]:
+        """Route `stop` to the run (its `RunStop`) while it lasts."""
         with self._lock:
-            self._target = (asyncio.get_running_loop(), engine)
+            self._target = (asyncio.get_running_loop(), stop)
             requested = self._requested
         if requested:
-            engine.stop("stopped")
+            stop.stop("stopped")
         try:
             yield
         finally:
@@ -83,7 +82,7 @@ class RunControl:
 
 
 @contextlib.asynccontextmanager
-async def signal_handlers(engine: Engine, *, enabled: bool) -> AsyncIterator[None]:
+async def signal_handlers(stop: RunStop, *, enabled: bool) -> AsyncIterator[None]:
     """First SIGINT/SIGTERM: stop starting, let in-flight finish; second: cancel at once."""
     if not enabled:
         yield
@@ -93,14 +92,14 @@ async def signal_handlers(engine: Engine, *, enabled: bool) -> AsyncIterator[Non
     assert task is not None
 
     def on_signal(reason: StopReason) -> None:
-        if engine.stopping and engine.stop_reason in ("sigint", "sigterm"):
+        if stop.stopping and stop.reason in ("sigint", "sigterm"):
             log.warning("second signal: cancelling in-flight requests now")
             task.cancel()
             return
         log.warning(
             "%s received: finishing in-flight requests (again to cancel them)", reason.upper()
         )
-        engine.stop(reason)
+        stop.stop(reason)
 
     loop.add_signal_handler(signal.SIGINT, on_signal, "sigint")
     loop.add_signal_handler(signal.SIGTERM, on_signal, "sigterm")

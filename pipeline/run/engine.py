@@ -27,9 +27,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .backends.base import Backend, BatchControl
-from .budget import Budget
-from .errors import (
+from ..backends.base import Backend, BatchControl
+from ..budget import Budget
+from ..errors import (
     BackendError,
     Deferred,
     FatalError,
@@ -37,13 +37,13 @@ from .errors import (
     RateLimitedError,
     TransientError,
 )
-from .items import ItemDraft
-from .jobspec.model import RunSettings
-from .limiter import Limiter
-from .manifest import freshness as freshness
-from .manifest.log import Finished, ManifestState
-from .manifest.writer import ManifestWriter
-from .records import (
+from ..items import ItemDraft
+from ..jobspec.model import RunSettings
+from ..limiter import Limiter
+from ..manifest import freshness as freshness
+from ..manifest.log import Finished, ManifestState
+from ..manifest.writer import ManifestWriter
+from ..records import (
     BatchRef,
     GeneratedImage,
     Generation,
@@ -51,18 +51,18 @@ from .records import (
     OutputFile,
     WorkItem,
 )
-from .retry import Retrier, RetryPolicy, should_retry
-from .run.checkpoint import Checkpoint, ItemRun
-from .run.image_io import ImageIO
-from .run.pool import Lane, RunStop, StopReason
-from .run.stats import RunStats
-from .run.todo import Todo, TodoSource
-from .sources import InputChangedError
-from .store import files as outputs
+from ..retry import Retrier, RetryPolicy, should_retry
+from ..sources import InputChangedError
+from ..store import files as outputs
+from .checkpoint import Checkpoint, ItemRun
+from .image_io import ImageIO
+from .pool import Lane, RunStop, StopReason
+from .stats import RunStats
+from .todo import Todo, TodoSource
 
 __all__ = ["Engine"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.engine")  # the name a run's log has always shown
 
 
 
