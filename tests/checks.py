@@ -23,6 +23,7 @@ from PIL import Image
 from pipeline.jobspec.load import load_spec
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.server import MockConfig, MockServer
+from pipeline.records import ItemRecord, ItemStatus, OutputFile
 from pipeline.run.job import JobResult, run_job
 
 
@@ -194,3 +195,40 @@ def wait_until(predicate: Callable[[], Any], *, what: str, limit_s: float = 60.0
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.02)
+
+
+def mock_spec(name: str = "api-job", **overrides: Any) -> dict[str, Any]:
+    """A mock-backend job as a dict: a 2 x 2 prompt grid of small images."""
+    spec: dict[str, Any] = {
+        "version": 1,
+        "name": name,
+        "backend": {"kind": "mock"},
+        "output_dir": "out",
+        "params": {"size": "32x32"},
+        "sources": [{"name": "grid", "prompt": "a {red|blue} {cat|dog}"}],
+    }
+    spec.update(overrides)
+    return spec
+
+
+def bare_record(
+    key: str,
+    status: ItemStatus = "ok",
+    *,
+    source: str = "s",
+    outputs: tuple[OutputFile, ...] = (),
+    attempts: int = 0,
+) -> ItemRecord:
+    """A manifest record of `key` with nothing recorded but its status (and `outputs`)."""
+    return ItemRecord(
+        key=key,
+        status=status,
+        source=source,
+        vars={},
+        repeat=0,
+        input=None,
+        prompt="p",
+        params={},
+        outputs=outputs,
+        attempts=attempts,
+    )

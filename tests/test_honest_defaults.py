@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from aioresponses import aioresponses
-from checks import run_spec, write_job_spec
+from checks import bare_record, run_spec, write_job_spec
 
 from pipeline.backends.roboflow import RoboflowBackend
 from pipeline.cli import main
@@ -181,23 +181,11 @@ def test_newer_key_scheme_asks_for_an_upgrade(tmp_path: Path) -> None:
     """An OUT written by a newer synthaug is refused with the command that fixes it."""
     from pipeline.manifest.log import load_state
     from pipeline.manifest.writer import ManifestWriter
-    from pipeline.records import ItemRecord
     from pipeline.run.prepare import check_key_scheme
 
     (tmp_path / "job.json").write_text(json.dumps({"key_scheme": 99}))
     with ManifestWriter(tmp_path / "manifest.jsonl") as writer:
-        writer.append(
-            ItemRecord(
-                key="k" * 64,
-                status="failed",
-                source="s",
-                vars={},
-                repeat=0,
-                input=None,
-                prompt="p",
-                params={},
-            )
-        )
+        writer.append(bare_record("k" * 64, "failed"))
     with pytest.raises(OutputError, match=r"newer synthaug .*pip install -U synthaug"):
         check_key_scheme(tmp_path, load_state(tmp_path / "manifest.jsonl"))
 

@@ -12,12 +12,11 @@ import os
 import threading
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import pytest
 import tomllib
 import yaml
-from checks import ThreadedMock
+from checks import ThreadedMock, mock_spec
 
 import synthaug
 from pipeline.manifest.writer import ManifestWriter
@@ -27,19 +26,6 @@ from pipeline.records import ItemRecord, OutputFile
 REPO = Path(__file__).resolve().parent.parent
 LINES = 100_000
 
-
-def mock_spec(**overrides: Any) -> dict[str, Any]:
-    """A mock-backend job as a dict: a 2 x 2 prompt grid."""
-    spec: dict[str, Any] = {
-        "version": 1,
-        "name": "hygiene",
-        "backend": {"kind": "mock"},
-        "output_dir": "out",
-        "params": {"size": "32x32"},
-        "sources": [{"name": "grid", "prompt": "a {red|blue} {cat|dog}"}],
-    }
-    spec.update(overrides)
-    return spec
 
 
 def write_big_manifest(out: Path, lines: int) -> None:
@@ -105,7 +91,7 @@ def test_status_leaves_the_gc_on_while_a_big_manifest_loads(sandbox: Path) -> No
 
 def test_plan_and_run_leave_the_gc_alone(sandbox: Path) -> None:
     """A library run and plan neither freeze nor leave off the process's GC."""
-    spec = synthaug.load_spec(mock_spec())
+    spec = synthaug.load_spec(mock_spec("hygiene"))
     synthaug.run(spec)
     synthaug.run(spec)  # a resume: the manifest is loaded
     synthaug.plan(spec)
@@ -130,7 +116,7 @@ def test_on_progress_gets_frozen_snapshots(sandbox: Path) -> None:
     def on_progress(progress: synthaug.Progress) -> None:
         seen.append((progress, (progress.ok, progress.done, progress.requests)))
 
-    result = synthaug.run(synthaug.load_spec(mock_spec()), on_progress=on_progress)
+    result = synthaug.run(synthaug.load_spec(mock_spec("hygiene")), on_progress=on_progress)
     assert result.ok == 4
     assert seen
     for progress, at_call in seen:
@@ -148,7 +134,7 @@ def test_on_progress_gets_frozen_snapshots(sandbox: Path) -> None:
 async def test_plan_async_works_inside_a_running_loop(sandbox: Path) -> None:
     """In async code: `await plan_async` gives what `plan` gives; plan(resolve=True),
     which would need its own loop, names plan_async instead; plan() alone still works."""
-    spec = synthaug.load_spec(mock_spec())
+    spec = synthaug.load_spec(mock_spec("hygiene"))
     before = await synthaug.plan_async(spec)
     assert before.to_json() == synthaug.plan(spec).to_json()
     assert (before.total("items"), before.total("done")) == (4, 0)
@@ -162,13 +148,13 @@ async def test_plan_async_works_inside_a_running_loop(sandbox: Path) -> None:
 
 def test_run_result_and_status_carry_upload_counts(sandbox: Path) -> None:
     """With an upload block, the result and status name the uploads; without, None."""
-    plain = synthaug.run(synthaug.load_spec(mock_spec()))
+    plain = synthaug.run(synthaug.load_spec(mock_spec("hygiene")))
     assert (plain.in_batches, plain.uploaded, plain.upload_failed) == (0, None, None)
     status = synthaug.status(sandbox / "out")
     assert (status.submitted, dict(status.batches)) == (0, {})
     assert (status.uploaded, status.upload_failed) == (None, None)
 
-    spec = synthaug.load_spec(mock_spec(output_dir="up", upload={"project": "cats"}))
+    spec = synthaug.load_spec(mock_spec("hygiene", output_dir="up", upload={"project": "cats"}))
     uploaded = synthaug.run(spec)
     assert uploaded.exit_code == 0, uploaded.summary
     assert (uploaded.uploaded, uploaded.upload_failed) == (4, 0)
@@ -183,7 +169,7 @@ def test_run_result_and_status_carry_batch_counts(
     status how many are submitted and in which batch."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-hygiene-test")
     with ThreadedMock(MockConfig(batch_s=60)) as mock:
-        spec_data = mock_spec(
+        spec_data = mock_spec("hygiene", 
             backend={
                 "kind": "openai",
                 "mode": "batch",
@@ -207,7 +193,7 @@ def test_run_result_and_status_carry_batch_counts(
 def test_a_used_run_control_is_refused_before_anything_is_done(sandbox: Path) -> None:
     """A RunControl serves one run: a second run with it raises UsageError and writes
     nothing; a new control runs."""
-    spec = synthaug.load_spec(mock_spec())
+    spec = synthaug.load_spec(mock_spec("hygiene"))
     control = synthaug.RunControl()
     control.stop()
     assert synthaug.run(spec, control=control).exit_code == 130
@@ -225,7 +211,7 @@ def test_a_control_cannot_serve_two_runs_at_once(sandbox: Path) -> None:
     """Two runs given one control at the same time: the second is refused."""
     control = synthaug.RunControl()
     control.claim()
-    spec = synthaug.load_spec(mock_spec())
+    spec = synthaug.load_spec(mock_spec("hygiene"))
     with pytest.raises(synthaug.UsageError, match="already used"):
         asyncio.run(synthaug.run_async(spec, control=control))
     assert not (sandbox / "out").exists()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from checks import bare_record
+
 from pipeline.manifest.writer import ManifestWriter
 from pipeline.records import ItemRecord
 
@@ -62,17 +64,7 @@ class Disk:
 
 
 def line(i: int) -> ItemRecord:
-    return ItemRecord(
-        key=KEY,
-        status="ok",
-        source="s",
-        vars={},
-        repeat=0,
-        input=None,
-        prompt="p",
-        params={},
-        attempts=i,
-    )
+    return bare_record(KEY, attempts=i)
 
 
 def test_the_periodic_fsync_runs_on_the_writers_thread_not_in_append(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from checks import bare_record
 
 from pipeline.errors import SpecError
 from pipeline.items import expand_items
@@ -54,10 +55,7 @@ def partial_state(spec: Spec, sandbox: Path) -> ManifestState:
 
 def line(key: str, status: ItemStatus, source: str) -> ItemRecord:
     """A manifest line of `key` with `status`, nothing else recorded."""
-    return ItemRecord(
-        key=key, status=status, source=source, vars={}, repeat=0, input=None, prompt="",
-        params={},
-    )
+    return bare_record(key, status, source=source)
 
 
 def test_plan_counts_against_a_partial_manifest(

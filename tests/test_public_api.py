@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from checks import ThreadedMock, write_job_spec
+from checks import ThreadedMock, mock_spec, write_job_spec
 
 import pipeline
 import synthaug
@@ -25,19 +25,6 @@ from pipeline.mockapi.server import MockConfig
 REPO = Path(__file__).resolve().parent.parent
 KEY = "public-api-test-key"
 
-
-def mock_spec(**overrides: Any) -> dict[str, Any]:
-    """A mock-backend job as a dict: a 2 x 2 prompt grid."""
-    spec: dict[str, Any] = {
-        "version": 1,
-        "name": "api-job",
-        "backend": {"kind": "mock"},
-        "output_dir": "out",
-        "params": {"size": "32x32"},
-        "sources": [{"name": "grid", "prompt": "a {red|blue} {cat|dog}"}],
-    }
-    spec.update(overrides)
-    return spec
 
 
 def test_both_import_names_give_the_same_api() -> None:

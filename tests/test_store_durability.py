@@ -11,13 +11,12 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from checks import run_spec, write_job_spec
+from checks import bare_record, run_spec, write_job_spec
 from PIL import Image
 
 from pipeline.errors import TransientError
 from pipeline.manifest.writer import ManifestWriter
 from pipeline.mockapi.server import MockConfig, MockServer
-from pipeline.records import ItemRecord, OutputFile
 from pipeline.store import files as outputs
 from pipeline.store.files import FolderSync, store_image, verify_image
 from pipeline.store.layout import write_json_atomic
@@ -93,7 +92,7 @@ def test_folder_is_fsynced_after_the_rename_and_before_the_manifest(
         ]
         assert "folder" not in journal.kinds()  # deferred, not per image
         for output in stored:
-            writer.append(_ok(outputs=(output,)))
+            writer.append(bare_record(KEY, outputs=(output,)))
         writer.sync()
     kinds = journal.kinds()
     # the folder is fsynced before the manifest fsync that makes the 3 lines naming its
@@ -125,9 +124,9 @@ def test_manifest_fsync_waits_for_the_folder_hook(tmp_path: Path) -> None:
         writer.add_sync_hook(folders.flush)
         folders.mark(tmp_path / "images" / "a")
         folders.mark(tmp_path / "images" / "a")
-        writer.append(_ok())  # interval 0: syncs now
+        writer.append(bare_record(KEY))  # interval 0: syncs now
         folders.mark(tmp_path / "images" / "b")
-        writer.append(_ok())
+        writer.append(bare_record(KEY))
     assert order == ["folder a", "manifest", "folder b", "manifest"]
 
 
@@ -210,18 +209,3 @@ def test_store_creates_its_folder_on_first_use(tmp_path: Path) -> None:
     assert (tmp_path / "new-out" / first.path).is_file()
     assert (tmp_path / "new-out" / second.path).is_file()
     assert first.path.split("/")[0] == outputs.IMAGES_DIR
-
-
-def _ok(outputs: tuple[OutputFile, ...] = ()) -> ItemRecord:
-    """An ok line of the test's key."""
-    return ItemRecord(
-        key=KEY,
-        status="ok",
-        source="s",
-        vars={},
-        repeat=0,
-        input=None,
-        prompt="p",
-        params={},
-        outputs=outputs,
-    )
