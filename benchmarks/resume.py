@@ -115,15 +115,9 @@ def build_finished_job(spec_path: Path) -> dict[str, Any]:
                 bytes=stat.st_size,  # as store_image records them
                 mtime_ns=stat.st_mtime_ns,
             )
-            record = ItemRecord(
-                key=item.key,
-                status="ok",
-                source=item.source,
-                vars=item.vars,
-                repeat=item.repeat,
-                input=item.input,
-                prompt=item.prompt,
-                params=item.params,
+            record = ItemRecord.of(
+                item,
+                "ok",
                 outputs=(output,),
                 attempts=1,
                 started_at=now,

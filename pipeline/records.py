@@ -238,6 +238,21 @@ class ItemRecord:
     batch: BatchRef | None = None  # a `submitted` line: the batch the request waits in
 
     @classmethod
+    def of(cls, item: WorkItem, status: ItemStatus, **fields: Any) -> ItemRecord:
+        """The record of `item` with `status`: what the item is, plus `fields`."""
+        return cls(
+            key=item.key,
+            status=status,
+            source=item.source,
+            vars=item.vars,
+            repeat=item.repeat,
+            input=item.input,
+            prompt=item.prompt,
+            params=item.params,
+            **fields,
+        )
+
+    @classmethod
     def from_json(cls, line: Mapping[str, Any]) -> ItemRecord | None:
         """A parsed manifest line as the record `to_json` made it; None if it is not one."""
         return record_from_json(line)

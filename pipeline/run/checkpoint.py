@@ -133,16 +133,9 @@ def _record(
     pending: tuple[GeneratedImage, ...] = (),
     batch: BatchRef | None = None,
 ) -> ItemRecord:
-    item = run.item
-    return ItemRecord(
-        key=item.key,
-        status=status,
-        source=item.source,
-        vars=item.vars,
-        repeat=item.repeat,
-        input=item.input,
-        prompt=item.prompt,
-        params=item.params,
+    return ItemRecord.of(
+        run.item,
+        status,
         outputs=outputs,
         attempts=run.attempts,
         error=error,
