@@ -160,7 +160,7 @@ async def _stage_chain(
         day=date.today().isoformat(),
         backend_root=prepared.backend.api_root,
     )
-    stages = await open_stages(spec, {"upload": prepared.upload_key}, context)
+    stages = await open_stages(spec, prepared.stage_keys, context)
     return StageChain(
         stages,
         writer=writer,

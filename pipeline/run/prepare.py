@@ -28,7 +28,6 @@ from ..credentials import (
     ProxySettings,
     read_api_key,
     read_proxy_settings,
-    read_upload_key,
 )
 from ..errors import OutputError, UsageError
 from ..job_record import JobRecord
@@ -42,6 +41,7 @@ from ..store import layout
 from ..store.layout import MANIFEST_NAME, SUMMARY_NAME
 from ..store.lock import acquire_lock
 from .batch import BatchWatch, batch_options
+from .stages import read_stage_keys
 
 if TYPE_CHECKING:
     from ..backends.openai_batch import BatchOptions
@@ -68,7 +68,7 @@ class Prepared:
     cache: StateCache
     files: outputs.StoredFiles
     backend: Backend
-    upload_key: str
+    stage_keys: Mapping[str, str]  # each stage's API key (read before anything is sent)
     watch: BatchWatch  # batch mode: where its batches stand
 
     @property
@@ -115,7 +115,7 @@ async def prepare(
         items_mod.check_max_items(spec, counts)
     kind = spec.backend.registered
     api_key = read_api_key(spec.backend)
-    upload_key = read_upload_key(spec.upload, spec.backend)  # fails before anything is sent
+    stage_keys = read_stage_keys(spec)  # fails before anything is sent
     # the embedded mock is on loopback in this process: a corporate proxy must not see it
     proxies = read_proxy_settings() if kind.proxied else DIRECT
     out = spec.output_dir
@@ -140,7 +140,7 @@ async def prepare(
                     items_mod.check_max_items(spec, counts)
                 await asyncio.to_thread(write_job_json, spec, spec_path, counts)
                 yield Prepared(
-                    spec, counts, state, cache, files, live_backend, upload_key, watch
+                    spec, counts, state, cache, files, live_backend, stage_keys, watch
                 )
 
 

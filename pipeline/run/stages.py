@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..credentials import read_upload_key
 from ..errors import EXIT_OK, EXIT_SOME_FAILED
+from ..jobspec.model import Spec
 from ..manifest.log import read_lines
 from ..manifest.writer import ManifestWriter
 from ..records import ItemRecord
@@ -38,6 +40,7 @@ __all__ = [
     "StageContext",
     "StageKind",
     "open_stages",
+    "read_stage_keys",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,10 +89,12 @@ class Stage(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class StageKind:
-    """A stage as the registry names it: its spec key and the function that builds it."""
+    """A stage as the registry names it: its spec key, the function that builds it, and
+    the one that reads its API key from the environment (before anything is sent)."""
 
     name: str
     opener: str  # "module:function" within pipeline, imported only when the spec sets it
+    key_reader: Callable[[Spec], str] = lambda _spec: ""
 
     def open(self) -> Callable[[Any, str, StageContext], Awaitable[Stage]]:
         """The stage's `open(spec, api_key, context)` (its module imported now)."""
@@ -98,12 +103,26 @@ class StageKind:
         return opener  # type: ignore[no-any-return]
 
 
-STAGES: tuple[StageKind, ...] = (StageKind("upload", "stages.upload:open_stage"),)
+def _upload_key(spec: Spec) -> str:
+    return read_upload_key(spec.upload, spec.backend)
+
+
+STAGES: tuple[StageKind, ...] = (StageKind("upload", "stages.upload:open_stage", _upload_key),)
 """The stages after storage, in the order an output passes them."""
 
 
+def read_stage_keys(spec: Spec) -> dict[str, str]:
+    """The API key of each stage the spec sets; `CredentialsError` for a missing one, so
+    that a run fails before it sends anything."""
+    return {
+        kind.name: kind.key_reader(spec)
+        for kind in STAGES
+        if getattr(spec, kind.name, None) is not None
+    }
+
+
 async def open_stages(
-    spec: Any, keys: Mapping[str, str], context: StageContext
+    spec: Spec, keys: Mapping[str, str], context: StageContext
 ) -> list[Stage]:
     """The stages `spec` sets, built in registry order (its modules imported in a thread:
     a client stack takes about 100 ms to import). `keys` holds each stage's API key."""

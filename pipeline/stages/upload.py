@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from ..backends.retried import RetriedCalls
 from ..credentials import DIRECT, read_proxy_settings, uploads_to_backend
 from ..errors import BackendError, ErrorKind, FatalError, OutputError, RateLimitedError
-from ..jobspec.fields import parse_rate
+from ..jobspec.fields import DEFAULT_BASE_URL, parse_rate
 from ..jobspec.model import DEFAULT_UPLOAD_RATE, Spec, UploadSettings
 from ..limiter import Limiter
 from ..records import ErrorInfo, ImageUpload, ItemRecord, OutputFile, UploadAnswer, UploadRecord
@@ -286,7 +286,7 @@ async def open_stage(spec: Spec, api_key: str, context: StageContext) -> UploadS
         rate = parse_rate(DEFAULT_UPLOAD_RATE)
     client_class: Any = await asyncio.to_thread(_client_class)
     client = client_class(
-        root or "https://api.roboflow.com",
+        root or DEFAULT_BASE_URL,  # Roboflow's API, the spec's default
         api_key,
         project=settings.project,
         concurrency=settings.concurrency,
