@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .errors import CredentialsError
-from .jobspec.model import BackendSettings, UploadSettings
+from .jobspec.model import BackendSettings
+from .jobspec.stage_settings import UploadSettings
 
 __all__ = [
     "DIRECT",

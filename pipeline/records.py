@@ -146,6 +146,8 @@ class OutputFile:
     bytes: int | None = None  # file size: lets resume check a file without reading it
     mtime_ns: int | None = None  # the stored file's mtime: with `bytes`, its stat on resume
     # --- what the stages after storage found (pipeline.run.stages): None until they ran
+    phash: str | None = None  # check: 64-bit perceptual hash, 16 hex digits
+    flags: tuple[str, ...] = ()  # check (and label): unchanged, duplicate, no_detection
     upload: UploadRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -161,6 +163,9 @@ class OutputFile:
             "bytes": self.bytes,
             "mtime_ns": self.mtime_ns,
         }
+        if self.phash is not None:
+            out["phash"] = self.phash
+            out["flags"] = list(self.flags)
         if self.upload is not None:
             out["upload"] = self.upload.to_json()
         return out
@@ -382,6 +387,10 @@ def _output(value: Mapping[str, Any]) -> OutputFile:
         id=_str_or_none(value.get("id")),
         bytes=value.get("bytes") if isinstance(value.get("bytes"), int) else None,
         mtime_ns=value.get("mtime_ns") if isinstance(value.get("mtime_ns"), int) else None,
+        phash=value["phash"] if isinstance(value.get("phash"), str) else None,
+        flags=tuple(str(f) for f in value.get("flags") or () if isinstance(f, str))
+        if isinstance(value.get("flags"), list)
+        else (),
         upload=_upload(value.get("upload")),
     )
 

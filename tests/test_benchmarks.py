@@ -87,3 +87,12 @@ def test_batch_benchmark_runs(tmp_path: Path) -> None:
     batch, online = data["batch_tiny"]["runs"]
     assert (batch["mode"], batch["ok"], batch["batches"], batch["duplicates"]) == ("batch", 6, 1, 0)
     assert (online["mode"], online["ok"], online["batches"]) == ("online", 6, 0)
+
+
+def test_check_benchmark_runs(tmp_path: Path) -> None:
+    """`check.py --quick` finds every near copy among 10,000 hashes and flags no other."""
+    data = run_benchmark(tmp_path, "check.py", "--quick")
+    (run,) = data["check"]["index"]
+    assert run["near_copies_missed"] == 0
+    assert run["random_hashes_flagged"] == 0
+    assert run["near_copies_found"] > 500

@@ -8,7 +8,6 @@ in `pipeline.jobspec.load`; field types in `pipeline.jobspec.fields`.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -51,7 +50,8 @@ from .fields import (
     VarValues,
     check_kind,
 )
-from .yamlfile import line_for, show_value
+from .stage_settings import CheckSettings, UploadSettings
+from .yamlfile import line_for
 
 __all__ = [
     "BackendSettings",
@@ -289,92 +289,6 @@ class SourceSpec(_Model):
             )
 
 
-# --- upload (issue 13): every stored image sent to a Roboflow project, once ---
-
-DEFAULT_UPLOAD_CONCURRENCY = 2
-DEFAULT_UPLOAD_RATE = "2/s"
-"""Upload starts per second against Roboflow when the spec sets no `upload.rate_limit`
-(none against the embedded mock): an upload is cheap, but a burst of them only earns 429s."""
-DEFAULT_UPLOAD_ATTEMPTS = 6
-MAX_UPLOAD_TEXT = 100  # a batch name or tag longer than this is a typo, not a label
-DATE_PLACEHOLDER = "{date}"
-_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
-_TAG = re.compile(r"[A-Za-z0-9._-]+")
-_SAMPLE_DAY = "2000-01-01"  # what `{date}` becomes when a value is checked
-
-
-def _check_upload_text(value: str) -> str:
-    """Only the `{date}` placeholder, no control characters, at most MAX_UPLOAD_TEXT."""
-    for found in _PLACEHOLDER.findall(value):
-        if found != DATE_PLACEHOLDER:
-            raise ValueError(f"{show_value(found)} is not a placeholder: only {{date}} is")
-    filled = value.replace(DATE_PLACEHOLDER, _SAMPLE_DAY)
-    if not filled.strip() or not filled.isprintable():
-        raise ValueError(f"{show_value(value)} must be printable text, not empty")
-    if len(filled) > MAX_UPLOAD_TEXT:
-        raise ValueError(f"longer than {MAX_UPLOAD_TEXT} characters")
-    return value
-
-
-def _check_tag(value: str) -> str:
-    _check_upload_text(value)
-    if not _TAG.fullmatch(value.replace(DATE_PLACEHOLDER, _SAMPLE_DAY)):
-        raise ValueError(
-            f"{show_value(value)} is not a tag: use letters, digits, '.', '_', '-' (and {{date}})"
-        )
-    return value
-
-
-UploadText = Annotated[str, AfterValidator(_check_upload_text)]
-UploadTag = Annotated[str, AfterValidator(_check_tag)]
-
-
-class UploadSettings(_Model):
-    """Where stored images are uploaded (``upload:``), how they are labelled and paced.
-
-    The key comes from the environment (`api_key_env`); against the embedded mock
-    (``backend.kind: mock`` without `base_url`) none is needed.
-    """
-
-    project: Name = Field(description="Roboflow project id the images are uploaded to")
-    split: Literal["train", "valid", "test"] | None = Field(
-        default=None, description="dataset split (default: Roboflow's, train)"
-    )
-    batch: UploadText | None = Field(
-        default=None, description="batch name; {date} becomes the run's date (YYYY-MM-DD)"
-    )
-    tags: tuple[UploadTag, ...] = Field(
-        default=(), description="tags added to every image, besides the provenance tags"
-    )
-    base_url: Url | None = Field(
-        default=None,
-        description="API root (default https://api.roboflow.com; the embedded mock's for mock)",
-    )
-    api_key_env: EnvName = Field(
-        default=DEFAULT_API_KEY_ENV, description="env var holding the Roboflow API key"
-    )
-    concurrency: int = Field(
-        default=DEFAULT_UPLOAD_CONCURRENCY,
-        ge=1,
-        le=MAX_CONCURRENCY,
-        description="uploads in flight",
-    )
-    rate_limit: Rate = Field(
-        default=None,
-        description=f"upload starts per period (default {DEFAULT_UPLOAD_RATE}; none for the mock)",
-    )
-    max_attempts: int = Field(default=DEFAULT_UPLOAD_ATTEMPTS, ge=1, le=MAX_ATTEMPTS)
-
-    def batch_name(self, day: str) -> str | None:
-        """The batch with `{date}` filled in (`day` is YYYY-MM-DD)."""
-        return None if self.batch is None else self.batch.replace(DATE_PLACEHOLDER, day)
-
-    def tag_names(self, day: str) -> tuple[str, ...]:
-        """The spec's tags with `{date}` filled in."""
-        return tuple(tag.replace(DATE_PLACEHOLDER, day) for tag in self.tags)
-
-
-# --- end upload ---
 
 
 class Spec(_Model):
@@ -395,6 +309,9 @@ class Spec(_Model):
     params: Params = Params()
     run: RunSettings = RunSettings()
     sources: tuple[SourceSpec, ...] = Field(min_length=1)
+    check: CheckSettings | None = Field(
+        default=None, description="perceptual hashes of every stored image; flags, never deletes"
+    )
     upload: UploadSettings | None = Field(
         default=None, description="upload every stored image to a Roboflow project"
     )

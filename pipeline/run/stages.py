@@ -107,7 +107,10 @@ def _upload_key(spec: Spec) -> str:
     return read_upload_key(spec.upload, spec.backend)
 
 
-STAGES: tuple[StageKind, ...] = (StageKind("upload", "stages.upload:open_stage", _upload_key),)
+STAGES: tuple[StageKind, ...] = (
+    StageKind("check", "stages.check:open_stage"),
+    StageKind("upload", "stages.upload:open_stage", _upload_key),
+)
 """The stages after storage, in the order an output passes them."""
 
 

@@ -35,7 +35,8 @@ from ..backends.retried import RetriedCalls
 from ..credentials import DIRECT, read_proxy_settings, uploads_to_backend
 from ..errors import BackendError, ErrorKind, FatalError, OutputError, RateLimitedError
 from ..jobspec.fields import DEFAULT_BASE_URL, parse_rate
-from ..jobspec.model import DEFAULT_UPLOAD_RATE, Spec, UploadSettings
+from ..jobspec.model import Spec
+from ..jobspec.stage_settings import DEFAULT_UPLOAD_RATE, UploadSettings
 from ..limiter import Limiter
 from ..records import ErrorInfo, ImageUpload, ItemRecord, OutputFile, UploadAnswer, UploadRecord
 from ..retry import RetryPolicy
