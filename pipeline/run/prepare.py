@@ -116,6 +116,8 @@ async def prepare(
     kind = spec.backend.registered
     api_key = read_api_key(spec.backend)
     stage_keys = read_stage_keys(spec)  # fails before anything is sent
+    watch = BatchWatch()
+    options = batch_options(spec, wait, watch) if spec.backend.mode == "batch" else None
     # the embedded mock is on loopback in this process: a corporate proxy must not see it
     proxies = read_proxy_settings() if kind.proxied else DIRECT
     out = spec.output_dir
@@ -129,8 +131,6 @@ async def prepare(
         with _gc_spares_state(freeze_gc):
             state = await asyncio.to_thread(_load_state, cache, verify, freeze_gc)
             await asyncio.to_thread(check_key_scheme, out, state)
-            watch = BatchWatch()
-            options = batch_options(spec, wait, watch) if spec.backend.mode == "batch" else None
             async with _open_backend(spec, api_key, backend, proxies, options) as live_backend:
                 # the API's word on the spec's models, before anything is spent
                 await model_check.check_models(spec, live_backend)
