@@ -18,16 +18,11 @@ if TYPE_CHECKING:
     from ..backends.openai_batch import BatchOptions, BatchProgress
 
 __all__ = [
-    "BATCH_WAITING",
     "BatchWatch",
     "attach_batches",
     "batch_control_of",
     "batch_options",
 ]
-
-BATCH_WAITING = 50_000
-"""Items a batch-mode run keeps waiting in batches at once (each a record and a future in
-memory, no task): a batch's worth."""
 
 _batch_log = logging.getLogger(BATCH_LOGGER)  # status changes at INFO, each poll at DEBUG
 

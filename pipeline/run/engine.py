@@ -66,6 +66,11 @@ log = logging.getLogger("pipeline.engine")  # the name a run's log has always sh
 
 
 
+MAX_WAITING = 50_000
+"""Items batch mode keeps waiting in batches at once (each a record and a future in memory,
+no task): a batch's worth."""
+
+
 class _Stopped(Exception):
     """The run is stopping: leave this item unrecorded so it runs again on resume."""
 
@@ -98,7 +103,7 @@ class Engine:
         on_stored: Callable[[ItemRecord], None] = lambda _record: None,
         stop: RunStop | None = None,
         batches: BatchControl | None = None,
-        max_waiting: int = 50_000,
+        max_waiting: int = MAX_WAITING,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:

@@ -25,7 +25,7 @@ from ..pricing import cost_from_usage, is_free, spec_price
 from ..records import WorkItem
 from ..sources import HashCache
 from ..store.layout import INPUT_HASHES_NAME, MANIFEST_NAME, SUMMARY_NAME
-from .batch import BATCH_WAITING, attach_batches, batch_control_of
+from .batch import attach_batches, batch_control_of
 from .control import RunControl, signal_handlers
 from .engine import Engine
 from .pool import RunStop
@@ -118,7 +118,6 @@ async def _execute(
             on_stored=chain.submit,
             stop=stop,
             batches=(batches := batch_control_of(spec, backend)),
-            max_waiting=BATCH_WAITING,
         )
         attach_batches(batches, state, engine.record_submitted)
         prepared.watch.stats = engine.stats
