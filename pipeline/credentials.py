@@ -16,13 +16,15 @@ from urllib.parse import urlsplit
 
 from .errors import CredentialsError
 from .jobspec.model import BackendSettings
-from .jobspec.stage_settings import UploadSettings
+from .jobspec.stage_settings import LabelSettings, UploadSettings
 
 __all__ = [
     "DIRECT",
     "ProxySettings",
     "bypasses_proxy",
+    "labels_from_backend",
     "read_api_key",
+    "read_label_key",
     "read_proxy_settings",
     "read_upload_key",
     "uploads_to_backend",
@@ -113,6 +115,28 @@ def _read_key(name: str, who: str, instead: str, environ: Mapping[str, str]) -> 
 def uploads_to_backend(upload: UploadSettings, backend: BackendSettings) -> bool:
     """Whether the `upload:` block goes to the backend's own server (the embedded mock)."""
     return upload.base_url is None and backend.registered.serves_uploads
+
+
+def labels_from_backend(label: LabelSettings, backend: BackendSettings) -> bool:
+    """Whether the `label:` block asks the backend's own server (the embedded mock)."""
+    return label.api_url is None and backend.registered.serves_uploads
+
+
+def read_label_key(
+    label: LabelSettings | None,
+    backend: BackendSettings,
+    environ: Mapping[str, str] = os.environ,
+) -> str:
+    """The Roboflow key the `label:` block sends; "" when there is none or it asks the
+    embedded mock. Raises `CredentialsError` when the variable is unset or blank."""
+    if label is None or labels_from_backend(label, backend):
+        return ""
+    return _read_key(
+        label.api_key_env,
+        "the label: block reads the Roboflow API key from it",
+        "label.api_key_env to another variable",
+        environ,
+    )
 
 
 def read_upload_key(

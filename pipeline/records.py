@@ -8,7 +8,7 @@ secrets: the API key lives only inside the backend that sends it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .errors import ErrorKind
@@ -25,7 +25,9 @@ __all__ = [
     "InputKind",
     "ItemRecord",
     "ItemStatus",
+    "LabelRecord",
     "OutputFile",
+    "Prediction",
     "RateLimitHint",
     "UploadAnswer",
     "UploadRecord",
@@ -148,7 +150,13 @@ class OutputFile:
     # --- what the stages after storage found (pipeline.run.stages): None until they ran
     phash: str | None = None  # check: 64-bit perceptual hash, 16 hex digits
     flags: tuple[str, ...] = ()  # check (and label): unchanged, duplicate, no_detection
+    labels: LabelRecord | None = None
     upload: UploadRecord | None = None
+
+    def flagged_with(self, *flags: str) -> OutputFile:
+        """The output with `flags` added (each once, in the order found)."""
+        merged = self.flags + tuple(f for f in flags if f not in self.flags)
+        return self if merged == self.flags else replace(self, flags=merged)
 
     def to_json(self) -> dict[str, Any]:
         """Manifest form of the output: the stored file's fields, then the stages' (only
@@ -165,7 +173,10 @@ class OutputFile:
         }
         if self.phash is not None:
             out["phash"] = self.phash
+        if self.phash is not None or self.flags:
             out["flags"] = list(self.flags)
+        if self.labels is not None:
+            out["labels"] = self.labels.to_json()
         if self.upload is not None:
             out["upload"] = self.upload.to_json()
         return out
@@ -180,16 +191,79 @@ class UploadRecord:
     id: str | None = None
     duplicate: bool = False  # the project already held it: an earlier answer was lost
     error: ErrorInfo | None = None
+    annotated: bool | None = None  # its labels are in the project (None: none were sent)
+    annotation_error: ErrorInfo | None = None  # why they are not (the next run tries again)
 
     def done_in(self, project: str) -> bool:
         """Whether the image is recorded as in `project` (an error does not count)."""
         return self.error is None and self.project == project
 
     def to_json(self) -> dict[str, Any]:
-        """Manifest form: ``{"id", "project", "duplicate"}`` or ``{"project", "error"}``."""
+        """Manifest form: ``{"id", "project", "duplicate"}`` (with ``annotated`` once
+        labels were sent, ``annotation_error`` while they failed) or ``{"project",
+        "error"}``."""
         if self.error is not None:
             return {"project": self.project, "error": self.error.to_json()}
-        return {"id": self.id, "project": self.project, "duplicate": self.duplicate}
+        out: dict[str, Any] = {"id": self.id, "project": self.project, "duplicate": self.duplicate}
+        if self.annotated is not None:
+            out["annotated"] = self.annotated
+        if self.annotation_error is not None:
+            out["annotation_error"] = self.annotation_error.to_json()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One detected object as the detection API answers it: the box's centre (`x`, `y`)
+    and size in pixels of the stored image, its class and confidence (0-1)."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+    class_name: str
+    confidence: float
+
+    def corners(self) -> tuple[float, float, float, float]:
+        """``(xmin, ymin, xmax, ymax)`` in pixels: the form VOC, COCO and drawing use."""
+        half_w, half_h = self.width / 2, self.height / 2
+        return self.x - half_w, self.y - half_h, self.x + half_w, self.y + half_h
+
+    def to_json(self) -> dict[str, Any]:
+        """Manifest form: the API's own field names."""
+        return {
+            "x": self.x,
+            "y": self.y,
+            "width": self.width,
+            "height": self.height,
+            "class": self.class_name,
+            "confidence": self.confidence,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRecord:
+    """What the label stage found in an output: the model asked and the predictions it
+    kept, or why detection failed (the next run tries again)."""
+
+    model: str
+    predictions: tuple[Prediction, ...] = ()
+    error: ErrorInfo | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the output is labelled (an error does not count)."""
+        return self.error is None
+
+    def class_names(self) -> list[str]:
+        """The classes of the kept predictions, each once, in order of first appearance."""
+        return list(dict.fromkeys(p.class_name for p in self.predictions))
+
+    def to_json(self) -> dict[str, Any]:
+        """Manifest form: ``{"model", "predictions"}`` or ``{"model", "error"}``."""
+        if self.error is not None:
+            return {"model": self.model, "error": self.error.to_json()}
+        return {"model": self.model, "predictions": [p.to_json() for p in self.predictions]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,8 +465,29 @@ def _output(value: Mapping[str, Any]) -> OutputFile:
         flags=tuple(str(f) for f in value.get("flags") or () if isinstance(f, str))
         if isinstance(value.get("flags"), list)
         else (),
+        labels=_labels(value.get("labels")),
         upload=_upload(value.get("upload")),
     )
+
+
+def _labels(value: object) -> LabelRecord | None:
+    if not isinstance(value, Mapping) or not isinstance(value.get("model"), str):
+        return None
+    return LabelRecord(
+        model=value["model"],
+        predictions=tuple(
+            p for p in (_prediction(v) for v in _dicts(value.get("predictions"))) if p
+        ),
+        error=_error(value.get("error")),
+    )
+
+
+def _prediction(value: Mapping[str, Any]) -> Prediction | None:
+    numbers = [value.get(name) for name in ("x", "y", "width", "height", "confidence")]
+    if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
+        return None
+    x, y, width, height, confidence = (float(n) for n in numbers)  # type: ignore[arg-type]
+    return Prediction(x, y, width, height, str(value.get("class", "")), confidence)
 
 
 def _upload(value: object) -> UploadRecord | None:
@@ -404,6 +499,8 @@ def _upload(value: object) -> UploadRecord | None:
         id=_str_or_none(value.get("id")),
         duplicate=value.get("duplicate") is True,
         error=error,
+        annotated=value["annotated"] if isinstance(value.get("annotated"), bool) else None,
+        annotation_error=_error(value.get("annotation_error")),
     )
 
 

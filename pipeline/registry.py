@@ -44,8 +44,9 @@ class BackendKind:
     # False: Roboflow's own inputs and parameters (roboflow_ids, unmodified_prompt,
     # force_caption_regenerate) are spec errors for this kind: its API would refuse them
     roboflow_extras: bool = True
-    # True: the kind serves Roboflow's upload endpoint itself (the embedded mock), so an
-    # `upload:` block without base_url goes there, with no key
+    # True: the kind serves Roboflow's upload, annotate and detection endpoints itself (the
+    # embedded mock), so an `upload:` block without base_url, or a `label:` block without
+    # api_url, goes there, with no key
     serves_uploads: bool = False
     # "module:Class" for ``backend.mode: batch`` (OpenAI's Batch API), built with the
     # common signature plus ``batch=BatchOptions``; None: the kind has no batch mode

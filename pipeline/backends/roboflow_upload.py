@@ -1,4 +1,6 @@
-"""The Roboflow image upload client: ``POST {base_url}/dataset/{project}/upload``.
+"""The Roboflow image upload client: ``POST {base_url}/dataset/{project}/upload``, then
+the image's annotation, ``POST {base_url}/dataset/{project}/annotate/{image_id}``, and a
+read-back, ``GET {base_url}/{workspace}/{project}/images/{image_id}``.
 
 The request is Roboflow's documented REST form: everything but the image in the query
 (``api_key``, ``name``, ``split``, ``batch``, and ``tag`` once per tag), the image's
@@ -7,6 +9,12 @@ sends). The answer is ``{"success": true, "id": ...}`` for a new image, or
 ``{"duplicate": true, "id": ...}`` when the project already holds it: with names
 derived from item keys a duplicate means an earlier upload of this very image
 succeeded (a retry after a lost answer, a rerun), so it is a success too.
+
+An annotation goes as roboflow-python sends it: the file's text as the body
+(``text/plain``), its file name as ``name`` (the extension tells Roboflow the format),
+``prediction=true`` to put it up for review. Roboflow refuses a second annotation of an
+image (409, or 400 "already annotated"): with one annotation per uploaded image, that
+means an earlier one succeeded, so it counts as success.
 
 The session, proxies, timeouts, the key and the mapping of failures to error classes are
 its `ApiClient`'s (`pipeline.backends.http`), as for every API client.
@@ -31,6 +39,8 @@ if TYPE_CHECKING:
 __all__ = ["FORM_CONTENT_TYPE", "RoboflowUploadClient"]
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+_TEXT_CONTENT_TYPE = "text/plain"
+_ALREADY_ANNOTATED = "already annotated"
 
 _log = logging.getLogger(__name__)
 
@@ -45,7 +55,8 @@ class RoboflowUploadClient(ApiClientOwner):
         images go to."""
         self._http = ApiClient(api_key, **options)
         self._project = project
-        self._endpoint = f"{base_url.rstrip('/')}/dataset/{project}/upload"
+        self._root = base_url.rstrip("/")
+        self._endpoint = f"{self._root}/dataset/{project}/upload"
 
     def __repr__(self) -> str:
         return f"RoboflowUploadClient({self._endpoint!r})"
@@ -65,6 +76,55 @@ class RoboflowUploadClient(ApiClientOwner):
         except BackendError as error:
             self._http.scrub_error(error)
             raise
+
+    async def annotate(
+        self, image_id: str, name: str, annotation: str, *, prediction: bool
+    ) -> bool:
+        """POST the annotation file `name` (its text `annotation`) of the uploaded image
+        `image_id`, as a prediction for review or as ground truth; True when Roboflow
+        already had one (an earlier answer was lost). Raises a `BackendError` subclass."""
+        endpoint = f"{self._root}/dataset/{self._project}/annotate/{image_id}"
+        query = [("name", name), ("prediction", "true" if prediction else "false")]
+        try:
+            status, chunks, headers = await self._http.send(
+                lambda: self._http.keyed_url(endpoint, query),
+                endpoint,
+                data=annotation.encode("utf-8"),
+                headers={"Content-Type": _TEXT_CONTENT_TYPE},
+            )
+            text = self._http.scrub(b"".join(chunks).decode("utf-8", errors="replace"))
+            if status == 409 or (status == 400 and _ALREADY_ANNOTATED in text.lower()):
+                return True
+            if not 200 <= status < 300:
+                raise self._upload_error(self._http.http_error(status, text, headers))
+            return False
+        except BackendError as error:
+            self._http.scrub_error(error)
+            raise
+
+    async def boxes_kept(self, workspace: str, image_id: str) -> int | None:
+        """How many boxes the project holds on the image `image_id` (its read-back);
+        None when the answer does not say. Raises a `BackendError` subclass."""
+        endpoint = f"{self._root}/{workspace}/{self._project}/images/{image_id}"
+        try:
+            payload = await self._get(endpoint)
+        except BackendError as error:
+            self._http.scrub_error(error)
+            raise
+        image = payload.get("image") if isinstance(payload, dict) else None
+        if not isinstance(image, dict):
+            return None
+        annotation = image.get("annotation")
+        if not isinstance(annotation, dict):
+            return 0
+        boxes = annotation.get("boxes")
+        return len(boxes) if isinstance(boxes, list) else 0
+
+    async def _get(self, endpoint: str) -> object:
+        status, chunks, headers = await self._http.send(
+            lambda: self._http.keyed_url(endpoint, []), endpoint, method="GET"
+        )
+        return self._http.json_of(endpoint, status, b"".join(chunks), headers)
 
     def _answer_of(self, status: int, raw: bytes, headers: Mapping[str, str]) -> UploadAnswer:
         _log.debug("%s answered HTTP %d (%d bytes)", self._endpoint, status, len(raw))

@@ -50,7 +50,7 @@ from .fields import (
     VarValues,
     check_kind,
 )
-from .stage_settings import CheckSettings, UploadSettings
+from .stage_settings import CheckSettings, LabelSettings, UploadSettings
 from .yamlfile import line_for
 
 __all__ = [
@@ -311,6 +311,9 @@ class Spec(_Model):
     sources: tuple[SourceSpec, ...] = Field(min_length=1)
     check: CheckSettings | None = Field(
         default=None, description="perceptual hashes of every stored image; flags, never deletes"
+    )
+    label: LabelSettings | None = Field(
+        default=None, description="hosted detection of every stored image: its labels"
     )
     upload: UploadSettings | None = Field(
         default=None, description="upload every stored image to a Roboflow project"

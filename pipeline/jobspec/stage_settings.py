@@ -1,5 +1,5 @@
-"""The spec's blocks for the stages after storage (``check:``, ``upload:``): frozen
-settings with their defaults, declared once (the stages read them from here)."""
+"""The spec's blocks for the stages after storage (``check:``, ``label:``, ``upload:``):
+frozen settings with their defaults, declared once (the stages read them from here)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,11 @@ from .fields import (
 from .yamlfile import show_value
 
 __all__ = [
+    "DEFAULT_DETECT_URL",
+    "DEFAULT_LABEL_RATE",
     "DEFAULT_UPLOAD_RATE",
     "CheckSettings",
+    "LabelSettings",
     "StageModel",
     "UploadSettings",
 ]
@@ -49,6 +52,68 @@ class CheckSettings(StageModel):
         le=HASH_BITS,
         description="at most this far from an earlier output of this OUT: duplicate",
     )
+
+
+# --- label (issue 19): hosted detection of every stored image ---
+
+DEFAULT_DETECT_URL = "https://serverless.roboflow.com"
+"""Roboflow's hosted-inference host (``https://detect.roboflow.com``, the legacy host, and
+a self-hosted Inference server take the same path)."""
+DEFAULT_LABEL_CONCURRENCY = 4
+DEFAULT_LABEL_RATE = "10/s"
+"""Detection requests per second against Roboflow when the spec sets no
+`label.rate_limit` (none against the embedded mock)."""
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[0-9]+")
+
+
+def _check_model_id(value: str) -> str:
+    if not _MODEL_ID.fullmatch(value):
+        raise ValueError(
+            f"{show_value(value)} is not a model id: use project/version, like fall-leaves/3"
+        )
+    return value
+
+
+ModelId = Annotated[str, AfterValidator(_check_model_id)]
+
+
+class LabelSettings(StageModel):
+    """``label:``: every stored image sent to a hosted object-detection model (Roboflow's
+    hosted inference or a self-hosted Inference server); its predictions are kept on the
+    output as ``labels``. The key comes from the environment (`api_key_env`); against the
+    embedded mock (``backend.kind: mock`` without `api_url`) none is needed."""
+
+    model: ModelId = Field(description="the detection model, project/version (fall-leaves/3)")
+    api_url: Url | None = Field(
+        default=None,
+        description=f"inference host (default {DEFAULT_DETECT_URL}; the embedded mock's for mock)",
+    )
+    api_key_env: EnvName = Field(
+        default=DEFAULT_API_KEY_ENV, description="env var holding the Roboflow API key"
+    )
+    confidence: float = Field(
+        default=0.4, ge=0, le=1, description="keep predictions at least this sure (0-1)"
+    )
+    overlap: float = Field(
+        default=0.3, ge=0, le=1, description="boxes overlapping more are merged (0-1)"
+    )
+    classes: tuple[Name, ...] | None = Field(
+        default=None, min_length=1, description="keep only predictions of these classes"
+    )
+    require_detection: bool = Field(
+        default=False, description="flag an output with no kept prediction no_detection"
+    )
+    concurrency: int = Field(
+        default=DEFAULT_LABEL_CONCURRENCY,
+        ge=1,
+        le=MAX_CONCURRENCY,
+        description="detection requests in flight",
+    )
+    rate_limit: Rate = Field(
+        default=None,
+        description=f"request starts per period (default {DEFAULT_LABEL_RATE}; none for the mock)",
+    )
+    max_attempts: int = Field(default=6, ge=1, le=MAX_ATTEMPTS)
 
 
 # --- upload (issue 13): every stored image sent to a Roboflow project, once ---
@@ -126,6 +191,17 @@ class UploadSettings(StageModel):
         description=f"upload starts per period (default {DEFAULT_UPLOAD_RATE}; none for the mock)",
     )
     max_attempts: int = Field(default=DEFAULT_UPLOAD_ATTEMPTS, ge=1, le=MAX_ATTEMPTS)
+    include_flagged: bool = Field(
+        default=False, description="upload flagged outputs too (default: only unflagged ones)"
+    )
+    as_ground_truth: bool = Field(
+        default=False,
+        description="annotations go up as ground truth (default: as predictions for review)",
+    )
+    workspace: Name | None = Field(
+        default=None,
+        description="the project's workspace: the run reads its first annotated image back",
+    )
 
     def batch_name(self, day: str) -> str | None:
         """The batch with `{date}` filled in (`day` is YYYY-MM-DD)."""

@@ -1,6 +1,6 @@
 """The stages after storage: each stored output passes the job's stages in order.
 
-A stage (upload today; check, label next) is a module under `pipeline.stages` named in
+A stage (check, label, upload) is a module under `pipeline.stages` named in
 `STAGES`, built from the spec by its `open` function, and run by `StageChain` in a `Lane`
 of the one worker pool with its own concurrency. What a stage finds is a typed field of
 the output (`OutputFile`); the chain appends the item's record with it, so the manifest
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..credentials import read_upload_key
+from ..credentials import read_label_key, read_upload_key
 from ..errors import EXIT_OK, EXIT_SOME_FAILED
 from ..jobspec.model import Spec
 from ..manifest.log import read_lines
@@ -103,12 +103,17 @@ class StageKind:
         return opener  # type: ignore[no-any-return]
 
 
+def _label_key(spec: Spec) -> str:
+    return read_label_key(spec.label, spec.backend)
+
+
 def _upload_key(spec: Spec) -> str:
     return read_upload_key(spec.upload, spec.backend)
 
 
 STAGES: tuple[StageKind, ...] = (
     StageKind("check", "stages.check:open_stage"),
+    StageKind("label", "stages.label:open_stage", _label_key),
     StageKind("upload", "stages.upload:open_stage", _upload_key),
 )
 """The stages after storage, in the order an output passes them."""

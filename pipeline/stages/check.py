@@ -26,16 +26,15 @@ from ..jobspec.model import Spec
 from ..jobspec.stage_settings import CheckSettings
 from ..manifest.log import read_records
 from ..records import ItemRecord, OutputFile
-from ..run.pool import StopReason
 from ..run.stages import StageContext
 from ..store.layout import MANIFEST_NAME, stored_image_path
 from .hash_index import HashIndex, distance
+from .remote import HALTED_BY
 
 __all__ = ["CheckStage", "CheckStats", "image_hash", "open_stage"]
 
 log = logging.getLogger(__name__)
 
-HALTED_BY: frozenset[StopReason] = frozenset({"sigint", "sigterm", "stopped", "fatal", "disk"})
 CHECK_THREADS = 2  # hashing is CPU work in threads: as many as the machine's cores here
 
 
@@ -66,9 +65,7 @@ class CheckStage:
     concurrency = CHECK_THREADS
     failed = 0  # a check finds, it does not fail
 
-    def __init__(
-        self, settings: CheckSettings, *, context: StageContext, index: HashIndex
-    ) -> None:
+    def __init__(self, settings: CheckSettings, *, context: StageContext, index: HashIndex) -> None:
         self._settings = settings
         self._out_dir = context.out_dir
         self._index = index
@@ -146,7 +143,5 @@ async def open_stage(spec: Spec, _api_key: str, context: StageContext) -> CheckS
     recorded hashes (read in a thread)."""
     settings = spec.check
     assert settings is not None
-    index = await asyncio.to_thread(
-        _recorded_index, context.out_dir, settings.duplicate_distance
-    )
+    index = await asyncio.to_thread(_recorded_index, context.out_dir, settings.duplicate_distance)
     return CheckStage(settings, context=context, index=index)

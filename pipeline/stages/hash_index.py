@@ -48,8 +48,12 @@ class HashIndex:
         an output checked again is not its own duplicate); None when there is none."""
         if self._max >= HASH_BITS:
             return next(
-                (name for bucket in self._tables[0].values() for _, name in bucket
-                 if name != other_than),
+                (
+                    name
+                    for bucket in self._tables[0].values()
+                    for _, name in bucket
+                    if name != other_than
+                ),
                 None,
             )
         for (shift, mask), table in zip(self._bands, self._tables, strict=True):

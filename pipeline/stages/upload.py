@@ -1,8 +1,16 @@
-"""The upload stage: every stored image sent to a Roboflow project, exactly once.
+"""The upload stage: every stored image sent to a Roboflow project, exactly once, with
+its labels.
 
 For each output without a recorded upload, the image is read back (only if it is still
 what the manifest recorded), sent, and its answer kept on the output as ``upload``
-(`UploadRecord`: ``{"id", "project", "duplicate"}``, or ``{"project", "error"}``).
+(`UploadRecord`: ``{"id", "project", "duplicate"}``, or ``{"project", "error"}``). With
+a ``label:`` block, an output is uploaded once it is labelled, and its predictions follow
+it as a Pascal VOC annotation (`pipeline.voc`), for review unless
+``upload.as_ground_truth``; ``annotated: true`` records it, and Roboflow's "already
+annotated" (a lost answer, a rerun) counts as success. Flagged outputs stay out unless
+``upload.include_flagged``. With ``upload.workspace`` the first image annotated in a run is
+read back: if Roboflow kept fewer boxes than were sent, the log and the summary say so
+loudly and the run exits 1.
 
 Exactly once: an image is named by its stored file (``<key16>-<i>.<ext>``), so a retry
 whose first answer was lost, or the next run after a kill, is answered "duplicate", which
@@ -22,27 +30,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any, Protocol
 
-from ..backends.retried import RetriedCalls
 from ..credentials import DIRECT, read_proxy_settings, uploads_to_backend
-from ..errors import BackendError, ErrorKind, FatalError, OutputError, RateLimitedError
+from ..errors import BackendError, OutputError
 from ..jobspec.fields import DEFAULT_BASE_URL, parse_rate
 from ..jobspec.model import Spec
 from ..jobspec.stage_settings import DEFAULT_UPLOAD_RATE, UploadSettings
 from ..limiter import Limiter
 from ..records import ErrorInfo, ImageUpload, ItemRecord, OutputFile, UploadAnswer, UploadRecord
 from ..retry import RetryPolicy
-from ..run.pool import StopReason
 from ..run.stages import StageContext
-from ..store.layout import stored_image_path
+from ..voc import voc_xml
+from .remote import HALTED_BY, RemoteCalls, Stopped, read_stored
 
 __all__ = ["MAX_TAG_CHARS", "UploadStage", "UploadStats", "open_stage", "provenance_tags"]
 
@@ -52,9 +57,6 @@ MAX_TAG_CHARS = 64
 """Provenance tags are cut to this length (a long variable value would otherwise make a
 tag nobody types)."""
 _NOT_TAG = re.compile(r"[^A-Za-z0-9._-]+")
-# the user's stop or a broken run stops uploads too; a budget stop or too many failed
-# generations do not: what was stored is still uploaded
-HALTED_BY: frozenset[StopReason] = frozenset({"sigint", "sigterm", "stopped", "fatal", "disk"})
 
 
 class UploadTarget(Protocol):
@@ -62,6 +64,17 @@ class UploadTarget(Protocol):
 
     async def upload(self, image: ImageUpload) -> UploadAnswer:
         """Add `image` to the project; raises a `BackendError` subclass on failure."""
+        ...
+
+    async def annotate(
+        self, image_id: str, name: str, annotation: str, *, prediction: bool
+    ) -> bool:
+        """Attach the annotation file `name` to the uploaded image; True when the image
+        already had one. Raises a `BackendError` subclass on failure."""
+        ...
+
+    async def boxes_kept(self, workspace: str, image_id: str) -> int | None:
+        """How many boxes the project holds on the image (None: the answer does not say)."""
         ...
 
     async def aclose(self) -> None:
@@ -77,12 +90,33 @@ class UploadStats:
     duplicates: int = 0  # the project already held them: an earlier answer was lost
     failed: int = 0  # outputs whose upload failed for good this run (recorded)
     skipped: int = 0  # items whose file was gone or changed: the engine makes them again
-    retries: int = 0
-    rate_limited_429: int = 0
+    annotated: int = 0  # annotations attached this run
+    annotations_failed: int = 0  # annotations that failed for good (recorded; tried again)
 
 
-class _Stopped(Exception):
-    """The run is stopping: leave the rest of this item for the next run."""
+@dataclass(frozen=True, slots=True)
+class ReadBack:
+    """What Roboflow kept of the first annotation of a run: boxes sent and kept."""
+
+    image_id: str
+    sent: int
+    kept: int | None = None  # None: the read-back failed or did not say
+    error: str | None = None
+
+    @property
+    def dropped(self) -> bool:
+        """Whether Roboflow kept fewer boxes than were sent."""
+        return self.kept is not None and self.kept < self.sent
+
+    def to_json(self) -> dict[str, Any]:
+        """Summary form."""
+        return {
+            "image_id": self.image_id,
+            "sent": self.sent,
+            "kept": self.kept,
+            "ok": None if self.kept is None else not self.dropped,
+            "error": self.error,
+        }
 
 
 def provenance_tags(job: str, record: ItemRecord, extra: tuple[str, ...]) -> tuple[str, ...]:
@@ -108,22 +142,6 @@ def provenance_tags(job: str, record: ItemRecord, extra: tuple[str, ...]) -> tup
     return tuple(tags)
 
 
-def read_stored(out_dir: Path, output: OutputFile) -> bytes | None:
-    """The bytes of a stored image if they are still what the manifest recorded, else
-    None (gone or changed: the engine makes the item again). Only a regular file of
-    OUT's image folders is read: a hand-edited path never leaves OUT."""
-    path = stored_image_path(out_dir, output.path)
-    if path is None:
-        return None
-    try:
-        if path.is_symlink() or not path.is_file():
-            return None
-        data = path.read_bytes()
-    except OSError:
-        return None
-    return data if hashlib.sha256(data).hexdigest() == output.sha256 else None
-
-
 class UploadStage:
     """Uploads the outputs of the records it is given; see the module docstring."""
 
@@ -136,24 +154,20 @@ class UploadStage:
         *,
         job: str,
         client: UploadTarget,
-        limiter: Limiter,
-        policy: RetryPolicy,
+        calls: RemoteCalls,
         context: StageContext,
-        max_consecutive_failures: int,
+        annotate: bool,
     ) -> None:
         self._settings = settings
         self._job = job
         self._client = client
+        self._calls = calls
         self._context = context
-        self._stop = context.stop
+        self._annotate = annotate  # the job labels its outputs: their labels go up too
         self._batch = settings.batch_name(context.day)
         self._extra_tags = settings.tag_names(context.day)
-        # the one retry policy, with 429s pausing every upload as they pause generations
-        self._calls = RetriedCalls(
-            policy, sleep=self._backoff_sleep, on_retry=self._count_retry, limiter=limiter
-        )
-        self._max_failures = max_consecutive_failures
-        self._failures_in_a_row = 0
+        self._read_back: ReadBack | None = None
+        self._reading_back = settings.workspace is not None
         self.concurrency = settings.concurrency
         self.stats = UploadStats()
 
@@ -164,58 +178,73 @@ class UploadStage:
 
     @property
     def failed(self) -> int:
-        """Outputs whose upload failed for good this run."""
-        return self.stats.failed
+        """Outputs whose upload or annotation failed for good this run, and a read-back
+        that found the annotation's boxes dropped."""
+        dropped = self._read_back is not None and self._read_back.dropped
+        return self.stats.failed + self.stats.annotations_failed + int(dropped)
 
     def needs(self, record: ItemRecord) -> bool:
-        """Whether some output of the ok `record` is not yet in the project."""
-        return record.status == "ok" and any(
-            o.upload is None or not o.upload.done_in(self.project) for o in record.outputs
-        )
+        """Whether some output of the ok `record` is due and not yet in the project
+        (with its annotation, when the job labels)."""
+        return record.status == "ok" and any(self._wants(o) for o in record.outputs)
+
+    def _due(self, output: OutputFile) -> bool:
+        """Whether `output` may go up: unflagged (or flagged ones wanted), and labelled
+        when the job labels (an output whose detection failed waits for the next run)."""
+        if output.flags and not self._settings.include_flagged:
+            return False
+        return not self._annotate or (output.labels is not None and output.labels.done)
+
+    def _wants(self, output: OutputFile) -> bool:
+        if not self._due(output):
+            return False
+        upload = output.upload
+        if upload is None or not upload.done_in(self.project):
+            return True
+        return self._annotate and upload.annotated is not True
 
     def summary(self) -> dict[str, Any]:
-        """The project and the counters."""
-        return {"project": self.project, **asdict(self.stats)}
+        """The project, the counters and the read-back."""
+        out = {"project": self.project, **asdict(self.stats), **asdict(self._calls.counts)}
+        if self._read_back is not None:
+            out["annotation_check"] = self._read_back.to_json()
+        return out
 
     async def aclose(self) -> None:
         """Release the client's connections."""
         await self._client.aclose()
 
-    def _halted(self) -> bool:
-        return self._stop.reason in self.halted_by
-
-    async def _backoff_sleep(self, seconds: float) -> None:
-        await self._stop.sleep(seconds, self._halted)
-
-    def _count_retry(self, exc: BackendError, attempt: int, wait: float) -> None:
-        self.stats.retries += 1
-        log.info("upload retry %d after %s (%s) in %.1fs", attempt, exc.kind, exc.status, wait)
-
     async def process(self, record: ItemRecord, halted: Callable[[], bool]) -> ItemRecord | None:
-        """Upload each output not yet in the project; the record with what was done
-        (also when stopped part way: what was done is kept)."""
+        """Upload (and annotate) each due output not yet in the project; the record with
+        what was done (also when stopped part way: what was done is kept)."""
         outputs = list(record.outputs)
         changed = False
         try:
             for index, output in enumerate(outputs):
-                if output.upload is not None and output.upload.done_in(self.project):
+                if not self._wants(output):
                     continue
-                data = await asyncio.to_thread(read_stored, self._context.out_dir, output)
-                if data is None:
-                    self.stats.skipped += 1
-                    log.info("%s: stored image gone or changed; not uploaded", record.key[:16])
-                    return None
-                upload = await self._upload_output(record, output, data, halted)
-                outputs[index] = dataclasses.replace(output, upload=upload)
-                changed = True
-        except _Stopped:
+                upload = output.upload
+                if upload is None or not upload.done_in(self.project):
+                    data = await asyncio.to_thread(read_stored, self._context.out_dir, output)
+                    if data is None:
+                        self.stats.skipped += 1
+                        log.info("%s: stored image gone or changed; not uploaded", record.key[:16])
+                        return None
+                    upload = await self._upload_output(record, output, data, halted)
+                    outputs[index] = dataclasses.replace(output, upload=upload)
+                    changed = True
+                if self._annotate and upload.done_in(self.project) and upload.id is not None:
+                    upload = await self._annotate_output(output, upload, halted)
+                    outputs[index] = dataclasses.replace(output, upload=upload)
+                    changed = True
+        except Stopped:
             pass
         return dataclasses.replace(record, outputs=tuple(outputs)) if changed else None
 
     async def _upload_output(
         self, record: ItemRecord, output: OutputFile, data: bytes, halted: Callable[[], bool]
     ) -> UploadRecord:
-        """Upload one image; its record (id, or error). Raises `_Stopped`."""
+        """Upload one image; its record (id, or error). Raises `Stopped`."""
         image = ImageUpload(
             name=PurePosixPath(output.path).name,
             data=data,
@@ -224,45 +253,72 @@ class UploadStage:
             tags=provenance_tags(self._job, record, self._extra_tags),
         )
         try:
-            answer = await self._calls.call(partial(self._attempt, image, halted))
-        except FatalError as exc:
-            self._stop.fatal(exc)
-            raise _Stopped from None
+            answer = await self._calls.call(lambda: self._client.upload(image), halted)
         except BackendError as exc:
-            self._fail(image.name, exc)
-            kind: ErrorKind = exc.kind
-            return UploadRecord(self.project, error=ErrorInfo(kind, exc.status, exc.message))
-        self._failures_in_a_row = 0
+            self.stats.failed += 1
+            return UploadRecord(self.project, error=ErrorInfo(exc.kind, exc.status, exc.message))
         if answer.duplicate:
             self.stats.duplicates += 1
         else:
             self.stats.uploaded += 1
         return UploadRecord(self.project, id=answer.id, duplicate=answer.duplicate)
 
-    def _fail(self, name: str, exc: BackendError) -> None:
-        """Count a failed upload; too many in a row stop the run (the API is unwell)."""
-        self.stats.failed += 1
-        log.warning("upload of %s failed for good: %s", name, exc.message)
-        self._failures_in_a_row += 1
-        if self._failures_in_a_row >= self._max_failures:
-            self._stop.fatal(
-                FatalError(
-                    f"{self._failures_in_a_row} uploads failed in a row (last: {exc.message}); "
-                    "check the project and the API's status, then run the same command "
-                    "again to resume",
-                    kind=exc.kind,
-                    status=exc.status,
-                )
-            )
-
-    async def _attempt(self, image: ImageUpload, halted: Callable[[], bool]) -> UploadAnswer:
-        if halted():
-            raise _Stopped
+    async def _annotate_output(
+        self, output: OutputFile, upload: UploadRecord, halted: Callable[[], bool]
+    ) -> UploadRecord:
+        """Attach the output's labels to its uploaded image; the upload record with
+        ``annotated`` (or the annotation's error). Raises `Stopped`."""
+        assert output.labels is not None
+        assert upload.id is not None
+        image_id = upload.id
+        name = PurePosixPath(output.path)
+        predictions = output.labels.predictions
+        text = voc_xml(name.name, output.width, output.height, predictions)
         try:
-            return await self._client.upload(image)
-        except RateLimitedError:
-            self.stats.rate_limited_429 += 1
-            raise
+            await self._calls.call(
+                lambda: self._client.annotate(
+                    image_id,
+                    f"{name.stem}.xml",
+                    text,
+                    prediction=not self._settings.as_ground_truth,
+                ),
+                halted,
+            )
+        except BackendError as exc:
+            self.stats.annotations_failed += 1
+            error = ErrorInfo(exc.kind, exc.status, exc.message)
+            return dataclasses.replace(upload, annotated=False, annotation_error=error)
+        self.stats.annotated += 1
+        if self._reading_back and predictions:
+            self._reading_back = False  # the first annotated image with boxes, once a run
+            await self._check_read_back(image_id, len(predictions))
+        return dataclasses.replace(upload, annotated=True, annotation_error=None)
+
+    async def _check_read_back(self, image_id: str, sent: int) -> None:
+        """Read the image back; say loudly when Roboflow kept fewer boxes than sent."""
+        workspace = self._settings.workspace
+        assert workspace is not None
+        try:
+            kept = await self._client.boxes_kept(workspace, image_id)
+        except BackendError as exc:
+            self._read_back = ReadBack(image_id, sent, error=exc.message)
+            log.warning("upload: could not read image %s back: %s", image_id, exc.message)
+            return
+        self._read_back = ReadBack(image_id, sent, kept)
+        if self._read_back.dropped:
+            log.error(
+                "upload: Roboflow kept %s of the %d boxes sent with image %s in project %r: "
+                "annotations are being dropped; check the project's classes and annotation "
+                "settings before trusting this run's labels there",
+                kept,
+                sent,
+                image_id,
+                self.project,
+            )
+        elif kept is None:
+            log.warning("upload: the read-back of image %s did not say its boxes", image_id)
+        else:
+            log.info("upload: Roboflow kept all %d boxes of image %s", kept, image_id)
 
 
 def _client_class() -> type[UploadTarget]:
@@ -295,10 +351,14 @@ async def open_stage(spec: Spec, api_key: str, context: StageContext) -> UploadS
         proxies=DIRECT if embedded else read_proxy_settings(),
     )
     run = spec.run
-    return UploadStage(
-        settings,
-        job=spec.name,
-        client=client,
+    calls = RemoteCalls(
+        "upload",
+        policy=RetryPolicy(
+            max_attempts=settings.max_attempts,
+            base_s=run.backoff_base_s,
+            cap_s=run.backoff_max_s,
+            retry_ambiguous=True,  # a repeated upload is answered duplicate: never paid twice
+        ),
         limiter=Limiter(
             rate=rate,
             image_rate=None,
@@ -306,12 +366,14 @@ async def open_stage(spec: Spec, api_key: str, context: StageContext) -> UploadS
             default_pause_s=run.backoff_base_s,
             max_default_pause_s=run.backoff_max_s,
         ),
-        policy=RetryPolicy(
-            max_attempts=settings.max_attempts,
-            base_s=run.backoff_base_s,
-            cap_s=run.backoff_max_s,
-            retry_ambiguous=True,  # a repeated upload is answered duplicate: never paid twice
-        ),
-        context=context,
+        stop=context.stop,
         max_consecutive_failures=run.max_consecutive_failures,
+    )
+    return UploadStage(
+        settings,
+        job=spec.name,
+        client=client,
+        calls=calls,
+        context=context,
+        annotate=spec.label is not None,
     )

@@ -1,0 +1,202 @@
+"""The label stage: every stored image sent to a hosted detection model, exactly once.
+
+For each output without labels, the stored image is read back (only if it is still what
+the manifest recorded) and sent to ``label.model`` (`RoboflowDetectClient`); the answer's
+predictions, those of ``label.classes`` when given, are kept on the output as ``labels``
+(`LabelRecord`: ``{"model", "predictions"}``). With ``label.require_detection`` an
+output with none kept is flagged ``no_detection``: a finding, not a failure.
+
+Detection costs a request, so it is recorded like a generation: the line with the labels
+is appended as soon as the item's outputs are labelled, and a resume asks only for
+outputs without them. A detection that fails for good is recorded as
+``{"model", "error"}`` (exit 1) and asked again by the next run; a refused key or an
+unknown model stops the run (exit 3). Pace, concurrency and retries are the stage's own
+(``label.concurrency``, ``label.rate_limit``, ``label.max_attempts``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from ..credentials import DIRECT, labels_from_backend, read_proxy_settings
+from ..errors import BackendError, OutputError
+from ..jobspec.fields import parse_rate
+from ..jobspec.model import Spec
+from ..jobspec.stage_settings import DEFAULT_DETECT_URL, DEFAULT_LABEL_RATE, LabelSettings
+from ..limiter import Limiter
+from ..records import ErrorInfo, ItemRecord, LabelRecord, OutputFile, Prediction
+from ..retry import RetryPolicy
+from ..run.stages import StageContext
+from .remote import HALTED_BY, RemoteCalls, Stopped, read_stored
+
+__all__ = ["NO_DETECTION", "Detector", "LabelStage", "LabelStats", "open_stage"]
+
+log = logging.getLogger(__name__)
+
+NO_DETECTION = "no_detection"
+
+
+class Detector(Protocol):
+    """What labelling needs from a client (`RoboflowDetectClient`, or a test's fake)."""
+
+    async def detect(self, data: bytes) -> tuple[Prediction, ...]:
+        """The predictions for an image; raises a `BackendError` subclass on failure."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+@dataclass(slots=True)
+class LabelStats:
+    """Counters of one run's detections, for the summary and the exit code."""
+
+    labelled: int = 0  # outputs labelled this run
+    predictions: int = 0  # predictions kept
+    no_detection: int = 0  # outputs flagged no_detection
+    failed: int = 0  # outputs whose detection failed for good this run (recorded)
+    skipped: int = 0  # items whose file was gone or changed: the engine makes them again
+
+
+class LabelStage:
+    """Labels the outputs of the records it is given; see the module docstring."""
+
+    name = "label"
+    halted_by = HALTED_BY
+
+    def __init__(
+        self,
+        settings: LabelSettings,
+        *,
+        client: Detector,
+        calls: RemoteCalls,
+        context: StageContext,
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._calls = calls
+        self._out_dir = context.out_dir
+        self._classes = None if settings.classes is None else frozenset(settings.classes)
+        self.concurrency = settings.concurrency
+        self.stats = LabelStats()
+
+    @property
+    def failed(self) -> int:
+        """Outputs whose detection failed for good this run."""
+        return self.stats.failed
+
+    def needs(self, record: ItemRecord) -> bool:
+        """Whether some output of the ok `record` has no labels yet."""
+        return record.status == "ok" and any(_unlabelled(o) for o in record.outputs)
+
+    def summary(self) -> dict[str, Any]:
+        """The model and the counters."""
+        return {"model": self._settings.model, **asdict(self.stats), **asdict(self._calls.counts)}
+
+    async def aclose(self) -> None:
+        """Release the client's connections."""
+        await self._client.aclose()
+
+    async def process(self, record: ItemRecord, halted: Callable[[], bool]) -> ItemRecord | None:
+        """The record with each output's labels (also when stopped part way: what was
+        asked is kept); None when nothing new was found."""
+        outputs = list(record.outputs)
+        changed = False
+        try:
+            for index, output in enumerate(outputs):
+                if not _unlabelled(output):
+                    continue
+                data = await asyncio.to_thread(read_stored, self._out_dir, output)
+                if data is None:
+                    self.stats.skipped += 1
+                    log.info("%s: stored image gone or changed; not labelled", record.key[:16])
+                    return None
+                outputs[index] = await self._label(output, data, halted)
+                changed = True
+        except Stopped:
+            pass
+        return dataclasses.replace(record, outputs=tuple(outputs)) if changed else None
+
+    async def _label(
+        self, output: OutputFile, data: bytes, halted: Callable[[], bool]
+    ) -> OutputFile:
+        """`output` with its labels (or the error that kept it from them). Raises
+        `Stopped`."""
+        model = self._settings.model
+        try:
+            found = await self._calls.call(lambda: self._client.detect(data), halted)
+        except BackendError as exc:
+            self.stats.failed += 1
+            error = ErrorInfo(exc.kind, exc.status, exc.message)
+            return dataclasses.replace(output, labels=LabelRecord(model, error=error))
+        kept = tuple(p for p in found if self._classes is None or p.class_name in self._classes)
+        self.stats.labelled += 1
+        self.stats.predictions += len(kept)
+        labelled = dataclasses.replace(output, labels=LabelRecord(model, kept))
+        if not kept and self._settings.require_detection:
+            self.stats.no_detection += 1
+            return labelled.flagged_with(NO_DETECTION)
+        return labelled
+
+
+def _unlabelled(output: OutputFile) -> bool:
+    return output.labels is None or not output.labels.done
+
+
+def _client_class() -> type[Detector]:
+    """The detection client (its module, aiohttp's, takes about 100 ms to import)."""
+    from ..backends.roboflow_detect import RoboflowDetectClient
+
+    return RoboflowDetectClient
+
+
+async def open_stage(spec: Spec, api_key: str, context: StageContext) -> LabelStage:
+    """The label stage of `spec`'s ``label:`` block: to the embedded mock when the
+    backend kind serves it and no api_url is set, else to ``label.api_url`` (default
+    Roboflow's hosted inference)."""
+    settings = spec.label
+    assert settings is not None
+    embedded = labels_from_backend(settings, spec.backend)
+    root = context.backend_root if embedded else settings.api_url
+    if embedded and root is None:
+        raise OutputError("label: this backend serves no detection endpoint: set label.api_url")
+    rate = settings.rate_limit
+    if rate is None and not embedded:
+        rate = parse_rate(DEFAULT_LABEL_RATE)
+    client_class: Any = await asyncio.to_thread(_client_class)
+    client = client_class(
+        root or DEFAULT_DETECT_URL,
+        api_key,
+        model=settings.model,
+        confidence=settings.confidence,
+        overlap=settings.overlap,
+        concurrency=settings.concurrency,
+        timeout_s=spec.backend.timeout_s,
+        proxies=DIRECT if embedded else read_proxy_settings(),
+    )
+    run = spec.run
+    calls = RemoteCalls(
+        "label",
+        policy=RetryPolicy(
+            max_attempts=settings.max_attempts,
+            base_s=run.backoff_base_s,
+            cap_s=run.backoff_max_s,
+            retry_ambiguous=True,  # a detection repeated costs a request, never an image
+        ),
+        limiter=Limiter(
+            rate=rate,
+            image_rate=None,
+            concurrency=settings.concurrency,
+            default_pause_s=run.backoff_base_s,
+            max_default_pause_s=run.backoff_max_s,
+        ),
+        stop=context.stop,
+        max_consecutive_failures=run.max_consecutive_failures,
+    )
+    return LabelStage(settings, client=client, calls=calls, context=context)
