@@ -130,28 +130,28 @@ class RoboflowDetectClient(ApiClientOwner):
     async def detect(self, data: bytes) -> tuple[Prediction, ...]:
         """The predictions for the image `data`, boxes in its pixels; raises a
         `BackendError` subclass on failure (never the key). A body over
-        `MAX_REQUEST_BYTES`, or a 413, sends the image shrunk (halved again on each 413,
+        `MAX_REQUEST_BYTES`, or a 413, sends the image shrunk (at least halved each time,
         down to `MIN_EDGE`)."""
         scale = 1.0
-        encoded = _encoded_bytes(len(data))
-        if encoded > MAX_REQUEST_BYTES:
-            scale = math.sqrt(MAX_REQUEST_BYTES / encoded) * 0.9
         while True:
             sent, exact = data, (1.0, 1.0)
             if scale != 1.0:
                 sent, exact = await asyncio.to_thread(shrink_for_request, data, scale)
+            encoded = _encoded_bytes(len(sent))
             try:
+                if encoded > MAX_REQUEST_BYTES:
+                    raise _TooLarge(f"the image is {encoded} bytes as base64")
                 return await self._detect(sent, exact)
             except _TooLarge as too_large:
-                scale /= 2
+                scale *= min(0.5, math.sqrt(MAX_REQUEST_BYTES / encoded))
                 if not await asyncio.to_thread(_fits, data, scale):
                     raise PermanentError(
-                        f"{too_large} even shrunk to {MIN_EDGE} px: the server takes no "
-                        "image this large; check label.api_url",
+                        f"{self._endpoint}: {too_large}, even shrunk to {MIN_EDGE} px: the "
+                        "server takes no image this large; check label.api_url",
                         kind="http_status",
                         status=TOO_LARGE,
                     ) from None
-                _log.info("%s refused the size: sending the image at %.3g×", self._endpoint, scale)
+                _log.info("%s: %s; sending it at %.3g×", self._endpoint, too_large, scale)
 
     async def _detect(self, data: bytes, scale: Scale) -> tuple[Prediction, ...]:
         body = encode_image(data).encode("ascii")
@@ -172,7 +172,7 @@ class RoboflowDetectClient(ApiClientOwner):
     ) -> tuple[Prediction, ...]:
         text = self._http.scrub(raw.decode("utf-8", errors="replace"))
         if status == TOO_LARGE:
-            raise _TooLarge(f"{self._endpoint} refused the image's size (HTTP 413)")
+            raise _TooLarge("the server refused the image's size (HTTP 413)")
         if not 200 <= status < 300:
             raise self._detect_error(self._http.http_error(status, text, headers))
         try:
