@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from .shapes import DEFAULT_DETECT_CLASSES, MAX_DETECT_CLASSES
+
 __all__ = [
     "DEFAULT_FAULT_WEIGHTS",
     "DEFAULT_PAUSE_GRACE_S",
@@ -117,6 +119,11 @@ class MockConfig:
     shutdowns: Mapping[str, dt.date] = field(default_factory=dict)
     today: dt.date | None = None  # the mock's date, which shutdowns are judged on (None: host's)
     models_fault: str | None = None  # every /v1/models request fails so (MODELS_FAULT_KINDS)
+    # the classes drawn into the images and found by POST /{project}/{version} (lower case)
+    detect_classes: tuple[str, ...] = DEFAULT_DETECT_CLASSES
+    detect_models: frozenset[str] | None = None  # "project/version"s served (None: any)
+    detect_max_pixels: int | None = None  # larger images answer 413 (None: no limit)
+    drop_annotation_boxes: bool = False  # annotations answer success but keep no boxes
 
     def accepts_key(self, given: str) -> bool:
         """`given` is the key the mock was started with (any key passes without one);
@@ -164,10 +171,24 @@ class MockConfig:
             problems.append(f"unknown retry_after_form {self.retry_after_form!r}")
         if self.photo_format not in (None, "png", "jpeg"):
             problems.append(f"unknown photo_format {self.photo_format!r} (png or jpeg)")
+        problems += _detect_problems(self)
         if self.response_shape not in ("data", "array", "images", "results", "b64_json"):
             problems.append(f"unknown response_shape {self.response_shape!r}")
         if problems:
             raise ValueError("invalid mock config: " + "; ".join(problems))
+
+
+def _detect_problems(config: MockConfig) -> list[str]:
+    """What is wrong with the detection settings (the vocabulary and the pixel limit)."""
+    classes = config.detect_classes
+    problems = []
+    if not all(isinstance(name, str) and name and name == name.lower() for name in classes):
+        problems.append("detect_classes must be non-empty lower-case names")
+    if len(set(classes)) != len(classes) or len(classes) > MAX_DETECT_CLASSES:
+        problems.append(f"detect_classes must be distinct, at most {MAX_DETECT_CLASSES}")
+    if config.detect_max_pixels is not None and config.detect_max_pixels < 1:
+        problems.append(f"detect_max_pixels must be >= 1, got {config.detect_max_pixels}")
+    return problems
 
 
 @dataclass
@@ -202,6 +223,16 @@ class MockStats:
     uploads_by_name: dict[str, int] = field(default_factory=dict)
     model_requests: int = 0  # GET /v1/models and /v1/models/{id}, any answer
     model_not_found: int = 0  # generation requests refused: their model is shut down
+    detect_requests: int = 0  # POST /{project}/{version} requests, any answer
+    detections: int = 0  # images detected (answered or dropped: each is billed)
+    # per sha256 of a detected image's bytes, its detections (more than 1: detected twice)
+    detections_by_sha256: dict[str, int] = field(default_factory=dict)
+    annotate_requests: int = 0  # POST /dataset/{project}/annotate/{id} requests, any answer
+    annotations: int = 0  # annotations stored (overwrites included)
+    annotation_conflicts: int = 0  # annotations refused with 409: the image had one
+    # per image id, the annotations stored for it (more than 1: annotated twice)
+    annotations_by_image: dict[str, int] = field(default_factory=dict)
+    image_reads: int = 0  # GET /{workspace}/{project}/images/{id} requests, any answer
 
     @property
     def duplicates(self) -> int:
@@ -235,4 +266,10 @@ class MockStats:
             "upload_duplicates": self.upload_duplicates,
             "model_requests": self.model_requests,
             "model_not_found": self.model_not_found,
+            "detect_requests": self.detect_requests,
+            "detections": self.detections,
+            "annotate_requests": self.annotate_requests,
+            "annotations": self.annotations,
+            "annotation_conflicts": self.annotation_conflicts,
+            "image_reads": self.image_reads,
         }

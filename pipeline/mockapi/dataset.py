@@ -4,7 +4,9 @@ Each project the mock is asked about starts with a few seeded images (determinis
 names, tags and class names), so a search source has something to find offline; an
 upload adds an image, and a second upload of the same name into the same project is a
 duplicate, as Roboflow answers it. Uploaded images are searchable by their tags, which
-lets a rehearsal find "last night's images" the way a user would.
+lets a rehearsal find "last night's images" the way a user would. An image holds at most
+one annotation (`MockAnnotation`, boxes in Roboflow's centre form), replaced only when
+asked to, so that a client can read back what a project kept.
 """
 
 from __future__ import annotations
@@ -12,11 +14,50 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["SEED_CLASSES", "SEED_TAGS", "MockDataset", "MockImage"]
+__all__ = ["SEED_CLASSES", "SEED_TAGS", "MockAnnotation", "MockBox", "MockDataset", "MockImage"]
 
 SEED_TAGS = ("fall", "spring", "night", "day")
 SEED_CLASSES = ("maple", "oak", "pine")
+
+
+@dataclass(frozen=True, slots=True)
+class MockBox:
+    """One labelled box as Roboflow returns it: centre (`x`, `y`), `width`, `height`."""
+
+    label: str
+    x: float
+    y: float
+    width: float
+    height: float
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"label", "x", "y", "width", "height"}``."""
+        return {
+            "label": self.label,
+            "x": self.x,
+            "y": self.y,
+            "width": self.width,
+            "height": self.height,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class MockAnnotation:
+    """An image's annotation: the image size it was made for (None: not said) and boxes."""
+
+    width: int | None
+    height: int | None
+    boxes: tuple[MockBox, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"width", "height", "boxes": [...]}``, as Roboflow's image details show it."""
+        return {
+            "width": self.width,
+            "height": self.height,
+            "boxes": [box.to_json() for box in self.boxes],
+        }
 
 
 @dataclass
@@ -32,6 +73,19 @@ class MockImage:
     tags: list[str] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
     seeded: bool = False
+    size: tuple[int, int] | None = None  # width, height (None: not known, e.g. a seed)
+    annotation: MockAnnotation | None = None
+    annotation_is_prediction: bool = False
+
+    def annotate(
+        self, annotation: MockAnnotation, *, prediction: bool = False, overwrite: bool = False
+    ) -> bool:
+        """Keep `annotation`; False (nothing kept) when there is one and no `overwrite`."""
+        if self.annotation is not None and not overwrite:
+            return False
+        self.annotation = annotation
+        self.annotation_is_prediction = prediction
+        return True
 
 
 class MockDataset:
@@ -55,6 +109,7 @@ class MockDataset:
         name: str,
         data: bytes,
         *,
+        size: tuple[int, int] | None = None,
         split: str | None = None,
         batch: str | None = None,
         tags: list[str] | None = None,
@@ -70,6 +125,7 @@ class MockDataset:
             name=name,
             project=project,
             sha256=digest,
+            size=size,
             split=split,
             batch=batch,
             tags=list(tags or ()),

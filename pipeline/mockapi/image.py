@@ -2,9 +2,11 @@
 
 Each image is filled with `mock_color` (from prompt and input), so a test can tell which
 request made it from any pixel of the middle third, which stays pure colour. Around that
-middle: the prompt in the top third, ``#index`` in the bottom-right corner and, for a
-``base64`` input, a thumbnail of the input in the bottom-left third, so the contact sheets
-of image sources show what each variant was made from. Text uses the DejaVu Sans font
+middle: the prompt in the top third, ``#index`` in the bottom-right corner, for a
+``base64`` input a thumbnail of the input in the bottom-left third, so the contact sheets
+of image sources show what each variant was made from, and in the three cells left free
+a shape for each class of the detection vocabulary the prompt names
+(`pipeline.mockapi.shapes`), which the mock's detection finds again. Text uses the DejaVu Sans font
 shipped in the package (Pillow's own font if it is unreadable). CPU-bound and sync: the
 server calls these in a thread.
 """
@@ -16,9 +18,12 @@ import binascii
 import hashlib
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw, ImageFont, ImageOps
+
+from .shapes import DEFAULT_DETECT_CLASSES, plan_shapes
 
 __all__ = [
     "PHOTO_FORMATS",
@@ -57,10 +62,13 @@ def draw_image(
     width: int,
     height: int,
     image_type: str | None = None,
+    classes: Sequence[str] = DEFAULT_DETECT_CLASSES,
 ) -> bytes:
-    """The PNG the mock answers for a request's `prompt` and input `image` (see module doc)."""
+    """The PNG the mock answers for a request's `prompt` and input `image` (see module doc);
+    `classes` is the detection vocabulary (`MockConfig.detect_classes`)."""
     thumb = input_thumbnail(image, image_type, width, height)
-    return paint(prompt, mock_color(prompt, image), thumb, index=index, width=width, height=height)
+    color = mock_color(prompt, image)
+    return paint(prompt, color, thumb, index=index, width=width, height=height, classes=classes)
 
 
 def input_thumbnail(
@@ -89,9 +97,17 @@ def input_thumbnail(
 
 
 def paint(
-    prompt: str, color: RGB, thumb: Image.Image | None, *, index: int, width: int, height: int
+    prompt: str,
+    color: RGB,
+    thumb: Image.Image | None,
+    *,
+    index: int,
+    width: int,
+    height: int,
+    classes: Sequence[str] = DEFAULT_DETECT_CLASSES,
 ) -> bytes:
-    """Draw the image: `color` fill, prompt on top, `thumb` bottom-left, ``#index`` bottom-right.
+    """Draw the image: `color` fill, prompt on top, `thumb` bottom-left, ``#index`` bottom-right,
+    the shapes of the `classes` the prompt names in the cells between.
 
     Nothing is drawn inside the middle third, so its pixels are exactly `color`.
     """
@@ -99,6 +115,13 @@ def paint(
     ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
     canvas = Image.new("RGB", (width, height), color)
     draw = ImageDraw.Draw(canvas)
+    for shape in plan_shapes(prompt, index, width, height, classes, color):
+        box = shape.box
+        corners = (box.left, box.top, box.left + box.width - 1, box.top + box.height - 1)
+        if shape.kind == "ellipse":
+            draw.ellipse(corners, fill=shape.color)
+        else:
+            draw.rectangle(corners, fill=shape.color)
     font = _font(max(8, min(14, width // 22)))  # a font per call: fonts are not thread-safe
     line_h = math.ceil(draw.textbbox((0, 0), "Ag", font=font)[3]) + 2
     y = 2

@@ -110,7 +110,7 @@ class ServedImages:
     async def _image(self, token: str, spec: ImageSpec) -> tuple[bytes, str | None]:
         """The image for `spec`, and its base64 when that is cached (photo-like images)."""
         if self.config.photo_format is None:
-            return await asyncio.to_thread(_render, spec), None
+            return await asyncio.to_thread(_render, spec, self.config.detect_classes), None
         pool = await self._photo_pool(spec.width, spec.height)
         data, encoded = pool[int(token[:8], 16) % len(pool)]
         if spec.fault is None:
@@ -150,8 +150,14 @@ class ServedImages:
         return token
 
 
-def _render(spec: ImageSpec) -> bytes:
+def _render(spec: ImageSpec, classes: tuple[str, ...]) -> bytes:
     data = paint(
-        spec.prompt, spec.color, spec.thumb, index=spec.index, width=spec.width, height=spec.height
+        spec.prompt,
+        spec.color,
+        spec.thumb,
+        index=spec.index,
+        width=spec.width,
+        height=spec.height,
+        classes=classes,
     )
     return damage(data, spec.fault)

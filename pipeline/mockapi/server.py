@@ -11,8 +11,11 @@ server's shared state:
   ``POST /v1/images/generations`` / ``/v1/images/edits`` (OpenAI);
 - `pipeline.mockapi.served`: the answers' images, ``GET /images/<token>.png``;
 - `pipeline.mockapi.faults`: fault injection, the enforced rate limit, Retry-After;
-- `pipeline.mockapi.search`, `pipeline.mockapi.upload` over `pipeline.mockapi.dataset`:
-  Roboflow's image search and upload;
+- `pipeline.mockapi.search`, `pipeline.mockapi.upload`, `pipeline.mockapi.annotate` over
+  `pipeline.mockapi.dataset`: Roboflow's image search, upload, annotation upload and
+  image read-back;
+- `pipeline.mockapi.detect`: Roboflow's hosted detection, ``POST /{project}/{version}``,
+  which finds the shapes `pipeline.mockapi.image` draws (`pipeline.mockapi.shapes`);
 - `pipeline.mockapi.batches`: OpenAI's Files and Batch API; `pipeline.mockapi.models`:
   its models list;
 - `pipeline.mockapi.config`: the settings (`MockConfig`) and counters (`MockStats`, also
@@ -29,6 +32,7 @@ import asyncio
 
 from aiohttp import web
 
+from .annotate import serve_annotate, serve_image
 from .batches import MockBatches
 from .bodies import bearer
 from .config import (
@@ -41,6 +45,7 @@ from .config import (
     MockStats,
 )
 from .dataset import MockDataset
+from .detect import serve_detect
 from .faults import MockFaults
 from .generation import MockGeneration
 from .image import draw_image, mock_color
@@ -93,8 +98,12 @@ class _MockApi:
         application.router.add_get("/_stats", self.serve_stats)
         application.router.add_post("/{workspace}/{project}/search", self.search)
         application.router.add_post("/dataset/{project}/upload", self.upload)
+        application.router.add_post("/dataset/{project}/annotate/{image_id}", self.annotate)
+        application.router.add_get("/{workspace}/{project}/images/{image_id}", self.read_image)
         self.batches.add_routes(application)
         self.models.add_routes(application)
+        # last: two segments of which the second is a number must not shadow another route
+        application.router.add_post(r"/{project}/{version:\d+}", self.detect)
         if self.config.clock_offset_s:
             application.on_response_prepare.append(self.faults.stamp_date)
         return application
@@ -119,6 +128,37 @@ class _MockApi:
         return await serve_upload(
             request,
             dataset=self.dataset,
+            config=self.config,
+            stats=self.stats,
+            draw_fault=self.faults.draw,
+            rate_limited=lambda seconds: self.faults.rate_limited(seconds, now),
+            pause=self.faults.pause,
+        )
+
+    async def annotate(self, request: web.Request) -> web.StreamResponse:
+        """``POST /dataset/{project}/annotate/{image_id}`` (`pipeline.mockapi.annotate`)."""
+        now = asyncio.get_running_loop().time()
+        return await serve_annotate(
+            request,
+            dataset=self.dataset,
+            config=self.config,
+            stats=self.stats,
+            draw_fault=self.faults.draw,
+            rate_limited=lambda seconds: self.faults.rate_limited(seconds, now),
+            pause=self.faults.pause,
+        )
+
+    async def read_image(self, request: web.Request) -> web.Response:
+        """``GET /{workspace}/{project}/images/{image_id}`` (`pipeline.mockapi.annotate`)."""
+        return await serve_image(
+            request, dataset=self.dataset, config=self.config, stats=self.stats
+        )
+
+    async def detect(self, request: web.Request) -> web.StreamResponse:
+        """``POST /{project}/{version}`` (`pipeline.mockapi.detect`)."""
+        now = asyncio.get_running_loop().time()
+        return await serve_detect(
+            request,
             config=self.config,
             stats=self.stats,
             draw_fault=self.faults.draw,

@@ -24,13 +24,11 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import MockConfig, MockStats
 from .dataset import MockDataset
+from .replies import ROBOFLOW_FAULTS, drop_connection, fault_answer, roboflow_error
 
 __all__ = ["SPLITS", "decode_upload", "serve_upload"]
 
 SPLITS = ("train", "valid", "test")
-_UPLOAD_FAULTS = frozenset(
-    {"429", "500", "502", "503", "504", "drop", "malformed", "wrong_shape", "slow"}
-)
 
 
 async def serve_upload(
@@ -51,35 +49,35 @@ async def serve_upload(
     stats.upload_requests += 1
     if not config.accepts_key(request.query.get("api_key", "")):
         stats.unauthorized += 1
-        return _error(401, "Unauthorized: invalid api_key.")
+        return roboflow_error(401, "Unauthorized: invalid api_key.")
     name = request.query.get("name", "").strip()
     split = request.query.get("split")
-    data, problem = decode_upload(await request.read())
+    data, size, problem = decode_upload(await request.read())
     if not name:
         problem = "name is required for a base64 upload."
     elif split is not None and split not in SPLITS:
         problem = f"split must be one of {', '.join(SPLITS)}, got {split!r}."
     if problem is not None:
-        return _error(400, problem)
+        return roboflow_error(400, problem)
     project = request.match_info["project"]
     if config.projects is not None and project not in config.projects:
         stats.unknown_project += 1
-        return _error(404, f"Project {project} not found.")
+        return roboflow_error(404, f"Project {project} not found.")
     fault = draw_fault()
-    fault = fault if fault in _UPLOAD_FAULTS else None
-    if fault == "429":
-        return rate_limited(config.retry_after_s)
-    if fault in ("500", "502", "503", "504"):
-        return _server_error(int(fault))
-    if fault == "malformed":
-        return web.Response(text='{"success": true, "id": ', content_type="application/json")
-    if fault == "wrong_shape":
-        return web.json_response({"message": "queued"})
+    fault = fault if fault in ROBOFLOW_FAULTS else None
+    refusal = fault_answer(
+        fault,
+        too_many=lambda: rate_limited(config.retry_after_s),
+        malformed='{"success": true, "id": ',
+    )
+    if refusal is not None:
+        return refusal
     await pause(config.latency_s + (config.slow_s if fault == "slow" else 0.0))
     image, duplicate = dataset.add(
         project,
         name,
         data,
+        size=size,
         split=split,
         batch=request.query.get("batch"),
         tags=request.query.getall("tag", []),
@@ -92,37 +90,27 @@ async def serve_upload(
     else:
         stats.uploads += 1
     if fault == "drop":  # stored, but the client never hears it
-        if request.transport is not None:
-            request.transport.close()
+        drop_connection(request)
         return web.Response(status=500)
     if duplicate:
         return web.json_response({"duplicate": True, "id": image.id})
     return web.json_response({"success": True, "id": image.id})
 
 
-def decode_upload(body: bytes) -> tuple[bytes, str | None]:
-    """The image bytes of an upload's body (its base64), or why Roboflow would refuse it."""
+def decode_upload(body: bytes) -> tuple[bytes, tuple[int, int] | None, str | None]:
+    """The image bytes of an upload's body (its base64) and the image's size, or why
+    Roboflow would refuse it."""
     text = body.strip()
     if not text:
-        return b"", "the body must be the image, base64 encoded."
+        return b"", None, "the body must be the image, base64 encoded."
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        return b"", "the body is not valid base64."
+        return b"", None, "the body is not valid base64."
     try:
         with Image.open(io.BytesIO(data)) as image:
+            size = image.size
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return b"", "the body is not an image."
-    return data, None
-
-
-def _server_error(status: int) -> web.Response:
-    payload: dict[str, object] = {"error": {"message": "The server had an error, try again."}}
-    if status == 502:
-        payload["retryable"] = True
-    return web.json_response(payload, status=status)
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message}}, status=status)
+        return b"", None, "the body is not an image."
+    return data, size, None
