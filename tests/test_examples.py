@@ -38,7 +38,7 @@ def summary_of(spec: Path) -> dict[str, object]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["quickstart", "batch-mock", "nightly-mock"])
+@pytest.mark.parametrize("name", ["quickstart", "batch-mock", "nightly-mock", "labelled-mock"])
 def test_embedded_mock_examples_run_as_documented(examples: Path, name: str) -> None:
     """The examples that name the embedded mock run with no key and no network: exit 0."""
     spec = examples / f"{name}.yaml"
@@ -46,6 +46,22 @@ def test_embedded_mock_examples_run_as_documented(examples: Path, name: str) -> 
     summary = summary_of(spec)
     assert summary["failed"] == 0
     assert summary["ok"] == summary["items_seen"]
+
+
+@pytest.mark.slow
+def test_the_labelled_rehearsal_labels_flags_and_annotates(examples: Path) -> None:
+    """examples/labelled-mock.yaml: every image labelled; the scenes that name objects
+    uploaded with their boxes (read back intact), the empty roads flagged and held back."""
+    spec = examples / "labelled-mock.yaml"
+    assert run_cli("run", str(spec)) == 0
+    summary = summary_of(spec)
+    label, upload = summary["label"], summary["upload"]
+    assert isinstance(label, dict)
+    assert isinstance(upload, dict)
+    assert label["labelled"] == summary["images"] == 8
+    assert label["no_detection"] == 2  # the empty roads
+    assert upload["uploaded"] == upload["annotated"] == 6
+    assert upload["annotation_check"]["ok"] is True
 
 
 @pytest.mark.slow
