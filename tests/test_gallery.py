@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -14,7 +15,14 @@ from checks import run_spec
 from PIL import Image
 
 from pipeline.manifest.writer import ManifestWriter
-from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
+from pipeline.records import (
+    ErrorInfo,
+    InputImage,
+    ItemRecord,
+    LabelRecord,
+    OutputFile,
+    Prediction,
+)
 from pipeline.views.gallery import write_gallery
 from pipeline.views.grid import draw_grids
 
@@ -201,6 +209,90 @@ def test_input_image_is_named(tmp_path: Path) -> None:
     )
 
 
+LEAF = Prediction(x=10, y=15, width=8, height=6, class_name="<leaf>", confidence=0.87)
+STEM = Prediction(x=30, y=10, width=20, height=10, class_name="stem", confidence=0.5)
+BOX = re.compile(
+    r'<div class="box" style="left:([\d.]+)%;top:([\d.]+)%;width:([\d.]+)%;'
+    r'height:([\d.]+)%;[^"]*"[^>]*><span>([^<]*)</span></div>'
+)
+
+
+def staged(item: ItemRecord, **fields: Any) -> ItemRecord:
+    """`item` with the stage fields `fields` set on its (one) output."""
+    return dataclasses.replace(item, outputs=(dataclasses.replace(item.outputs[0], **fields),))
+
+
+def staged_out(out: Path) -> None:
+    """'street': maple labelled (two boxes), oak flagged without labels, birch plain."""
+    sample_out(out)
+    labels = LabelRecord("leaves/1", (LEAF, STEM))
+    write_manifest(
+        out,
+        [
+            staged(record(out, "street", {"tree": "maple"}), labels=labels, phash="0" * 16),
+            staged(record(out, "street", {"tree": "oak"}), flags=("duplicate", "no_<b>")),
+            record(out, "street", {"tree": "birch"}),
+        ],
+    )
+
+
+def figures(page: str) -> dict[str, str]:
+    """Each card's HTML by its tree."""
+    cards = re.findall(r"<figure .*?</figure>", page)
+    return {re.findall(r"<b>tree</b> (\w+)", card)[0]: card for card in cards if "<b>tree" in card}
+
+
+def test_boxes_are_drawn_over_their_image_in_percent(tmp_path: Path) -> None:
+    """A labelled image gets one box per prediction, placed in % of the 40 x 30 image,
+    named by its class (escaped) and confidence; images without labels get none."""
+    staged_out(tmp_path)
+    page = write_gallery(tmp_path).read_text("utf-8")
+    cards = figures(page)
+    boxes = [(*(float(v) for v in found[:4]), found[4]) for found in BOX.findall(cards["maple"])]
+    # LEAF: centre (10, 15), 8 x 6 -> corners (6, 12)-(14, 18) of 40 x 30
+    assert boxes[0] == pytest.approx((15.0, 40.0, 20.0, 20.0, "&lt;leaf&gt; 87%"))
+    # STEM: corners (20, 5)-(40, 15)
+    assert boxes[1] == pytest.approx((50.0, 16.67, 50.0, 33.33, "stem 50%"), abs=0.01)
+    assert len(BOX.findall(page)) == 2
+    assert "<leaf>" not in page
+    assert "labels <code>leaves/1</code>" in cards["maple"]
+    assert "&lt;leaf&gt; ×1" in cards["maple"]
+    for tree in ("oak", "birch"):
+        assert "labels" not in cards[tree]
+
+
+def test_flagged_cards_carry_their_flags(tmp_path: Path) -> None:
+    """A flagged output's card is marked and shows a badge per flag; others show none."""
+    staged_out(tmp_path)
+    page = write_gallery(tmp_path).read_text("utf-8")
+    cards = figures(page)
+    oak = cards["oak"]
+    assert oak.startswith('<figure class="item flagged" data-flags="duplicate no_&lt;b&gt;">')
+    assert '<span class="flag">duplicate</span><span class="flag">no_&lt;b&gt;</span>' in oak
+    assert '<div class="shot flagged">' in oak
+    for tree in ("maple", "birch"):
+        assert cards[tree].startswith('<figure class="item">')
+        assert 'class="flag"' not in cards[tree]
+    assert '<span class="flagcount">1 flagged</span>' in page
+
+
+def test_labelling_failure_and_empty_labels_are_said(tmp_path: Path) -> None:
+    """Labels with an error or without predictions say so, and draw no box."""
+    sample_out(tmp_path)
+    failed = LabelRecord("leaves/1", error=ErrorInfo("timeout", None, "slow"))
+    write_manifest(
+        tmp_path,
+        [
+            staged(record(tmp_path, "street", {"tree": "maple"}), labels=failed),
+            staged(record(tmp_path, "street", {"tree": "oak"}), labels=LabelRecord("leaves/1")),
+        ],
+    )
+    cards = figures(write_gallery(tmp_path).read_text("utf-8"))
+    assert "detection failed: timeout" in cards["maple"]
+    assert "no detections" in cards["oak"]
+    assert not BOX.findall(cards["maple"] + cards["oak"])
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(
     not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium"
@@ -233,3 +325,39 @@ def test_page_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert "content policy <script>" in failed
     assert all(url.startswith("file://") for url in requests)
     assert (tmp_path / "index.png").stat().st_size > 0
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium"
+)
+def test_boxes_sit_on_their_objects_in_headless_chromium(tmp_path: Path) -> None:
+    """In a real browser each box covers its prediction's share of the thumbnail."""
+    from playwright.sync_api import sync_playwright
+
+    out = tmp_path / "out"
+    out.mkdir()
+    staged_out(out)
+    index = write_gallery(out)
+    measure = """els => els.map(e => {
+        const b = e.getBoundingClientRect();
+        const i = e.closest('.shot').querySelector('img').getBoundingClientRect();
+        return [(b.left - i.left) / i.width, (b.top - i.top) / i.height,
+                b.width / i.width, b.height / i.height, e.innerText];
+    })"""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(index.as_uri())
+            page.wait_for_function("[...document.images].every(i => i.complete)")
+            boxes = page.eval_on_selector_all(".box", measure)
+            badges = page.eval_on_selector_all(
+                "figure.flagged .flag", "fs => fs.map(f => f.innerText)"
+            )
+        finally:
+            browser.close()
+    assert [b[4] for b in boxes] == ["<leaf> 87%", "stem 50%"]
+    assert boxes[0][:4] == pytest.approx([0.15, 0.4, 0.2, 0.2], abs=0.02)
+    assert boxes[1][:4] == pytest.approx([0.5, 1 / 6, 0.5, 1 / 3], abs=0.02)
+    assert badges == ["duplicate", "no_<b>"]

@@ -2,8 +2,12 @@
 
 Per source: its contact sheets (``OUT/grids``, found by their PNG metadata), then every
 image with its prompt, variables, status and attempts, linking to the full file, then the
-failed and unfinished items with their errors. The page is self-contained (inline CSS, no
-script, no network) and every path in it is relative, so OUT can be zipped and shared.
+failed and unfinished items with their errors. What the stages after storage found is
+drawn on each image: the label stage's boxes (positioned in % of the image, so they scale
+with it) with their class and confidence, and the flags (``duplicate``, ``unchanged``,
+``no_detection``, ...) as badges on a card set apart by its colour, so a reviewer sees
+what the export would leave out. The page is self-contained (inline CSS, no script, no
+network) and every path in it is relative, so OUT can be zipped and shared.
 Small JPEG thumbnails go to ``OUT/thumbs/<sha256[:16]>.jpg`` (named by the image's hash,
 so they never go stale; unused ones are removed), keeping the page light for big runs.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import html
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -63,6 +68,16 @@ table{border-collapse:collapse;width:100%;margin:8px 0}
 th,td{border:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top;
 word-break:break-word}
 th{background:#f3f3f3}
+.shot{position:relative;max-width:100%;overflow:hidden}
+.box{position:absolute;box-sizing:border-box;border:2px solid var(--c);pointer-events:none}
+.box span{position:absolute;left:-2px;top:-2px;background:var(--c);color:#fff;font-size:11px;
+line-height:14px;padding:0 3px;white-space:nowrap}
+figure.flagged{border:2px solid #d9480f;background:#fff4e6}
+.shot.flagged img{outline:3px solid #d9480f;outline-offset:-3px}
+.flag{display:inline-block;background:#d9480f;color:#fff;border-radius:3px;padding:0 5px;
+margin:1px 3px 1px 0;font-size:12px;font-weight:600}
+.flagcount{color:#d9480f}
+.labels .cls{display:inline-block;border-left:4px solid var(--c);padding:0 4px;margin-right:4px}
 """
 
 
@@ -201,6 +216,9 @@ def _counts(records: Sequence[ItemRecord]) -> str:
         ("generated", statuses.count("generated")),
     ]
     shown = "".join(f'<span class="{s}">{n} {s}</span>' for s, n in parts if n)
+    flagged = sum(1 for r in records if r.status == "ok" for o in r.outputs if o.flags)
+    if flagged:
+        shown += f'<span class="flagcount">{flagged} flagged</span>'
     return f"{shown}<span class='muted'>{images} image{'s' * (images != 1)}</span>"
 
 
@@ -276,7 +294,7 @@ def _vars(record: ItemRecord) -> str:
 
 
 def _figure(record: ItemRecord, thumbs: _Thumbs) -> str:
-    """One ok item: its images (thumbnail → full file) and what made them."""
+    """One ok item: its images (thumbnail → full file) with their boxes, and what made them."""
     images, links = [], []
     for output in record.outputs:
         relative = output.path
@@ -287,17 +305,72 @@ def _figure(record: ItemRecord, thumbs: _Thumbs) -> str:
             continue
         src, width, height = thumb
         images.append(
-            f'<a href="{_href(relative)}"><img src="{_href(src)}" width="{width}" '
-            f'height="{height}" loading="lazy" alt="{_e(record.prompt)}"></a>'
+            f'<div class="shot{" flagged" * bool(output.flags)}"><a href="{_href(relative)}">'
+            f'<img src="{_href(src)}" width="{width}" height="{height}" loading="lazy" '
+            f'alt="{_e(record.prompt)}"></a>{_boxes(output)}</div>'
         )
         links.append(f'<a href="{_href(relative)}">{_e(name)}</a>')
     attempts = record.attempts
+    flags = list(dict.fromkeys(f for o in record.outputs for f in o.flags))
+    mark = f' flagged" data-flags="{_e(" ".join(flags))}' if flags else ""
+    badges = "".join(f'<span class="flag">{_e(f)}</span>' for f in flags)
+    labels = "".join(_labels_line(o, len(record.outputs)) for o in record.outputs)
     return (
-        f'<figure class="item"><div class="thumbs">{"".join(images)}</div><figcaption>'
-        f"<p>{_e(record.prompt)}</p><p>{_vars(record)}</p>"
+        f'<figure class="item{mark}"><div class="thumbs">{"".join(images)}</div><figcaption>'
+        f"{f'<p>{badges}</p>' if badges else ''}"
+        f"<p>{_e(record.prompt)}</p><p>{_vars(record)}</p>{labels}"
         f'<p><span class="status ok">ok</span> · {attempts} attempt{"s" * (attempts != 1)}'
         f" · {' '.join(links)}</p></figcaption></figure>"
     )
+
+
+def _colour(class_name: str) -> str:
+    """A hue per class name, the same on every card (and every page)."""
+    hue = int(hashlib.sha256(class_name.encode("utf-8")).hexdigest()[:4], 16) * 360 // 65536
+    return f"hsl({hue} 75% 40%)"
+
+
+def _boxes(output: OutputFile) -> str:
+    """The label stage's boxes over the image, in % of the stored image's size (the
+    predictions' pixels), so they follow the thumbnail at any width."""
+    labels = output.labels
+    if labels is None or output.width <= 0 or output.height <= 0:
+        return ""
+    boxes = []
+    for p in labels.predictions:
+        xmin, ymin, xmax, ymax = p.corners()
+        left, right = (min(max(v / output.width * 100, 0.0), 100.0) for v in (xmin, xmax))
+        top, bottom = (min(max(v / output.height * 100, 0.0), 100.0) for v in (ymin, ymax))
+        if right <= left or bottom <= top:
+            continue
+        place = (
+            f"left:{left:.2f}%;top:{top:.2f}%;width:{right - left:.2f}%;"
+            f"height:{bottom - top:.2f}%;--c:{_colour(p.class_name)}"
+        )
+        boxes.append(
+            f'<div class="box" style="{place}" title="{_e(p.class_name)} {p.confidence:.2f}">'
+            f"<span>{_e(p.class_name)} {p.confidence:.0%}</span></div>"
+        )
+    return "".join(boxes)
+
+
+def _labels_line(output: OutputFile, outputs: int) -> str:
+    """What detection found in one image, by class; nothing when it was not labelled."""
+    labels = output.labels
+    if labels is None:
+        return ""
+    which = f"{PurePosixPath(output.path).name}: " if outputs > 1 else ""
+    if labels.error is not None:
+        found = f'<span class="failed">detection failed: {_e(labels.error.kind)}</span>'
+    elif not labels.predictions:
+        found = '<span class="muted">no detections</span>'
+    else:
+        count = Counter(p.class_name for p in labels.predictions)
+        found = "".join(
+            f'<span class="cls" style="--c:{_colour(name)}">{_e(name)} ×{n}</span>'
+            for name, n in count.items()
+        )
+    return f'<p class="labels">{_e(which)}labels <code>{_e(labels.model)}</code>: {found}</p>'
 
 
 def _failed_table(records: Sequence[ItemRecord]) -> str:
