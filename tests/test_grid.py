@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.manifest.writer import ManifestWriter
 from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
-from pipeline.views.grid import draw_grids
+from pipeline.views.grid import FLAG_MARK, draw_grids
 from pipeline.views.sheet_text import FONT_FILE, Typeface
 
 RGB = tuple[int, int, int]
@@ -149,6 +149,38 @@ def test_cells_show_the_image_of_their_value_pair(tmp_path: Path) -> None:
         assert sheet.height >= box["y0"] + 3 * box["step"]
         for (season, tree), colour in colours.items():
             assert centre(sheet, SEASONS.index(season), TREES.index(tree)) == colour
+
+
+def frame(sheet: Image.Image, col: int, row: int) -> list[RGB]:
+    """Pixels on a cell's edge, just inside it: its four corners and the middle of each side."""
+    box = layout(sheet)
+    x, y, last = box["x0"] + col * box["step"], box["y0"] + row * box["step"], box["cell"] - 1
+    rgb = sheet.convert("RGB")
+    spots = [(0, 0), (last, 0), (0, last), (last, last)]
+    spots += [(last // 2, 0), (0, last // 2), (last, last // 2), (last // 2, last)]
+    return [rgb.getpixel((x + dx, y + dy)) for dx, dy in spots]  # type: ignore[misc]
+
+
+def test_flagged_cells_are_framed_and_name_their_flags(tmp_path: Path) -> None:
+    """A flagged image's cell has a frame in the mark colour and a band with its flag names
+    at the bottom; the image still shows; unflagged cells have no frame."""
+    colours = street_out(tmp_path)
+    oak = ok_record(tmp_path, "street", {"season": "late fall", "tree": "oak"}, [PALETTE[3]])
+    flagged = dataclasses.replace(oak.outputs[0], flags=("duplicate", "no_detection"))
+    write_manifest(tmp_path, [dataclasses.replace(oak, outputs=(flagged,))])
+    (path,) = draw_grids(tmp_path, cell_px=96)
+    with Image.open(path) as sheet:
+        assert set(frame(sheet, 1, 1)) == {FLAG_MARK}
+        assert centre(sheet, 1, 1) == colours[("late fall", "oak")]
+        for col, row in [(0, 0), (1, 0), (0, 1), (0, 2), (1, 2)]:
+            assert FLAG_MARK not in frame(sheet, col, row)
+            assert FLAG_MARK not in cell_colours(sheet, col, row)
+        box = layout(sheet)
+        x, y = box["x0"] + box["step"], box["y0"] + box["step"]
+        band = sheet.convert("RGB").crop((x, y + box["cell"] * 2 // 3, x + box["cell"], y + 96))
+        inks = {c for _, c in band.getcolors(maxcolors=96 * 96) or []}
+        assert FLAG_MARK in inks
+        assert (255, 255, 255) in inks  # the flag names, in white on the band
 
 
 @pytest.mark.parametrize(

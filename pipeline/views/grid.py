@@ -16,7 +16,10 @@ Layout of ``OUT/grids/<source>.png``, an X/Y plot:
 * a cell without an image is a hatched placeholder saying why: ``FAILED: <error kind>``,
   ``PENDING`` (not run yet, or answered but not downloaded), ``MISSING FILE``, ``UNREADABLE``
   or, without ``OUT/job.json``, ``NO RECORD``; a combination the job never asks for
-  (``combine: zip`` or ``sample``) is a plain ``not in job`` cell.
+  (``combine: zip`` or ``sample``) is a plain ``not in job`` cell;
+* an image the stages after storage flagged (``duplicate``, ``unchanged``,
+  ``no_detection``, ...) has an orange frame (`FLAG_MARK`) and its flags on a band at
+  the bottom of the cell, so a reviewer sees at a glance what the export leaves out.
 
 Each sheet explains itself later through PNG iTXt metadata: ``synthaug.spec``,
 ``synthaug.source``, ``synthaug.template``, ``synthaug.vars`` (JSON, all variables),
@@ -59,7 +62,14 @@ from ..store.layout import GRIDS_DIR, MANIFEST_NAME, read_job, write_atomic
 from .grid_model import Cell, Grid, Sample, Source, Tone, collect_sources, group_by_source
 from .sheet_text import META_SOURCE, Font, Typeface, line_height, text_width
 
-__all__ = ["DEFAULT_CELL_PX", "DEFAULT_MAX_SHEET_PX", "GRIDS_DIR", "META_SOURCE", "draw_grids"]
+__all__ = [
+    "DEFAULT_CELL_PX",
+    "DEFAULT_MAX_SHEET_PX",
+    "FLAG_MARK",
+    "GRIDS_DIR",
+    "META_SOURCE",
+    "draw_grids",
+]
 
 DEFAULT_CELL_PX = 256
 DEFAULT_MAX_SHEET_PX = 8192
@@ -74,6 +84,7 @@ WHITE = (255, 255, 255)
 INK = (30, 30, 30)
 MUTED = (110, 110, 110)
 CELL_BG = (238, 238, 238)
+FLAG_MARK = (255, 110, 0)  # a flagged image's frame: vivid, unlike every placeholder tone
 # (background, hatch, text) per placeholder tone: greys and a dull red, never image-like
 TONES: dict[
     Tone, tuple[tuple[int, int, int], tuple[int, int, int] | None, tuple[int, int, int]]
@@ -353,8 +364,26 @@ def _tile(cell: Cell, style: _Style) -> Image.Image:
         tile = Image.new("RGB", (style.cell, style.cell), CELL_BG)
         offset = ((style.cell - thumb.width) // 2, (style.cell - thumb.height) // 2)
         tile.paste(thumb, offset, thumb if thumb.mode == "RGBA" else None)
+        if cell.flags:
+            _mark_flags(tile, cell.flags, style)
         return tile
     return _placeholder(cell, style)
+
+
+def _mark_flags(tile: Image.Image, flags: Sequence[str], style: _Style) -> None:
+    """Frame `tile` in `FLAG_MARK` and name the flags on a band at its bottom (one line in
+    small cells, two from 96 px)."""
+    draw = ImageDraw.Draw(tile)
+    edge, pad = max(2, style.cell // 32), style.pad
+    draw.rectangle([(0, 0), (style.cell - 1, style.cell - 1)], outline=FLAG_MARK, width=edge)
+    text, room = ", ".join(flags), style.cell - 2 * (edge + pad)
+    font = style.small if style.face.words_fit(text, style.small, room) else style.tiny
+    lines = style.wrap(text, font, room, 2 if style.cell >= 96 else 1)
+    top = style.cell - edge - len(lines) * line_height(font) - pad
+    draw.rectangle([(0, top), (style.cell - 1, style.cell - 1)], fill=FLAG_MARK)
+    for line in lines:
+        draw.text((edge + pad, top + pad // 2), line, font=font, fill=WHITE)
+        top += line_height(font)
 
 
 def _thumbnail(path: Path, size: int) -> Image.Image | None:

@@ -98,11 +98,13 @@ def collect_sources(
 
 @dataclass(frozen=True, slots=True)
 class Cell:
-    """What one cell shows: an image file, or a placeholder tone with its text."""
+    """What one cell shows: an image file (with the flags the stages after storage put
+    on it), or a placeholder tone with its text."""
 
     tone: Tone
     image: Path | None = None
     lines: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -156,11 +158,11 @@ class Grid:
             return Cell("pending", lines=("PENDING", "answered, not downloaded"))
         if sample[2] >= len(record.outputs):
             return Cell("absent", lines=("no image",))
-        relative = record.outputs[sample[2]].path
-        path = path_inside(self.out_dir, relative)
+        output = record.outputs[sample[2]]
+        path = path_inside(self.out_dir, output.path)
         if path is None or not path.is_file():
-            return Cell("failed", lines=("MISSING FILE", relative))
-        return Cell("image", image=path)
+            return Cell("failed", lines=("MISSING FILE", output.path))
+        return Cell("image", image=path, flags=output.flags)
 
 
 def _values(record: ItemRecord, names: Sequence[str]) -> tuple[str, ...]:
