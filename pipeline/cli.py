@@ -25,6 +25,7 @@ from .jobspec.model import Spec
 from .records import BATCH_LOGGER
 from .registry import BACKENDS
 from .store.lock import check_platform
+from .views.export import EXPORT_FORMATS
 
 __all__ = ["build_parser", "main"]
 
@@ -132,6 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("out", type=Path, metavar="OUT_DIR")
     grid.add_argument("--cell", type=int, default=256, metavar="PX", help="cell size in pixels")
     _add_log_level(grid)
+
+    export = sub.add_parser(
+        "export",
+        help="write labelled, unflagged outputs as a YOLO, COCO or Pascal VOC dataset",
+        description="Write the outputs of OUT_DIR that are ok, labelled (by a label: block) "
+        "and not flagged into DIR as a dataset a trainer reads: yolo (data.yaml, images/, "
+        "labels/), coco (images/, annotations.json) or voc (images/, annotations/). Images "
+        "are copied unchanged; an image without predictions is exported without boxes. "
+        "DIR must be new or empty and appears whole at the end. Needs the export extra: "
+        "pip install 'synthaug[export]'.",
+    )
+    export.add_argument("out", type=Path, metavar="OUT_DIR")
+    export.add_argument(
+        "--format", required=True, choices=EXPORT_FORMATS, help="the dataset's format"
+    )
+    export.add_argument(
+        "--to", required=True, type=Path, metavar="DIR", help="a new or empty folder to write"
+    )
+    export.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    _add_log_level(export)
 
     mock = sub.add_parser("mock-server", help="serve the embedded mock API (no key, no spend)")
     mock.add_argument("--host", default="127.0.0.1")
@@ -351,6 +372,14 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .views.export import export_dataset, format_export
+
+    summary = export_dataset(args.out, args.format, args.to)
+    print(json.dumps(summary.to_json(), indent=2) if args.json else format_export(summary))
+    return EXIT_OK
+
+
 def _cmd_mock_server(args: argparse.Namespace) -> int:
     from .jobspec.fields import parse_rate
     from .mockapi.server import MockConfig, run_mock_server
@@ -429,6 +458,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": _cmd_plan,
     "status": _cmd_status,
     "grid": _cmd_grid,
+    "export": _cmd_export,
     "mock-server": _cmd_mock_server,
     "models": _cmd_models,
     "schema": _cmd_schema,
