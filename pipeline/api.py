@@ -304,7 +304,8 @@ class Status:
     `submitted` items wait in Batch API batches (`batches`: items per batch id, as
     ``status`` lists them). `uploaded` and `upload_failed` are the last run's upload
     counts (from its summary.json); None when that run had no ``upload:`` block, or
-    no run finished yet.
+    no run finished yet. `checked`, `labelled`, `annotated` and `flagged` ({flag:
+    outputs}) count what the stages after storage found in the ok items' outputs.
     """
 
     ok: int
@@ -319,6 +320,10 @@ class Status:
     batches: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     uploaded: int | None = None
     upload_failed: int | None = None
+    checked: int = 0
+    labelled: int = 0
+    annotated: int = 0
+    flagged: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def status(out_dir: str | os.PathLike[str]) -> Status:
@@ -350,6 +355,10 @@ def status(out_dir: str | os.PathLike[str]) -> Status:
         batches=MappingProxyType(dict(report.get("batches") or {})),
         uploaded=_last_upload(report, "uploaded"),
         upload_failed=_last_upload(report, "failed"),
+        checked=int(report.get("checked", 0)),
+        labelled=int(report.get("labelled", 0)),
+        annotated=int(report.get("annotated", 0)),
+        flagged=MappingProxyType(dict(report.get("flagged") or {})),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,7 +12,15 @@ import pytest
 
 from pipeline.errors import ErrorKind, UsageError
 from pipeline.manifest.writer import ManifestWriter
-from pipeline.records import ErrorInfo, ItemRecord, ItemStatus, OutputFile
+from pipeline.records import (
+    ErrorInfo,
+    ItemRecord,
+    ItemStatus,
+    LabelRecord,
+    OutputFile,
+    Prediction,
+    UploadRecord,
+)
 from pipeline.views.report import format_status, status_report
 
 JOB = {
@@ -197,3 +206,89 @@ def test_format_status_shows_last_run_scalars() -> None:
         "last run: 2026-11-25T02:00Z, exit 4 (budget), 12 requests, 24 images, 0.08 req/s" in text
     )
     assert "errors: none" in text
+
+
+LEAF = Prediction(x=4, y=4, width=2, height=2, class_name="leaf", confidence=0.9)
+LABELS = LabelRecord("leaves/1", (LEAF,))
+FAILED_LABELS = LabelRecord("leaves/1", error=ErrorInfo("timeout", None, "slow"))
+
+
+def _staged(i: int, *outputs: dict[str, Any]) -> ItemRecord:
+    """The ok line of key `i` whose outputs carry the stage fields `outputs`."""
+    record = _record(i, "ok", images=len(outputs))
+    found = zip(record.outputs, outputs, strict=True)
+    return dataclasses.replace(record, outputs=tuple(dataclasses.replace(o, **f) for o, f in found))
+
+
+@pytest.fixture
+def staged_out(tmp_path: Path) -> Path:
+    """An OUT whose outputs were checked, labelled, uploaded and flagged, over several runs."""
+    out = tmp_path / "out"
+    uploaded = UploadRecord("fall-leaves-synthetic", id="img1", annotated=True)
+    _write_manifest(
+        out,
+        _staged(
+            1,
+            {"phash": "0" * 16, "flags": ("duplicate",), "labels": LABELS, "upload": uploaded},
+            {"phash": "1" * 16, "labels": FAILED_LABELS},
+        ),
+        _staged(2, {"labels": LABELS, "flags": ("no_detection",)}),
+        _record(2, "ok"),  # made again later: its last line has no stage field
+        _staged(3, {"phash": "2" * 16, "flags": ("duplicate", "no_detection"), "labels": LABELS}),
+        _staged(4, {"flags": ("unchanged",), "labels": LABELS}),
+        _record(4, "failed", kind="timeout"),  # its last line failed: not counted
+        _staged(
+            5,
+            {"upload": UploadRecord("p", id="img5", annotated=False)},
+            {"upload": UploadRecord("p", error=ErrorInfo("http_status", 500, "x"))},
+        ),
+    )
+    hand_edited = _staged(6, {"phash": "3" * 16, "flags": ("unchanged",)}).to_json()
+    with (out / "manifest.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(hand_edited, indent=None, separators=(", ", ": ")) + "\n")
+    return out
+
+
+def test_status_counts_labelled_annotated_and_flagged_outputs(staged_out: Path) -> None:
+    """Over the last line of each ok key: outputs labelled (not failed), annotated, checked,
+    and each flag with the number of outputs carrying it."""
+    report = status_report(staged_out)
+    assert (report["ok"], report["images"]) == (5, 7)
+    stages = {k: report[k] for k in ("checked", "labelled", "annotated", "flagged")}
+    assert stages == {
+        "checked": 4,
+        "labelled": 2,
+        "annotated": 1,
+        "flagged": {"duplicate": 2, "unchanged": 1, "no_detection": 1},
+    }
+    assert json.loads(json.dumps(report)) == report
+
+
+def test_status_without_stages_counts_zero(out_dir: Path) -> None:
+    """A job without stages reports the fields as zero and says nothing of them."""
+    report = status_report(out_dir)
+    assert {k: report[k] for k in ("checked", "labelled", "annotated", "flagged")} == {
+        "checked": 0,
+        "labelled": 0,
+        "annotated": 0,
+        "flagged": {},
+    }
+    text = format_status(report)
+    assert "labelled" not in text
+    assert "flagged" not in text
+
+
+def test_format_status_shows_what_the_stages_found(staged_out: Path) -> None:
+    """The text names the stage counts and every flag with its count."""
+    text = format_status(status_report(staged_out))
+    assert "outputs: checked 4, labelled 2, annotated 1" in text
+    assert "flagged: duplicate 2, no_detection 1, unchanged 1" in text
+
+
+def test_python_status_carries_the_stage_counts(staged_out: Path) -> None:
+    """`synthaug.status` exposes the same counts as attributes."""
+    import synthaug
+
+    found = synthaug.status(staged_out)
+    assert (found.checked, found.labelled, found.annotated) == (4, 2, 1)
+    assert dict(found.flagged) == {"duplicate": 2, "unchanged": 1, "no_detection": 1}

@@ -3,13 +3,20 @@
 Built from the manifest alone (last line per key wins; a torn last line is ignored), plus
 ``job.json`` (what the last run was asked to do) for pending counts and ``summary.json``
 (how the last run ended) when they exist. Neither file is required: a manifest is.
+
+What the stages after storage found (hashes, labels, annotations, flags) is not in the
+compact state the counts come from: it takes one more pass over the manifest that parses
+only the lines holding a stage field, and only when one search of the whole file (at
+memory speed) finds any, so a job without stages pays nothing more.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import mmap
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -26,6 +33,10 @@ _UNCREATED = "(being created)"  # submitted lines whose batch a resume will look
 
 # (status, source, images, error kind, batch id) of one key
 _Tally: TypeAlias = tuple[ItemStatus, str, int, str | None, str | None]
+# (checked, labelled, annotated, each flagged output's flags) of an ok key's outputs
+_Staged: TypeAlias = tuple[int, int, int, tuple[frozenset[str], ...]]
+# how a stage field starts in a line (inside a JSON string a quote is escaped: no false hit)
+_STAGE_MARKS = (b'"phash"', b'"flags"', b'"labels"', b'"upload"')
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +45,13 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     """The ``status --json`` object for `out_dir`.
 
     Contract fields: ``ok``, ``failed``, ``images``, ``by_source`` ({name: {ok, failed}}),
-    ``errors`` ({kind: count}). Extra: ``generated`` (answered, not downloaded yet),
-    ``submitted`` (waiting in a Batch API batch) and ``batches`` ({batch id: items}),
-    ``items`` (keys seen), per-source ``generated`` and ``images``; with ``job.json``
-    also ``name``, ``pending`` (total and per source: the job's items minus ok); with
-    ``summary.json`` the last run's summary under ``last_run``.
+    ``errors`` ({kind: count}), and over the outputs of ok keys ``labelled`` (labels
+    done), ``annotated`` (labels in the upload's project) and ``flagged`` ({flag: outputs
+    carrying it}). Extra: ``checked`` (outputs with a perceptual hash), ``generated``
+    (answered, not downloaded yet), ``submitted`` (waiting in a Batch API batch) and
+    ``batches`` ({batch id: items}), ``items`` (keys seen), per-source ``generated`` and
+    ``images``; with ``job.json`` also ``name``, ``pending`` (total and per source: the
+    job's items minus ok); with ``summary.json`` the last run's summary under ``last_run``.
     """
     manifest = out_dir / MANIFEST_NAME
     if not manifest.is_file():
@@ -71,6 +84,7 @@ def status_report(out_dir: Path) -> dict[str, Any]:
         "items": sum(
             c["ok"] + c["failed"] + c["generated"] + c["submitted"] for c in by_source.values()
         ),
+        **_stage_counts(_staged_per_key(manifest).values()),
     }
     if job is not None:
         _add_pending(report, job)
@@ -88,6 +102,100 @@ def _latest_per_key(manifest: Path) -> Iterator[_Tally]:
     for entry in state.open.values():
         batch = entry.batch.batch_id if entry.batch is not None else None
         yield entry.status, entry.source, 0, entry.error_kind, batch
+
+
+def _staged_per_key(manifest: Path) -> dict[str, _Staged]:
+    """What the stages found in the outputs of each ok key's last line (keys whose last
+    line holds no stage field are left out: nothing was found)."""
+    found: dict[str, _Staged] = {}
+    if not _mentions_stages(manifest):
+        return found
+    with manifest.open("rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                continue  # torn: the counts above ignore it too
+            if not any(mark in raw for mark in _STAGE_MARKS):
+                found.pop(_key_of(raw), None)
+                continue
+            line = _parse(raw)
+            if line is None:
+                continue
+            outputs = line.get("outputs")
+            if line.get("status") == "ok" and isinstance(outputs, list):
+                found[line["key"]] = _staged([o for o in outputs if isinstance(o, Mapping)])
+            else:
+                found.pop(line["key"], None)
+    return found
+
+
+def _mentions_stages(manifest: Path) -> bool:
+    """Whether any line may hold a stage field (one search of the mapped file per mark)."""
+    with manifest.open("rb") as fh:
+        if fh.seek(0, 2) == 0:
+            return False
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return any(view.find(mark) >= 0 for mark in _STAGE_MARKS)
+
+
+def _key_of(raw: bytes) -> str:
+    """The key of a manifest line: sliced from a line the writer made, else parsed."""
+    if raw.startswith(b'{"key":"') and raw[72:74] == b'",':
+        return raw[8:72].decode("ascii", "replace")
+    line = _parse(raw)
+    return "" if line is None else str(line["key"])
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    """A line as a dict with a string key; None for junk (the counts above warned of it)."""
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        return None
+    return line if isinstance(line, dict) and isinstance(line.get("key"), str) else None
+
+
+def _staged(outputs: Iterable[Mapping[str, Any]]) -> _Staged:
+    """Tally the stage fields of an ok line's outputs, read as `records.record_from_json`
+    reads them (a field of the wrong type is absent; labels or an upload with an
+    ``error`` are not done), without building the records: a big labelled job's status
+    parses every line."""
+    checked = labelled = annotated = 0
+    flags = []
+    for output in outputs:
+        labels, upload, found = output.get("labels"), output.get("upload"), output.get("flags")
+        checked += isinstance(output.get("phash"), str)
+        labelled += (
+            isinstance(labels, Mapping)
+            and isinstance(labels.get("model"), str)
+            and not isinstance(labels.get("error"), Mapping)
+        )
+        annotated += (
+            isinstance(upload, Mapping)
+            and isinstance(upload.get("project"), str)
+            and upload.get("annotated") is True
+        )
+        if isinstance(found, list) and any(isinstance(f, str) for f in found):
+            flags.append(frozenset(f for f in found if isinstance(f, str)))
+    return checked, labelled, annotated, tuple(flags)
+
+
+def _stage_counts(staged: Iterable[_Staged]) -> dict[str, Any]:
+    """``checked``, ``labelled``, ``annotated`` and ``flagged`` ({flag: outputs}, the most
+    frequent first) summed over the keys."""
+    checked = labelled = annotated = 0
+    flagged: Counter[str] = Counter()
+    for key_checked, key_labelled, key_annotated, flags in staged:
+        checked += key_checked
+        labelled += key_labelled
+        annotated += key_annotated
+        for output_flags in flags:
+            flagged.update(output_flags)
+    return {
+        "checked": checked,
+        "labelled": labelled,
+        "annotated": annotated,
+        "flagged": dict(sorted(flagged.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }
 
 
 def _empty_counts() -> dict[str, int]:
@@ -133,6 +241,12 @@ def format_status(report: Mapping[str, Any]) -> str:
     errors: Mapping[str, int] = report.get("errors") or {}
     kinds = ", ".join(f"{kind} {count}" for kind, count in errors.items())
     lines.append(f"errors: {kinds or 'none'}")
+    stages = [(label, report.get(label, 0)) for label in ("checked", "labelled", "annotated")]
+    if any(count for _, count in stages):
+        lines.append("outputs: " + ", ".join(f"{label} {n}" for label, n in stages if n))
+    flagged: Mapping[str, int] = report.get("flagged") or {}
+    if flagged:
+        lines.append("flagged: " + ", ".join(f"{flag} {n}" for flag, n in flagged.items()))
     batches: Mapping[str, int] = report.get("batches") or {}
     if batches:
         listed = ", ".join(f"{batch} ({count} items)" for batch, count in batches.items())
