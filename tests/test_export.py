@@ -223,7 +223,9 @@ def test_yolo_label_file_is_normalised_centre_form(out: Out, tmp_path: Path) -> 
     class id indexing data.yaml's names."""
     dest = tmp_path / "dataset"
     assert cli("export", str(out.root), "--format", "yolo", "--to", str(dest)) == 0
-    names = yaml.safe_load((dest / "data.yaml").read_text())["names"]
+    data = yaml.safe_load((dest / "data.yaml").read_text())
+    names = data["names"]
+    assert (data["train"], data["val"]) == ("images", "images")  # a trainer finds the images
     (image,) = [r for r in out.records if r.key == key_of("b")]
     stored = image.outputs[0]
     assert stored.labels is not None

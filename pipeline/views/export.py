@@ -316,6 +316,7 @@ def _write_dataset(
             annotations_directory_path=str(folder / YOLO_LABELS_SUBDIR),
             data_yaml_path=str(folder / YOLO_DATA_YAML),
         )
+        _add_image_folders(folder / YOLO_DATA_YAML)
     elif fmt == "coco":
         dataset.as_coco(
             images_directory_path=images_dir,
@@ -326,6 +327,14 @@ def _write_dataset(
             images_directory_path=images_dir,
             annotations_directory_path=str(folder / VOC_ANNOTATIONS_SUBDIR),
         )
+
+
+def _add_image_folders(data_yaml: Path) -> None:
+    """Name the images folder as ``train`` and ``val`` in `data_yaml` (supervision writes
+    only the class names), relative to the file, as Ultralytics resolves them: a trainer
+    can start from the folder as it is; the split is the user's to make."""
+    with data_yaml.open("a", encoding="utf-8") as file:
+        file.write(f"train: {IMAGES_SUBDIR}\nval: {IMAGES_SUBDIR}\n")
 
 
 def _detections(boxes: Sequence[Box], class_ids: Mapping[str, int]) -> sv.Detections:
