@@ -3,22 +3,28 @@
 Expands the spec, looks every key up in the manifest state and counts; nothing is
 sent and nothing is spent. Items stream through one at a time, so a million-item spec
 plans in flat memory. With an empty manifest no key is computed at all: counting is
-enough.
+enough. With a ``label:`` block it also counts the detection requests the run will make
+(hosted detection is billed per call): one per image its requests will store, plus one
+per stored output of earlier runs not labelled yet, which takes a pass over the manifest
+(the run pays the same one to find them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .items import check_max_items, count_items, iter_source_drafts
 from .jobspec.model import SourceSpec, Spec
-from .manifest.log import ManifestState
+from .manifest.log import ManifestState, read_lines
 from .pricing import check_cost_budget, spec_price, unknown_price_reason
+from .records import ItemRecord
 from .search import unresolved
 from .sources import HashCache
+from .store.layout import MANIFEST_NAME
 
-__all__ = ["Plan", "SourcePlan", "build_plan", "format_plan"]
+__all__ = ["DetectionPlan", "Plan", "SourcePlan", "build_plan", "format_plan"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +104,29 @@ class SourcePlan:
 
 
 @dataclass(frozen=True, slots=True)
+class DetectionPlan:
+    """The detection requests of a spec's ``label:`` stage: one per image the planned
+    requests will store (`new`; None while a count is unknown) and one per stored output
+    of earlier runs without labels, or whose detection failed (`backlog`)."""
+
+    model: str
+    new: int | None
+    backlog: int
+
+    @property
+    def requests(self) -> int | None:
+        """Detection requests the next run makes at most (fewer if requests fail)."""
+        return None if self.new is None else self.new + self.backlog
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``label`` entry of ``plan --json``."""
+        return {"model": self.model, "new_images": self.new, "backlog": self.backlog}
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
-    """Figures per source, totals, the expected duration and budget stops."""
+    """Figures per source, totals, the expected duration and budget stops, and the
+    detection requests of a ``label:`` stage (`detection`, None without one)."""
 
     sources: tuple[SourcePlan, ...]
     rate_limit: float | None
@@ -108,6 +135,7 @@ class Plan:
     max_cost_usd: float | None
     mode: str = "online"
     warnings: tuple[str, ...] = ()  # models that shut down soon, worded as the fix
+    detection: DetectionPlan | None = None
 
     def total(self, field: str) -> int:
         """Sum of an integer `field` over all sources."""
@@ -188,6 +216,8 @@ class Plan:
             "count_notes": self.count_notes,
             "warnings": list(self.warnings),
             "mode": self.mode,
+            "detect_requests": self.detection.requests if self.detection else 0,
+            "label": self.detection.to_json() if self.detection else None,
             "limits": {
                 "rate_limit_per_s": self.rate_limit,
                 "image_rate_limit_per_s": self.image_rate_limit,
@@ -226,7 +256,35 @@ def build_plan(spec: Spec, state: ManifestState, *, hashes: HashCache | None = N
         max_cost_usd=spec.run.max_cost_usd,
         mode=spec.backend.mode,
         warnings=tuple(spec.model_warnings()),
+        detection=_detection(spec, state, plans),
     )
+
+
+def _detection(
+    spec: Spec, state: ManifestState, sources: tuple[SourcePlan, ...]
+) -> DetectionPlan | None:
+    """The label stage's requests: the images still to come and the unlabelled backlog."""
+    if spec.label is None:
+        return None
+    known = all(s.count_note is None for s in sources)
+    new = sum(s.to_run_images for s in sources) if known else None
+    backlog = _unlabelled(spec.output_dir / MANIFEST_NAME) if state.finished else 0
+    return DetectionPlan(spec.label.model, new, backlog)
+
+
+def _unlabelled(manifest: Path) -> int:
+    """Stored outputs of ok keys (their last line) with no labels or a failed detection:
+    what the label stage takes up first (the same rule, `LabelRecord.done`)."""
+    waiting: dict[str, int] = {}
+    for line in read_lines(manifest):
+        record = ItemRecord.from_json(line) if line.get("status") == "ok" else None
+        outputs = record.outputs if record is not None else ()
+        count = sum(1 for o in outputs if o.labels is None or not o.labels.done)
+        if count:
+            waiting[line["key"]] = count
+        else:
+            waiting.pop(line["key"], None)
+    return sum(waiting.values())
 
 
 def _plan_source(
@@ -301,12 +359,24 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"note: {waiting:,} items already wait in batches (paid): collected")
     else:
         lines.append(f"eta: {_duration(plan.eta_s) if known else 'unknown (see the notes)'}")
+    if plan.detection is not None:
+        lines.append(_detection_line(plan.detection))
     lines.extend(f"warning: {warning}" for warning in plan.warnings)
     lines.extend(f"note: {note}" for note in plan.count_notes)
     lines.extend(f"note: {note}" for note in plan.cost_notes)
     if plan.stops_early:
         lines.append(f"note: {plan.stops_early}")
     return "\n".join(lines)
+
+
+def _detection_line(detection: DetectionPlan) -> str:
+    """``detection requests: N (model M)``, with where they come from."""
+    total = "unknown" if detection.requests is None else f"{detection.requests:,}"
+    new = "?" if detection.new is None else f"{detection.new:,}"
+    return (
+        f"detection requests: {total} (model {detection.model}): {new} for new images, "
+        f"{detection.backlog:,} for stored ones not labelled yet"
+    )
 
 
 def _row(cells: tuple[str, ...], widths: list[int]) -> str:

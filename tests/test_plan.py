@@ -8,17 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from checks import bare_record
+from checks import bare_record, mock_spec
+from PIL import Image
 
+import synthaug
 from pipeline.errors import SpecError
-from pipeline.items import expand_items
+from pipeline.items import count_items, expand_items
 from pipeline.jobspec.load import load_spec
 from pipeline.jobspec.model import Spec
 from pipeline.manifest.log import ManifestState, load_state
 from pipeline.manifest.writer import ManifestWriter
 from pipeline.plan import build_plan, format_plan
 from pipeline.pricing import price_per_image
-from pipeline.records import ItemRecord, ItemStatus
+from pipeline.records import ErrorInfo, ItemRecord, ItemStatus, LabelRecord, OutputFile
+from pipeline.run.prepare import write_job_json
 
 GRID = {"name": "grid", "prompt": "{s} {t}", "vars": {"s": ["fall", "winter"], "t": ["oak", "elm"]}}
 PAIRS = {"name": "pairs", "prompt": "two cats", "repeats": 3, "params": {"n": 2}}
@@ -270,3 +273,90 @@ def test_mock_backend_costs_nothing(spec_factory: Callable[..., Path]) -> None:
     """Rehearsing on the mock backend is free, whatever the model's price."""
     spec = load_spec(spec_factory(sources=[GRID]))
     assert build_plan(spec, ManifestState()).to_json()["total"]["cost_usd"] == 0.0
+
+
+LABEL = {"model": "leaves/1"}
+DONE = LabelRecord("leaves/1")
+FAILED = LabelRecord("leaves/1", error=ErrorInfo("timeout", None, "slow"))
+
+
+def stored(out: Path, key: str, source: str, *labels: LabelRecord | None) -> ItemRecord:
+    """An ok line of `key` with one stored 8 x 8 image per entry of `labels`."""
+    outputs = []
+    for i, found in enumerate(labels):
+        rel = f"images/{source}/{key[:16]}-{i}.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (i * 40, 120, 60)).save(out / rel)
+        outputs.append(OutputFile(rel, "0" * 64, 8, 8, labels=found))
+    return bare_record(key, "ok", source=source, outputs=tuple(outputs))
+
+
+def labelled_out(spec: Spec, out: Path) -> None:
+    """grid: 3 of 4 done (one labelled, one unlabelled, one whose detection failed); pairs:
+    1 of 3 answered, not downloaded; plus an earlier run's item the spec no longer has
+    (2 images, one labelled): 3 stored outputs wait for labels."""
+    write_job_json(spec, Path("spec.yaml"), count_items(spec))  # as a run does: its key scheme
+    items = list(expand_items(spec))
+    grid = [i.key for i in items if i.source == "grid"]
+    pairs = [i.key for i in items if i.source == "pairs"]
+    with ManifestWriter(out / "manifest.jsonl") as writer:
+        writer.append(stored(out, grid[0], "grid", DONE))
+        writer.append(stored(out, grid[1], "grid", None))
+        writer.append(stored(out, grid[2], "grid", FAILED))
+        writer.append(bare_record(grid[3], "failed", source="grid"))
+        writer.append(bare_record(pairs[0], "generated", source="pairs"))
+        writer.append(stored(out, "e" * 64, "gone", None))  # labelled later: last line wins
+        writer.append(stored(out, "e" * 64, "gone", DONE))
+        writer.append(stored(out, "f" * 64, "gone", None, DONE))
+
+
+def label_spec(spec_factory: Callable[..., Path], **label: Any) -> Spec:
+    """A mock job of GRID and PAIRS, with a ``label:`` block when `label` is given."""
+    stages = {"label": label} if label else {}
+    data = mock_spec("labelled", sources=[GRID, PAIRS], **stages)
+    return load_spec(spec_factory(**data))
+
+
+def test_plan_counts_detection_requests(spec_factory: Callable[..., Path], sandbox: Path) -> None:
+    """With ``label:``, one detection request per image still to come (grid 1 + pairs
+    3 x 2) plus one per stored output not labelled yet (3), and the model."""
+    spec = label_spec(spec_factory, **LABEL)
+    labelled_out(spec, sandbox / "out")
+    data = synthaug.plan(spec).to_json()  # as `plan --json` prints it
+    assert data["detect_requests"] == 7 + 3
+    assert data["label"] == {"model": "leaves/1", "new_images": 7, "backlog": 3}
+    text = format_plan(synthaug.plan(spec))
+    assert (
+        "detection requests: 10 (model leaves/1): 7 for new images, "
+        "3 for stored ones not labelled yet" in text.splitlines()
+    )
+
+
+def test_plan_without_a_manifest_counts_every_image(spec_factory: Callable[..., Path]) -> None:
+    """A first run labels every image it stores: items x n, nothing stored before."""
+    data = build_plan(label_spec(spec_factory, **LABEL), ManifestState()).to_json()
+    assert data["detect_requests"] == data["total"]["images"] == 4 + 3 * 2
+    assert data["label"]["backlog"] == 0
+
+
+def test_plan_without_label_makes_no_detection_requests(
+    spec_factory: Callable[..., Path], sandbox: Path
+) -> None:
+    """Without ``label:`` the plan counts no detection request and says nothing of it."""
+    spec = label_spec(spec_factory)
+    labelled_out(spec, sandbox / "out")
+    plan = synthaug.plan(spec)
+    assert (plan.to_json()["detect_requests"], plan.to_json()["label"]) == (0, None)
+    assert "detection" not in format_plan(plan)
+
+
+def test_detection_count_is_unknown_with_an_unresolved_search(
+    spec_factory: Callable[..., Path],
+) -> None:
+    """A search not run yet leaves the count of new images, so of requests, unknown."""
+    search = {"name": "found", "roboflow_search": {"workspace": "w", "project": "p", "tag": "t"}}
+    search["prompt"] = "snow"
+    data = mock_spec("labelled", sources=[GRID, search], label=LABEL)
+    plan = build_plan(load_spec(spec_factory(**data)), ManifestState())
+    assert plan.to_json()["detect_requests"] is None
+    assert "detection requests: unknown (model leaves/1)" in format_plan(plan)
