@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -188,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL=YYYY-MM-DD",
         help="mark MODEL shut down on that date (repeatable): /v1/models says so, and "
         "requests for it answer 404 model_not_found from then on",
+    )
+    mock.add_argument(
+        "--detect-classes",
+        default=None,
+        metavar="A,B,C",
+        help="the classes drawn into images whose prompt names them, and found by "
+        "POST /{project}/{version} (default: 20 everyday nouns: person, car, tree, leaf, ...)",
+    )
+    mock.add_argument(
+        "--drop-annotation-boxes",
+        action="store_true",
+        help="answer annotation uploads with success but keep no boxes (only a read-back "
+        "tells), as Roboflow has been seen to do",
     )
     _add_log_level(mock)
 
@@ -396,7 +410,14 @@ def _cmd_mock_server(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_s=args.batch_seconds,
         shutdowns=_parse_shutdowns(args.shutdown),
+        drop_annotation_boxes=args.drop_annotation_boxes,
     )
+    if args.detect_classes is not None:
+        names = tuple(name.strip().lower() for name in args.detect_classes.split(","))
+        try:
+            config = dataclasses.replace(config, detect_classes=names)
+        except ValueError as problem:
+            raise UsageError(f"--detect-classes: {problem}") from None
     run_mock_server(config, args.host, args.port)
     return EXIT_OK
 

@@ -716,3 +716,32 @@ async def test_annotation_faults_keep_nothing(png: bytes, fault: str, status: in
     assert "success" not in str(payload) or fault == "malformed"
     assert image is not None
     assert image.annotation is None
+
+
+# ---- synthaug mock-server flags ----------------------------------------------------------------
+
+
+def test_mock_server_flags_set_the_vocabulary_and_dropped_boxes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--detect-classes`` (comma-separated, any case) and ``--drop-annotation-boxes``
+    reach the server's config; a vocabulary it cannot draw is a usage error."""
+    import pipeline.mockapi.server as server_module
+    from pipeline.cli import main
+    from pipeline.errors import EXIT_OK, EXIT_USAGE
+
+    started: list[MockConfig] = []
+    monkeypatch.setattr(
+        server_module, "run_mock_server", lambda config, host, port: started.append(config)
+    )
+    flags = ["mock-server", "--detect-classes", "Gnome, teapot", "--drop-annotation-boxes"]
+    with pytest.raises(SystemExit) as ended:
+        main(flags)
+    assert ended.value.code == EXIT_OK
+    assert started[0].detect_classes == ("gnome", "teapot")
+    assert started[0].drop_annotation_boxes
+    with pytest.raises(SystemExit) as ended:
+        main(["mock-server", "--detect-classes", "cat,cat"])
+    assert ended.value.code == EXIT_USAGE
+    assert "--detect-classes" in capsys.readouterr().err
+    assert len(started) == 1
