@@ -90,7 +90,9 @@ class MockConfig:
     the next token but at least `min_retry_after_s`, in `retry_after_form`. The server's
     clock (its ``Date`` header and Retry-After dates) runs `clock_offset_s` ahead of the
     host's. The ``insufficient_quota`` fault answers as OpenAI does when the account has
-    no credit left.
+    no credit left. `detect_classes` is the vocabulary the pictures show and the
+    detection finds (`pipeline.mockapi.shapes`); `drop_annotation_boxes` makes annotation
+    uploads succeed without keeping a box.
     """
 
     latency_s: float = 0.0
