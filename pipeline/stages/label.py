@@ -23,16 +23,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from ..credentials import DIRECT, labels_from_backend, read_proxy_settings
-from ..errors import BackendError, OutputError
-from ..jobspec.fields import parse_rate
+from ..credentials import labels_from_backend
+from ..errors import BackendError
 from ..jobspec.model import Spec
 from ..jobspec.stage_settings import DEFAULT_DETECT_URL, DEFAULT_LABEL_RATE, LabelSettings
-from ..limiter import Limiter
 from ..records import ErrorInfo, ItemRecord, LabelRecord, OutputFile, Prediction
-from ..retry import RetryPolicy
 from ..run.stages import StageContext
-from .remote import HALTED_BY, RemoteCalls, Stopped, read_stored
+from .remote import HALTED_BY, RemoteCalls, StageEndpoint, Stopped, read_stored
 
 __all__ = ["NO_DETECTION", "Detector", "LabelStage", "LabelStats", "open_stage"]
 
@@ -162,41 +159,32 @@ async def open_stage(spec: Spec, api_key: str, context: StageContext) -> LabelSt
     Roboflow's hosted inference)."""
     settings = spec.label
     assert settings is not None
-    embedded = labels_from_backend(settings, spec.backend)
-    root = context.backend_root if embedded else settings.api_url
-    if embedded and root is None:
-        raise OutputError("label: this backend serves no detection endpoint: set label.api_url")
-    rate = settings.rate_limit
-    if rate is None and not embedded:
-        rate = parse_rate(DEFAULT_LABEL_RATE)
+    endpoint = StageEndpoint.of(
+        "label",
+        url=settings.api_url,
+        embedded=labels_from_backend(settings, spec.backend),
+        context=context,
+        default_url=DEFAULT_DETECT_URL,
+        rate=settings.rate_limit,
+        default_rate=DEFAULT_LABEL_RATE,
+    )
     client_class: Any = await asyncio.to_thread(_client_class)
     client = client_class(
-        root or DEFAULT_DETECT_URL,
+        endpoint.root,
         api_key,
         model=settings.model,
         confidence=settings.confidence,
         overlap=settings.overlap,
         concurrency=settings.concurrency,
         timeout_s=spec.backend.timeout_s,
-        proxies=DIRECT if embedded else read_proxy_settings(),
+        proxies=endpoint.proxies,
     )
-    run = spec.run
-    calls = RemoteCalls(
+    calls = RemoteCalls.for_stage(
         "label",
-        policy=RetryPolicy(
-            max_attempts=settings.max_attempts,
-            base_s=run.backoff_base_s,
-            cap_s=run.backoff_max_s,
-            retry_ambiguous=True,  # a detection repeated costs a request, never an image
-        ),
-        limiter=Limiter(
-            rate=rate,
-            image_rate=None,
-            concurrency=settings.concurrency,
-            default_pause_s=run.backoff_base_s,
-            max_default_pause_s=run.backoff_max_s,
-        ),
+        spec.run,
+        max_attempts=settings.max_attempts,
+        rate=endpoint.rate,
+        concurrency=settings.concurrency,
         stop=context.stop,
-        max_consecutive_failures=run.max_consecutive_failures,
     )
     return LabelStage(settings, client=client, calls=calls, context=context)

@@ -22,14 +22,18 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..backends.retried import RetriedCalls
-from ..errors import BackendError, FatalError, RateLimitedError
+from ..credentials import DIRECT, ProxySettings, read_proxy_settings
+from ..errors import BackendError, FatalError, OutputError, RateLimitedError
+from ..jobspec.fields import parse_rate
+from ..jobspec.model import RunSettings
 from ..limiter import Limiter
 from ..records import OutputFile
 from ..retry import RetryPolicy
 from ..run.pool import RunStop, StopReason
+from ..run.stages import StageContext
 from ..store.layout import stored_image_path
 
-__all__ = ["HALTED_BY", "RemoteCalls", "Stopped", "read_stored"]
+__all__ = ["HALTED_BY", "RemoteCalls", "StageEndpoint", "Stopped", "read_stored"]
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +56,77 @@ class CallCounts:
     rate_limited_429: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class StageEndpoint:
+    """Where a remote stage sends its requests: the API root, its pace (starts per
+    second, None: unpaced), and the proxies (none for the embedded mock)."""
+
+    root: str
+    rate: float | None
+    proxies: ProxySettings
+
+    @classmethod
+    def of(
+        cls,
+        what: str,
+        *,
+        url: str | None,
+        embedded: bool,
+        context: StageContext,
+        default_url: str,
+        rate: float | None,
+        default_rate: str,
+    ) -> StageEndpoint:
+        """The spec's `url` (else `default_url`), or the embedded mock's root when the
+        stage goes there (`embedded`: no key, no proxy, no default pace)."""
+        if embedded:
+            if context.backend_root is None:
+                raise OutputError(
+                    f"{what}: this backend kind serves no {what} endpoint: set the URL in "
+                    f"the {what}: block"
+                )
+            return cls(context.backend_root, rate, DIRECT)
+        paced = parse_rate(default_rate) if rate is None else rate
+        return cls(url or default_url, paced, read_proxy_settings())
+
+
 class RemoteCalls:
     """A remote stage's calls: see the module docstring. `what` names the stage in logs
     and in the stop's message ("upload", "label")."""
+
+    @classmethod
+    def for_stage(
+        cls,
+        what: str,
+        run: RunSettings,
+        *,
+        max_attempts: int,
+        rate: float | None,
+        concurrency: int,
+        stop: RunStop,
+    ) -> RemoteCalls:
+        """The calls of a stage with its own attempts, pace and concurrency, and the
+        run's backoff and failure limit. A repeated call is safe for every remote stage
+        (a detection costs a request, an upload is answered duplicate), so ambiguous
+        failures are retried."""
+        return cls(
+            what,
+            policy=RetryPolicy(
+                max_attempts=max_attempts,
+                base_s=run.backoff_base_s,
+                cap_s=run.backoff_max_s,
+                retry_ambiguous=True,
+            ),
+            limiter=Limiter(
+                rate=rate,
+                image_rate=None,
+                concurrency=concurrency,
+                default_pause_s=run.backoff_base_s,
+                max_default_pause_s=run.backoff_max_s,
+            ),
+            stop=stop,
+            max_consecutive_failures=run.max_consecutive_failures,
+        )
 
     def __init__(
         self,

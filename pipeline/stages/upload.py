@@ -37,17 +37,15 @@ from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 from typing import Any, Protocol
 
-from ..credentials import DIRECT, read_proxy_settings, uploads_to_backend
-from ..errors import BackendError, OutputError
-from ..jobspec.fields import DEFAULT_BASE_URL, parse_rate
+from ..credentials import uploads_to_backend
+from ..errors import BackendError
+from ..jobspec.fields import DEFAULT_BASE_URL
 from ..jobspec.model import Spec
 from ..jobspec.stage_settings import DEFAULT_UPLOAD_RATE, UploadSettings
-from ..limiter import Limiter
 from ..records import ErrorInfo, ImageUpload, ItemRecord, OutputFile, UploadAnswer, UploadRecord
-from ..retry import RetryPolicy
 from ..run.stages import StageContext
 from ..voc import voc_xml
-from .remote import HALTED_BY, RemoteCalls, Stopped, read_stored
+from .remote import HALTED_BY, RemoteCalls, StageEndpoint, Stopped, read_stored
 
 __all__ = ["MAX_TAG_CHARS", "UploadStage", "UploadStats", "open_stage", "provenance_tags"]
 
@@ -334,40 +332,31 @@ async def open_stage(spec: Spec, api_key: str, context: StageContext) -> UploadS
     (default Roboflow's API)."""
     settings = spec.upload
     assert settings is not None
-    embedded = uploads_to_backend(settings, spec.backend)
-    root = context.backend_root if embedded else settings.base_url
-    if embedded and root is None:
-        raise OutputError("upload: this backend serves no upload endpoint: set upload.base_url")
-    rate = settings.rate_limit
-    if rate is None and not embedded:
-        rate = parse_rate(DEFAULT_UPLOAD_RATE)
+    endpoint = StageEndpoint.of(
+        "upload",
+        url=settings.base_url,
+        embedded=uploads_to_backend(settings, spec.backend),
+        context=context,
+        default_url=DEFAULT_BASE_URL,  # Roboflow's API, the spec's default
+        rate=settings.rate_limit,
+        default_rate=DEFAULT_UPLOAD_RATE,
+    )
     client_class: Any = await asyncio.to_thread(_client_class)
     client = client_class(
-        root or DEFAULT_BASE_URL,  # Roboflow's API, the spec's default
+        endpoint.root,
         api_key,
         project=settings.project,
         concurrency=settings.concurrency,
         timeout_s=spec.backend.timeout_s,
-        proxies=DIRECT if embedded else read_proxy_settings(),
+        proxies=endpoint.proxies,
     )
-    run = spec.run
-    calls = RemoteCalls(
+    calls = RemoteCalls.for_stage(
         "upload",
-        policy=RetryPolicy(
-            max_attempts=settings.max_attempts,
-            base_s=run.backoff_base_s,
-            cap_s=run.backoff_max_s,
-            retry_ambiguous=True,  # a repeated upload is answered duplicate: never paid twice
-        ),
-        limiter=Limiter(
-            rate=rate,
-            image_rate=None,
-            concurrency=settings.concurrency,
-            default_pause_s=run.backoff_base_s,
-            max_default_pause_s=run.backoff_max_s,
-        ),
+        spec.run,
+        max_attempts=settings.max_attempts,
+        rate=endpoint.rate,
+        concurrency=settings.concurrency,
         stop=context.stop,
-        max_consecutive_failures=run.max_consecutive_failures,
     )
     return UploadStage(
         settings,
