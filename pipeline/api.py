@@ -31,6 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from . import balance
 from .jobspec.load import load_spec as _load_spec_file
 from .jobspec.load import spec_from_data
 from .jobspec.model import Spec
@@ -79,12 +80,13 @@ def load_spec(
 def plan(spec: Spec, *, resolve: bool = False) -> Plan:
     """What a run of `spec` would do and cost, against its output folder; sends nothing.
 
-    A roboflow_search source counts the ids its output folder recorded; without them its
-    count is unknown, unless `resolve` runs the search (its only network call; what it
-    finds is recorded in OUT under OUT's lock, so the run works on the same images; a
-    run holding the lock makes it raise `OutputError`). Blocking, like `run`; without
-    `resolve` it needs no event loop (callable from async code too), with it, in async
-    code, await `plan_async`.
+    A roboflow_search source counts the ids its output folder recorded, a
+    roboflow_balance source plans from the class counts it recorded; without them its
+    count is unknown, unless `resolve` runs the search or reads the counts (its only
+    network calls; what they find is recorded in OUT under OUT's lock, so the run works
+    on the same items; a run holding the lock makes it raise `OutputError`). Blocking,
+    like `run`; without `resolve` it needs no event loop (callable from async code too),
+    with it, in async code, await `plan_async`.
     """
     if not resolve:
         return _plan_from(spec, _read_state(spec))
@@ -98,6 +100,7 @@ async def plan_async(spec: Spec, *, resolve: bool = False) -> Plan:
     state = await asyncio.to_thread(_read_state, spec)
     if resolve:
         spec = await resolve_standalone(spec)
+        spec = await balance.resolve_standalone(spec)
     return await asyncio.to_thread(_plan_from, spec, state)
 
 
@@ -109,7 +112,7 @@ def _read_state(spec: Spec) -> ManifestState:
 
 
 def _plan_from(spec: Spec, state: ManifestState) -> Plan:
-    return build_plan(apply_recorded(spec), state)
+    return build_plan(balance.apply_recorded(apply_recorded(spec)), state)
 
 
 def _refuse_running_loop(call: str, instead: str) -> None:
@@ -219,6 +222,7 @@ async def run_async(
     *,
     verify: bool = False,
     wait: bool = True,
+    top_up: bool = False,
     control: RunControl | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     process_owner: bool = False,
@@ -239,6 +243,7 @@ async def run_async(
         control=control,
         verify=verify,
         wait=wait,
+        top_up=top_up,
         install_signals=process_owner,
         freeze_gc=process_owner,
     )
@@ -267,13 +272,15 @@ def run(
     *,
     verify: bool = False,
     wait: bool = True,
+    top_up: bool = False,
     control: RunControl | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> RunResult:
     """Run (or resume) `spec` and block until it ends; safe from any thread.
 
     `verify` re-hashes every stored image; `wait=False` (``backend.mode: batch``)
-    submits the batches and returns, and a later run collects them; `control.stop()`
+    submits the batches and returns, and a later run collects them; `top_up` adds to a
+    roboflow_balance source's recorded plan what each class is still short of; `control.stop()`
     (from any thread) stops it gracefully (a `RunControl` serves one run: a used one
     raises `UsageError`); `on_progress` is called, on the run's thread, with a frozen
     `Progress` snapshot of the run's counters each time they change. Raises a
@@ -282,7 +289,14 @@ def run(
     """
     _refuse_running_loop("synthaug.run()", "synthaug.run_async()")
     return asyncio.run(
-        run_async(spec, verify=verify, wait=wait, control=control, on_progress=on_progress)
+        run_async(
+            spec,
+            verify=verify,
+            wait=wait,
+            top_up=top_up,
+            control=control,
+            on_progress=on_progress,
+        )
     )
 
 

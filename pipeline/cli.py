@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from ._version import __version__
 from .errors import EXIT_OK, EXIT_USAGE, PipelineError, UsageError
 from .jobspec.model import Spec
-from .records import BATCH_LOGGER
+from .records import BATCH_LOGGER, PLAN_LOGGER
 from .registry import BACKENDS
 from .store.lock import check_platform
 from .views.export import EXPORT_FORMATS
@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="backend.mode batch: submit the batches and exit; a later run collects them",
     )
+    run.add_argument(
+        "--top-up",
+        action="store_true",
+        help="roboflow_balance: add to the recorded plan what each class is still short of "
+        "(target - count - usable images), then run",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--no-grid",
@@ -113,15 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="expand and validate a spec: no network, no spend",
         description="Show per source how many requests and images the "
         "job makes, how many are done, its cost and ETA. Sends nothing "
-        "(with --resolve, only the searches of roboflow_search sources).",
+        "(with --resolve, only the searches of roboflow_search sources and the class "
+        "counts of a roboflow_balance source).",
     )
     plan.add_argument("spec", type=Path, metavar="SPEC.yaml")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.add_argument(
         "--resolve",
         action="store_true",
-        help="run roboflow_search sources' searches to count their images "
-        "(the only request plan sends; the ids found are recorded in the output dir)",
+        help="run roboflow_search sources' searches and read a roboflow_balance source's "
+        "class counts, to count their items (the only requests plan sends; what they "
+        "find is recorded in the output dir)",
     )
     _add_log_level(plan)
 
@@ -272,8 +280,10 @@ def _setup_logging(level: str) -> None:
     )
     logging.basicConfig(level=level, stream=sys.stderr, format=fmt)
     if logging.getLevelName(level) > logging.INFO and logging.getLevelName(level) < logging.ERROR:
-        # a batch's status changes are what a nightly log is read for: shown by default
+        # a batch's status changes, and what a run plans beyond the spec (counts read, a
+        # top-up), are what a nightly log is read for: shown by default
         logging.getLogger(BATCH_LOGGER).setLevel(logging.INFO)
+        logging.getLogger(PLAN_LOGGER).setLevel(logging.INFO)
 
 
 # ---------------------------------------------------------------------- commands
@@ -322,6 +332,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 on_progress=progress.update if show else None,
                 verify=args.verify,
                 wait=not args.no_wait,
+                top_up=args.top_up,
                 process_owner=True,  # the CLI owns its process: signals and the GC
             )
         )

@@ -15,15 +15,17 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .errors import CredentialsError
-from .jobspec.model import BackendSettings
+from .jobspec.model import BackendSettings, BalanceSettings
 from .jobspec.stage_settings import LabelSettings, UploadSettings
 
 __all__ = [
     "DIRECT",
     "ProxySettings",
+    "balance_from_backend",
     "bypasses_proxy",
     "labels_from_backend",
     "read_api_key",
+    "read_balance_key",
     "read_label_key",
     "read_proxy_settings",
     "read_upload_key",
@@ -115,6 +117,27 @@ def _read_key(name: str, who: str, instead: str, environ: Mapping[str, str]) -> 
 def uploads_to_backend(upload: UploadSettings, backend: BackendSettings) -> bool:
     """Whether the `upload:` block goes to the backend's own server (the embedded mock)."""
     return upload.base_url is None and backend.registered.serves_uploads
+
+
+def balance_from_backend(balance: BalanceSettings, backend: BackendSettings) -> bool:
+    """Whether a `roboflow_balance:` source asks the backend's own server (the embedded
+    mock) for its class counts."""
+    return balance.base_url is None and backend.registered.serves_uploads
+
+
+def read_balance_key(
+    balance: BalanceSettings, backend: BackendSettings, environ: Mapping[str, str] = os.environ
+) -> str:
+    """The Roboflow key a balance source reads its counts with; "" for the embedded mock.
+    Raises `CredentialsError` when the variable is unset or blank."""
+    if balance_from_backend(balance, backend):
+        return ""
+    return _read_key(
+        balance.api_key_env,
+        "a roboflow_balance source reads the project's class counts with it",
+        "roboflow_balance.api_key_env to another variable",
+        environ,
+    )
 
 
 def labels_from_backend(label: LabelSettings, backend: BackendSettings) -> bool:

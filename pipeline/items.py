@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from .job_record import JobSource
-from .jobspec.model import SourceSpec, Spec
+from .jobspec.model import BALANCE_CLASS_VAR, SourceSpec, Spec
 from .jobspec.template import count_variants, iter_prompts, parse_template, resolve_values
 from .records import InputImage, WorkItem, request_body
 from .sources import HashCache
@@ -148,6 +148,9 @@ def iter_source_drafts(
     """The drafts of one source, lazily; positions count from 0 within the source.
 
     This loop runs a million times for a big job: keep it lean."""
+    if source.roboflow_balance is not None:
+        yield from _balance_drafts(spec, source)
+        return
     hashes = hashes or HashCache()
     template = parse_template(source.prompt)
     values = resolve_values(template, source.vars, spec.spec_dir)
@@ -173,6 +176,55 @@ def iter_source_drafts(
             for repeat in repeats:
                 yield new(ItemDraft, (key_of(prompt, repeat), prompt, combo, repeat, index, shape))
                 index += 1
+
+
+def _balance_drafts(spec: Spec, source: SourceSpec) -> Iterator[ItemDraft]:
+    """A balance source's drafts: for each class in name order, its planned requests,
+    cycling through the other variables' combinations (``repeat`` counts the rounds), so
+    a class's first requests keep their keys when a top-up plans more."""
+    plan = _balance_plan(source)
+    params = MappingProxyType(spec.source_params(source))
+    project_url = spec.project_url or ""
+    body = request_body(
+        WorkItem("", source.name, "", project_url, params),
+        None,
+        project=spec.backend.registered.project_in_body,
+    )
+    key_of = prompt_keyer(spec.backend.kind, body)
+    index = 0
+    for name in sorted(plan):
+        names, variants = _class_variants(spec, source, name)
+        shape = ItemShape(source.name, project_url, params, names, None)
+        for number in range(plan[name]):
+            combo, prompt = variants[number % len(variants)]
+            repeat = number // len(variants)
+            yield ItemDraft(key_of(prompt, repeat), prompt, combo, repeat, index, shape)
+            index += 1
+
+
+def _class_variants(
+    spec: Spec, source: SourceSpec, name: str
+) -> tuple[tuple[str, ...], list[tuple[tuple[str, ...], str]]]:
+    """The variable names (``class`` first) and the (values, prompt) variants of one
+    class of a balance source."""
+    template = parse_template(source.prompt_for(name))
+    given = {BALANCE_CLASS_VAR: (name,), **source.vars}
+    values = resolve_values(
+        template, {k: v for k, v in given.items() if k in template.variables}, spec.spec_dir
+    )
+    seed = DEFAULT_SEED if source.seed is None else source.seed
+    variants = iter_prompts(template, values, source.combine, samples=source.samples, seed=seed)
+    if BALANCE_CLASS_VAR in values:
+        return tuple(values), list(variants)
+    return (BALANCE_CLASS_VAR, *values), [((name, *combo), text) for combo, text in variants]
+
+
+def _balance_plan(source: SourceSpec) -> dict[str, int]:
+    """A balance source's requests per class; `ValueError` before its counts are read."""
+    plan = source.balance_plan
+    if plan is None:
+        raise ValueError(f"source '{source.name}': its class counts are not read yet")
+    return {name: count for name, count in plan.items() if count > 0}
 
 
 def _inputs(spec: Spec, source: SourceSpec, hashes: HashCache) -> Iterator[InputImage | None]:
@@ -217,6 +269,9 @@ def count_items(spec: Spec) -> dict[str, int]:
     """Items per source (inputs × variants × repeats), counted without expanding."""
     counts: dict[str, int] = {}
     for source in spec.sources:
+        if source.roboflow_balance is not None:
+            counts[source.name] = sum(_balance_plan(source).values())
+            continue
         template = parse_template(source.prompt)
         values = resolve_values(template, source.vars, spec.spec_dir)
         variants = count_variants(values, source.combine, source.samples)
@@ -245,6 +300,20 @@ def check_max_items(spec: Spec, counts: Mapping[str, int] | None = None) -> None
             )
 
 
+def _described_values(spec: Spec, source: SourceSpec) -> dict[str, tuple[str, ...]]:
+    """The values of each variable of `source` (a balance source's ``class``: the
+    classes it plans for, none before its counts are read)."""
+    template = parse_template(source.prompt)
+    if source.roboflow_balance is None:
+        return resolve_values(template, source.vars, spec.spec_dir)
+    plan = source.balance_plan or {}
+    classes = tuple(sorted(name for name, count in plan.items() if count > 0))
+    given = {**source.vars, BALANCE_CLASS_VAR: classes or ("?",)}
+    values = resolve_values(template, given, spec.spec_dir)
+    values[BALANCE_CLASS_VAR] = classes
+    return values
+
+
 def describe_sources(spec: Spec, counts: Mapping[str, int] | None = None) -> list[JobSource]:
     """Each source as OUT/job.json records it: template, variable values, input kind,
     and `n` (images per request, global params merged with the source's): the contact
@@ -252,13 +321,12 @@ def describe_sources(spec: Spec, counts: Mapping[str, int] | None = None) -> lis
     (items per source, `count_items`), each source's `items` too."""
     out: list[JobSource] = []
     for source in spec.sources:
-        template = parse_template(source.prompt)
         search = source.roboflow_search
         out.append(
             JobSource(
                 name=source.name,
                 prompt=source.prompt,
-                vars=resolve_values(template, source.vars, spec.spec_dir),
+                vars=_described_values(spec, source),
                 combine=source.combine,
                 repeats=source.repeats,
                 input=source.input_kind,

@@ -11,10 +11,12 @@ per stored output of earlier runs not labelled yet, which takes a pass over the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .balance import unresolved_balance
 from .items import check_max_items, count_items, iter_source_drafts
 from .jobspec.model import SourceSpec, Spec
 from .manifest.log import ManifestState, read_lines
@@ -48,6 +50,7 @@ class SourcePlan:
     price_note: str | None = None  # why the price is unknown, worded as the fix
     count_note: str | None = None  # why the count is unknown (an unresolved search)
     submitted: int = 0  # items waiting in Batch API batches (already paid for)
+    by_class: Mapping[str, int] | None = None  # a balance source: requests per class
 
     @property
     def images(self) -> int:
@@ -100,6 +103,7 @@ class SourcePlan:
             "price_per_image": self.price_per_image,
             "cost_usd": _round(self.cost_usd),
             "cost_unknown_because": self.price_note if self.cost_usd is None else None,
+            **({} if self.by_class is None else {"by_class": dict(self.by_class)}),
         }
 
 
@@ -233,7 +237,7 @@ def build_plan(spec: Spec, state: ManifestState, *, hashes: HashCache | None = N
     Raises `SpecError` when the spec expands past ``run.max_items``. A roboflow_search
     source not resolved yet (`pipeline.search`) is planned with an unknown count.
     """
-    unknown = {source.name for source in unresolved(spec)}
+    unknown = {source.name for source in (*unresolved(spec), *unresolved_balance(spec))}
     known = spec.model_copy(
         update={"sources": tuple(s for s in spec.sources if s.name not in unknown)}
     )
@@ -309,6 +313,7 @@ def _plan_source(
         to_run=items - status["ok"] - skipped,
         price_per_image=spec_price(spec, params),
         price_note=unknown_price_reason(params),
+        by_class=None if source.balance_plan is None else dict(sorted(source.balance_plan.items())),
     )
 
 
@@ -316,10 +321,15 @@ UNRESOLVED_SEARCH = (
     "its images are found by a Roboflow search that has not run yet: "
     "`synthaug plan --resolve SPEC` runs it (no images are generated) and counts them"
 )
+UNREAD_COUNTS = (
+    "it is planned from the project's class counts, not read yet: "
+    "`synthaug plan --resolve SPEC` reads and records them (no images are generated)"
+)
 
 
 def _unknown_source(spec: Spec, source: SourceSpec) -> SourcePlan:
-    """A search source whose ids are not known yet: its price, but no count."""
+    """A search source whose ids, or a balance source whose class counts, are not known
+    yet: its price, but no count."""
     params = spec.source_params(source)
     return SourcePlan(
         name=source.name,
@@ -331,7 +341,7 @@ def _unknown_source(spec: Spec, source: SourceSpec) -> SourcePlan:
         to_run=0,
         price_per_image=spec_price(spec, params),
         price_note=unknown_price_reason(params),
-        count_note=UNRESOLVED_SEARCH,
+        count_note=UNREAD_COUNTS if source.roboflow_balance is not None else UNRESOLVED_SEARCH,
     )
 
 
@@ -361,6 +371,10 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"eta: {_duration(plan.eta_s) if known else 'unknown (see the notes)'}")
     if plan.detection is not None:
         lines.append(_detection_line(plan.detection))
+    for source in plan.sources:
+        if source.by_class is not None:
+            each = ", ".join(f"{name} {count}" for name, count in source.by_class.items())
+            lines.append(f"'{source.name}' requests per class: {each or 'none'}")
     lines.extend(f"warning: {warning}" for warning in plan.warnings)
     lines.extend(f"note: {note}" for note in plan.count_notes)
     lines.extend(f"note: {note}" for note in plan.cost_notes)

@@ -16,6 +16,7 @@ from .errors import ErrorKind
 __all__ = [
     "BATCH_LOGGER",
     "ITEM_STATUSES",
+    "PLAN_LOGGER",
     "BatchRef",
     "ErrorInfo",
     "GeneratedImage",
@@ -42,6 +43,9 @@ ItemStatus = Literal["ok", "failed", "generated", "submitted"]
 BATCH_LOGGER = "pipeline.batches"
 """The logger of Batch API lifecycle lines (submitted, status changes): the CLI shows it
 at INFO by default, since what is in flight is what a nightly log is read for."""
+PLAN_LOGGER = "pipeline.plans"
+"""The logger of what a run decides to make beyond the spec's own items (a balance
+source's counts read, a top-up's additions): shown at INFO by default, like batches."""
 ITEM_STATUSES: tuple[ItemStatus, ...] = ("ok", "failed", "generated", "submitted")
 
 

@@ -14,8 +14,9 @@ source keeps its ``roboflow_search`` only to say where its ids came from.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "resolve_searches",
     "resolve_standalone",
     "search_identity",
+    "standalone_backend",
     "unresolved",
     "with_ids",
 ]
@@ -159,6 +161,19 @@ async def resolve_standalone(spec: Spec) -> Spec:
     spec = apply_recorded(spec)
     if not unresolved(spec):
         return spec
+    async with standalone_backend(spec) as (backend, api_key, proxies):
+        return await resolve_searches(
+            spec, root=api_root(spec, backend), api_key=api_key, proxies=proxies
+        )
+
+
+@contextlib.asynccontextmanager
+async def standalone_backend(
+    spec: Spec,
+) -> AsyncIterator[tuple[Backend, str, ProxySettings]]:
+    """The spec's backend (its key, its proxies) opened outside a run, with OUT's lock
+    held: for what ``plan --resolve`` reads and records before a run (a run holding the
+    lock makes it raise `OutputError`)."""
     kind = spec.backend.registered
     api_key = read_api_key(spec.backend)
     proxies = read_proxy_settings() if kind.proxied else DIRECT
@@ -166,9 +181,7 @@ async def resolve_standalone(spec: Spec) -> Spec:
         async with kind.open_single(
             spec.backend.base_url, api_key, timeout_s=spec.backend.timeout_s, proxies=proxies
         ) as backend:
-            return await resolve_searches(
-                spec, root=api_root(spec, backend), api_key=api_key, proxies=proxies
-            )
+            yield backend, api_key, proxies
 
 
 def api_root(spec: Spec, backend: Backend) -> str:

@@ -155,6 +155,8 @@ _RATE_SCHEMA = {
 }
 Rate = Annotated[float | None, BeforeValidator(_rate_or_none), WithJsonSchema(_RATE_SCHEMA)]
 Name = Annotated[str, AfterValidator(_check_name)]
+
+
 def _check_env_name(value: str) -> str:
     if not ENV_NAME.fullmatch(value):
         raise ValueError(f"{show_value(value)} is not an environment variable name")

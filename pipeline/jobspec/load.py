@@ -14,7 +14,7 @@ import datetime as dt
 import ipaddress
 import json
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,7 +33,15 @@ from ..sources import (
 )
 from .catalog import default_catalog
 from .fields import INPUT_KINDS, parse_rate
-from .model import SEARCH_QUERY_KEYS, BackendSettings, Params, SearchSettings, SourceSpec, Spec
+from .model import (
+    BALANCE_CLASS_VAR,
+    SEARCH_QUERY_KEYS,
+    BackendSettings,
+    Params,
+    SearchSettings,
+    SourceSpec,
+    Spec,
+)
 from .template import TemplateError, count_variants, parse_template, resolve_values
 from .yamlfile import did_you_mean, read_yaml, show_value, validation_error
 
@@ -121,7 +129,9 @@ def _check_semantics(spec: Spec) -> None:
     """Rules spanning several keys; raise `_Problem` at the key to fix."""
     _check_base_url(spec.backend)
     if spec.upload is not None and spec.upload.base_url is not None:
-        _check_upload_url(spec.upload.base_url)
+        _check_keyed_url(spec.upload.base_url, "upload.base_url")
+    if spec.label is not None and spec.label.api_url is not None:
+        _check_keyed_url(spec.label.api_url, "label.api_url")
     if spec.backend.registered.needs_project and not spec.project_url:
         raise _Problem(
             "project_url",
@@ -135,8 +145,22 @@ def _check_semantics(spec: Spec) -> None:
             "rehearse), or mode online",
         )
     seen: dict[str, int] = {}
+    balanced: int | None = None
     for index, source in enumerate(spec.sources):
         at = f"sources[{index}]"
+        if source.roboflow_balance is not None:
+            if balanced is not None:
+                raise _Problem(
+                    f"{at}.roboflow_balance",
+                    f"one roboflow_balance source per job (sources[{balanced}] is one): "
+                    "put each project in a job of its own",
+                )
+            balanced = index
+            _check_balance(source, at)
+            if source.roboflow_balance.base_url is not None:
+                _check_keyed_url(
+                    source.roboflow_balance.base_url, f"{at}.roboflow_balance.base_url"
+                )
         if source.name in seen:
             raise _Problem(
                 f"{at}.name",
@@ -250,13 +274,13 @@ def _check_base_url(backend: BackendSettings) -> None:
         )
 
 
-def _check_upload_url(url: str) -> None:
-    """The upload's API root: the key travels in its query, so plain http only on loopback."""
+def _check_keyed_url(url: str, key: str) -> None:
+    """An API root whose key travels in the query (Roboflow's): plain http only on
+    loopback."""
     host = urlsplit(url).hostname or ""
     if urlsplit(url).scheme == "http" and not _is_loopback(host):
         raise _Problem(
-            "upload.base_url",
-            "plain http would send the API key in clear; use https (or a loopback address)",
+            key, "plain http would send the API key in clear; use https (or a loopback address)"
         )
 
 
@@ -294,6 +318,28 @@ def _check_source_keys(source: SourceSpec, at: str) -> None:
         )
     if source.roboflow_search is not None:
         _check_search_query(source.roboflow_search, f"{at}.roboflow_search")
+
+
+def _check_balance(source: SourceSpec, at: str) -> None:
+    """A balance source is prompt-only, and its plan, not `repeats`, says how many."""
+    if source.input_kind != "none":
+        raise _Problem(
+            f"{at}.{source.input_kind}",
+            "a roboflow_balance source makes new images from its prompt: it takes no input "
+            "images (put those in a source of their own)",
+        )
+    if source.repeats != 1:
+        raise _Problem(
+            f"{at}.repeats",
+            "a roboflow_balance source plans its own number of requests per class: "
+            "remove repeats (raise roboflow_balance.target instead)",
+        )
+    if BALANCE_CLASS_VAR in source.vars:
+        raise _Problem(
+            f"{at}.vars.{BALANCE_CLASS_VAR}",
+            f"{{{BALANCE_CLASS_VAR}}} takes its values from the project's classes: remove "
+            "it from vars",
+        )
 
 
 def _check_search_query(search: SearchSettings, at: str) -> None:
@@ -341,22 +387,54 @@ def _check_mask_file(path: Path, shown: str, key_path: str) -> None:
 
 
 def _check_prompt(spec: Spec, source: SourceSpec, at: str) -> None:
+    balance = source.roboflow_balance
+    if balance is None:
+        _check_template(spec, source, source.prompt, source.vars, f"{at}.prompt")
+        return
+    given = {**source.vars, BALANCE_CLASS_VAR: ("any class",)}
+    _check_template(spec, source, source.prompt, given, f"{at}.prompt", needs_class=True)
+    for name, prompt in balance.prompts.items():
+        key = f"{at}.roboflow_balance.prompts.{name}"
+        _check_template(spec, source, prompt, given, key, needs_class=False)
+
+
+def _check_template(
+    spec: Spec,
+    source: SourceSpec,
+    text: str,
+    given: Mapping[str, Sequence[str]],
+    key: str,
+    *,
+    needs_class: bool | None = None,
+) -> None:
+    """`text` parses and its placeholders have values (`given`); with `needs_class` it
+    names ``{class}``; without (a balance source's own prompt for one class) every var
+    it does not use is fine."""
     try:
-        template = parse_template(source.prompt)
+        template = parse_template(text)
     except TemplateError as exc:
-        raise _Problem(f"{at}.prompt", str(exc), source.prompt) from None
+        raise _Problem(key, str(exc), text) from None
+    if needs_class and BALANCE_CLASS_VAR not in template.variables:
+        raise _Problem(
+            key,
+            f"a roboflow_balance source's prompt names its class: put {{{BALANCE_CLASS_VAR}}} "
+            "in it",
+            text,
+        )
+    if needs_class is False:
+        given = {name: v for name, v in given.items() if name in template.variables}
     try:
-        values = resolve_values(template, source.vars, spec.spec_dir)
+        values = resolve_values(template, given, spec.spec_dir)
     except TemplateError as exc:
         if exc.var in source.vars:
-            raise _Problem(f"{at}.vars.{exc.var}", str(exc)) from None
+            raise _Problem(f"{key.rsplit('.', 1)[0]}.vars.{exc.var}", str(exc)) from None
         hint = did_you_mean(exc.var or "", source.vars)
-        raise _Problem(f"{at}.prompt", f"{exc}{hint}", source.prompt) from None
+        raise _Problem(key, f"{exc}{hint}", text) from None
     try:
         count_variants(values, source.combine, source.samples)
     except TemplateError as exc:
-        key = "samples" if source.combine == "sample" else "vars"
-        raise _Problem(f"{at}.{key}", str(exc)) from None
+        problem = "samples" if source.combine == "sample" else "vars"
+        raise _Problem(f"{key.rsplit('.', 1)[0]}.{problem}", str(exc)) from None
 
 
 def _check_folder(spec: Spec, source: SourceSpec, at: str) -> None:

@@ -176,10 +176,12 @@ class RunSettings(_Model):
     image_rate_limit: Rate = Field(default=None, description="images (requests x n) per period")
     max_attempts: int = Field(default=6, ge=1, le=MAX_ATTEMPTS)
     backoff_base_s: float = Field(
-        default=1.0, gt=0, description=(
+        default=1.0,
+        gt=0,
+        description=(
             "first retry waits up to this (full jitter), doubling; a 429 without "
             "Retry-After pauses every start this long, doubling"
-        )
+        ),
     )
     backoff_max_s: float = Field(default=60.0, gt=0, description="longest wait between attempts")
     max_images: int | None = Field(default=None, ge=1, description="image budget for this run")
@@ -241,6 +243,42 @@ class SearchSettings(_Model):
 
 # --- end roboflow_search ---
 
+# --- roboflow_balance (issue 20): a source planned from a project's class counts ---
+
+BALANCE_CLASS_VAR = "class"
+"""The placeholder a balance source's prompt names its class with: ``{class}``."""
+
+
+class BalanceSettings(_Model):
+    """Generate what a Roboflow project lacks (``roboflow_balance:``): its class counts
+    are read once per OUT (``GET {base_url}/{workspace}/{project}``) and each class below
+    `target` gets requests for the images it is short of. The URL and key default as
+    ``upload:``'s do, so any backend kind can make the images."""
+
+    workspace: Name = Field(description="Roboflow workspace id (from the project's URL)")
+    project: Name = Field(description="Roboflow project id within the workspace")
+    target: int = Field(ge=1, le=1_000_000, description="images wanted per class")
+    classes: tuple[NonBlank, ...] | None = Field(
+        default=None, min_length=1, description="only these classes (default: every one)"
+    )
+    max_per_class: int | None = Field(
+        default=None, ge=1, description="plan at most this many images for one class"
+    )
+    prompts: dict[NonBlank, NonBlank] = Field(
+        default_factory=dict,
+        description="a class's own prompt template (for a name that reads badly in a sentence)",
+    )
+    base_url: Url | None = Field(
+        default=None,
+        description="API root (default https://api.roboflow.com; the embedded mock's for mock)",
+    )
+    api_key_env: EnvName = Field(
+        default=DEFAULT_API_KEY_ENV, description="env var holding the Roboflow API key"
+    )
+
+
+# --- end roboflow_balance ---
+
 
 class SourceSpec(_Model):
     """One source of work items: a prompt template and at most one kind of input."""
@@ -264,11 +302,37 @@ class SourceSpec(_Model):
     roboflow_search: SearchSettings | None = Field(
         default=None, description="Roboflow image ids found by a search (run or plan --resolve)"
     )
+    roboflow_balance: BalanceSettings | None = Field(
+        default=None,
+        description="prompt-only items planned from a project's class counts (run or plan "
+        "--resolve): {class} in the prompt",
+    )
     mask: NonBlank | None = Field(
         default=None,
         description="a PNG mask for every edit of the source, relative to the spec file "
         "(images, folder or urls; kinds openai and mock)",
     )
+
+    _balance_plan: dict[str, int] | None = PrivateAttr(default=None)
+
+    @property
+    def balance_plan(self) -> Mapping[str, int] | None:
+        """A balance source's requests per class, once its counts are recorded
+        (`pipeline.balance`); None before, and for every other source."""
+        return self._balance_plan
+
+    def with_balance_plan(self, plan: Mapping[str, int]) -> SourceSpec:
+        """This balance source with its requests per class known."""
+        copy = self.model_copy()
+        copy._balance_plan = dict(plan)
+        return copy
+
+    def prompt_for(self, name: str | None) -> str:
+        """The prompt template of class `name` (a balance source's own per class), else
+        the source's."""
+        if name is None or self.roboflow_balance is None:
+            return self.prompt
+        return self.roboflow_balance.prompts.get(name, self.prompt)
 
     @property
     def input_kind(self) -> InputKindName:
@@ -287,8 +351,6 @@ class SourceSpec(_Model):
             yield from iter_folder(
                 spec_dir / self.folder, recursive=bool(self.recursive), extensions=extensions
             )
-
-
 
 
 class Spec(_Model):

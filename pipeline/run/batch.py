@@ -88,9 +88,7 @@ def batch_control_of(spec: Spec, backend: Backend) -> BatchControl | None:
     return batch_control(backend, provided=kind.provides_batch_control(spec.backend.mode))
 
 
-def attach_batches(
-    control: BatchControl | None, state: ManifestState, record: Recorder
-) -> None:
+def attach_batches(control: BatchControl | None, state: ManifestState, record: Recorder) -> None:
     """Tell a Batch API backend where the manifest says items wait, and let it record new
     batches through the engine's checkpoint (`record`)."""
     if control is None:

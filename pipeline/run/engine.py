@@ -65,7 +65,6 @@ __all__ = ["Engine"]
 log = logging.getLogger("pipeline.engine")  # the name a run's log has always shown
 
 
-
 MAX_WAITING = 50_000
 """Items batch mode keeps waiting in batches at once (each a record and a future in memory,
 no task): a batch's worth."""

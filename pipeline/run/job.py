@@ -50,6 +50,7 @@ async def run_job(
     backend: Backend | None = None,
     verify: bool = False,
     wait: bool = True,
+    top_up: bool = False,
 ) -> JobResult:
     """Run (or resume) the job of `spec`; see the module docstring for the order of steps.
 
@@ -58,10 +59,17 @@ async def run_job(
     GC while the manifest loads, then freezes the loaded state). Any caller can stop the
     run gracefully through `control`. The `max_items` guard and the budgets hold for
     every caller. With ``backend.mode: batch``, `wait=False` submits and returns
-    (``run --no-wait``); a later run collects.
+    (``run --no-wait``); a later run collects. `top_up` adds to a balance source's plan
+    what its classes are still short of (``run --top-up``).
     """
     async with prepare(
-        spec, spec_path=spec_path, backend=backend, verify=verify, wait=wait, freeze_gc=freeze_gc
+        spec,
+        spec_path=spec_path,
+        backend=backend,
+        verify=verify,
+        wait=wait,
+        freeze_gc=freeze_gc,
+        top_up=top_up,
     ) as prepared:
         return await _execute(
             prepared,

@@ -20,8 +20,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import balance, model_check, search
 from .. import items as items_mod
-from .. import model_check, search
 from ..backends.base import Backend
 from ..credentials import (
     DIRECT,
@@ -31,11 +31,12 @@ from ..credentials import (
 )
 from ..errors import OutputError, UsageError
 from ..job_record import JobRecord
-from ..jobspec.model import Spec
+from ..jobspec.model import BALANCE_CLASS_VAR, Spec
 from ..limiter import LearnedPace, learned_pace
 from ..manifest.cache import StateCache
-from ..manifest.log import ManifestState, gc_paused
+from ..manifest.log import ManifestState, gc_paused, read_records
 from ..pricing import check_cost_budget
+from ..records import PLAN_LOGGER
 from ..store import files as outputs
 from ..store import layout
 from ..store.layout import MANIFEST_NAME, SUMMARY_NAME
@@ -88,6 +89,7 @@ def check_spec(spec: Spec, *, wait: bool) -> Spec:
             "rehearse with `synthaug mock-server` and backend.kind openai pointed at it"
         )
     spec = search.apply_recorded(spec)  # roboflow_search: ids this OUT already found
+    spec = balance.apply_recorded(spec)  # roboflow_balance: counts this OUT already read
     check_cost_budget(spec)
     for warning in spec.model_warnings():
         log.warning("%s", warning)
@@ -103,14 +105,19 @@ async def prepare(
     verify: bool = False,
     wait: bool = True,
     freeze_gc: bool = False,
+    top_up: bool = False,
 ) -> AsyncIterator[Prepared]:
     """Hold OUT's lock and the open backend while the body runs; see the module docstring.
 
     `freeze_gc` (the CLI's) pauses the process's GC while the manifest loads and freezes
-    the loaded state until the run ends.
+    the loaded state until the run ends. `top_up` adds to a balance source's recorded
+    plan what its classes are still short of (``run --top-up``).
     """
     spec = check_spec(spec, wait=wait)
-    counts = None if search.unresolved(spec) else items_mod.count_items(spec)
+    if top_up and balance.balance_source(spec) is None:
+        raise UsageError("--top-up needs a roboflow_balance source in the spec")
+    unresolved = search.unresolved(spec) or balance.unresolved_balance(spec)
+    counts = None if unresolved else items_mod.count_items(spec)
     if counts is not None:  # else counted once the searches have found their ids
         items_mod.check_max_items(spec, counts)
     kind = spec.backend.registered
@@ -136,12 +143,17 @@ async def prepare(
                 await model_check.check_models(spec, live_backend)
                 if counts is None:
                     spec = await _resolve_searches(spec, live_backend, api_key, proxies)
+                    spec = await balance.resolve_balance(
+                        spec, backend_root=live_backend.api_root, proxies=read_proxy_settings()
+                    )
+                if top_up:
+                    spec = await asyncio.to_thread(_top_up, spec)
+                if counts is None or top_up:
                     counts = items_mod.count_items(spec)
                     items_mod.check_max_items(spec, counts)
+                await asyncio.to_thread(balance.record_plan, spec)
                 await asyncio.to_thread(write_job_json, spec, spec_path, counts)
-                yield Prepared(
-                    spec, counts, state, cache, files, live_backend, stage_keys, watch
-                )
+                yield Prepared(spec, counts, state, cache, files, live_backend, stage_keys, watch)
 
 
 async def _resolve_searches(
@@ -151,6 +163,28 @@ async def _resolve_searches(
     API root."""
     root = search.api_root(spec, backend)
     return await search.resolve_searches(spec, root=root, api_key=api_key, proxies=proxies)
+
+
+def _top_up(spec: Spec) -> Spec:
+    """The balance source's plan with each class's shortfall added and recorded (the
+    manifest read whole: which outputs are usable)."""
+    source = balance.balance_source(spec)
+    assert source is not None
+    records = read_records(spec.output_dir / MANIFEST_NAME)
+    planned = {
+        draft.key: dict(zip(draft.shape.names, draft.combo, strict=True))[BALANCE_CLASS_VAR]
+        for draft in items_mod.iter_source_drafts(spec, source)
+    }
+    added = balance.shortfall_requests(spec, source, records, planned)
+    plans = logging.getLogger(PLAN_LOGGER)
+    if not added:
+        plans.info("top-up: no class is short of its target; nothing added")
+        return spec
+    plans.info(
+        "top-up: adding %s",
+        ", ".join(f"{count} requests for {name}" for name, count in sorted(added.items())),
+    )
+    return balance.add_top_up(spec, added)
 
 
 def read_learned_pace(spec: Spec) -> LearnedPace | None:

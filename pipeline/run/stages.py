@@ -129,9 +129,7 @@ def read_stage_keys(spec: Spec) -> dict[str, str]:
     }
 
 
-async def open_stages(
-    spec: Spec, keys: Mapping[str, str], context: StageContext
-) -> list[Stage]:
+async def open_stages(spec: Spec, keys: Mapping[str, str], context: StageContext) -> list[Stage]:
     """The stages `spec` sets, built in registry order (its modules imported in a thread:
     a client stack takes about 100 ms to import). `keys` holds each stage's API key."""
     stages = []

@@ -4,7 +4,9 @@ For each output without labels, the stored image is read back (only if it is sti
 the manifest recorded) and sent to ``label.model`` (`RoboflowDetectClient`); the answer's
 predictions, those of ``label.classes`` when given, are kept on the output as ``labels``
 (`LabelRecord`: ``{"model", "predictions"}``). With ``label.require_detection`` an
-output with none kept is flagged ``no_detection``: a finding, not a failure.
+output with none kept is flagged ``no_detection``; an output of a ``roboflow_balance``
+item whose kept predictions lack the class it was made for, ``missing_class``: findings,
+not failures.
 
 Detection costs a request, so it is recorded like a generation: the line with the labels
 is appended as soon as the item's outputs are labelled, and a resume asks only for
@@ -25,17 +27,18 @@ from typing import Any, Protocol
 
 from ..credentials import labels_from_backend
 from ..errors import BackendError
-from ..jobspec.model import Spec
+from ..jobspec.model import BALANCE_CLASS_VAR, Spec
 from ..jobspec.stage_settings import DEFAULT_DETECT_URL, DEFAULT_LABEL_RATE, LabelSettings
 from ..records import ErrorInfo, ItemRecord, LabelRecord, OutputFile, Prediction
 from ..run.stages import StageContext
 from .remote import HALTED_BY, RemoteCalls, StageEndpoint, Stopped, read_stored
 
-__all__ = ["NO_DETECTION", "Detector", "LabelStage", "LabelStats", "open_stage"]
+__all__ = ["MISSING_CLASS", "NO_DETECTION", "Detector", "LabelStage", "LabelStats", "open_stage"]
 
 log = logging.getLogger(__name__)
 
 NO_DETECTION = "no_detection"
+MISSING_CLASS = "missing_class"
 
 
 class Detector(Protocol):
@@ -57,6 +60,7 @@ class LabelStats:
     labelled: int = 0  # outputs labelled this run
     predictions: int = 0  # predictions kept
     no_detection: int = 0  # outputs flagged no_detection
+    missing_class: int = 0  # balance outputs without the class they were made for
     failed: int = 0  # outputs whose detection failed for good this run (recorded)
     skipped: int = 0  # items whose file was gone or changed: the engine makes them again
 
@@ -74,8 +78,10 @@ class LabelStage:
         client: Detector,
         calls: RemoteCalls,
         context: StageContext,
+        balance_source: str | None = None,
     ) -> None:
         self._settings = settings
+        self._balance_source = balance_source  # its items must show their vars' class
         self._client = client
         self._calls = calls
         self._out_dir = context.out_dir
@@ -114,17 +120,27 @@ class LabelStage:
                     self.stats.skipped += 1
                     log.info("%s: stored image gone or changed; not labelled", record.key[:16])
                     return None
-                outputs[index] = await self._label(output, data, halted)
+                outputs[index] = await self._label(output, data, halted, self._made_for(record))
                 changed = True
         except Stopped:
             pass
         return dataclasses.replace(record, outputs=tuple(outputs)) if changed else None
 
+    def _made_for(self, record: ItemRecord) -> str | None:
+        """The class a balance item was made to show; None for other items."""
+        if self._balance_source is None or record.source != self._balance_source:
+            return None
+        return record.vars.get(BALANCE_CLASS_VAR)
+
     async def _label(
-        self, output: OutputFile, data: bytes, halted: Callable[[], bool]
+        self,
+        output: OutputFile,
+        data: bytes,
+        halted: Callable[[], bool],
+        made_for: str | None,
     ) -> OutputFile:
-        """`output` with its labels (or the error that kept it from them). Raises
-        `Stopped`."""
+        """`output` with its labels (or the error that kept it from them), flagged when
+        it shows nothing, or not the class it was `made_for`. Raises `Stopped`."""
         model = self._settings.model
         try:
             found = await self._calls.call(lambda: self._client.detect(data), halted)
@@ -138,7 +154,10 @@ class LabelStage:
         labelled = dataclasses.replace(output, labels=LabelRecord(model, kept))
         if not kept and self._settings.require_detection:
             self.stats.no_detection += 1
-            return labelled.flagged_with(NO_DETECTION)
+            labelled = labelled.flagged_with(NO_DETECTION)
+        if made_for is not None and all(p.class_name != made_for for p in kept):
+            self.stats.missing_class += 1
+            labelled = labelled.flagged_with(MISSING_CLASS)
         return labelled
 
 
@@ -187,4 +206,5 @@ async def open_stage(spec: Spec, api_key: str, context: StageContext) -> LabelSt
         concurrency=settings.concurrency,
         stop=context.stop,
     )
-    return LabelStage(settings, client=client, calls=calls, context=context)
+    balance = next((s.name for s in spec.sources if s.roboflow_balance is not None), None)
+    return LabelStage(settings, client=client, calls=calls, context=context, balance_source=balance)

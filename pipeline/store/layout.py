@@ -33,6 +33,7 @@ from ..errors import OutputError
 from ..job_record import JobRecord
 
 __all__ = [
+    "BALANCE_NAME",
     "GRIDS_DIR",
     "IMAGES_DIR",
     "IMAGE_NAME",
@@ -64,6 +65,7 @@ IMAGES_DIR = "images"
 JOB_NAME = "job.json"
 SUMMARY_NAME = "summary.json"
 SEARCH_NAME = "search.json"
+BALANCE_NAME = "balance.json"
 GRIDS_DIR = "grids"
 INDEX_NAME = "index.html"
 THUMBS_DIR = "thumbs"
@@ -84,6 +86,7 @@ def image_name(key: str, index: int, ext: str) -> str:
 def state_cache_path(manifest: Path) -> Path:
     """``OUT/.manifest.jsonl.state``, the disposable cache of the manifest's state."""
     return manifest.with_name(f".{manifest.name}.state")
+
 
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})

@@ -20,9 +20,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from ..balance import class_progress, read_balance
 from ..errors import UsageError
 from ..job_record import JobRecord
 from ..manifest.cache import load_cached_state
+from ..manifest.log import read_records
 from ..records import ItemStatus
 from ..store.layout import MANIFEST_NAME, SUMMARY_NAME, read_job, read_json
 
@@ -51,7 +53,9 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     (answered, not downloaded yet), ``submitted`` (waiting in a Batch API batch) and
     ``batches`` ({batch id: items}), ``items`` (keys seen), per-source ``generated`` and
     ``images``; with ``job.json`` also ``name``, ``pending`` (total and per source: the
-    job's items minus ok); with ``summary.json`` the last run's summary under ``last_run``.
+    job's items minus ok); with ``summary.json`` the last run's summary under ``last_run``;
+    for a roboflow_balance job, ``balance`` ({class: {count, target, planned, stored,
+    usable}}: images).
     """
     manifest = out_dir / MANIFEST_NAME
     if not manifest.is_file():
@@ -88,6 +92,9 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     }
     if job is not None:
         _add_pending(report, job)
+    balance = _balance(out_dir, job)
+    if balance:
+        report["balance"] = balance
     summary = read_json(out_dir / SUMMARY_NAME)
     if summary is not None:
         report["last_run"] = summary
@@ -198,6 +205,27 @@ def _stage_counts(staged: Iterable[_Staged]) -> dict[str, Any]:
     }
 
 
+def _balance(out_dir: Path, job: JobRecord | None) -> dict[str, dict[str, int]]:
+    """Each class of the job's balance source with its progress (the manifest read
+    whole, only for such a job); empty without one."""
+    recorded = read_balance(out_dir)
+    names = [name for name, _ in _job_sources(job)] or list(recorded)
+    source = next((name for name in names if name in recorded), None)
+    if source is None:
+        return {}
+    records = read_records(out_dir / MANIFEST_NAME).values()
+    progress = class_progress(source, recorded[source], records)
+    return {name: figures.to_json() for name, figures in progress.items()}
+
+
+def _format_balance(balance: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """The balance table: one row per class (images)."""
+    fields = ("count", "target", "planned", "stored", "usable")
+    rows = [["class", *fields]]
+    rows += [[name, *(str(figures[f]) for f in fields)] for name, figures in balance.items()]
+    return ["balance (images per class):", *("  " + line for line in _align(rows))]
+
+
 def _empty_counts() -> dict[str, int]:
     return {"ok": 0, "failed": 0, "generated": 0, "submitted": 0, "images": 0}
 
@@ -247,6 +275,9 @@ def format_status(report: Mapping[str, Any]) -> str:
     flagged: Mapping[str, int] = report.get("flagged") or {}
     if flagged:
         lines.append("flagged: " + ", ".join(f"{flag} {n}" for flag, n in flagged.items()))
+    balance: Mapping[str, Mapping[str, int]] = report.get("balance") or {}
+    if balance:
+        lines.extend(_format_balance(balance))
     batches: Mapping[str, int] = report.get("batches") or {}
     if batches:
         listed = ", ".join(f"{batch} ({count} items)" for batch, count in batches.items())
