@@ -177,8 +177,8 @@ class OutputFile:
         }
         if self.phash is not None:
             out["phash"] = self.phash
-        if self.phash is not None or self.flags:
-            out["flags"] = list(self.flags)
+        if self.phash is not None or self.flags or self.labels is not None:
+            out["flags"] = list(self.flags)  # once a stage that flags has seen it
         if self.labels is not None:
             out["labels"] = self.labels.to_json()
         if self.upload is not None:
