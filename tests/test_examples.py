@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -38,7 +39,9 @@ def summary_of(spec: Path) -> dict[str, object]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["quickstart", "batch-mock", "nightly-mock", "labelled-mock"])
+@pytest.mark.parametrize(
+    "name", ["quickstart", "batch-mock", "nightly-mock", "labelled-mock", "balance-mock"]
+)
 def test_embedded_mock_examples_run_as_documented(examples: Path, name: str) -> None:
     """The examples that name the embedded mock run with no key and no network: exit 0."""
     spec = examples / f"{name}.yaml"
@@ -62,6 +65,42 @@ def test_the_labelled_rehearsal_labels_flags_and_annotates(examples: Path) -> No
     assert label["no_detection"] == 2  # the empty roads
     assert upload["uploaded"] == upload["annotated"] == 6
     assert upload["annotation_check"]["ok"] is True
+
+
+@pytest.mark.slow
+def test_the_balance_rehearsal_fills_what_is_short_and_flags_what_misses(
+    examples: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """examples/balance-mock.yaml, as its header says: the plan asks 1 tree, 4 leaves,
+    6 dogs; the dog prompt never shows a dog (missing_class, kept out of the project);
+    a top-up asks for the 6 dogs again and nothing else."""
+    spec = examples / "balance-mock.yaml"
+    assert run_cli("run", str(spec)) == 0
+    out = spec.parent / "runs" / "balance-mock"
+    capsys.readouterr()
+    assert status_json(out, capsys)["balance"] == {
+        "car": {"count": 8, "target": 6, "planned": 0, "stored": 0, "usable": 0},
+        "dog": {"count": 0, "target": 6, "planned": 6, "stored": 6, "usable": 0},
+        "leaf": {"count": 2, "target": 6, "planned": 4, "stored": 4, "usable": 4},
+        "person": {"count": 12, "target": 6, "planned": 0, "stored": 0, "usable": 0},
+        "tree": {"count": 5, "target": 6, "planned": 1, "stored": 1, "usable": 1},
+    }
+    summary = summary_of(spec)
+    upload = summary["upload"]
+    assert isinstance(upload, dict)
+    assert upload["uploaded"] == 5
+    assert run_cli("run", str(spec), "--top-up") == 0
+    assert summary_of(spec)["requests"] == 6
+    assert status_json(out, capsys)["balance"]["dog"]["planned"] == 12
+
+
+def status_json(out: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """`synthaug status OUT --json`, parsed."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["status", str(out), "--json"])
+    assert exit_info.value.code in (0, None)
+    return dict(json.loads(capsys.readouterr().out))
 
 
 @pytest.mark.slow
