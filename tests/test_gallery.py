@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import html
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from checks import run_spec
 from PIL import Image
 
+from pipeline.balance import BALANCE_FORMAT, BalanceRecord
 from pipeline.manifest.writer import ManifestWriter
 from pipeline.records import (
     ErrorInfo,
@@ -23,6 +26,7 @@ from pipeline.records import (
     OutputFile,
     Prediction,
 )
+from pipeline.store.layout import BALANCE_NAME
 from pipeline.views.gallery import write_gallery
 from pipeline.views.grid import draw_grids
 
@@ -361,3 +365,144 @@ def test_boxes_sit_on_their_objects_in_headless_chromium(tmp_path: Path) -> None
     assert boxes[0][:4] == pytest.approx([0.15, 0.4, 0.2, 0.2], abs=0.02)
     assert boxes[1][:4] == pytest.approx([0.5, 1 / 6, 0.5, 1 / 3], abs=0.02)
     assert badges == ["duplicate", "no_<b>"]
+
+
+def balance_item(
+    out: Path, name: str, place: str, *, status: str = "ok", flags: tuple[str, ...] = ()
+) -> ItemRecord:
+    """A manifest line of the balance source 'rare' for class `name`."""
+    item = record(out, "rare", {"class": name, "place": place}, status=status)
+    return staged(item, flags=flags) if flags else item
+
+
+def write_balance(
+    out: Path, counts: Mapping[str, int], planned: Mapping[str, int] | None, *, source: str = "rare"
+) -> None:
+    """OUT/balance.json as a run records it: the counts read and, after a run, its plan."""
+    entry = BalanceRecord(
+        {"backend": "mock", "workspace": "demo", "project": "pets"},
+        counts,
+        {},
+        "2025-01-01T00:00:00+00:00",
+        target=10 if planned is not None else None,
+        n=1 if planned is not None else None,
+        planned=planned,
+    ).to_json()
+    payload = {"format": BALANCE_FORMAT, "sources": {source: entry}}
+    (out / BALANCE_NAME).write_text(json.dumps(payload), "utf-8")
+
+
+def balance_out(out: Path) -> None:
+    """'rare' (target 10): dog 0 + 3 planned, two stored of which one flagged, one failed;
+    leaf 9 + 1 planned and stored; cat 9 + 1 planned, failed; car 11 and person 12 at
+    target, nothing planned."""
+    write_manifest(
+        out,
+        [
+            balance_item(out, "leaf", "park"),
+            balance_item(out, "dog", "park"),
+            balance_item(out, "dog", "kitchen", flags=("missing_class",)),
+            balance_item(out, "dog", "garden", status="failed"),
+            balance_item(out, "cat", "park", status="failed"),
+        ],
+    )
+    counts = {"person": 12, "car": 11, "dog": 0, "leaf": 9, "cat": 9}
+    write_balance(out, counts, {"person": 0, "car": 0, "dog": 3, "leaf": 1, "cat": 1})
+
+
+def text_of(fragment: str) -> str:
+    """What a reader sees of an HTML fragment: tags dropped, entities decoded, spaces joined."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", "", fragment)).split())
+
+
+def class_groups(page: str) -> dict[str, str]:
+    """Each class group's HTML (up to the next group or the failures) by its escaped name."""
+    groups: dict[str, str] = {}
+    for match in re.finditer(r'<div class="class-group"[^>]*data-class="([^"]*)"', page):
+        rest = page[match.start() :]
+        ends = [rest.find(m, 1) for m in ('<div class="class-group"', "<h3 class=", "</section>")]
+        groups[match.group(1)] = rest[: min(e for e in ends if e > 0)]
+    return groups
+
+
+def test_balance_source_groups_cards_by_class_with_before_and_after(tmp_path: Path) -> None:
+    """A balance source shows one group per class in name order, headed by the project's
+    count before, target, planned, stored, usable and the count after; its cards below."""
+    balance_out(tmp_path)
+    page = write_gallery(tmp_path).read_text("utf-8")
+    groups = class_groups(page)
+    assert list(groups) == ["cat", "dog", "leaf"]
+    heads = {c: text_of(re.findall(r"<h3>.*?</h3>", g)[0]) for c, g in groups.items()}
+    assert heads == {
+        "cat": "cat before: 9 in the project · target 10 · planned 1 · stored 0 · usable 0 · "
+        "after: 9 (short by 1)",
+        "dog": "dog before: 0 in the project · target 10 · planned 3 · stored 2 · usable 1 · "
+        "after: 1 (short by 9)",
+        "leaf": "leaf before: 9 in the project · target 10 · planned 1 · stored 1 · usable 1 · "
+        "after: 10 (reached)",
+    }
+    shown = {c: re.findall(r"<b>class</b> (\w+)", g) for c, g in groups.items()}
+    assert shown == {"cat": [], "dog": ["dog", "dog"], "leaf": ["leaf"]}
+    assert "no image stored yet" in groups["cat"]
+    assert groups["dog"].count('<figure class="item flagged"') == 1
+    assert '<span class="flag">missing_class</span>' in groups["dog"]
+    assert groups["leaf"].count("<figure") == 1
+    assert page.count('<tr class="failed-item">') == 2  # failures stay in the source's table
+
+
+def test_balance_summary_links_classes_and_lists_those_at_target(tmp_path: Path) -> None:
+    """Above the sheets, each group is linked with its verdict, and the classes at target
+    with nothing planned or stored share one line instead of empty groups."""
+    balance_out(tmp_path)
+    page = write_gallery(tmp_path).read_text("utf-8")
+    nav = re.findall(r"<p class='class-nav'>.*?</p>", page)
+    assert [text_of(n) for n in nav] == ["classes: cat short by 1 · dog short by 9 · leaf reached"]
+    assert re.findall(r'href="#([^"]+)"', nav[0]) == [
+        "src-rare--cat",
+        "src-rare--dog",
+        "src-rare--leaf",
+    ]
+    for anchor in ("src-rare--cat", "src-rare--dog", "src-rare--leaf"):
+        assert f'id="{anchor}"' in page
+    assert [text_of(n) for n in re.findall(r"<p class='at-target'>.*?</p>", page)] == [
+        "at target: car 11, person 12"
+    ]
+    assert 'data-class="car"' not in page
+    assert 'data-class="person"' not in page
+
+
+def test_balance_class_names_are_escaped(tmp_path: Path) -> None:
+    """Class names come from an API: in headings, links, anchors and the at-target line
+    they are text, never markup."""
+    bad, done = '<img src=x onerror="y">&', "<i>person</i>"
+    write_manifest(tmp_path, [balance_item(tmp_path, bad, "park")])
+    write_balance(tmp_path, {bad: 1, done: 12}, {bad: 9, done: 0})
+    page = write_gallery(tmp_path).read_text("utf-8")
+    assert "<img src=x" not in page
+    assert "<i>person" not in page
+    assert list(class_groups(page)) == [html.escape(bad)]
+    assert f"<h3>{html.escape(bad)} <span" in page
+    assert "at target: &lt;i&gt;person&lt;/i&gt; 12" in page
+    assert f'href="#src-rare--{quote(bad, safe="")}"' in page
+
+
+def test_balance_counts_without_a_plan_are_shown_before_plain_cards(tmp_path: Path) -> None:
+    """Counts read (plan --resolve) but no plan recorded yet: the counts, the cards ungrouped."""
+    write_manifest(tmp_path, [balance_item(tmp_path, "dog", "park")])
+    write_balance(tmp_path, {"dog": 0, "cat": 4}, None)
+    page = write_gallery(tmp_path).read_text("utf-8")
+    assert "before: cat 4, dog 0 in the project" in page
+    assert 'class="class-group"' not in page
+    assert page.count("<figure") == 1
+
+
+def test_page_without_a_balance_source_is_unchanged(tmp_path: Path) -> None:
+    """A job without a balance source renders exactly as without OUT/balance.json, even
+    when balance.json names another source; no class groups, no balance styles."""
+    staged_out(tmp_path)
+    before = write_gallery(tmp_path).read_bytes()
+    write_balance(tmp_path, {"dog": 0}, {"dog": 10}, source="elsewhere")
+    after = write_gallery(tmp_path).read_bytes()
+    assert after == before
+    for marker in (b"class-group", b"at target", b"class-nav"):
+        assert marker not in after

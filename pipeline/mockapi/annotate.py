@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable, Callable
 from typing import Any
 from xml.etree import ElementTree
 
 from aiohttp import web
 
-from .config import MockConfig, MockStats
-from .dataset import MockAnnotation, MockBox, MockDataset, MockImage
-from .replies import ROBOFLOW_FAULTS, drop_connection, fault_answer, roboflow_error
+from .dataset import MockAnnotation, MockBox, MockImage
+from .replies import roboflow_error
+from .roboflow import MockRoboflow, dropped
 
 __all__ = [
     "MAX_ANNOTATION_BYTES",
@@ -47,24 +46,12 @@ class BadAnnotation(ValueError):
     """An annotation Roboflow would refuse (400); the message says why."""
 
 
-async def serve_annotate(
-    request: web.Request,
-    *,
-    dataset: MockDataset,
-    config: MockConfig,
-    stats: MockStats,
-    draw_fault: Callable[[], str | None],
-    rate_limited: Callable[[float], web.Response],
-    pause: Callable[[float], Awaitable[None]],
-) -> web.StreamResponse:
+async def serve_annotate(request: web.Request, *, roboflow: MockRoboflow) -> web.StreamResponse:
     """``POST /dataset/{project}/annotate/{image_id}``: key, project, image, annotation,
-    fault, then keep it (or 409).
-
-    `rate_limited(seconds)` is the server's 429; `pause(seconds)` its sleep that ends
-    when the server closes.
-    """
+    fault, then keep it (or 409)."""
+    stats = roboflow.stats
     stats.annotate_requests += 1
-    found = _find_image(request, dataset, config, stats)
+    found = _find_image(request, roboflow)
     if isinstance(found, web.Response):
         return found
     body = await request.read()
@@ -72,15 +59,10 @@ async def serve_annotate(
         annotation = read_annotation(body, request.query.get("name", ""), found)
     except BadAnnotation as bad:
         return roboflow_error(400, str(bad))
-    fault = draw_fault()
-    fault = fault if fault in ROBOFLOW_FAULTS else None
-    refusal = fault_answer(
-        fault, too_many=lambda: rate_limited(config.retry_after_s), malformed='{"success": '
-    )
-    if refusal is not None:
-        return refusal
-    await pause(config.latency_s + (config.slow_s if fault == "slow" else 0.0))
-    if config.drop_annotation_boxes:
+    fault = await roboflow.fault(malformed='{"success": ')
+    if fault.answer is not None:
+        return fault.answer
+    if roboflow.config.drop_annotation_boxes:
         annotation = MockAnnotation(annotation.width, annotation.height, ())
     kept = found.annotate(
         annotation,
@@ -92,22 +74,19 @@ async def serve_annotate(
         return roboflow_error(409, _CONFLICT, type="InvalidImageException")
     stats.annotations += 1
     stats.annotations_by_image[found.id] = stats.annotations_by_image.get(found.id, 0) + 1
-    if fault == "drop":  # kept, but the client never hears it
-        drop_connection(request)
-        return web.Response(status=500)
+    if fault.drops:  # kept, but the client never hears it
+        return dropped(request)
     return web.json_response({"success": True})
 
 
-async def serve_image(
-    request: web.Request, *, dataset: MockDataset, config: MockConfig, stats: MockStats
-) -> web.Response:
+async def serve_image(request: web.Request, *, roboflow: MockRoboflow) -> web.Response:
     """``GET /{workspace}/{project}/images/{image_id}``: the image as the project holds it.
 
     ``{"image": {"id", "name", "split", "tags", "batch", "annotation"}}``; the annotation
     is left out when the image has none, and has no boxes when they were dropped.
     """
-    stats.image_reads += 1
-    found = _find_image(request, dataset, config, stats)
+    roboflow.stats.image_reads += 1
+    found = _find_image(request, roboflow)
     if isinstance(found, web.Response):
         return found
     image: dict[str, Any] = {
@@ -144,18 +123,12 @@ def read_annotation(body: bytes, name: str, image: MockImage) -> MockAnnotation:
     return _read_voc(text, image) if kind == "xml" else _read_coco(text, image)
 
 
-def _find_image(
-    request: web.Request, dataset: MockDataset, config: MockConfig, stats: MockStats
-) -> MockImage | web.Response:
+def _find_image(request: web.Request, roboflow: MockRoboflow) -> MockImage | web.Response:
     """The image the path names, or the answer that refuses it (401, 404)."""
-    if not config.accepts_key(request.query.get("api_key", "")):
-        stats.unauthorized += 1
-        return roboflow_error(401, "Unauthorized: invalid api_key.")
-    project = request.match_info["project"]
-    if config.projects is not None and project not in config.projects:
-        stats.unknown_project += 1
-        return roboflow_error(404, f"Project {project} not found.")
-    found = dataset.find(project, request.match_info["image_id"])
+    refusal = roboflow.refused(request)
+    if refusal is not None:
+        return refusal
+    found = roboflow.dataset.find(request.match_info["project"], request.match_info["image_id"])
     return found if found is not None else roboflow_error(404, "Image not found.")
 
 

@@ -23,15 +23,15 @@ import io
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from PIL import Image, ImageChops, UnidentifiedImageError
 
-from .config import MockConfig, MockStats
-from .replies import ROBOFLOW_FAULTS, drop_connection, fault_answer, roboflow_error
+from .replies import roboflow_error
+from .roboflow import MockRoboflow, dropped
 from .shapes import Box, class_color, free_cells
 
 __all__ = [
@@ -69,24 +69,16 @@ class RefusedImage(Exception):
         self.message = message
 
 
-async def serve_detect(
-    request: web.Request,
-    *,
-    config: MockConfig,
-    stats: MockStats,
-    draw_fault: Callable[[], str | None],
-    rate_limited: Callable[[float], web.Response],
-    pause: Callable[[float], Awaitable[None]],
-) -> web.StreamResponse:
+async def serve_detect(request: web.Request, *, roboflow: MockRoboflow) -> web.StreamResponse:
     """``POST /{project}/{version}``: key, query, model, image, fault, then the answer.
 
-    `rate_limited(seconds)` is the server's 429; `pause(seconds)` its sleep that ends
-    when the server closes. Decoding and detection run in a thread.
+    Decoding and detection run in a thread.
     """
+    config, stats = roboflow.config, roboflow.stats
     stats.detect_requests += 1
-    if not config.accepts_key(request.query.get("api_key", "")):
-        stats.unauthorized += 1
-        return roboflow_error(401, "Unauthorized: invalid api_key.")
+    refusal = roboflow.refused_key(request)
+    if refusal is not None:
+        return refusal
     confidence = _percent(request.query.get("confidence"), DEFAULT_CONFIDENCE)
     overlap = _percent(request.query.get("overlap"), DEFAULT_OVERLAP)
     if confidence is None or overlap is None:
@@ -105,21 +97,13 @@ async def serve_detect(
     except RefusedImage as refused:
         return roboflow_error(refused.status, refused.message)
     spent = time.perf_counter() - started
-    fault = draw_fault()
-    fault = fault if fault in ROBOFLOW_FAULTS else None
-    refusal = fault_answer(
-        fault,
-        too_many=lambda: rate_limited(config.retry_after_s),
-        malformed='{"time": 0.1, "predictions": [',
-    )
-    if refusal is not None:
-        return refusal
-    await pause(config.latency_s + (config.slow_s if fault == "slow" else 0.0))
+    fault = await roboflow.fault(malformed='{"time": 0.1, "predictions": [')
+    if fault.answer is not None:
+        return fault.answer
     stats.detections += 1
     stats.detections_by_sha256[found.sha256] = stats.detections_by_sha256.get(found.sha256, 0) + 1
-    if fault == "drop":  # detected (and billed), but the client never hears it
-        drop_connection(request)
-        return web.Response(status=500)
+    if fault.drops:  # detected (and billed), but the client never hears it
+        return dropped(request)
     return web.json_response(_answer(found, model, confidence / 100, spent))
 
 

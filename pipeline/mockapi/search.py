@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
 
-from .config import MockConfig, MockStats
-from .dataset import MockDataset, MockImage
+from .config import MockConfig
+from .dataset import MockImage
+from .replies import roboflow_error
+from .roboflow import MockRoboflow, dropped
 
 __all__ = ["MAX_SEARCH_LIMIT", "match_images", "search_problem", "serve_search"]
 
@@ -32,38 +34,31 @@ DEFAULT_SEARCH_LIMIT = 50
 _TEXT_FIELDS = ("prompt", "like_image", "tag", "class_name", "batch_id")
 
 
-async def serve_search(
-    request: web.Request,
-    *,
-    dataset: MockDataset,
-    config: MockConfig,
-    stats: MockStats,
-    draw_fault: Callable[[], str | None],
-) -> web.StreamResponse:
+async def serve_search(request: web.Request, *, roboflow: MockRoboflow) -> web.StreamResponse:
     """``POST /{workspace}/{project}/search``: key, body, project, fault, then a page."""
-    stats.searches += 1
-    if not config.accepts_key(request.query.get("api_key", "")):
-        stats.unauthorized += 1
-        return _error(401, "Unauthorized: invalid api_key.")
+    roboflow.stats.searches += 1
+    refusal = roboflow.refused_key(request)
+    if refusal is not None:
+        return refusal
     try:
         body = json.loads(await request.read())
     except ValueError:
         body = None
     problem = search_problem(body)
     if problem is not None:
-        return _error(400, problem)
+        return roboflow_error(400, problem)
     assert isinstance(body, dict)
     workspace, project = request.match_info["workspace"], request.match_info["project"]
-    if config.projects is not None and project not in config.projects:
-        stats.unknown_project += 1
-        return _error(404, f"Project {workspace}/{project} not found.")
-    images = list(dataset.images(project))
+    refusal = roboflow.unknown_project(project, shown=f"{workspace}/{project}")
+    if refusal is not None:
+        return refusal
+    images = list(roboflow.dataset.images(project))
     like = body.get("like_image")
     if like is not None and not any(like in (image.id, image.name) for image in images):
-        return _error(400, f"like_image {like!r} is not an image of {workspace}/{project}.")
-    fault = _search_fault(draw_fault())
+        return roboflow_error(400, f"like_image {like!r} is not an image of {workspace}/{project}.")
+    fault = _search_fault(roboflow.faults.draw())
     if fault is not None:
-        return _faulty(request, fault, config)
+        return _faulty(request, fault, roboflow.config)
     matched = match_images(images, body)
     offset = body.get("offset", 0)
     page = matched[offset : offset + body.get("limit", DEFAULT_SEARCH_LIMIT)]
@@ -164,20 +159,17 @@ def _search_fault(fault: str | None) -> str | None:
 
 
 def _faulty(request: web.Request, fault: str, config: MockConfig) -> web.StreamResponse:
+    """A search's own fault answers: its 429 is not the server's rate limit (it counts
+    nowhere and announces no pause), and a 502 does not say ``retryable``."""
     if fault == "429":
         seconds = config.retry_after_s
         shown = str(int(seconds)) if seconds == int(seconds) else f"{seconds:.3f}"
-        return _error(429, "Rate limit reached, slow down.", {"Retry-After": shown})
+        payload = {"error": {"message": "Rate limit reached, slow down."}}
+        return web.json_response(payload, status=429, headers={"Retry-After": shown})
     if fault == "malformed":
         return web.Response(text='{"results": [{"id": ', content_type="application/json")
     if fault == "wrong_shape":
         return web.json_response({"status": "indexing", "message": "no results here"})
     if fault == "drop":
-        if request.transport is not None:
-            request.transport.close()
-        return web.Response(status=500)
-    return _error(int(fault), "The server had an error, try again.")
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"message": message}}, status=status, headers=headers)
+        return dropped(request)
+    return roboflow_error(int(fault), "The server had an error, try again.")

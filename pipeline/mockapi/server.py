@@ -16,6 +16,8 @@ server's shared state:
   image read-back;
 - `pipeline.mockapi.detect`: Roboflow's hosted detection, ``POST /{project}/{version}``,
   which finds the shapes `pipeline.mockapi.image` draws (`pipeline.mockapi.shapes`);
+- `pipeline.mockapi.roboflow`: what those Roboflow endpoints share (`MockRoboflow`: the
+  key and project checks, the fault injection), built once per server;
 - `pipeline.mockapi.batches`: OpenAI's Files and Batch API; `pipeline.mockapi.models`:
   its models list;
 - `pipeline.mockapi.config`: the settings (`MockConfig`) and counters (`MockStats`, also
@@ -29,6 +31,8 @@ re-exported from the modules that hold them.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 from aiohttp import web
 
@@ -50,6 +54,7 @@ from .faults import MockFaults
 from .generation import MockGeneration
 from .image import draw_image, mock_color
 from .models import MockModels
+from .roboflow import MockRoboflow
 from .search import serve_search
 from .served import ServedImages
 from .upload import serve_upload
@@ -67,6 +72,8 @@ __all__ = [
     "run_mock_server",
 ]
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 
 class _MockApi:
     """One server's parts and the state they share; built in the server's event loop."""
@@ -76,6 +83,7 @@ class _MockApi:
         self.stats = stats
         self.faults = MockFaults(config, stats)
         self.dataset = MockDataset()  # Roboflow projects' images: upload adds, search finds
+        self.roboflow = MockRoboflow(config, stats, self.dataset, self.faults)
         self.images = ServedImages(config, stats)
         self.models = MockModels(config, stats, authorized=self._bearer_ok)  # /v1/models
         self.generation = MockGeneration(
@@ -95,76 +103,27 @@ class _MockApi:
         application = web.Application(client_max_size=MAX_BODY_BYTES)
         self.generation.add_routes(application)
         self.images.add_routes(application)
-        application.router.add_get("/_stats", self.serve_stats)
-        application.router.add_post("/{workspace}/{project}/search", self.search)
-        application.router.add_post("/dataset/{project}/upload", self.upload)
-        application.router.add_post("/dataset/{project}/annotate/{image_id}", self.annotate)
-        application.router.add_get("/{workspace}/{project}/images/{image_id}", self.read_image)
+        router, roboflow = application.router, self._roboflow
+        router.add_get("/_stats", self.serve_stats)
+        router.add_post("/{workspace}/{project}/search", roboflow(serve_search))
+        router.add_post("/dataset/{project}/upload", roboflow(serve_upload))
+        router.add_post("/dataset/{project}/annotate/{image_id}", roboflow(serve_annotate))
+        router.add_get("/{workspace}/{project}/images/{image_id}", roboflow(serve_image))
         self.batches.add_routes(application)
         self.models.add_routes(application)
         # last: two segments of which the second is a number must not shadow another route
-        application.router.add_post(r"/{project}/{version:\d+}", self.detect)
+        router.add_post(r"/{project}/{version:\d+}", roboflow(serve_detect))
         if self.config.clock_offset_s:
             application.on_response_prepare.append(self.faults.stamp_date)
         return application
 
+    def _roboflow(self, serve: Callable[..., Awaitable[web.StreamResponse]]) -> Handler:
+        """A Roboflow endpoint's handler, given this server's Roboflow side."""
+        return partial(serve, roboflow=self.roboflow)
+
     def _bearer_ok(self, request: web.Request) -> bool:
         """The request carries the key the mock was started with (any, without one)."""
         return self.config.accepts_key(bearer(request))
-
-    async def search(self, request: web.Request) -> web.StreamResponse:
-        """``POST /{workspace}/{project}/search`` (`pipeline.mockapi.search`)."""
-        return await serve_search(
-            request,
-            dataset=self.dataset,
-            config=self.config,
-            stats=self.stats,
-            draw_fault=self.faults.draw,
-        )
-
-    async def upload(self, request: web.Request) -> web.StreamResponse:
-        """``POST /dataset/{project}/upload`` (`pipeline.mockapi.upload`)."""
-        now = asyncio.get_running_loop().time()
-        return await serve_upload(
-            request,
-            dataset=self.dataset,
-            config=self.config,
-            stats=self.stats,
-            draw_fault=self.faults.draw,
-            rate_limited=lambda seconds: self.faults.rate_limited(seconds, now),
-            pause=self.faults.pause,
-        )
-
-    async def annotate(self, request: web.Request) -> web.StreamResponse:
-        """``POST /dataset/{project}/annotate/{image_id}`` (`pipeline.mockapi.annotate`)."""
-        now = asyncio.get_running_loop().time()
-        return await serve_annotate(
-            request,
-            dataset=self.dataset,
-            config=self.config,
-            stats=self.stats,
-            draw_fault=self.faults.draw,
-            rate_limited=lambda seconds: self.faults.rate_limited(seconds, now),
-            pause=self.faults.pause,
-        )
-
-    async def read_image(self, request: web.Request) -> web.Response:
-        """``GET /{workspace}/{project}/images/{image_id}`` (`pipeline.mockapi.annotate`)."""
-        return await serve_image(
-            request, dataset=self.dataset, config=self.config, stats=self.stats
-        )
-
-    async def detect(self, request: web.Request) -> web.StreamResponse:
-        """``POST /{project}/{version}`` (`pipeline.mockapi.detect`)."""
-        now = asyncio.get_running_loop().time()
-        return await serve_detect(
-            request,
-            config=self.config,
-            stats=self.stats,
-            draw_fault=self.faults.draw,
-            rate_limited=lambda seconds: self.faults.rate_limited(seconds, now),
-            pause=self.faults.pause,
-        )
 
     async def serve_stats(self, request: web.Request) -> web.Response:
         """``GET /_stats``."""

@@ -17,39 +17,25 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
-from .config import MockConfig, MockStats
-from .dataset import MockDataset
-from .replies import ROBOFLOW_FAULTS, drop_connection, fault_answer, roboflow_error
+from .replies import roboflow_error
+from .roboflow import MockRoboflow, dropped
 
 __all__ = ["SPLITS", "decode_upload", "serve_upload"]
 
 SPLITS = ("train", "valid", "test")
 
 
-async def serve_upload(
-    request: web.Request,
-    *,
-    dataset: MockDataset,
-    config: MockConfig,
-    stats: MockStats,
-    draw_fault: Callable[[], str | None],
-    rate_limited: Callable[[float], web.Response],
-    pause: Callable[[float], Awaitable[None]],
-) -> web.StreamResponse:
-    """``POST /dataset/{project}/upload``: key, request, project, fault, then the image.
-
-    `rate_limited(seconds)` is the server's 429 (it announces the pause it asks for);
-    `pause(seconds)` its sleep that ends when the server closes.
-    """
+async def serve_upload(request: web.Request, *, roboflow: MockRoboflow) -> web.StreamResponse:
+    """``POST /dataset/{project}/upload``: key, request, project, fault, then the image."""
+    stats = roboflow.stats
     stats.upload_requests += 1
-    if not config.accepts_key(request.query.get("api_key", "")):
-        stats.unauthorized += 1
-        return roboflow_error(401, "Unauthorized: invalid api_key.")
+    refusal = roboflow.refused_key(request)
+    if refusal is not None:
+        return refusal
     name = request.query.get("name", "").strip()
     split = request.query.get("split")
     data, size, problem = decode_upload(await request.read())
@@ -60,20 +46,13 @@ async def serve_upload(
     if problem is not None:
         return roboflow_error(400, problem)
     project = request.match_info["project"]
-    if config.projects is not None and project not in config.projects:
-        stats.unknown_project += 1
-        return roboflow_error(404, f"Project {project} not found.")
-    fault = draw_fault()
-    fault = fault if fault in ROBOFLOW_FAULTS else None
-    refusal = fault_answer(
-        fault,
-        too_many=lambda: rate_limited(config.retry_after_s),
-        malformed='{"success": true, "id": ',
-    )
+    refusal = roboflow.unknown_project(project)
     if refusal is not None:
         return refusal
-    await pause(config.latency_s + (config.slow_s if fault == "slow" else 0.0))
-    image, duplicate = dataset.add(
+    fault = await roboflow.fault(malformed='{"success": true, "id": ')
+    if fault.answer is not None:
+        return fault.answer
+    image, duplicate = roboflow.dataset.add(
         project,
         name,
         data,
@@ -89,9 +68,8 @@ async def serve_upload(
         stats.upload_duplicates += 1
     else:
         stats.uploads += 1
-    if fault == "drop":  # stored, but the client never hears it
-        drop_connection(request)
-        return web.Response(status=500)
+    if fault.drops:  # stored, but the client never hears it
+        return dropped(request)
     if duplicate:
         return web.json_response({"duplicate": True, "id": image.id})
     return web.json_response({"success": True, "id": image.id})

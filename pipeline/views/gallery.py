@@ -6,7 +6,10 @@ failed and unfinished items with their errors. What the stages after storage fou
 drawn on each image: the label stage's boxes (positioned in % of the image, so they scale
 with it) with their class and confidence, and the flags (``duplicate``, ``unchanged``,
 ``no_detection``, ...) as badges on a card set apart by its colour, so a reviewer sees
-what the export would leave out. The page is self-contained (inline CSS, no script, no
+what the export would leave out. A ``roboflow_balance`` source's cards are grouped by
+class (``OUT/balance.json``): each class under its figures, the project's count before,
+what was planned, stored and usable, and the count after; the classes that needed
+nothing in one line. The page is self-contained (inline CSS, no script, no
 network) and every path in it is relative, so OUT can be zipped and shared.
 Small JPEG thumbnails go to ``OUT/thumbs/<sha256[:16]>.jpg`` (named by the image's hash,
 so they never go stale; unused ones are removed), keeping the page light for big runs.
@@ -25,7 +28,9 @@ from urllib.parse import quote
 
 from PIL import Image, ImageOps
 
+from ..balance import BalanceRecord, ClassProgress, class_progress, read_balance
 from ..job_record import JobRecord, JobSource
+from ..jobspec.model import BALANCE_CLASS_VAR
 from ..manifest.log import read_records
 from ..records import ErrorInfo, ItemRecord, OutputFile
 from ..store.layout import (
@@ -80,6 +85,14 @@ margin:1px 3px 1px 0;font-size:12px;font-weight:600}
 .labels .cls{display:inline-block;border-left:4px solid var(--c);padding:0 4px;margin-right:4px}
 """
 
+BALANCE_CSS = """
+.class-group{margin:18px 0 0}
+.class-group h3{font-size:16px;margin:0;padding:4px 8px;border-left:6px solid var(--c);
+background:#f5f6f8}
+.class-group h3 .figures{font-size:13px;font-weight:400;color:#444;margin-left:10px}
+.reached{color:#1b7a36;font-weight:600}.short{color:#b3261e;font-weight:600}
+"""
+
 
 def write_gallery(out_dir: Path) -> Path:
     """Write ``OUT/index.html`` (and thumbnails) from the manifest; return the page's path.
@@ -92,11 +105,14 @@ def write_gallery(out_dir: Path) -> Path:
     shown = declared_sources(job, by_source)
     sheets = _sheets(out_dir)
     thumbs = _Thumbs(out_dir)
+    balances = read_balance(out_dir)
     sections = [
-        _section(name, declared, by_source.get(name, []), sheets, thumbs)
+        _section(name, declared, by_source.get(name, []), sheets, thumbs, balances.get(name))
         for name, declared in shown
     ]
-    page = _page(job, [name for name, _ in shown], by_source, sections)
+    grouped = any(name in balances for name, _ in shown)
+    css = CSS + BALANCE_CSS if grouped else CSS  # a page without one stays as it was
+    page = _page(job, [name for name, _ in shown], by_source, sections, css)
     path = out_dir / INDEX_NAME
     data = page.encode("utf-8")
     write_atomic(path, data, fsync=False)  # a view: drawn again on demand
@@ -180,6 +196,7 @@ def _page(
     names: Sequence[str],
     by_source: Mapping[str, Sequence[ItemRecord]],
     sections: Iterable[str],
+    css: str = CSS,
 ) -> str:
     spec, backend = (job.spec, job.backend) if job else (None, None)
     title = f"synthaug: {(job.name if job else None) or 'run'}"
@@ -196,7 +213,7 @@ def _page(
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
+        f"<title>{_e(title)}</title><style>{css}</style></head><body>"
         f"<header><h1>{_e(title)}</h1><p class='muted'>{' · '.join(f for f in facts if f)}</p>"
         f"<p class='counts'>{_counts(every)}</p><nav><ul>{nav}</ul></nav></header>"
         f"{''.join(sections)}</body></html>\n"
@@ -228,28 +245,100 @@ def _section(
     records: Sequence[ItemRecord],
     sheets: Mapping[str, Sequence[str]],
     thumbs: _Thumbs,
+    balance: BalanceRecord | None = None,
 ) -> str:
     template = declared.prompt if declared else None
+    records = sorted(records, key=_job_order(declared))
+    ok = [r for r in records if r.status == "ok"]
+    summary, items = (
+        ("", _cards(ok, thumbs)) if balance is None else _by_class(name, balance, ok, thumbs)
+    )
     head = (
         f'<section id="{_e(_anchor(name))}"><h2>{_e(name)}</h2>'
         + (f"<p>prompt: <code>{_e(template)}</code></p>" if template else "")
         + f"<p class='counts'>{_counts(records)}</p>"
+        + summary
     )
     grid = "".join(
         f'<a href="{_href(rel)}"><img src="{_href(rel)}" alt="contact sheet {_e(rel)}"></a>'
         for rel in sheets.get(name, ())
     )
-    records = sorted(records, key=_job_order(declared))
-    items = "".join(_figure(r, thumbs) for r in records if r.status == "ok")
     failed = [r for r in records if r.status == "failed"]
     pending = [r for r in records if r.status not in ("ok", "failed")]
     return (
         head
         + (f'<div class="sheets">{grid}</div>' if grid else "")
-        + (f'<div class="items">{items}</div>' if items else "")
+        + items
         + (_failed_table(failed) if failed else "")
         + (_pending_table(pending) if pending else "")
         + "</section>"
+    )
+
+
+def _cards(records: Sequence[ItemRecord], thumbs: _Thumbs) -> str:
+    items = "".join(_figure(r, thumbs) for r in records)
+    return f'<div class="items">{items}</div>' if items else ""
+
+
+def _by_class(
+    source: str, balance: BalanceRecord, records: Sequence[ItemRecord], thumbs: _Thumbs
+) -> tuple[str, str]:
+    """A balance source's (summary, cards): the summary links each class's group and lists
+    in one line the classes at target with nothing planned or stored; the cards are
+    grouped by class, in name order, each group under its class's figures."""
+    progress = class_progress(source, balance, records)
+    if not progress:  # counts read (plan --resolve), but no run recorded its plan yet
+        counts = ", ".join(f"{_e(c)} {n}" for c, n in sorted(balance.counts.items()))
+        line = f"<p class='muted'>before: {counts or 'no classes'} in the project</p>"
+        return line, _cards(records, thumbs)
+    cards: dict[str | None, list[ItemRecord]] = {}
+    for record in records:
+        cards.setdefault(record.vars.get(BALANCE_CLASS_VAR), []).append(record)
+    shown = {
+        c: p
+        for c, p in progress.items()
+        if p.planned or p.stored or cards.get(c) or p.count < p.target
+    }
+    done = [f"{_e(c)} {p.count}" for c, p in progress.items() if c not in shown]
+    links = " · ".join(
+        f'<a href="#{_e(_class_anchor(source, c))}">{_e(c)}</a> {_verdict(p)}'
+        for c, p in shown.items()
+    )
+    summary = (f"<p class='class-nav'>classes: {links}</p>" if links else "") + (
+        f"<p class='at-target'>at target: {', '.join(done)}</p>" if done else ""
+    )
+    groups = "".join(_class_group(source, c, p, cards.get(c, []), thumbs) for c, p in shown.items())
+    other = [r for c, found in cards.items() if c not in progress for r in found]
+    return summary, groups + _cards(other, thumbs)
+
+
+def _class_anchor(source: str, name: str) -> str:
+    return f"{_anchor(source)}--{quote(name, safe='')}"
+
+
+def _verdict(p: ClassProgress) -> str:
+    """'reached' when the count before plus the usable images meet the target, else
+    'short by K'."""
+    short = p.target - p.count - p.usable
+    if short > 0:
+        return f'<span class="short">short by {short}</span>'
+    return '<span class="reached">reached</span>'
+
+
+def _class_group(
+    source: str, name: str, p: ClassProgress, records: Sequence[ItemRecord], thumbs: _Thumbs
+) -> str:
+    """One class: 'before: COUNT in the project · target · planned · stored · usable ·
+    after: COUNT + usable (reached / short by K)', then its cards."""
+    figures = (
+        f"before: {p.count} in the project · target {p.target} · planned {p.planned} · "
+        f"stored {p.stored} · usable {p.usable} · after: {p.count + p.usable} ({_verdict(p)})"
+    )
+    cards = _cards(records, thumbs) or "<p class='muted'>no image stored yet</p>"
+    return (
+        f'<div class="class-group" id="{_e(_class_anchor(source, name))}" '
+        f'data-class="{_e(name)}" style="--c:{_colour(name)}"><h3>{_e(name)}'
+        f' <span class="figures">{figures}</span></h3>{cards}</div>'
     )
 
 
