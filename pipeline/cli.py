@@ -211,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer annotation uploads with success but keep no boxes (only a read-back "
         "tells), as Roboflow has been seen to do",
     )
+    mock.add_argument(
+        "--project-classes",
+        default=None,
+        metavar="A=N,B=N",
+        help="the class counts GET /{workspace}/{project} reports of every project "
+        "(default: person=12,car=8,tree=5,leaf=2,dog=0, the vocabulary's first classes)",
+    )
     _add_log_level(mock)
 
     models = sub.add_parser(
@@ -407,6 +414,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_mock_server(args: argparse.Namespace) -> int:
     from .jobspec.fields import parse_rate
+    from .mockapi.config import parse_project_classes
     from .mockapi.server import MockConfig, run_mock_server
 
     if not 0.0 <= args.error_rate <= 1.0:
@@ -429,6 +437,12 @@ def _cmd_mock_server(args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, detect_classes=names)
         except ValueError as problem:
             raise UsageError(f"--detect-classes: {problem}") from None
+    if args.project_classes is not None:
+        try:
+            counts = parse_project_classes(args.project_classes)
+        except ValueError as problem:
+            raise UsageError(f"--project-classes: {problem}") from None
+        config = dataclasses.replace(config, project_classes=counts)
     run_mock_server(config, args.host, args.port)
     return EXIT_OK
 

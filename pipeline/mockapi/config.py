@@ -17,6 +17,7 @@ from .shapes import DEFAULT_DETECT_CLASSES, MAX_DETECT_CLASSES
 __all__ = [
     "DEFAULT_FAULT_WEIGHTS",
     "DEFAULT_PAUSE_GRACE_S",
+    "DEFAULT_PROJECT_COUNTS",
     "DEFAULT_SIZE",
     "FATAL_FAULT_KINDS",
     "FAULT_KINDS",
@@ -29,6 +30,8 @@ __all__ = [
     "PhotoFormat",
     "ResponseShape",
     "RetryAfterForm",
+    "class_count_problems",
+    "parse_project_classes",
 ]
 
 FAULT_KINDS: tuple[str, ...] = (
@@ -78,6 +81,9 @@ DEFAULT_SIZE = (1024, 1024)
 PHOTO_VARIANTS = 4
 """Photo-like images rendered per size (on first use) and reused for every answer."""
 PhotoFormat = Literal["png", "jpeg"]
+DEFAULT_PROJECT_COUNTS: tuple[int, ...] = (12, 8, 5, 2, 0)
+"""A project's annotated instances of the vocabulary's first classes, by default: a rich
+class, a rare one and an empty one, and 27 in all, so that a rehearsal stays quick."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,9 @@ class MockConfig:
     host's. The ``insufficient_quota`` fault answers as OpenAI does when the account has
     no credit left. `detect_classes` is the vocabulary the pictures show and the
     detection finds (`pipeline.mockapi.shapes`); `drop_annotation_boxes` makes annotation
-    uploads succeed without keeping a box.
+    uploads succeed without keeping a box. `project_classes` (class → annotated
+    instances) is what ``GET /{workspace}/{project}`` reports of every project; None: the
+    first classes of `detect_classes` with `DEFAULT_PROJECT_COUNTS`.
     """
 
     latency_s: float = 0.0
@@ -126,12 +134,19 @@ class MockConfig:
     detect_models: frozenset[str] | None = None  # "project/version"s served (None: any)
     detect_max_pixels: int | None = None  # larger images answer 413 (None: no limit)
     drop_annotation_boxes: bool = False  # annotations answer success but keep no boxes
+    project_classes: Mapping[str, int] | None = None  # class -> instances (None: a default)
 
     def accepts_key(self, given: str) -> bool:
         """`given` is the key the mock was started with (any key passes without one);
         compared in constant time, as a real API does."""
         expected = self.api_key
         return expected is None or hmac.compare_digest(given.encode(), expected.encode())
+
+    def class_counts(self) -> dict[str, int]:
+        """`project_classes`, or the default drawn from the vocabulary (`detect_classes`)."""
+        if self.project_classes is not None:
+            return dict(self.project_classes)
+        return dict(zip(self.detect_classes, DEFAULT_PROJECT_COUNTS, strict=False))
 
     def __post_init__(self) -> None:
         problems = [
@@ -174,6 +189,8 @@ class MockConfig:
         if self.photo_format not in (None, "png", "jpeg"):
             problems.append(f"unknown photo_format {self.photo_format!r} (png or jpeg)")
         problems += _detect_problems(self)
+        if self.project_classes is not None:
+            problems += class_count_problems(self.project_classes)
         if self.response_shape not in ("data", "array", "images", "results", "b64_json"):
             problems.append(f"unknown response_shape {self.response_shape!r}")
         if problems:
@@ -191,6 +208,36 @@ def _detect_problems(config: MockConfig) -> list[str]:
     if config.detect_max_pixels is not None and config.detect_max_pixels < 1:
         problems.append(f"detect_max_pixels must be >= 1, got {config.detect_max_pixels}")
     return problems
+
+
+def class_count_problems(counts: Mapping[str, int]) -> list[str]:
+    """What is wrong with a project's class counts: names must be non-empty text, counts
+    whole numbers >= 0."""
+    problems = []
+    if not all(isinstance(name, str) and name.strip() for name in counts):
+        problems.append("project_classes' names must be non-empty")
+    if not all(
+        isinstance(count, int) and not isinstance(count, bool) and count >= 0
+        for count in counts.values()
+    ):
+        problems.append("project_classes' counts must be whole numbers >= 0")
+    return problems
+
+
+def parse_project_classes(text: str) -> dict[str, int]:
+    """``NAME=COUNT,NAME=COUNT`` (``synthaug mock-server --project-classes``) as a mapping.
+
+    Raises ValueError naming the part that is not one, or a name given twice.
+    """
+    counts: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, count = (piece.strip() for piece in part.partition("="))
+        if not sep or not name or not (count.isascii() and count.isdigit()):
+            raise ValueError(f"expected NAME=COUNT (a whole number >= 0), got {part.strip()!r}")
+        if name in counts:
+            raise ValueError(f"class {name!r} is given twice")
+        counts[name] = int(count)
+    return counts
 
 
 @dataclass
@@ -235,6 +282,7 @@ class MockStats:
     # per image id, the annotations stored for it (more than 1: annotated twice)
     annotations_by_image: dict[str, int] = field(default_factory=dict)
     image_reads: int = 0  # GET /{workspace}/{project}/images/{id} requests, any answer
+    project_requests: int = 0  # GET /{workspace}/{project} requests, any answer
 
     @property
     def duplicates(self) -> int:
@@ -274,4 +322,5 @@ class MockStats:
             "annotations": self.annotations,
             "annotation_conflicts": self.annotation_conflicts,
             "image_reads": self.image_reads,
+            "project_requests": self.project_requests,
         }

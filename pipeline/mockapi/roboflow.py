@@ -1,7 +1,7 @@
 """What the mock's Roboflow endpoints share: one server's state and the checks every one
 of them makes before its own work.
 
-Roboflow's search, upload, annotation, read-back and detection endpoints all
+Roboflow's search, upload, annotation, read-back, detection and project endpoints all
 check the ``api_key`` query parameter (401) and the project (404) the same way, and all
 but search turn a drawn fault into the same answer (429 with Retry-After, 5xx, malformed
 or wrong-shaped JSON) or into a slow or dropped one. Writing those steps once keeps the
@@ -12,6 +12,7 @@ every handler instead of six arguments each.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -40,12 +41,14 @@ class DrawnFault:
 
 @dataclass(frozen=True, slots=True)
 class MockRoboflow:
-    """One server's Roboflow side: its settings, counters, projects' images and faults."""
+    """One server's Roboflow side: its settings, counters, projects' images, faults and
+    class counts (read through `class_counts`, so the server can change them)."""
 
     config: MockConfig
     stats: MockStats
     dataset: MockDataset
     faults: MockFaults
+    class_counts: Callable[[], Mapping[str, int]]
 
     def refused_key(self, request: web.Request) -> web.Response | None:
         """The 401 for a request whose ``api_key`` the mock does not accept (counted)."""

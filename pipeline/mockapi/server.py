@@ -16,6 +16,8 @@ server's shared state:
   image read-back;
 - `pipeline.mockapi.detect`: Roboflow's hosted detection, ``POST /{project}/{version}``,
   which finds the shapes `pipeline.mockapi.image` draws (`pipeline.mockapi.shapes`);
+- `pipeline.mockapi.project`: Roboflow's project, ``GET /{workspace}/{project}``, with
+  the class counts the server holds (`MockServer.set_project_classes` changes them);
 - `pipeline.mockapi.roboflow`: what those Roboflow endpoints share (`MockRoboflow`: the
   key and project checks, the fault injection), built once per server;
 - `pipeline.mockapi.batches`: OpenAI's Files and Batch API; `pipeline.mockapi.models`:
@@ -31,8 +33,9 @@ re-exported from the modules that hold them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
+from types import MappingProxyType
 
 from aiohttp import web
 
@@ -47,6 +50,7 @@ from .config import (
     MAX_BODY_BYTES,
     MockConfig,
     MockStats,
+    class_count_problems,
 )
 from .dataset import MockDataset
 from .detect import serve_detect
@@ -54,6 +58,7 @@ from .faults import MockFaults
 from .generation import MockGeneration
 from .image import draw_image, mock_color
 from .models import MockModels
+from .project import add_project_route
 from .roboflow import MockRoboflow
 from .search import serve_search
 from .served import ServedImages
@@ -78,12 +83,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class _MockApi:
     """One server's parts and the state they share; built in the server's event loop."""
 
-    def __init__(self, config: MockConfig, stats: MockStats) -> None:
+    def __init__(
+        self,
+        config: MockConfig,
+        stats: MockStats,
+        class_counts: Callable[[], Mapping[str, int]],
+    ) -> None:
         self.config = config
         self.stats = stats
         self.faults = MockFaults(config, stats)
         self.dataset = MockDataset()  # Roboflow projects' images: upload adds, search finds
-        self.roboflow = MockRoboflow(config, stats, self.dataset, self.faults)
+        self.roboflow = MockRoboflow(config, stats, self.dataset, self.faults, class_counts)
         self.images = ServedImages(config, stats)
         self.models = MockModels(config, stats, authorized=self._bearer_ok)  # /v1/models
         self.generation = MockGeneration(
@@ -111,8 +121,9 @@ class _MockApi:
         router.add_get("/{workspace}/{project}/images/{image_id}", roboflow(serve_image))
         self.batches.add_routes(application)
         self.models.add_routes(application)
-        # last: two segments of which the second is a number must not shadow another route
+        # last: two segments (for detection, the second a number) must not shadow others
         router.add_post(r"/{project}/{version:\d+}", roboflow(serve_detect))
+        add_project_route(application, self.roboflow)
         if self.config.clock_offset_s:
             application.on_response_prepare.append(self.faults.stamp_date)
         return application
@@ -138,6 +149,7 @@ class MockServer:
     ) -> None:
         self.config = config if config is not None else MockConfig()
         self.stats = MockStats()
+        self._project_classes: Mapping[str, int] = MappingProxyType(self.config.class_counts())
         self._host = host
         self._port = port
         self._api: _MockApi | None = None
@@ -158,9 +170,25 @@ class MockServer:
             raise RuntimeError("MockServer is not started")
         return self._api.dataset
 
+    @property
+    def project_classes(self) -> Mapping[str, int]:
+        """The class counts ``GET /{workspace}/{project}`` reports (from the config at first)."""
+        return self._project_classes
+
+    def set_project_classes(self, classes: Mapping[str, int]) -> None:
+        """Report these class counts from now on, even while serving (a copy is kept).
+
+        Raises ValueError for a name that is empty or a count that is not a whole
+        number >= 0.
+        """
+        problems = class_count_problems(classes)
+        if problems:
+            raise ValueError("invalid project classes: " + "; ".join(problems))
+        self._project_classes = MappingProxyType(dict(classes))
+
     async def start(self) -> None:
         """Bind and serve; with port 0 a free port is chosen."""
-        self._api = _MockApi(self.config, self.stats)
+        self._api = _MockApi(self.config, self.stats, lambda: self._project_classes)
         self._runner = web.AppRunner(
             self._api.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
