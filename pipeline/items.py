@@ -17,7 +17,7 @@ from json.encoder import encode_basestring
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .job_record import JobSource
+from .job_record import BALANCE_INPUT, JobSource
 from .jobspec.model import BALANCE_CLASS_VAR, SourceSpec, Spec
 from .jobspec.template import count_variants, iter_prompts, parse_template, resolve_values
 from .records import InputImage, WorkItem, request_body
@@ -329,7 +329,7 @@ def describe_sources(spec: Spec, counts: Mapping[str, int] | None = None) -> lis
                 vars=_described_values(spec, source),
                 combine=source.combine,
                 repeats=source.repeats,
-                input=source.input_kind,
+                input=BALANCE_INPUT if source.roboflow_balance else source.input_kind,
                 n=int(spec.source_params(source).get("n") or 1),
                 items=None if counts is None else counts.get(source.name, 0),
                 search=None if search is None else search.model_dump(exclude_none=True),

@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-__all__ = ["JobRecord", "JobSource"]
+__all__ = ["BALANCE_INPUT", "JobRecord", "JobSource"]
+
+
+BALANCE_INPUT = "roboflow_balance"
+"""`JobSource.input` of a balance source: prompt-only, its combinations planned per class
+rather than all made (views expect only those that ran)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from checks import bare_record
 from PIL import Image
 
+from pipeline.job_record import BALANCE_INPUT, JobRecord, JobSource
 from pipeline.manifest.writer import ManifestWriter
 from pipeline.records import ErrorInfo, InputImage, ItemRecord, OutputFile
 from pipeline.views.grid import FLAG_MARK, draw_grids
+from pipeline.views.grid_model import Grid, collect_sources
 from pipeline.views.sheet_text import FONT_FILE, Typeface
 
 RGB = tuple[int, int, int]
@@ -506,3 +509,27 @@ def test_a_real_runs_job_json_gives_n_cells_per_item(sandbox: Path) -> None:
     (path,) = draw_grids(out, cell_px=32)
     with Image.open(path) as sheet:
         assert [r["sample"] for r in layout(sheet)["rows"]] == ["image 1", "image 2"] * 2
+
+
+def test_a_balance_sheet_expects_only_what_was_planned(tmp_path: Path) -> None:
+    """A roboflow_balance source plans some combinations per class, not all: the cells
+    of combinations it never planned read "not in job", not PENDING."""
+    job = JobRecord(
+        sources=(
+            JobSource(
+                "rare",
+                prompt="a {class} in the {place}",
+                vars={"class": ("dog", "leaf"), "place": ("park", "beach")},
+                combine="product",
+                input=BALANCE_INPUT,
+            ),
+        )
+    )
+    planned = dataclasses.replace(
+        bare_record("a" * 64, source="rare"), vars={"class": "dog", "place": "park"}
+    )
+    (source,) = collect_sources(job, {"rare": [planned]})
+    grid = Grid.build(source, [planned], tmp_path)
+    sample = grid.samples[0]
+    assert grid.cell(("leaf", "beach"), sample).lines == ("not in job",)
+    assert grid.cell(("dog", "park"), sample).tone != "pending"

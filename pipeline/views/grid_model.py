@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..job_record import JobRecord, JobSource
+from ..job_record import BALANCE_INPUT, JobRecord, JobSource
 from ..records import ItemRecord
 from .sheet_text import path_inside
 
@@ -87,13 +87,21 @@ def collect_sources(
                 name=name,
                 template=declared.prompt if declared else None,
                 vars=names,
-                combine=declared.combine if declared else None,
+                combine=_combine(declared),
                 repeats=declared.repeats if declared else 1,
                 n=declared.n if declared else 1,
-                no_input=declared is not None and declared.input == "none",
+                no_input=declared is not None and declared.input in ("none", BALANCE_INPUT),
             )
         )
     return out
+
+
+def _combine(declared: JobSource | None) -> str | None:
+    """How the source's combinations are chosen; a balance source's are planned per
+    class, so like a sample's only those that ran are expected."""
+    if declared is None:
+        return None
+    return "sample" if declared.input == BALANCE_INPUT else declared.combine
 
 
 @dataclass(frozen=True, slots=True)
