@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -232,3 +234,27 @@ def bare_record(
         outputs=outputs,
         attempts=attempts,
     )
+
+
+def start_run(spec: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`synthaug run SPEC` in a child with `env` added (a test kills it); its stderr goes
+    to ``run.err`` beside the spec (a full pipe would stall it)."""
+    with (spec.parent / "run.err").open("ab") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", str(spec), "--no-progress", "--no-grid"],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def distinct_png(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:
+    """A picture of its own (smooth blobs from `seed`): pHash tells such pictures apart,
+    as it does real photos, where flat test images all look alike to it."""
+    rng = random.Random(seed)
+    small = Image.new("L", (8, 8))
+    small.putdata([rng.randrange(256) for _ in range(64)])
+    image = small.resize(size, Image.Resampling.BICUBIC).convert("RGB")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import io
 import json
-import random
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,21 +22,12 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from PIL import Image
+from checks import distinct_png
 
 from pipeline.cli import main
 from pipeline.manifest.log import read_latest
 
 KEY = "rf-balance-UNIQUE-2c81f0"
-
-
-def picture(seed: int) -> bytes:
-    rng = random.Random(seed)
-    small = Image.new("L", (8, 8))
-    small.putdata([rng.randrange(256) for _ in range(64)])
-    out = io.BytesIO()
-    small.resize((48, 48), Image.Resampling.BICUBIC).convert("RGB").save(out, format="PNG")
-    return out.getvalue()
 
 
 @dataclass
@@ -90,7 +79,7 @@ class FakeRoboflow:
         body = await request.json()
         prompt = body["prompt"]
         self.prompts.append(prompt)
-        data = picture(len(self.prompts))
+        data = distinct_png(len(self.prompts), (48, 48))
         made_for = prompt.split("of ", 1)[1].split(" ", 1)[0]
         if prompt not in self.blind:
             self.shows[hashlib.sha256(data).hexdigest()] = made_for

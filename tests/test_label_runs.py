@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
-import os
-import random
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +28,14 @@ import yaml
 from aiohttp import web
 from checks import (
     ThreadedMock,
+    distinct_png,
     mock_server_process,
     run_spec,
+    start_run,
     stats,
     wait_until,
     write_job_spec,
 )
-from PIL import Image
 
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.server import MockConfig
@@ -191,18 +187,7 @@ async def test_dropped_annotation_boxes_are_reported_loudly(
 # ---- on a fake Roboflow that echoes inputs and repeats itself ------------------------------
 
 
-def png(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:
-    """A picture of its own (blobs from `seed`): pHash tells such pictures apart."""
-    rng = random.Random(seed)
-    small = Image.new("L", (8, 8))
-    small.putdata([rng.randrange(256) for _ in range(64)])
-    image = small.resize(size, Image.Resampling.BICUBIC).convert("RGB")
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
-SAME = png(1)
+SAME = distinct_png(1)
 BOXES = [
     {"x": 20.5, "y": 16, "width": 9, "height": 12, "class": "leaf", "confidence": 0.9},
     {"x": 40, "y": 40, "width": 10, "height": 10, "class": "rock", "confidence": 0.7},
@@ -236,7 +221,7 @@ class FakeRoboflow:
         elif "same" in body["prompt"]:
             data = SAME
         else:
-            data = png(100 + self.count)
+            data = distinct_png(100 + self.count)
         return web.json_response({"images": [{"image": base64.b64encode(data).decode()}]})
 
     async def detect(self, request: web.Request) -> web.Response:
@@ -275,7 +260,7 @@ async def test_unchanged_and_duplicate_outputs_are_flagged_and_not_uploaded(
     server, base = fake
     monkeypatch.setenv("ROBOFLOW_API_KEY", KEY)
     source_image = tmp_path / "input.png"
-    source_image.write_bytes(png(2))
+    source_image.write_bytes(distinct_png(2))
     path = write_job_spec(tmp_path, base, name="flags", values=["x"], concurrency=1)
     spec = yaml.safe_load(path.read_text())
     spec["sources"] = [
@@ -342,16 +327,6 @@ async def test_include_flagged_uploads_them_too(
 # ---- killed while labelling or annotating ------------------------------------------------
 
 
-def start_run(spec: Path) -> subprocess.Popen[bytes]:
-    with (spec.parent / "run.err").open("ab") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run", str(spec), "--no-progress", "--no-grid"],
-            env={**os.environ, "ROBOFLOW_API_KEY": KEY},
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-
-
 def manifest_count(out: Path, marker: bytes) -> int:
     manifest = out / "manifest.jsonl"
     return manifest.read_bytes().count(marker) if manifest.exists() else 0
@@ -380,12 +355,12 @@ def test_killed_while_labelling_or_annotating_resumes_without_asking_twice(
         )
         add_stages(path, base, check=False, concurrency=2)  # (the mock's pictures look alike)
         out = tmp_path / "out"
-        run = start_run(path)
+        run = start_run(path, {"ROBOFLOW_API_KEY": KEY})
         wait_until(lambda: manifest_count(out, marker) >= 2 or run.poll() is not None, what=what)
         assert run.poll() is None, "the run ended before it could be killed"
         run.send_signal(signal.SIGKILL)
         run.wait(timeout=30)
-        resumed = start_run(path)
+        resumed = start_run(path, {"ROBOFLOW_API_KEY": KEY})
         assert resumed.wait(timeout=120) == 0
         counts = stats(base)
     outputs = ok_outputs(out)

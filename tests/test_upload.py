@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import re
 import signal
 import subprocess
@@ -31,6 +30,7 @@ from checks import (
     mock_server_process,
     run_cli_at_debug,
     run_spec,
+    start_run,
     stats,
     wait_until,
     write_job_spec,
@@ -523,17 +523,6 @@ def mock_api(tmp_path: Path) -> Iterator[str]:
         yield base
 
 
-def start_run(spec: Path) -> subprocess.Popen[bytes]:
-    """`synthaug run SPEC` in a child; its stderr goes to a file (a full pipe would stall it)."""
-    with (spec.parent / "run.err").open("ab") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run", str(spec), "--no-progress", "--no-grid"],
-            env={**os.environ, "ROBOFLOW_API_KEY": KEY},
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-
-
 def crash_spec(tmp_path: Path, base: str) -> Path:
     path = write_job_spec(
         tmp_path,
@@ -565,7 +554,7 @@ def test_killed_upload_job_resumes_without_uploading_twice(
     the kill cut off (answered duplicate)."""
     path = crash_spec(tmp_path, mock_api)
     out = path.parent / "out"
-    run = start_run(path)
+    run = start_run(path, {"ROBOFLOW_API_KEY": KEY})
     wait_until(
         lambda: uploaded_images(out) >= 2 or run.poll() is not None, what="the first uploads"
     )
@@ -576,7 +565,7 @@ def test_killed_upload_job_resumes_without_uploading_twice(
     assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 143), err[-2000:]
     killed_at = stats(mock_api)
     assert 0 < killed_at["uploads"] < 12
-    resumed = start_run(path)
+    resumed = start_run(path, {"ROBOFLOW_API_KEY": KEY})
     assert resumed.wait(timeout=120) == 0, (path.parent / "run.err").read_text()[-2000:]
     after = stats(mock_api)
     assert after["uploads"] == 12  # every image stored once
