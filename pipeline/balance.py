@@ -15,6 +15,7 @@ The resolved spec carries each balance source's requests per class
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -31,13 +32,15 @@ from .credentials import (
     read_balance_key,
     read_proxy_settings,
 )
+from .items import iter_source_drafts
 from .jobspec.fields import DEFAULT_BASE_URL
 from .jobspec.model import BALANCE_CLASS_VAR, BalanceSettings, SourceSpec, Spec
+from .manifest.log import read_records
 from .records import PLAN_LOGGER, ItemRecord
 from .retry import RetryPolicy
 from .search import standalone_backend
 from .store import layout
-from .store.layout import BALANCE_NAME
+from .store.layout import BALANCE_NAME, MANIFEST_NAME
 
 __all__ = [
     "BALANCE_FORMAT",
@@ -50,6 +53,7 @@ __all__ = [
     "record_plan",
     "resolve_balance",
     "resolve_standalone",
+    "settle",
     "shortfall_requests",
     "unresolved_balance",
 ]
@@ -280,6 +284,40 @@ async def resolve_balance(
     )
     _write_record(spec.output_dir, source.name, record)
     return _with_plan(spec, source, _plan_of(spec, source, record))
+
+
+async def settle(spec: Spec, *, backend_root: str | None, top_up: bool) -> Spec:
+    """A run's balance source, once OUT is locked: planned from its recorded counts (read
+    now if none are), with a top-up's additions when asked (`top_up`), and its plan
+    recorded for `status`. `spec` unchanged without a balance source."""
+    if balance_source(spec) is None:
+        return spec
+    spec = await resolve_balance(spec, backend_root=backend_root, proxies=read_proxy_settings())
+    if top_up:
+        spec = await asyncio.to_thread(_top_up, spec)
+    await asyncio.to_thread(record_plan, spec)
+    return spec
+
+
+def _top_up(spec: Spec) -> Spec:
+    """The plan with each class's shortfall added and recorded (the manifest read whole:
+    which outputs are usable)."""
+    source = balance_source(spec)
+    assert source is not None
+    records = read_records(spec.output_dir / MANIFEST_NAME)
+    planned = {
+        draft.key: dict(zip(draft.shape.names, draft.combo, strict=True))[BALANCE_CLASS_VAR]
+        for draft in iter_source_drafts(spec, source)
+    }
+    added = shortfall_requests(spec, source, records, planned)
+    if not added:
+        log.info("top-up: no class is short of its target; nothing added")
+        return spec
+    log.info(
+        "top-up: adding %s",
+        ", ".join(f"{count} requests for {name}" for name, count in sorted(added.items())),
+    )
+    return add_top_up(spec, added)
 
 
 async def resolve_standalone(spec: Spec) -> Spec:

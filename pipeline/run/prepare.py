@@ -31,12 +31,11 @@ from ..credentials import (
 )
 from ..errors import OutputError, UsageError
 from ..job_record import JobRecord
-from ..jobspec.model import BALANCE_CLASS_VAR, Spec
+from ..jobspec.model import Spec
 from ..limiter import LearnedPace, learned_pace
 from ..manifest.cache import StateCache
-from ..manifest.log import ManifestState, gc_paused, read_records
+from ..manifest.log import ManifestState, gc_paused
 from ..pricing import check_cost_budget
-from ..records import PLAN_LOGGER
 from ..store import files as outputs
 from ..store import layout
 from ..store.layout import MANIFEST_NAME, SUMMARY_NAME
@@ -143,15 +142,10 @@ async def prepare(
                 await model_check.check_models(spec, live_backend)
                 if counts is None:
                     spec = await _resolve_searches(spec, live_backend, api_key, proxies)
-                    spec = await balance.resolve_balance(
-                        spec, backend_root=live_backend.api_root, proxies=read_proxy_settings()
-                    )
-                if top_up:
-                    spec = await asyncio.to_thread(_top_up, spec)
+                spec = await balance.settle(spec, backend_root=live_backend.api_root, top_up=top_up)
                 if counts is None or top_up:
                     counts = items_mod.count_items(spec)
                     items_mod.check_max_items(spec, counts)
-                await asyncio.to_thread(balance.record_plan, spec)
                 await asyncio.to_thread(write_job_json, spec, spec_path, counts)
                 yield Prepared(spec, counts, state, cache, files, live_backend, stage_keys, watch)
 
@@ -163,28 +157,6 @@ async def _resolve_searches(
     API root."""
     root = search.api_root(spec, backend)
     return await search.resolve_searches(spec, root=root, api_key=api_key, proxies=proxies)
-
-
-def _top_up(spec: Spec) -> Spec:
-    """The balance source's plan with each class's shortfall added and recorded (the
-    manifest read whole: which outputs are usable)."""
-    source = balance.balance_source(spec)
-    assert source is not None
-    records = read_records(spec.output_dir / MANIFEST_NAME)
-    planned = {
-        draft.key: dict(zip(draft.shape.names, draft.combo, strict=True))[BALANCE_CLASS_VAR]
-        for draft in items_mod.iter_source_drafts(spec, source)
-    }
-    added = balance.shortfall_requests(spec, source, records, planned)
-    plans = logging.getLogger(PLAN_LOGGER)
-    if not added:
-        plans.info("top-up: no class is short of its target; nothing added")
-        return spec
-    plans.info(
-        "top-up: adding %s",
-        ", ".join(f"{count} requests for {name}" for name, count in sorted(added.items())),
-    )
-    return balance.add_top_up(spec, added)
 
 
 def read_learned_pace(spec: Spec) -> LearnedPace | None:
