@@ -24,7 +24,9 @@ import yaml
 from aiohttp import web
 from checks import distinct_png
 
+from pipeline.balance import base_requests
 from pipeline.cli import main
+from pipeline.jobspec.model import BalanceSettings
 from pipeline.manifest.log import read_latest
 
 KEY = "rf-balance-UNIQUE-2c81f0"
@@ -326,3 +328,18 @@ def test_spec_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1
         assert f"sources[0].{key}" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("n", "cap", "expected"),
+    [
+        (1, None, {"a": 8, "b": 0, "c": 0}),
+        (3, None, {"a": 3, "b": 0, "c": 0}),  # ceil(8 / 3): 9 images for 8 missing
+        (2, 5, {"a": 3, "b": 0, "c": 0}),  # at most 5 images: ceil(5 / 2) requests
+    ],
+)
+def test_requests_are_the_shortfall_in_requests_of_n(
+    n: int, cap: int | None, expected: dict[str, int]
+) -> None:
+    settings = BalanceSettings(workspace="ws", project="proj", target=10, max_per_class=cap)
+    assert base_requests(settings, {"a": 2, "b": 10, "c": 25}, n) == expected
