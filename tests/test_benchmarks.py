@@ -96,3 +96,10 @@ def test_check_benchmark_runs(tmp_path: Path) -> None:
     assert run["near_copies_missed"] == 0
     assert run["random_hashes_flagged"] == 0
     assert run["near_copies_found"] > 500
+
+
+def test_label_benchmark_runs(tmp_path: Path) -> None:
+    """`label.py --quick` labels every image of its backlog once, at both latencies."""
+    data = run_benchmark(tmp_path, "label.py", "--quick")
+    runs = data["label"]["runs"]
+    assert [(r["images"], r["detections"]) for r in runs] == [(24, 24), (24, 24)]
