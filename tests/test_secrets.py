@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from checks import ThreadedMock, assert_outputs_valid, run_cli_at_debug, run_spec, write_job_spec
@@ -64,6 +65,54 @@ def test_key_never_leaks_when_runs_fail(tmp_path: Path, config: MockConfig) -> N
     with ThreadedMock(config) as mock:
         proc = run_cli(tmp_path, mock.base_url)
     assert proc.returncode in (0, 1, 3), proc.stderr.decode()[-2000:]
+    assert_no_secret(tmp_path, proc)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(MockConfig(api_key=SECRET), id="ok"),
+        pytest.param(
+            MockConfig(api_key=SECRET, error_rate=0.5, seed=3, slow_s=0.2), id="every-fault"
+        ),
+        pytest.param(MockConfig(api_key="another-key"), id="401-abort"),
+    ],
+)
+@pytest.mark.slow
+def test_key_never_leaks_from_the_stages_or_a_balance_source(
+    tmp_path: Path, config: MockConfig
+) -> None:
+    """A balance source (counts read), labels, uploads, annotations and the read-back, all
+    keyed in the query string, at DEBUG: the key appears nowhere, whatever the answers."""
+    with ThreadedMock(config) as mock:
+        path = write_job_spec(tmp_path, mock.base_url, name="secrets", size="64x64")
+        spec = yaml.safe_load(path.read_text())
+        spec["sources"] = [
+            {
+                "name": "rare",
+                "roboflow_balance": {
+                    "workspace": "ws",
+                    "project": "secrets",
+                    "target": 4,
+                    "base_url": mock.base_url,
+                },
+                "prompt": "a {class} on a table",
+            }
+        ]
+        fast = {"rate_limit": "100/s", "max_attempts": 8}
+        spec["label"] = {"model": "secrets/1", "api_url": mock.base_url, **fast}
+        spec["upload"] = {
+            "project": "secrets",
+            "base_url": mock.base_url,
+            "workspace": "ws",
+            **fast,
+        }
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        proc = run_cli_at_debug(path, {"ROBOFLOW_API_KEY": SECRET})
+    assert proc.returncode in (0, 1, 3), proc.stderr.decode()[-2000:]
+    if config.api_key == SECRET and not config.error_rate:  # every stage did its work
+        assert proc.returncode == 0
+        assert b'"annotated":true' in (tmp_path / "out" / "manifest.jsonl").read_bytes()
     assert_no_secret(tmp_path, proc)
 
 
