@@ -29,6 +29,7 @@ from PIL import Image
 from pipeline.backends import roboflow_detect
 from pipeline.backends.roboflow_detect import RoboflowDetectClient
 from pipeline.backends.roboflow_upload import RoboflowUploadClient
+from pipeline.cli import main
 from pipeline.errors import FatalError, PermanentError, TransientError
 from pipeline.jobspec.stage_settings import LabelSettings, UploadSettings
 from pipeline.limiter import Limiter
@@ -581,3 +582,23 @@ async def test_read_back_says_loudly_when_roboflow_dropped_the_boxes(
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert bool(errors) == loud
     assert (stage.failed == 1) == loud
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(40, "looks like a percentage: write it as a fraction 0-1 (0.4)"), (-1, "between 0 and 1")],
+)
+def test_a_threshold_outside_0_1_says_how_to_write_it(
+    tmp_path: Path, value: float, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        "version: 1\nname: t\nbackend: {kind: mock}\nsources:\n  - {name: s, prompt: a cat}\n"
+        f"label:\n  model: leaves/3\n  confidence: {value}\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", str(path)])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "spec.yaml:8 label.confidence" in line
+    assert message in line

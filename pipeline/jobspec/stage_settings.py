@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from .fields import (
     DEFAULT_API_KEY_ENV,
@@ -77,6 +77,25 @@ def _check_model_id(value: str) -> str:
 ModelId = Annotated[str, AfterValidator(_check_model_id)]
 
 
+def _check_fraction(value: float) -> float:
+    """A threshold between 0 and 1; a percentage (the API's own scale) says how to write it."""
+    if 1 < value <= 100:
+        raise ValueError(
+            f"{show_value(value)} looks like a percentage: write it as a fraction 0-1 "
+            f"({value / 100:g}); it is sent as 0-100"
+        )
+    if not 0 <= value <= 1:
+        raise ValueError(f"must be between 0 and 1, got {show_value(value)}")
+    return value
+
+
+Fraction = Annotated[
+    float,
+    AfterValidator(_check_fraction),
+    WithJsonSchema({"type": "number", "minimum": 0, "maximum": 1}),
+]
+
+
 class LabelSettings(StageModel):
     """``label:``: every stored image sent to a hosted object-detection model (Roboflow's
     hosted inference or a self-hosted Inference server); its predictions are kept on the
@@ -91,12 +110,10 @@ class LabelSettings(StageModel):
     api_key_env: EnvName = Field(
         default=DEFAULT_API_KEY_ENV, description="env var holding the Roboflow API key"
     )
-    confidence: float = Field(
-        default=0.4, ge=0, le=1, description="keep predictions at least this sure (0-1)"
+    confidence: Fraction = Field(
+        default=0.4, description="keep predictions at least this sure (0-1)"
     )
-    overlap: float = Field(
-        default=0.3, ge=0, le=1, description="boxes overlapping more are merged (0-1)"
-    )
+    overlap: Fraction = Field(default=0.3, description="boxes overlapping more are merged (0-1)")
     classes: tuple[Name, ...] | None = Field(
         default=None, min_length=1, description="keep only predictions of these classes"
     )
