@@ -37,6 +37,7 @@ from checks import (
     write_job_spec,
 )
 
+from pipeline.manifest import log as manifest_log
 from pipeline.manifest.log import read_latest
 from pipeline.mockapi.server import MockConfig
 
@@ -145,6 +146,11 @@ async def test_every_image_is_labelled_and_annotated_with_its_own_boxes(
         assert kept == [centre_box(p) for p in expected]
     counts = mock.server.stats
     assert set(counts.annotations_by_image.values()) == {1}
+    # lines with hashes, labels and annotations still take the resume's fast path
+    lines = (tmp_path / "out" / "manifest.jsonl").read_bytes().splitlines(keepends=True)
+    ok_lines = [raw for raw in lines if b'"status":"ok"' in raw]
+    assert len(ok_lines) >= 9  # stored, checked, labelled, uploaded: a line each
+    assert all(manifest_log._fast_ok(raw) is not None for raw in ok_lines)
     assert result.summary["upload"]["annotation_check"]["ok"] is True
     before = (counts.detect_requests, counts.upload_requests, counts.annotate_requests)
 
