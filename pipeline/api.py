@@ -32,6 +32,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import balance
+from .errors import UsageError
 from .jobspec.load import load_spec as _load_spec_file
 from .jobspec.load import spec_from_data
 from .jobspec.model import Spec
@@ -77,7 +78,7 @@ def load_spec(
     return spec_from_data(source, base_dir=base_dir)  # refuses what is not a mapping
 
 
-def plan(spec: Spec, *, resolve: bool = False) -> Plan:
+def plan(spec: Spec, *, resolve: bool = False, top_up: bool = False) -> Plan:
     """What a run of `spec` would do and cost, against its output folder; sends nothing.
 
     A roboflow_search source counts the ids its output folder recorded, a
@@ -86,22 +87,23 @@ def plan(spec: Spec, *, resolve: bool = False) -> Plan:
     network calls; what they find is recorded in OUT under OUT's lock, so the run works
     on the same items; a run holding the lock makes it raise `OutputError`). Blocking,
     like `run`; without `resolve` it needs no event loop (callable from async code too),
-    with it, in async code, await `plan_async`.
+    with it, in async code, await `plan_async`. `top_up` plans what ``run --top-up``
+    would add to a roboflow_balance source, without recording it.
     """
     if not resolve:
-        return _plan_from(spec, _read_state(spec))
+        return _plan_from(spec, _read_state(spec), top_up)
     _refuse_running_loop("synthaug.plan(resolve=True)", "synthaug.plan_async()")
-    return asyncio.run(plan_async(spec, resolve=True))
+    return asyncio.run(plan_async(spec, resolve=True, top_up=top_up))
 
 
-async def plan_async(spec: Spec, *, resolve: bool = False) -> Plan:
+async def plan_async(spec: Spec, *, resolve: bool = False, top_up: bool = False) -> Plan:
     """`plan` in the running event loop: the manifest is read and the plan built in a
     worker thread (a big job's take seconds), the search (`resolve`) awaited."""
     state = await asyncio.to_thread(_read_state, spec)
     if resolve:
         spec = await resolve_standalone(spec)
         spec = await balance.resolve_standalone(spec)
-    return await asyncio.to_thread(_plan_from, spec, state)
+    return await asyncio.to_thread(_plan_from, spec, state, top_up)
 
 
 def _read_state(spec: Spec) -> ManifestState:
@@ -111,8 +113,14 @@ def _read_state(spec: Spec) -> ManifestState:
     return state
 
 
-def _plan_from(spec: Spec, state: ManifestState) -> Plan:
-    return build_plan(balance.apply_recorded(apply_recorded(spec)), state)
+def _plan_from(spec: Spec, state: ManifestState, top_up: bool = False) -> Plan:
+    spec = balance.apply_recorded(apply_recorded(spec))
+    if not top_up:
+        return build_plan(spec, state)
+    if balance.balance_source(spec) is None:
+        raise UsageError("--top-up needs a roboflow_balance source in the spec")
+    added = balance.shortfall(spec)
+    return build_plan(balance.with_top_up(spec, added), state, top_up=added)
 
 
 def _refuse_running_loop(call: str, instead: str) -> None:

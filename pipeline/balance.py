@@ -54,8 +54,10 @@ __all__ = [
     "resolve_balance",
     "resolve_standalone",
     "settle",
+    "shortfall",
     "shortfall_requests",
     "unresolved_balance",
+    "with_top_up",
 ]
 
 BALANCE_FORMAT = 1
@@ -300,16 +302,8 @@ async def settle(spec: Spec, *, backend_root: str | None, top_up: bool) -> Spec:
 
 
 def _top_up(spec: Spec) -> Spec:
-    """The plan with each class's shortfall added and recorded (the manifest read whole:
-    which outputs are usable)."""
-    source = balance_source(spec)
-    assert source is not None
-    records = read_records(spec.output_dir / MANIFEST_NAME)
-    planned = {
-        draft.key: dict(zip(draft.shape.names, draft.combo, strict=True))[BALANCE_CLASS_VAR]
-        for draft in iter_source_drafts(spec, source)
-    }
-    added = shortfall_requests(spec, source, records, planned)
+    """The plan with each class's shortfall added and recorded."""
+    added = shortfall(spec)
     if not added:
         log.info("top-up: no class is short of its target; nothing added")
         return spec
@@ -318,6 +312,36 @@ def _top_up(spec: Spec) -> Spec:
         ", ".join(f"{count} requests for {name}" for name, count in sorted(added.items())),
     )
     return add_top_up(spec, added)
+
+
+def shortfall(spec: Spec) -> dict[str, int]:
+    """The requests a top-up of the balance source would add per class (the manifest
+    read whole: which outputs are usable, which planned items are not stored yet)."""
+    source = balance_source(spec)
+    if source is None or source.balance_plan is None:
+        return {}
+    records = read_records(spec.output_dir / MANIFEST_NAME)
+    planned = {
+        draft.key: dict(zip(draft.shape.names, draft.combo, strict=True))[BALANCE_CLASS_VAR]
+        for draft in iter_source_drafts(spec, source)
+    }
+    return shortfall_requests(spec, source, records, planned)
+
+
+def with_top_up(spec: Spec, added: Mapping[str, int]) -> Spec:
+    """`spec` planned as if `added` were recorded (``plan --top-up``: nothing written)."""
+    source = balance_source(spec)
+    record = None if source is None else read_balance(spec.output_dir).get(source.name)
+    if source is None or record is None or not added:
+        return spec
+    return _with_plan(spec, source, _plan_of(spec, source, _plus(record, added)))
+
+
+def _plus(record: BalanceRecord, added: Mapping[str, int]) -> BalanceRecord:
+    total = dict(record.added)
+    for name, more in added.items():
+        total[name] = total.get(name, 0) + more
+    return dataclasses.replace(record, added=total)
 
 
 async def resolve_standalone(spec: Spec) -> Spec:
@@ -434,17 +458,6 @@ def add_top_up(spec: Spec, added: Mapping[str, int]) -> Spec:
     assert source is not None
     record = read_balance(spec.output_dir).get(source.name)
     assert record is not None
-    total = {**record.added}
-    for name, more in added.items():
-        total[name] = total.get(name, 0) + more
-    updated = BalanceRecord(
-        record.identity,
-        record.counts,
-        total,
-        record.read_at,
-        record.target,
-        record.n,
-        record.planned,
-    )
+    updated = _plus(record, added)
     _write_record(spec.output_dir, source.name, updated)
     return _with_plan(spec, source, _plan_of(spec, source, updated))

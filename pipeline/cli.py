@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         "class counts, to count their items (the only requests plan sends; what they "
         "find is recorded in the output dir)",
     )
+    plan.add_argument(
+        "--top-up",
+        action="store_true",
+        help="roboflow_balance: plan what `run --top-up` would add to each class (nothing "
+        "is recorded)",
+    )
     _add_log_level(plan)
 
     status = sub.add_parser("status", help="what a run's manifest says: ok / failed / pending")
@@ -312,7 +318,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     # the max_items guard and key-scheme check included; the CLI owns its process: the
     # GC pauses while the manifest loads (the library leaves it alone)
     with gc_paused():
-        plan = plan_job(_load(args.spec), resolve=args.resolve)
+        plan = plan_job(_load(args.spec), resolve=args.resolve, top_up=args.top_up)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return EXIT_OK
 

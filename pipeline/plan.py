@@ -51,6 +51,7 @@ class SourcePlan:
     count_note: str | None = None  # why the count is unknown (an unresolved search)
     submitted: int = 0  # items waiting in Batch API batches (already paid for)
     by_class: Mapping[str, int] | None = None  # a balance source: requests per class
+    top_up: Mapping[str, int] | None = None  # plan --top-up: requests a top-up would add
 
     @property
     def images(self) -> int:
@@ -104,6 +105,7 @@ class SourcePlan:
             "cost_usd": _round(self.cost_usd),
             "cost_unknown_because": self.price_note if self.cost_usd is None else None,
             **({} if self.by_class is None else {"by_class": dict(self.by_class)}),
+            **({} if self.top_up is None else {"top_up": dict(self.top_up)}),
         }
 
 
@@ -231,11 +233,18 @@ class Plan:
         }
 
 
-def build_plan(spec: Spec, state: ManifestState, *, hashes: HashCache | None = None) -> Plan:
+def build_plan(
+    spec: Spec,
+    state: ManifestState,
+    *,
+    hashes: HashCache | None = None,
+    top_up: Mapping[str, int] | None = None,
+) -> Plan:
     """Count items, images, done, failed and pending per source of `spec` against `state`.
 
     Raises `SpecError` when the spec expands past ``run.max_items``. A roboflow_search
-    source not resolved yet (`pipeline.search`) is planned with an unknown count.
+    source not resolved yet (`pipeline.search`) is planned with an unknown count. `top_up`
+    (``plan --top-up``) is what a top-up adds to the balance source, shown beside it.
     """
     unknown = {source.name for source in (*unresolved(spec), *unresolved_balance(spec))}
     known = spec.model_copy(
@@ -248,7 +257,7 @@ def build_plan(spec: Spec, state: ManifestState, *, hashes: HashCache | None = N
     plans = tuple(
         _unknown_source(spec, s)
         if s.name in unknown
-        else _plan_source(spec, s, state, counts[s.name], hashes)
+        else _plan_source(spec, s, state, counts[s.name], hashes, top_up)
         for s in spec.sources
     )
     batch = spec.backend.mode == "batch"
@@ -292,7 +301,12 @@ def _unlabelled(manifest: Path) -> int:
 
 
 def _plan_source(
-    spec: Spec, source: SourceSpec, state: ManifestState, items: int, hashes: HashCache
+    spec: Spec,
+    source: SourceSpec,
+    state: ManifestState,
+    items: int,
+    hashes: HashCache,
+    top_up: Mapping[str, int] | None = None,
 ) -> SourcePlan:
     params = spec.source_params(source)
     status = {"ok": 0, "failed": 0, "generated": 0, "submitted": 0}
@@ -314,6 +328,9 @@ def _plan_source(
         price_per_image=spec_price(spec, params),
         price_note=unknown_price_reason(params),
         by_class=None if source.balance_plan is None else dict(sorted(source.balance_plan.items())),
+        top_up=None
+        if top_up is None or source.balance_plan is None
+        else dict(sorted(top_up.items())),
     )
 
 
@@ -375,6 +392,9 @@ def format_plan(plan: Plan) -> str:
         if source.by_class is not None:
             each = ", ".join(f"{name} {count}" for name, count in source.by_class.items())
             lines.append(f"'{source.name}' requests per class: {each or 'none'}")
+        if source.top_up is not None:
+            added = ", ".join(f"{name} +{count}" for name, count in source.top_up.items())
+            lines.append(f"'{source.name}' top-up adds: {added or 'nothing (no class is short)'}")
     lines.extend(f"warning: {warning}" for warning in plan.warnings)
     lines.extend(f"note: {note}" for note in plan.count_notes)
     lines.extend(f"note: {note}" for note in plan.cost_notes)

@@ -255,6 +255,12 @@ def test_top_up_adds_exactly_the_shortfall_and_a_plain_run_nothing(
     assert len(server.prompts) == generated
 
     server.blind = set()
+    balance_json = (tmp_path / "out" / "balance.json").read_bytes()
+    preview = plan_json(path, capsys, "--top-up")["sources"][0]
+    assert preview["top_up"] == {"a": 3}  # what the run below adds
+    assert preview["to_run"] == 3
+    assert (tmp_path / "out" / "balance.json").read_bytes() == balance_json  # nothing recorded
+    assert len(server.prompts) == generated
     assert run(path, top_up=True) == 0
     assert len(server.prompts) == generated + 3  # target 10 - count 2 - usable 5
     assert server.project_reads == 1
