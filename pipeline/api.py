@@ -36,15 +36,18 @@ from .errors import UsageError
 from .jobspec.load import load_spec as _load_spec_file
 from .jobspec.load import spec_from_data
 from .jobspec.model import Spec
-from .manifest.cache import load_cached_state
+from .manifest.folded import load_all_states
+from .manifest.folded import merge as fold_manifests
 from .manifest.log import ManifestState
 from .plan import Plan, build_plan
 from .run.control import RunControl
 from .run.job import run_job
-from .run.prepare import check_key_scheme
+from .run.prepare import check_key_scheme, check_overlap
 from .run.stats import RunStats
 from .search import apply_recorded, resolve_standalone
-from .store.layout import MANIFEST_NAME
+from .shard import Shard, parse_shard
+from .store.layout import manifest_files
+from .store.lock import acquire_lock
 from .views.report import status_report
 
 __all__ = [
@@ -53,10 +56,13 @@ __all__ = [
     "RunControl",
     "RunResult",
     "RunStats",
+    "Shard",
     "SourceStatus",
     "Spec",
     "Status",
     "load_spec",
+    "merge",
+    "parse_shard",
     "plan",
     "plan_async",
     "run",
@@ -78,7 +84,9 @@ def load_spec(
     return spec_from_data(source, base_dir=base_dir)  # refuses what is not a mapping
 
 
-def plan(spec: Spec, *, resolve: bool = False, top_up: bool = False) -> Plan:
+def plan(
+    spec: Spec, *, resolve: bool = False, top_up: bool = False, shard: Shard | None = None
+) -> Plan:
     """What a run of `spec` would do and cost, against its output folder; sends nothing.
 
     A roboflow_search source counts the ids its output folder recorded, a
@@ -88,39 +96,44 @@ def plan(spec: Spec, *, resolve: bool = False, top_up: bool = False) -> Plan:
     on the same items; a run holding the lock makes it raise `OutputError`). Blocking,
     like `run`; without `resolve` it needs no event loop (callable from async code too),
     with it, in async code, await `plan_async`. `top_up` plans what ``run --top-up``
-    would add to a roboflow_balance source, without recording it.
+    would add to a roboflow_balance source, without recording it; `shard` counts only
+    that shard's items (``plan --shard I/N``).
     """
     if not resolve:
-        return _plan_from(spec, _read_state(spec), top_up)
+        return _plan_from(spec, _read_state(spec), top_up, shard)
     _refuse_running_loop("synthaug.plan(resolve=True)", "synthaug.plan_async()")
-    return asyncio.run(plan_async(spec, resolve=True, top_up=top_up))
+    return asyncio.run(plan_async(spec, resolve=True, top_up=top_up, shard=shard))
 
 
-async def plan_async(spec: Spec, *, resolve: bool = False, top_up: bool = False) -> Plan:
+async def plan_async(
+    spec: Spec, *, resolve: bool = False, top_up: bool = False, shard: Shard | None = None
+) -> Plan:
     """`plan` in the running event loop: the manifest is read and the plan built in a
     worker thread (a big job's take seconds), the search (`resolve`) awaited."""
     state = await asyncio.to_thread(_read_state, spec)
     if resolve:
         spec = await resolve_standalone(spec)
         spec = await balance.resolve_standalone(spec)
-    return await asyncio.to_thread(_plan_from, spec, state, top_up)
+    return await asyncio.to_thread(_plan_from, spec, state, top_up, shard)
 
 
 def _read_state(spec: Spec) -> ManifestState:
     """OUT's manifest state, refused when it was keyed by another scheme."""
-    state = load_cached_state(spec.output_dir / MANIFEST_NAME)
+    state = load_all_states(spec.output_dir)
     check_key_scheme(spec.output_dir, state)
     return state
 
 
-def _plan_from(spec: Spec, state: ManifestState, top_up: bool = False) -> Plan:
+def _plan_from(
+    spec: Spec, state: ManifestState, top_up: bool = False, shard: Shard | None = None
+) -> Plan:
     spec = balance.apply_recorded(apply_recorded(spec))
     if not top_up:
-        return build_plan(spec, state)
+        return build_plan(spec, state, shard=shard)
     if balance.balance_source(spec) is None:
         raise UsageError("--top-up needs a roboflow_balance source in the spec")
     added = balance.shortfall(spec)
-    return build_plan(balance.with_top_up(spec, added), state, top_up=added)
+    return build_plan(balance.with_top_up(spec, added), state, top_up=added, shard=shard)
 
 
 def _refuse_running_loop(call: str, instead: str) -> None:
@@ -231,6 +244,7 @@ async def run_async(
     verify: bool = False,
     wait: bool = True,
     top_up: bool = False,
+    shard: Shard | None = None,
     control: RunControl | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     process_owner: bool = False,
@@ -252,6 +266,7 @@ async def run_async(
         verify=verify,
         wait=wait,
         top_up=top_up,
+        shard=shard,
         install_signals=process_owner,
         freeze_gc=process_owner,
     )
@@ -281,19 +296,22 @@ def run(
     verify: bool = False,
     wait: bool = True,
     top_up: bool = False,
+    shard: Shard | None = None,
     control: RunControl | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> RunResult:
     """Run (or resume) `spec` and block until it ends; safe from any thread.
 
     `verify` re-hashes every stored image; `wait=False` (``backend.mode: batch``)
-    submits the batches and returns, and a later run collects them; `top_up` adds to a
-    roboflow_balance source's recorded plan what each class is still short of; `control.stop()`
-    (from any thread) stops it gracefully (a `RunControl` serves one run: a used one
-    raises `UsageError`); `on_progress` is called, on the run's thread, with a frozen
-    `Progress` snapshot of the run's counters each time they change. Raises a
-    `PipelineError` (`SpecError`, `CredentialsError`, `OutputError`, ...) when the run
-    cannot start; once it has started, the outcome is in the result's `exit_code`.
+    submits the batches and returns, and a later run collects them; `top_up` adds to
+    a roboflow_balance source's recorded plan what each class is still short of;
+    `shard` (`parse_shard("I/N")`) runs only that shard's items, in its own manifest
+    and lock; `control.stop()` (from any thread) stops it gracefully (a `RunControl`
+    serves one run: a used one raises `UsageError`); `on_progress` is called, on the
+    run's thread, with a frozen `Progress` snapshot of the run's counters each time
+    they change. Raises a `PipelineError` (`SpecError`, `CredentialsError`,
+    `OutputError`, ...) when the run cannot start; once it has started, the outcome
+    is in the result's `exit_code`.
     """
     _refuse_running_loop("synthaug.run()", "synthaug.run_async()")
     return asyncio.run(
@@ -302,6 +320,7 @@ def run(
             verify=verify,
             wait=wait,
             top_up=top_up,
+            shard=shard,
             control=control,
             on_progress=on_progress,
         )
@@ -346,6 +365,18 @@ class Status:
     labelled: int = 0
     annotated: int = 0
     flagged: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def merge(out_dir: str | os.PathLike[str]) -> tuple[int, int]:
+    """Fold the shards' manifests of `out_dir` into its ``manifest.jsonl``
+    (``synthaug merge``); (manifests folded, items). Refused (`OutputError`) while any
+    run holds a lock on it; a kill at any moment loses nothing."""
+    out = Path(out_dir)
+    if not manifest_files(out):
+        raise UsageError(f"no manifest in {out}: run `synthaug run SPEC` first")
+    with acquire_lock(out):
+        check_overlap(out, None)
+        return fold_manifests(out)
 
 
 def status(out_dir: str | os.PathLike[str]) -> Status:

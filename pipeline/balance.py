@@ -35,12 +35,12 @@ from .credentials import (
 from .items import iter_source_drafts
 from .jobspec.fields import DEFAULT_BASE_URL
 from .jobspec.model import BALANCE_CLASS_VAR, BalanceSettings, SourceSpec, Spec
-from .manifest.log import read_records
+from .manifest.folded import read_all_records
 from .records import PLAN_LOGGER, ItemRecord
 from .retry import RetryPolicy
 from .search import standalone_backend
 from .store import layout
-from .store.layout import BALANCE_NAME, MANIFEST_NAME
+from .store.layout import BALANCE_NAME
 
 __all__ = [
     "BALANCE_FORMAT",
@@ -320,7 +320,7 @@ def shortfall(spec: Spec) -> dict[str, int]:
     source = balance_source(spec)
     if source is None or source.balance_plan is None:
         return {}
-    records = read_records(spec.output_dir / MANIFEST_NAME)
+    records = read_all_records(spec.output_dir)
     planned = {
         draft.key: dict(zip(draft.shape.names, draft.combo, strict=True))[BALANCE_CLASS_VAR]
         for draft in iter_source_drafts(spec, source)

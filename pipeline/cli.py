@@ -25,6 +25,7 @@ from .errors import EXIT_OK, EXIT_USAGE, PipelineError, UsageError
 from .jobspec.model import Spec
 from .records import BATCH_LOGGER, PLAN_LOGGER
 from .registry import BACKENDS
+from .shard import parse_shard
 from .store.lock import check_platform
 from .views.export import EXPORT_FORMATS
 
@@ -101,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="backend.mode batch: submit the batches and exit; a later run collects them",
     )
     run.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run only shard I of N (0 <= I < N): the items whose key is I modulo N, in "
+        "their own manifest and lock; the other shards of N may run at the same time",
+    )
+    run.add_argument(
         "--top-up",
         action="store_true",
         help="roboflow_balance: add to the recorded plan what each class is still short of "
@@ -132,12 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
         "find is recorded in the output dir)",
     )
     plan.add_argument(
+        "--shard", metavar="I/N", help="count only shard I of N (the items `run --shard I/N` runs)"
+    )
+    plan.add_argument(
         "--top-up",
         action="store_true",
         help="roboflow_balance: plan what `run --top-up` would add to each class (nothing "
         "is recorded)",
     )
     _add_log_level(plan)
+
+    merge = sub.add_parser(
+        "merge",
+        help="fold the shards' manifests into manifest.jsonl (refused while a run is on)",
+        description="Fold every shard's manifest (run --shard I/N) into OUT/manifest.jsonl, "
+        "last line per key (an ok one first), then remove the shards' files. Written to a "
+        "temporary file and renamed: a kill at any moment loses nothing.",
+    )
+    merge.add_argument("out", type=Path, metavar="OUT_DIR")
+    _add_log_level(merge)
 
     status = sub.add_parser("status", help="what a run's manifest says: ok / failed / pending")
     status.add_argument("out", type=Path, metavar="OUT_DIR")
@@ -318,7 +338,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     # the max_items guard and key-scheme check included; the CLI owns its process: the
     # GC pauses while the manifest loads (the library leaves it alone)
     with gc_paused():
-        plan = plan_job(_load(args.spec), resolve=args.resolve, top_up=args.top_up)
+        plan = plan_job(
+            _load(args.spec),
+            resolve=args.resolve,
+            top_up=args.top_up,
+            shard=None if args.shard is None else parse_shard(args.shard),
+        )
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return EXIT_OK
 
@@ -346,6 +371,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 verify=args.verify,
                 wait=not args.no_wait,
                 top_up=args.top_up,
+                shard=None if args.shard is None else parse_shard(args.shard),
                 process_owner=True,  # the CLI owns its process: signals and the GC
             )
         )
@@ -388,6 +414,17 @@ def _draw_views(out: Path, *, cell_px: int) -> list[Path]:
         )
         return []
     return [*sheets, page]
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .api import merge
+
+    files, items = merge(args.out)
+    print(
+        f"merged {files} manifest{'s' if files != 1 else ''} ({items} items) into "
+        f"{args.out / 'manifest.jsonl'}"
+    )
+    return EXIT_OK
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -509,6 +546,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run,
     "plan": _cmd_plan,
     "status": _cmd_status,
+    "merge": _cmd_merge,
     "grid": _cmd_grid,
     "export": _cmd_export,
     "mock-server": _cmd_mock_server,

@@ -19,12 +19,12 @@ from typing import Any
 from .balance import unresolved_balance
 from .items import check_max_items, count_items, iter_source_drafts
 from .jobspec.model import SourceSpec, Spec
-from .manifest.log import ManifestState, read_lines
+from .manifest.folded import read_all_records
+from .manifest.log import ManifestState
 from .pricing import check_cost_budget, spec_price, unknown_price_reason
-from .records import ItemRecord
 from .search import unresolved
+from .shard import Shard
 from .sources import HashCache
-from .store.layout import MANIFEST_NAME
 
 __all__ = ["DetectionPlan", "Plan", "SourcePlan", "build_plan", "format_plan"]
 
@@ -239,12 +239,14 @@ def build_plan(
     *,
     hashes: HashCache | None = None,
     top_up: Mapping[str, int] | None = None,
+    shard: Shard | None = None,
 ) -> Plan:
     """Count items, images, done, failed and pending per source of `spec` against `state`.
 
     Raises `SpecError` when the spec expands past ``run.max_items``. A roboflow_search
     source not resolved yet (`pipeline.search`) is planned with an unknown count. `top_up`
     (``plan --top-up``) is what a top-up adds to the balance source, shown beside it.
+    With `shard` (``plan --shard I/N``) only that shard's items are counted.
     """
     unknown = {source.name for source in (*unresolved(spec), *unresolved_balance(spec))}
     known = spec.model_copy(
@@ -257,7 +259,7 @@ def build_plan(
     plans = tuple(
         _unknown_source(spec, s)
         if s.name in unknown
-        else _plan_source(spec, s, state, counts[s.name], hashes, top_up)
+        else _plan_source(spec, s, state, counts[s.name], hashes, top_up, shard)
         for s in spec.sources
     )
     batch = spec.backend.mode == "batch"
@@ -281,23 +283,21 @@ def _detection(
         return None
     known = all(s.count_note is None for s in sources)
     new = sum(s.to_run_images for s in sources) if known else None
-    backlog = _unlabelled(spec.output_dir / MANIFEST_NAME) if state.finished else 0
+    backlog = _unlabelled(spec.output_dir) if state.finished else 0
     return DetectionPlan(spec.label.model, new, backlog)
 
 
-def _unlabelled(manifest: Path) -> int:
-    """Stored outputs of ok keys (their last line) with no labels or a failed detection:
-    what the label stage takes up first (the same rule, `LabelRecord.done`)."""
-    waiting: dict[str, int] = {}
-    for line in read_lines(manifest):
-        record = ItemRecord.from_json(line) if line.get("status") == "ok" else None
-        outputs = record.outputs if record is not None else ()
-        count = sum(1 for o in outputs if o.labels is None or not o.labels.done)
-        if count:
-            waiting[line["key"]] = count
-        else:
-            waiting.pop(line["key"], None)
-    return sum(waiting.values())
+def _unlabelled(out_dir: Path) -> int:
+    """Stored outputs of ok keys (their last record, over every manifest of OUT) with no
+    labels or a failed detection: what the label stage takes up first (the same rule,
+    `LabelRecord.done`)."""
+    return sum(
+        1
+        for record in read_all_records(out_dir).values()
+        if record.status == "ok"
+        for output in record.outputs
+        if output.labels is None or not output.labels.done
+    )
 
 
 def _plan_source(
@@ -307,10 +307,19 @@ def _plan_source(
     items: int,
     hashes: HashCache,
     top_up: Mapping[str, int] | None = None,
+    shard: Shard | None = None,
 ) -> SourcePlan:
     params = spec.source_params(source)
     status = {"ok": 0, "failed": 0, "generated": 0, "submitted": 0}
-    if len(state):  # an empty manifest needs no keys: skip hashing and expanding
+    if shard is not None:  # the shard's items only: every key expanded
+        items = 0
+        for draft in iter_source_drafts(spec, source, hashes=hashes):
+            if shard.owns(draft.key):
+                items += 1
+                known = state.status(draft.key)
+                if known is not None:
+                    status[known] += 1
+    elif len(state):  # an empty manifest needs no keys: skip hashing and expanding
         for draft in iter_source_drafts(spec, source, hashes=hashes):
             known = state.status(draft.key)
             if known is not None:

@@ -38,10 +38,13 @@ Progress = api.Progress
 RunControl = api.RunControl
 RunResult = api.RunResult
 RunStats = api.RunStats
+Shard = api.Shard
 SourceStatus = api.SourceStatus
 Spec = api.Spec
 Status = api.Status
 load_spec = api.load_spec
+merge = api.merge
+parse_shard = api.parse_shard
 plan = api.plan
 plan_async = api.plan_async
 run = api.run
@@ -85,6 +88,7 @@ __all__ = [
     "RunControl",
     "RunResult",
     "RunStats",
+    "Shard",
     "SourceStatus",
     "Spec",
     "SpecError",
@@ -93,6 +97,8 @@ __all__ = [
     "UsageError",
     "__version__",
     "load_spec",
+    "merge",
+    "parse_shard",
     "plan",
     "plan_async",
     "run",

@@ -433,8 +433,12 @@ CASES = [
         id="flag-max-attempts-negative",
     ),
     pytest.param(
-        Bad(GOOD, "unrecognized arguments: --shard", args=("--shard", "1/2")),
-        id="flag-shard-unknown",
+        Bad(GOOD, "--shard 2/2: need 0 <= I < N", args=("--shard", "2/2")),
+        id="flag-shard-out-of-range",
+    ),
+    pytest.param(
+        Bad(GOOD, "--shard 'half': expected I/N", args=("--shard", "half")),
+        id="flag-shard-not-i-of-n",
     ),
     pytest.param(
         Bad(GOOD, "unrecognized arguments: --concurrenc", args=("--concurrenc", "2")),

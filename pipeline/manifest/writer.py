@@ -75,6 +75,11 @@ class ManifestWriter:
         self._fence = False  # a failed line could not be cut off: start the next on a new line
         self._fd: int | None = self._open(path)
 
+    @property
+    def path(self) -> Path:
+        """The manifest this writer appends to."""
+        return self._path
+
     @staticmethod
     def _open(path: Path) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)

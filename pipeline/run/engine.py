@@ -136,6 +136,7 @@ class Engine:
             state=state,
             files=files or outputs.StoredFiles(out_dir),
             out_dir=out_dir,
+            manifest=writer.path,
             stats=self.stats,
             retry_failed=run.retry_failed,
             expand_again=expand_again,

@@ -16,15 +16,15 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from .. import items as items_mod
 from ..backends.base import Backend
 from ..jobspec.model import Spec
 from ..limiter import Limiter
 from ..manifest.writer import ManifestWriter
 from ..pricing import cost_from_usage, is_free, spec_price
 from ..records import WorkItem
+from ..shard import Shard
 from ..sources import HashCache
-from ..store.layout import INPUT_HASHES_NAME, MANIFEST_NAME, SUMMARY_NAME
+from ..store.layout import INPUT_HASHES_NAME, summary_name
 from .batch import attach_batches, batch_control_of
 from .control import RunControl, signal_handlers
 from .engine import Engine
@@ -51,6 +51,7 @@ async def run_job(
     verify: bool = False,
     wait: bool = True,
     top_up: bool = False,
+    shard: Shard | None = None,
 ) -> JobResult:
     """Run (or resume) the job of `spec`; see the module docstring for the order of steps.
 
@@ -60,7 +61,8 @@ async def run_job(
     run gracefully through `control`. The `max_items` guard and the budgets hold for
     every caller. With ``backend.mode: batch``, `wait=False` submits and returns
     (``run --no-wait``); a later run collects. `top_up` adds to a balance source's plan
-    what its classes are still short of (``run --top-up``).
+    what its classes are still short of (``run --top-up``). `shard` runs only the items
+    of that shard (``run --shard I/N``), in its own manifest and lock.
     """
     async with prepare(
         spec,
@@ -70,6 +72,7 @@ async def run_job(
         wait=wait,
         freeze_gc=freeze_gc,
         top_up=top_up,
+        shard=shard,
     ) as prepared:
         return await _execute(
             prepared,
@@ -97,12 +100,10 @@ async def _execute(
         # a 429 without Retry-After waits like a first retry, doubling like retries do
         default_pause_s=run.backoff_base_s,
         max_default_pause_s=run.backoff_max_s,
-        learned=await asyncio.to_thread(read_learned_pace, spec),
+        learned=await asyncio.to_thread(read_learned_pace, spec, prepared.shard),
     )
     started_at, t0 = utc_now(), time.monotonic()
-    with ManifestWriter(
-        spec.output_dir / MANIFEST_NAME, fsync_interval_s=run.fsync_interval_s
-    ) as writer:
+    with ManifestWriter(prepared.manifest, fsync_interval_s=run.fsync_interval_s) as writer:
         writer.add_append_hook(cache.add)
         await asyncio.to_thread(cache.start, state)
         hashes = HashCache(spec.output_dir / INPUT_HASHES_NAME)  # inputs: not re-read
@@ -111,8 +112,8 @@ async def _execute(
         engine = Engine(
             run,
             out_dir=spec.output_dir,
-            items=items_mod.expand_drafts(spec, hashes=hashes),
-            expand_again=lambda: items_mod.expand_drafts(spec, hashes=hashes),
+            items=prepared.drafts(hashes),
+            expand_again=lambda: prepared.drafts(hashes),
             backend=backend,
             limiter=limiter,
             state=state,
@@ -148,7 +149,7 @@ async def _execute(
             elapsed = time.monotonic() - t0
             summary = build_summary(spec, spec_path, engine, limiter, started_at, elapsed)
             chain.add_summary(summary)
-            await write_summary(spec.output_dir / SUMMARY_NAME, summary)
+            await write_summary(spec.output_dir / summary_name(prepared.shard), summary)
     return JobResult(
         exit_code=summary["exit_code"],
         stop_reason=engine.stop_reason,
@@ -173,7 +174,7 @@ async def _stage_chain(
         writer=writer,
         stop=stop,
         grace_period_s=spec.run.grace_period_s,
-        manifest=spec.output_dir / MANIFEST_NAME,
+        manifest=prepared.manifest,
     )
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import re
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -34,12 +35,14 @@ from ..job_record import JobRecord
 from ..jobspec.model import Spec
 from ..limiter import LearnedPace, learned_pace
 from ..manifest.cache import StateCache
+from ..manifest.folded import carry_over
 from ..manifest.log import ManifestState, gc_paused
 from ..pricing import check_cost_budget
+from ..shard import Shard
+from ..sources import HashCache
 from ..store import files as outputs
 from ..store import layout
-from ..store.layout import MANIFEST_NAME, SUMMARY_NAME
-from ..store.lock import acquire_lock
+from ..store.lock import acquire_lock, overlapping_holders
 from .batch import BatchWatch, batch_options
 from .stages import read_stage_keys
 
@@ -70,11 +73,20 @@ class Prepared:
     backend: Backend
     stage_keys: Mapping[str, str]  # each stage's API key (read before anything is sent)
     watch: BatchWatch  # batch mode: where its batches stand
+    manifest: Path  # the one this run appends to: manifest.jsonl, or its shard's own
+    shard: Shard | None = None
+    owned: int | None = None  # a shard's items (None: every item is the run's)
 
     @property
     def expected(self) -> int:
-        """Items in the job."""
-        return sum(self.counts.values())
+        """Items this run is responsible for: the job's, or its shard's."""
+        return sum(self.counts.values()) if self.owned is None else self.owned
+
+    def drafts(self, hashes: HashCache) -> Iterator[items_mod.ItemDraft]:
+        """The run's item drafts: every item of the job, or its shard's."""
+        drafts = items_mod.expand_drafts(self.spec, hashes=hashes)
+        shard = self.shard
+        return drafts if shard is None else (d for d in drafts if shard.owns(d.key))
 
 
 def check_spec(spec: Spec, *, wait: bool) -> Spec:
@@ -105,12 +117,14 @@ async def prepare(
     wait: bool = True,
     freeze_gc: bool = False,
     top_up: bool = False,
+    shard: Shard | None = None,
 ) -> AsyncIterator[Prepared]:
     """Hold OUT's lock and the open backend while the body runs; see the module docstring.
 
     `freeze_gc` (the CLI's) pauses the process's GC while the manifest loads and freezes
     the loaded state until the run ends. `top_up` adds to a balance source's recorded
-    plan what its classes are still short of (``run --top-up``).
+    plan what its classes are still short of (``run --top-up``). With `shard` the run
+    holds the shard's lock, appends to its manifest, and owns only its items.
     """
     spec = check_spec(spec, wait=wait)
     if top_up and balance.balance_source(spec) is None:
@@ -128,12 +142,16 @@ async def prepare(
     proxies = read_proxy_settings() if kind.proxied else DIRECT
     out = spec.output_dir
     await asyncio.to_thread(outputs.check_writable, out)
-    with acquire_lock(out):
+    with acquire_lock(out, name=layout.lock_name(shard)):
+        check_overlap(out, shard)
         files = outputs.StoredFiles(out)
-        swept = await asyncio.to_thread(files.sweep_temp_files)
-        if swept:
-            log.info("removed %d half-written temp files left by a killed run", swept)
-        cache = StateCache(out / MANIFEST_NAME)
+        if not _others_running(out, shard):  # a sibling shard's temp files are in use
+            swept = await asyncio.to_thread(files.sweep_temp_files)
+            if swept:
+                log.info("removed %d half-written temp files left by a killed run", swept)
+        manifest = out / layout.manifest_name(shard)
+        await asyncio.to_thread(_carry_over, spec, manifest, shard)
+        cache = StateCache(manifest)
         with _gc_spares_state(freeze_gc):
             state = await asyncio.to_thread(_load_state, cache, verify, freeze_gc)
             await asyncio.to_thread(check_key_scheme, out, state)
@@ -147,7 +165,63 @@ async def prepare(
                     counts = items_mod.count_items(spec)
                     items_mod.check_max_items(spec, counts)
                 await asyncio.to_thread(write_job_json, spec, spec_path, counts)
-                yield Prepared(spec, counts, state, cache, files, live_backend, stage_keys, watch)
+                owned = None if shard is None else await asyncio.to_thread(_owned, spec, shard)
+                yield Prepared(
+                    spec,
+                    counts,
+                    state,
+                    cache,
+                    files,
+                    live_backend,
+                    stage_keys,
+                    watch,
+                    manifest=manifest,
+                    shard=shard,
+                    owned=owned,
+                )
+
+
+def check_overlap(out: Path, shard: Shard | None) -> None:
+    """Refuse (`OutputError`, exit 2) while a run that overlaps this one holds its lock:
+    for a shard, a run of every item or a shard of another N; for a run of every item,
+    any shard. The shards of one N run side by side."""
+    own = layout.lock_name(shard)
+    names = [name for name in layout.lock_files(out) if name != own]
+    if shard is not None:
+        same_n = re.compile(rf"\.synthaug\.shard-\d+-of-{shard.count}\.lock")
+        names = [name for name in names if not same_n.fullmatch(name)]
+    held = overlapping_holders(out, names)
+    if held:
+        name, holder = held[0]
+        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+        mine = "this shard" if shard is not None else "a run of every item"
+        raise OutputError(
+            f"{out} is in use by a run that overlaps {mine} ({name}, {who}): wait for it "
+            "or stop it (the shards of one N may run together)"
+        )
+
+
+def _others_running(out: Path, shard: Shard | None) -> bool:
+    """Whether another run (a sibling shard) holds a lock on `out` now."""
+    own = layout.lock_name(shard)
+    return bool(overlapping_holders(out, [n for n in layout.lock_files(out) if n != own]))
+
+
+def _carry_over(spec: Spec, manifest: Path, shard: Shard | None) -> None:
+    """Start the run's manifest from what OUT's other manifests know of its items."""
+    owns = (lambda _key: True) if shard is None else shard.owns
+    carried = carry_over(
+        manifest, spec.output_dir, owns, fsync_interval_s=spec.run.fsync_interval_s
+    )
+    if carried:
+        log.info(
+            "%d items recorded by other runs' manifests carried into %s", carried, manifest.name
+        )
+
+
+def _owned(spec: Spec, shard: Shard) -> int:
+    """The shard's items (every key of the job expanded once)."""
+    return sum(1 for draft in items_mod.expand_drafts(spec) if shard.owns(draft.key))
 
 
 async def _resolve_searches(
@@ -159,14 +233,14 @@ async def _resolve_searches(
     return await search.resolve_searches(spec, root=root, api_key=api_key, proxies=proxies)
 
 
-def read_learned_pace(spec: Spec) -> LearnedPace | None:
+def read_learned_pace(spec: Spec, shard: Shard | None = None) -> LearnedPace | None:
     """The pace the last run on this OUT learned from 429s (its summary.json), if any.
 
     A nightly job pays for learning the API's real limit once. A missing or corrupt
     summary, or one written for another backend, starts from the spec's rate; the
     limiter never goes above the spec's rate, even if it changed since.
     """
-    data = layout.read_json(spec.output_dir / SUMMARY_NAME)
+    data = layout.read_json(spec.output_dir / layout.summary_name(shard))
     if data is None or data.get("backend") != spec.backend.kind:
         return None
     return learned_pace(data.get("limiter"))

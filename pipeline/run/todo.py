@@ -65,6 +65,7 @@ class TodoSource:
         state: ManifestState,
         files: outputs.StoredFiles,
         out_dir: Path,
+        manifest: Path | None = None,
         stats: SkipCounts,
         retry_failed: bool,
         expand_again: Callable[[], Iterable[ItemDraft]] | None = None,
@@ -74,6 +75,7 @@ class TodoSource:
         self._state = state
         self._files = files
         self._out_dir = out_dir
+        self._manifest = manifest or out_dir / MANIFEST_NAME  # the run's (a shard's own)
         self.stats = stats
         self._retry_failed = retry_failed
         self._redo: set[str] | None = None  # ok keys whose files are gone (once decided)
@@ -168,7 +170,7 @@ class TodoSource:
         of every recorded file, a re-hash of those whose size or mtime differ; or
         `freshness.settle` of the indexes a child found differing); the ones re-hashed
         and found unchanged are remembered with their new stats."""
-        manifest = self._out_dir / MANIFEST_NAME
+        manifest = self._manifest
         finished = self._state.finished
         if differing is None:
             found = freshness.check_finished(finished, self._files, manifest)

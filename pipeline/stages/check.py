@@ -24,10 +24,10 @@ from PIL import Image
 
 from ..jobspec.model import Spec
 from ..jobspec.stage_settings import CheckSettings
-from ..manifest.log import read_records
+from ..manifest.folded import read_all_records
 from ..records import ItemRecord, OutputFile
 from ..run.stages import StageContext
-from ..store.layout import MANIFEST_NAME, stored_image_path
+from ..store.layout import stored_image_path
 from .hash_index import HashIndex, distance
 from .remote import HALTED_BY
 
@@ -129,7 +129,7 @@ class CheckStage:
 def _recorded_index(out_dir: Path, max_distance: int) -> HashIndex:
     """An index of the hashes this OUT's manifest already records (the earlier outputs)."""
     index = HashIndex(max_distance)
-    for record in read_records(out_dir / MANIFEST_NAME).values():
+    for record in read_all_records(out_dir).values():
         if record.status != "ok":
             continue
         for output in record.outputs:

@@ -24,6 +24,7 @@ import errno
 import json
 import logging
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -31,6 +32,7 @@ from typing import IO, Any
 
 from ..errors import OutputError
 from ..job_record import JobRecord
+from ..shard import Shard
 
 __all__ = [
     "BALANCE_NAME",
@@ -43,16 +45,23 @@ __all__ = [
     "LOCK_NAME",
     "MANIFEST_NAME",
     "SEARCH_NAME",
+    "SHARD_LOCK",
+    "SHARD_MANIFEST",
     "SUMMARY_NAME",
     "THUMBS_DIR",
     "TMP_SUFFIX",
     "fsync_dir",
     "image_name",
+    "lock_files",
+    "lock_name",
+    "manifest_files",
+    "manifest_name",
     "output_error",
     "read_job",
     "read_json",
     "state_cache_path",
     "stored_image_path",
+    "summary_name",
     "temp_path",
     "write_all",
     "write_atomic",
@@ -71,6 +80,8 @@ INDEX_NAME = "index.html"
 THUMBS_DIR = "thumbs"
 TMP_SUFFIX = ".tmp"
 LOCK_NAME = ".synthaug.lock"
+SHARD_MANIFEST = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.jsonl")
+SHARD_LOCK = re.compile(r"\.synthaug\.shard-(\d+)-of-(\d+)\.lock")
 INPUT_HASHES_NAME = ".inputs.json"  # the inputs' hashes by path, size and mtime
 IMAGE_NAME = r"[0-9a-f]{16}-[0-9]+\.[a-z0-9]+"
 """An image's file name (`image_name`): its key's first 16 hex digits, its index, its
@@ -81,6 +92,44 @@ def image_name(key: str, index: int, ext: str) -> str:
     """``<key16>-<index>.<ext>``: the name an item's `index`-th image is stored under, the
     same on every machine (uploads are named by it: a repeat is answered duplicate)."""
     return f"{key[:16]}-{index}.{ext}"
+
+
+def manifest_name(shard: Shard | None) -> str:
+    """The manifest a run appends to: ``manifest.jsonl``, or a shard's own."""
+    return MANIFEST_NAME if shard is None else f"manifest.{shard.tag}.jsonl"
+
+
+def summary_name(shard: Shard | None) -> str:
+    """Where a run writes how it ended: ``summary.json``, or a shard's own."""
+    return SUMMARY_NAME if shard is None else f"summary.{shard.tag}.json"
+
+
+def lock_name(shard: Shard | None) -> str:
+    """The lock file a run holds: ``.synthaug.lock``, or a shard's own."""
+    return LOCK_NAME if shard is None else f".synthaug.{shard.tag}.lock"
+
+
+def manifest_files(out_dir: Path) -> list[Path]:
+    """Every manifest in `out_dir` in reading order: ``manifest.jsonl`` (the unsharded
+    runs', and what `merge` folds into), then the shards' by N and I; those present."""
+    try:
+        names = os.listdir(out_dir)
+    except OSError:
+        return []
+    shards = sorted(
+        (int(m[2]), int(m[1]), name) for name in names if (m := SHARD_MANIFEST.fullmatch(name))
+    )
+    main = [out_dir / MANIFEST_NAME] if MANIFEST_NAME in names else []
+    return main + [out_dir / name for _n, _i, name in shards]
+
+
+def lock_files(out_dir: Path) -> list[str]:
+    """The lock files in `out_dir`: the whole OUT's and every shard's."""
+    try:
+        names = os.listdir(out_dir)
+    except OSError:
+        return []
+    return sorted(name for name in names if name == LOCK_NAME or SHARD_LOCK.fullmatch(name))
 
 
 def state_cache_path(manifest: Path) -> Path:

@@ -1,11 +1,15 @@
-"""One run per output directory at a time.
+"""One run per output directory (or per shard of it) at a time.
 
 Two runs appending to one manifest would pay twice for the same items, so a run holds
-``OUT/.synthaug.lock`` for its whole life. The lock is an `fcntl.flock` on that file:
-the kernel drops it when its process dies, even by SIGKILL, so a stale lock never
-blocks the next run. The file also records who holds it (pid, host, start time) for the
-error message. Where a filesystem cannot `flock` (some network mounts), the recorded pid
-is the lock instead: it is taken over when that process is gone.
+``OUT/.synthaug.lock`` for its whole life; a shard run (``--shard I/N``) holds
+``OUT/.synthaug.shard-I-of-N.lock`` instead, so that the other shards of the same N run
+beside it, and refuses to start while a run that overlaps it holds its own lock (a run
+of all items, or a shard of another N: `overlapping_holders`). The lock is an
+`fcntl.flock` on that file: the kernel drops it when its process dies, even by SIGKILL,
+so a stale lock never blocks the next run. The file also records who holds it (pid,
+host, start time) for the error message. Where a filesystem cannot `flock` (some network
+mounts), the recorded pid is the lock instead: it is taken over when that process is
+gone.
 
 `flock` is POSIX, like the signal handling and folder fsyncs a run relies on: on any other
 platform (Windows) `check_platform` refuses with one line pointing to WSL, at the CLI's
@@ -36,7 +40,14 @@ except ImportError:  # not POSIX: `check_platform` refuses before fcntl is ever 
 else:
     _HAVE_FLOCK = True
 
-__all__ = ["LOCK_NAME", "UNSUPPORTED_PLATFORM", "RunLock", "acquire_lock", "check_platform"]
+__all__ = [
+    "LOCK_NAME",
+    "UNSUPPORTED_PLATFORM",
+    "RunLock",
+    "acquire_lock",
+    "check_platform",
+    "overlapping_holders",
+]
 
 UNSUPPORTED_PLATFORM = (
     "this platform ({platform}) is not supported: synthaug runs on Linux and macOS (POSIX); "
@@ -96,21 +107,53 @@ def check_platform() -> None:
 
 
 def acquire_lock(
-    out_dir: Path, *, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    out_dir: Path,
+    *,
+    name: str = LOCK_NAME,
+    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
 ) -> RunLock:
-    """Lock `out_dir` for this process, or raise `OutputError` naming the live holder.
+    """Lock `out_dir` (its lock file `name`: a shard's own) for this process, or raise
+    `OutputError` naming the live holder.
 
     Raises `UsageError` on a platform synthaug does not support (see `check_platform`).
     """
     check_platform()
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / LOCK_NAME
+    path = out_dir / name
     started = now()
     for _ in range(_MAX_TRIES):
         lock = _try_lock(out_dir, path, started)
         if lock is not None:
             return lock
     raise OutputError(f"could not lock {path}: another run keeps replacing it; try again")
+
+
+def overlapping_holders(out_dir: Path, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The lock files among `names` in `out_dir` that a live process holds, with their
+    holders' records: probed with a non-blocking flock, released at once (a file no one
+    holds is left in place)."""
+    held = []
+    for name in names:
+        try:
+            fd = os.open(out_dir / name, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            flocked = _flock(fd)
+            holder = _read_holder(fd)
+            if flocked is False or (flocked is None and _live_holder(holder)):
+                held.append((name, holder))
+        finally:
+            os.close(fd)  # drops our probe's flock
+    return held
+
+
+def _live_holder(holder: dict[str, Any]) -> bool:
+    """Without flock: whether the recorded holder is a live process (on another host: yes)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    return holder.get("host") != socket.gethostname() or _pid_alive(pid)
 
 
 def _try_lock(out_dir: Path, path: Path, started: datetime) -> RunLock | None:

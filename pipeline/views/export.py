@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from ..errors import OutputError, UsageError
-from ..manifest.log import read_records
+from ..manifest.folded import read_all_records
 from ..records import ItemRecord, OutputFile
-from ..store.layout import MANIFEST_NAME, fsync_dir, output_error, stored_image_path, temp_path
+from ..store.layout import fsync_dir, manifest_files, output_error, stored_image_path, temp_path
 
 if TYPE_CHECKING:
     import supervision as sv
@@ -136,11 +136,10 @@ def export_dataset(out_dir: Path, fmt: ExportFormat, dest: Path) -> ExportSummar
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
     _check_dest(dest)
-    manifest = out_dir / MANIFEST_NAME
-    if not manifest.is_file():
+    if not manifest_files(out_dir):
         raise UsageError(f"no manifest in {out_dir}: run `synthaug run SPEC` first")
     _require_supervision()
-    selection = _select(out_dir, read_records(manifest).values())
+    selection = _select(out_dir, read_all_records(out_dir).values())
     if not selection.images:
         raise UsageError(f"nothing to export from {out_dir}: {_why_nothing(selection)}")
     _check_unique_names(selection.images)

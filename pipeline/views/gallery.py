@@ -31,12 +31,11 @@ from PIL import Image, ImageOps
 from ..balance import BalanceRecord, ClassProgress, class_progress, read_balance
 from ..job_record import JobRecord, JobSource
 from ..jobspec.model import BALANCE_CLASS_VAR
-from ..manifest.log import read_records
+from ..manifest.folded import read_all_records
 from ..records import ErrorInfo, ItemRecord, OutputFile
 from ..store.layout import (
     GRIDS_DIR,
     INDEX_NAME,
-    MANIFEST_NAME,
     THUMBS_DIR,
     read_job,
     write_atomic,
@@ -101,7 +100,7 @@ def write_gallery(out_dir: Path) -> Path:
     which the manifest first mentions them). CPU-bound (thumbnails) and sync.
     """
     job = read_job(out_dir)
-    by_source = group_by_source(read_records(out_dir / MANIFEST_NAME).values())
+    by_source = group_by_source(read_all_records(out_dir).values())
     shown = declared_sources(job, by_source)
     sheets = _sheets(out_dir)
     thumbs = _Thumbs(out_dir)

@@ -57,8 +57,8 @@ from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from ..job_record import JobRecord
-from ..manifest.log import read_records
-from ..store.layout import GRIDS_DIR, MANIFEST_NAME, read_job, write_atomic
+from ..manifest.folded import read_all_records
+from ..store.layout import GRIDS_DIR, read_job, write_atomic
 from .grid_model import Cell, Grid, Sample, Source, Tone, collect_sources, group_by_source
 from .sheet_text import META_SOURCE, Font, Typeface, line_height, text_width
 
@@ -110,7 +110,7 @@ def draw_grids(
         raise ValueError(f"cell_px must be at least {MIN_CELL_PX}, got {cell_px}")
     style = _Style.for_cell(cell_px, Typeface.load())
     job = read_job(out_dir)
-    by_source = group_by_source(read_records(out_dir / MANIFEST_NAME).values())
+    by_source = group_by_source(read_all_records(out_dir).values())
     grids_dir = out_dir / GRIDS_DIR
     written: list[Path] = []
     for source in collect_sources(job, by_source):

@@ -23,10 +23,9 @@ from typing import Any, TypeAlias
 from ..balance import class_progress, read_balance
 from ..errors import UsageError
 from ..job_record import JobRecord
-from ..manifest.cache import load_cached_state
-from ..manifest.log import read_records
+from ..manifest.folded import load_all_states, read_all_records
 from ..records import ItemStatus
-from ..store.layout import MANIFEST_NAME, SUMMARY_NAME, read_job, read_json
+from ..store.layout import SUMMARY_NAME, manifest_files, read_job, read_json
 
 __all__ = ["format_status", "status_report"]
 
@@ -57,8 +56,8 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     for a roboflow_balance job, ``balance`` ({class: {count, target, planned, stored,
     usable}}: images).
     """
-    manifest = out_dir / MANIFEST_NAME
-    if not manifest.is_file():
+    manifests = manifest_files(out_dir)
+    if not manifests:
         raise UsageError(f"no manifest in {out_dir}: run `synthaug run SPEC` first")
     job = read_job(out_dir)
     by_source: dict[str, dict[str, int]] = {}
@@ -66,7 +65,7 @@ def status_report(out_dir: Path) -> dict[str, Any]:
         by_source[name] = _empty_counts()
     errors: Counter[str] = Counter()
     batches: Counter[str] = Counter()
-    for status, source, images, kind, batch in _latest_per_key(manifest):
+    for status, source, images, kind, batch in _latest_per_key(out_dir):
         counts = by_source.get(source)
         if counts is None:
             counts = by_source[source] = _empty_counts()
@@ -88,7 +87,7 @@ def status_report(out_dir: Path) -> dict[str, Any]:
         "items": sum(
             c["ok"] + c["failed"] + c["generated"] + c["submitted"] for c in by_source.values()
         ),
-        **_stage_counts(_staged_per_key(manifest).values()),
+        **_stage_counts(_staged_all(manifests).values()),
     }
     if job is not None:
         _add_pending(report, job)
@@ -101,14 +100,23 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     return report
 
 
-def _latest_per_key(manifest: Path) -> Iterator[_Tally]:
-    """The last line of each key, reduced to what status needs."""
-    state = load_cached_state(manifest)
+def _latest_per_key(out_dir: Path) -> Iterator[_Tally]:
+    """The last line of each key (over every manifest of OUT), reduced to what status
+    needs."""
+    state = load_all_states(out_dir)
     for source, paths, _stats in state.finished.values():
         yield "ok", source, len(paths), None, None
     for entry in state.open.values():
         batch = entry.batch.batch_id if entry.batch is not None else None
         yield entry.status, entry.source, 0, entry.error_kind, batch
+
+
+def _staged_all(manifests: Iterable[Path]) -> dict[str, _Staged]:
+    """`_staged_per_key` over every manifest, the later file's line winning."""
+    found: dict[str, _Staged] = {}
+    for manifest in manifests:
+        found.update(_staged_per_key(manifest))
+    return found
 
 
 def _staged_per_key(manifest: Path) -> dict[str, _Staged]:
@@ -213,7 +221,7 @@ def _balance(out_dir: Path, job: JobRecord | None) -> dict[str, dict[str, int]]:
     source = next((name for name in names if name in recorded), None)
     if source is None:
         return {}
-    records = read_records(out_dir / MANIFEST_NAME).values()
+    records = read_all_records(out_dir).values()
     progress = class_progress(source, recorded[source], records)
     return {name: figures.to_json() for name, figures in progress.items()}
 
