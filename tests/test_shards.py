@@ -92,7 +92,7 @@ async def _run(path: Path, shard: Shard | None = None) -> int:
 
 
 async def test_shards_then_merge_equal_one_run_and_resharding_sends_nothing(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with ThreadedMock(MockConfig(api_key=KEY)) as mock:
         sharded = grid_spec(tmp_path / "a", mock.base_url, 40)
@@ -103,6 +103,11 @@ async def test_shards_then_merge_equal_one_run_and_resharding_sends_nothing(
             f"manifest.shard-{i}-of-3.jsonl" for i in range(3)
         ]
         assert mock.server.stats.generations == 40
+        assert cli("status", str(out), "--json") == 0
+        status = json.loads(capsys.readouterr().out)
+        assert (status["ok"], status["items"]) == (40, 40)  # every shard's manifest read
+        assert sorted(status["shards"]) == ["0/3", "1/3", "2/3"]
+        assert sum(run["ok"] for run in status["shards"].values()) == 40
         assert cli("merge", str(out)) == 0
         assert [p.name for p in out.glob("manifest*.jsonl")] == ["manifest.jsonl"]
         merged = read_latest(out / "manifest.jsonl")

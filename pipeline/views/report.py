@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import mmap
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -54,7 +55,8 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     ``images``; with ``job.json`` also ``name``, ``pending`` (total and per source: the
     job's items minus ok); with ``summary.json`` the last run's summary under ``last_run``;
     for a roboflow_balance job, ``balance`` ({class: {count, target, planned, stored,
-    usable}}: images).
+    usable}}: images); with shards' summaries, ``shards`` ({"I/N": {exit_code, ok, failed,
+    finished_at}}).
     """
     manifests = manifest_files(out_dir)
     if not manifests:
@@ -97,7 +99,29 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     summary = read_json(out_dir / SUMMARY_NAME)
     if summary is not None:
         report["last_run"] = summary
+    shards = _shard_runs(out_dir)
+    if shards:
+        report["shards"] = shards
     return report
+
+
+_SHARD_SUMMARY = re.compile(r"summary\.shard-(\d+)-of-(\d+)\.json")
+
+
+def _shard_runs(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """How the last run of each shard (``run --shard I/N``) ended, by ``I/N``."""
+    found = []
+    for path in out_dir.glob("summary.shard-*-of-*.json"):
+        match = _SHARD_SUMMARY.fullmatch(path.name)
+        data = read_json(path) if match else None
+        if match and data is not None:
+            found.append(((int(match[2]), int(match[1])), data))
+    return {
+        f"{index}/{count}": {
+            key: data.get(key) for key in ("exit_code", "ok", "failed", "finished_at")
+        }
+        for (count, index), data in sorted(found, key=lambda pair: pair[0])
+    }
 
 
 def _latest_per_key(out_dir: Path) -> Iterator[_Tally]:
@@ -294,6 +318,16 @@ def format_status(report: Mapping[str, Any]) -> str:
     last_run = report.get("last_run")
     if isinstance(last_run, Mapping):
         lines.append(f"last run: {_format_last_run(last_run)}")
+    shards: Mapping[str, Mapping[str, Any]] = report.get("shards") or {}
+    if shards:
+        lines.append(
+            "shards' last runs: "
+            + ", ".join(
+                f"{name} exit {run.get('exit_code')} ({run.get('ok')} ok, "
+                f"{run.get('failed')} failed)"
+                for name, run in shards.items()
+            )
+        )
     return "\n".join(lines)
 
 
