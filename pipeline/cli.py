@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what a run's manifest says: ok / failed / pending")
     status.add_argument("out", type=Path, metavar="OUT_DIR")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--shard", metavar="I/N", help="count only shard I of N's items")
     _add_log_level(status)
 
     grid = sub.add_parser("grid", help="(re)draw contact sheets and index.html from a manifest")
@@ -432,7 +433,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from .views.report import format_status, status_report
 
     with gc_paused():  # the CLI owns its process (the library leaves the GC alone)
-        report = status_report(args.out)
+        report = status_report(args.out, None if args.shard is None else parse_shard(args.shard))
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return EXIT_OK
 

@@ -108,6 +108,9 @@ async def test_shards_then_merge_equal_one_run_and_resharding_sends_nothing(
         assert (status["ok"], status["items"]) == (40, 40)  # every shard's manifest read
         assert sorted(status["shards"]) == ["0/3", "1/3", "2/3"]
         assert sum(run["ok"] for run in status["shards"].values()) == 40
+        one = [json.loads(_status_json(out, f"{i}/3", capsys))["ok"] for i in range(3)]
+        assert sum(one) == 40
+        assert one == [run["ok"] for run in status["shards"].values()]
         assert cli("merge", str(out)) == 0
         assert [p.name for p in out.glob("manifest*.jsonl")] == ["manifest.jsonl"]
         merged = read_latest(out / "manifest.jsonl")
@@ -235,3 +238,8 @@ def test_folding_prefers_an_ok_line_then_the_later_file() -> None:
         b: "ok",
         c: "generated",
     }
+
+
+def _status_json(out: Path, shard: str, capsys: pytest.CaptureFixture[str]) -> str:
+    assert cli("status", str(out), "--json", "--shard", shard) == 0
+    return capsys.readouterr().out

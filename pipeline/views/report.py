@@ -17,7 +17,7 @@ import logging
 import mmap
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -26,6 +26,7 @@ from ..errors import UsageError
 from ..job_record import JobRecord
 from ..manifest.folded import load_all_states, read_all_records
 from ..records import ItemStatus
+from ..shard import Shard
 from ..store.layout import SUMMARY_NAME, manifest_files, read_job, read_json
 
 __all__ = ["format_status", "status_report"]
@@ -43,7 +44,7 @@ _STAGE_MARKS = (b'"phash"', b'"flags"', b'"labels"', b'"upload"')
 log = logging.getLogger(__name__)
 
 
-def status_report(out_dir: Path) -> dict[str, Any]:
+def status_report(out_dir: Path, shard: Shard | None = None) -> dict[str, Any]:
     """The ``status --json`` object for `out_dir`.
 
     Contract fields: ``ok``, ``failed``, ``images``, ``by_source`` ({name: {ok, failed}}),
@@ -56,7 +57,8 @@ def status_report(out_dir: Path) -> dict[str, Any]:
     job's items minus ok); with ``summary.json`` the last run's summary under ``last_run``;
     for a roboflow_balance job, ``balance`` ({class: {count, target, planned, stored,
     usable}}: images); with shards' summaries, ``shards`` ({"I/N": {exit_code, ok, failed,
-    finished_at}}).
+    finished_at}}). With `shard` (``status --shard I/N``), only that shard's keys are
+    counted, and the job-wide ``pending`` and ``balance`` are left out.
     """
     manifests = manifest_files(out_dir)
     if not manifests:
@@ -67,7 +69,8 @@ def status_report(out_dir: Path) -> dict[str, Any]:
         by_source[name] = _empty_counts()
     errors: Counter[str] = Counter()
     batches: Counter[str] = Counter()
-    for status, source, images, kind, batch in _latest_per_key(out_dir):
+    owns = (lambda _key: True) if shard is None else shard.owns
+    for status, source, images, kind, batch in _latest_per_key(out_dir, owns):
         counts = by_source.get(source)
         if counts is None:
             counts = by_source[source] = _empty_counts()
@@ -89,11 +92,15 @@ def status_report(out_dir: Path) -> dict[str, Any]:
         "items": sum(
             c["ok"] + c["failed"] + c["generated"] + c["submitted"] for c in by_source.values()
         ),
-        **_stage_counts(_staged_all(manifests).values()),
+        **_stage_counts(v for k, v in _staged_all(manifests).items() if owns(k)),
     }
-    if job is not None:
+    if shard is not None:
+        report["shard"] = str(shard)
+        if job is not None and job.name is not None:
+            report["name"] = job.name
+    elif job is not None:
         _add_pending(report, job)
-    balance = _balance(out_dir, job)
+    balance = _balance(out_dir, job) if shard is None else {}
     if balance:
         report["balance"] = balance
     summary = read_json(out_dir / SUMMARY_NAME)
@@ -124,15 +131,17 @@ def _shard_runs(out_dir: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _latest_per_key(out_dir: Path) -> Iterator[_Tally]:
-    """The last line of each key (over every manifest of OUT), reduced to what status
-    needs."""
+def _latest_per_key(out_dir: Path, owns: Callable[[str], bool]) -> Iterator[_Tally]:
+    """The last line of each key `owns` accepts (over every manifest of OUT), reduced to
+    what status needs."""
     state = load_all_states(out_dir)
-    for source, paths, _stats in state.finished.values():
-        yield "ok", source, len(paths), None, None
-    for entry in state.open.values():
-        batch = entry.batch.batch_id if entry.batch is not None else None
-        yield entry.status, entry.source, 0, entry.error_kind, batch
+    for key, (source, paths, _stats) in state.finished.items():
+        if owns(key):
+            yield "ok", source, len(paths), None, None
+    for key, entry in state.open.items():
+        if owns(key):
+            batch = entry.batch.batch_id if entry.batch is not None else None
+            yield entry.status, entry.source, 0, entry.error_kind, batch
 
 
 def _staged_all(manifests: Iterable[Path]) -> dict[str, _Staged]:
@@ -295,7 +304,8 @@ def format_status(report: Mapping[str, Any]) -> str:
     rows.append(_row("total", report, has_pending))
     lines = _align(rows)
     if "name" in report:
-        lines.insert(0, f"job: {report['name']}")
+        shard = f" (shard {report['shard']})" if "shard" in report else ""
+        lines.insert(0, f"job: {report['name']}{shard}")
     lines.append("")
     lines.append(f"images: {report['images']}  items seen: {report.get('items', 0)}")
     errors: Mapping[str, int] = report.get("errors") or {}
