@@ -15,15 +15,19 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .errors import CredentialsError
+from .jobspec.fields import SHARD_FIELD
 from .jobspec.model import BackendSettings, BalanceSettings
 from .jobspec.stage_settings import LabelSettings, UploadSettings
+from .shard import Shard
 
 __all__ = [
     "DIRECT",
     "ProxySettings",
     "balance_from_backend",
     "bypasses_proxy",
+    "key_env_name",
     "labels_from_backend",
+    "per_shard_key",
     "read_api_key",
     "read_balance_key",
     "read_label_key",
@@ -88,20 +92,43 @@ DIRECT = ProxySettings()
 """No proxy at all: what the embedded mock uses, whatever the environment says."""
 
 
-def read_api_key(backend: BackendSettings, environ: Mapping[str, str] = os.environ) -> str:
+def read_api_key(
+    backend: BackendSettings, environ: Mapping[str, str] = os.environ, *, shard: Shard | None = None
+) -> str:
     """The API key for `backend`, read from its variable; "" for a kind that needs none.
 
-    Raises `CredentialsError` when the variable is unset or blank.
+    A variable named with ``{shard}`` is the shard's own (``--shard 2/4`` reads
+    ``OPENAI_API_KEY_2`` for ``OPENAI_API_KEY_{shard}``). Raises `CredentialsError` when
+    the variable is unset or blank, or names a shard's key and no shard was given.
     """
     if not backend.registered.needs_key:
         return ""
     return _read_key(
-        backend.api_key_env,
+        key_env_name(backend, shard),
         f"the {backend.kind} backend reads its API key from it",
         "backend.api_key_env to another variable, or use backend.kind: mock to rehearse "
         "without a key",
         environ,
     )
+
+
+def key_env_name(backend: BackendSettings, shard: Shard | None) -> str:
+    """The variable `backend`'s key is read from, for `shard` (see `read_api_key`)."""
+    name = backend.api_key_env
+    if not per_shard_key(backend):
+        return name
+    if shard is None:
+        raise CredentialsError(
+            f"backend.api_key_env is {name}: one key per shard. Fix: run with --shard I/N "
+            f"(shard I reads {name.replace(SHARD_FIELD, 'I')}), or name one variable"
+        )
+    return name.replace(SHARD_FIELD, str(shard.index))
+
+
+def per_shard_key(backend: BackendSettings) -> bool:
+    """Whether each shard reads its own key (``{shard}`` in ``backend.api_key_env``): then
+    each shard paces its own quota, shared with no sibling."""
+    return SHARD_FIELD in backend.api_key_env
 
 
 def _read_key(name: str, who: str, instead: str, environ: Mapping[str, str]) -> str:

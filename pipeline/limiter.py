@@ -25,6 +25,10 @@ Feedback from the API adjusts the pace (`pipeline.pace`: AIMD in time, as TCP's 
 * `observe(hint)`: ``x-ratelimit-*`` headers pace the remaining requests over the time left
   until the reset, so the pace slows before a 429 happens.
 * `LearnedPace` (from the previous run's summary) starts a run where the last one ended.
+* A `PaceTeam` (`pipeline.shared_pace`): the shards of one job on one key keep one pace and
+  one schedule. The schedule's share of the rate is the team's, each start waits for this
+  shard's turn on the shared slot grid and for any sibling's 429 pause; this pace learns
+  (grows only when the team says it leads) and its cuts and pauses go to the team.
 
 Waiters start in arrival order (FIFO), so a request for many images is never starved by
 small ones. Only the head of the queue watches the clock: it sleeps exactly until its
@@ -44,6 +48,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from .pace import Pace
 from .records import RateLimitHint
@@ -55,6 +60,7 @@ __all__ = [
     "LearnedPace",
     "Limiter",
     "LimiterStats",
+    "PaceTeam",
     "Ticket",
     "learned_pace",
 ]
@@ -106,6 +112,49 @@ class Ticket:
     started_at: float
 
 
+class PaceTeam(Protocol):
+    """The shards of one job on one key: one pace, one schedule (`pipeline.shared_pace`).
+
+    Times are on the limiter's clock; `join` hands the team this limiter's learner, clock
+    and a way to wake the queue head when the team's state changes.
+    """
+
+    def join(
+        self,
+        pace: Pace,
+        clock: Callable[[], float],
+        wake: Callable[[], None],
+        rate: float | None,
+    ) -> None:
+        """Bind the limiter's pace (the learner), clock, wake-up and request rate."""
+
+    @property
+    def members(self) -> int:
+        """Shards sharing the schedule now."""
+
+    @property
+    def leads(self) -> bool:
+        """Whether this limiter's pace is the one that grows."""
+
+    def factor(self, now: float) -> float:
+        """The job's share of the configured rate at `now`."""
+
+    def pause_until(self) -> float:
+        """The latest 429 pause of any shard."""
+
+    def align(self, due: float, rate: float) -> float:
+        """This shard's first start at or after `due` on the shared grid of `rate`."""
+
+    def cut(self, now: float) -> None:
+        """The pace cut (a new congestion event)."""
+
+    def paused(self, until: float) -> None:
+        """This limiter paused until `until`."""
+
+    def grew(self, now: float) -> None:
+        """The pace may have grown."""
+
+
 class _Waiter:
     """One `slot()` call waiting in the queue; `wake` is set to make it look again."""
 
@@ -135,6 +184,7 @@ class Limiter:
         max_default_pause_s: float = MAX_DEFAULT_PAUSE_S,
         min_rate_fraction: float = DEFAULT_MIN_RATE_FRACTION,
         learned: LearnedPace | None = None,
+        team: PaceTeam | None = None,
     ) -> None:
         _check_rate("rate", rate)
         _check_rate("image_rate", image_rate)
@@ -157,6 +207,9 @@ class Limiter:
             floor=min_rate_fraction, now=self._now(), factor=factor, threshold=threshold
         )
         self._learned = learned is not None and factor < 1.0
+        self._team = team if self._adaptive else None
+        if self._team is not None:
+            self._team.join(self._pace, self._now, self._wake_head, rate)
         self._silent_429s = 0  # congestion events without Retry-After since the last success
         self._last_start: float | None = None
         self._last_n = 0
@@ -207,10 +260,14 @@ class Limiter:
         if new_event:
             if self._adaptive:
                 self._pace.cut(now)
+                if self._team is not None:
+                    self._team.cut(now)
             if retry_after is None:
                 self._silent_429s += 1
         self._pause_until = max(self._pause_until, now + self._pause_s(retry_after))
         self._pace.hold(self._pause_until)
+        if self._team is not None:
+            self._team.paused(self._pause_until)
         self._pauses += 1
 
     def record_success(self) -> None:
@@ -243,8 +300,8 @@ class Limiter:
 
     def stats(self) -> LimiterStats:
         """A frozen snapshot of counters, the current effective rates and what was learned."""
-        factor, threshold = self._pace.factor, self._pace.threshold
-        learned = self._learned or self._pace.cuts > 0
+        factor, threshold = self._factor(self._now()), self._pace.threshold
+        learned = self._learned or self._pace.cuts > 0 or factor < 1.0
         return LimiterStats(
             starts=self._starts,
             pauses=self._pauses,
@@ -259,6 +316,10 @@ class Limiter:
             rate_429_per_s=_scaled(self._rate, threshold),
             image_rate_429_per_s=_scaled(self._image_rate, threshold),
         )
+
+    def _factor(self, now: float) -> float:
+        """The schedule's share of the configured rates: the team's, else this pace's."""
+        return self._pace.factor if self._team is None else self._team.factor(now)
 
     def _pause_s(self, retry_after: float | None) -> float:
         """How long this 429 stops starts: its Retry-After, else the (doubling) default."""
@@ -341,18 +402,25 @@ class Limiter:
         due = self._pause_until
         if self._last_start is not None:
             due = max(due, self._last_start + self._interval(self._now()))
+        team = self._team
+        if team is not None:
+            due = max(due, team.pause_until())
+            if self._rate is not None:
+                due = team.align(due, self._rate)
         return due
 
     def _interval(self, now: float) -> float:
         """Seconds the last start keeps the next one waiting, under every schedule."""
         interval = 0.0
-        factor = self._pace.factor
+        factor = self._factor(now)
+        # The team's rates are the job's: this shard's images and hints are its share.
+        members = 1 if self._team is None else self._team.members
         if self._rate is not None:
             interval = 1.0 / (self._rate * factor)
         if self._image_rate is not None:
-            interval = max(interval, self._last_n / (self._image_rate * factor))
+            interval = max(interval, members * self._last_n / (self._image_rate * factor))
         if now < self._hint_until:
-            interval = max(interval, self._hint_interval)
+            interval = max(interval, members * self._hint_interval)
         return interval
 
     def _start(self, n: int, due: float) -> None:
@@ -372,8 +440,13 @@ class Limiter:
         late = now - due
         interval = self._interval(now)
         paced = self._last_start is not None and late < interval
-        self._pace.grow(now, paced=paced and self._adaptive)
-        make_up = 0.0 <= late < interval and self._pace.factor >= 1.0
+        team = self._team
+        if team is None:
+            self._pace.grow(now, paced=paced and self._adaptive)
+        elif team.leads:
+            self._pace.grow(now, paced=paced)
+            team.grew(now)
+        make_up = 0.0 <= late < interval and self._factor(now) >= 1.0
         self._last_start = due if make_up else max(now, due)
         self._last_n = n
         self._starts += 1

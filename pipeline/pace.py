@@ -97,6 +97,16 @@ class Pace:
         self._grown_at = max(self._grown_at, now)
         self._cuts += 1
 
+    def adopt(self, factor: float, threshold: float | None, last_cut: float) -> None:
+        """Take a pace learned elsewhere (a sibling shard on the same key) as this one's.
+
+        A cut that came at `last_cut` or later is a new congestion event; growth starts
+        from `factor` now, as if this pace had cut there itself.
+        """
+        self._factor = min(1.0, max(self._floor, factor))
+        self._threshold = threshold
+        self._last_cut = max(self._last_cut, last_cut)
+
     def hold(self, until: float) -> None:
         """No growth before `until` (a pause: time without starts is not time without 429s)."""
         self._grown_at = max(self._grown_at, until)

@@ -81,6 +81,17 @@ def test_overask_benchmark_runs(tmp_path: Path) -> None:
     assert first["learned_rate_per_s"] is not None  # asked 4x the limit: it learned one
 
 
+def test_shards_benchmark_runs(tmp_path: Path) -> None:
+    """`shards.py --quick` runs three shards at once on one OUT against a strict mock;
+    each shard made images and stopped cleanly."""
+    data = run_benchmark(tmp_path, "shards.py", "--quick")
+    (row,) = data["shards_quick"]["runs"]
+    assert row["shards"] == 3
+    assert row["requests"] > 0
+    assert row["exit_codes"] == [130, 130, 130]  # each stopped by SIGINT after its time
+    assert row["least_shard"] > 0  # every shard made some
+
+
 def test_batch_benchmark_runs(tmp_path: Path) -> None:
     """`batch.py` collects a Batch API job and runs the same job online, each image once."""
     data = run_benchmark(tmp_path, "batch.py", "--tiny")

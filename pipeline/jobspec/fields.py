@@ -30,10 +30,12 @@ __all__ = [
     "MAX_ATTEMPTS",
     "MAX_CONCURRENCY",
     "MAX_N",
+    "SHARD_FIELD",
     "EnvName",
     "Extension",
     "ImageSize",
     "InputKindName",
+    "KeyEnvName",
     "Name",
     "NonBlank",
     "Rate",
@@ -166,6 +168,21 @@ def _check_env_name(value: str) -> str:
 ImageSize = Annotated[str, AfterValidator(_check_size)]
 EnvName = Annotated[str, AfterValidator(_check_env_name)]
 """The name of an environment variable (where a key is read from; never the key)."""
+SHARD_FIELD = "{shard}"
+
+
+def _check_key_env_name(value: str) -> str:
+    if not ENV_NAME.fullmatch(value.replace(SHARD_FIELD, "0")) or value.startswith(SHARD_FIELD):
+        raise ValueError(
+            f"{show_value(value)} is not an environment variable name (it may contain "
+            f"{SHARD_FIELD}, not at its start, for one key per shard: OPENAI_API_KEY_{SHARD_FIELD})"
+        )
+    return value
+
+
+KeyEnvName = Annotated[str, AfterValidator(_check_key_env_name)]
+"""An environment variable's name that may contain ``{shard}``: each ``--shard I/N`` run
+reads its own key (I in place of ``{shard}``)."""
 Url = Annotated[str, AfterValidator(_check_url)]
 NonBlank = Annotated[str, AfterValidator(_check_nonblank)]
 VarValues = Annotated[

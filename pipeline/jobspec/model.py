@@ -43,6 +43,7 @@ from .fields import (
     Extension,
     ImageSize,
     InputKindName,
+    KeyEnvName,
     Name,
     NonBlank,
     Rate,
@@ -81,9 +82,10 @@ class BackendSettings(_Model):
     base_url: str = Field(
         default=DEFAULT_BASE_URL, description="API root URL (default: the kind's own)"
     )
-    api_key_env: EnvName = Field(
+    api_key_env: KeyEnvName = Field(
         default=DEFAULT_API_KEY_ENV,
-        description="env var holding the API key (default: the kind's own)",
+        description="env var holding the API key (default: the kind's own); with {shard} "
+        "in it (OPENAI_API_KEY_{shard}), each --shard I/N run reads its own key",
     )
     timeout_s: float = Field(default=180.0, gt=0, description="seconds to wait for one answer")
     allow_insecure_http: bool = Field(

@@ -9,6 +9,7 @@ the stages after storage under the run's stop (signals, `RunControl`), then
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -17,14 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.base import Backend
+from ..credentials import per_shard_key
 from ..jobspec.model import Spec
 from ..limiter import Limiter
 from ..manifest.writer import ManifestWriter
 from ..pricing import cost_from_usage, is_free, spec_price
 from ..records import WorkItem
 from ..shard import Shard
+from ..shared_pace import PaceBoard, SharedPace
 from ..sources import HashCache
-from ..store.layout import INPUT_HASHES_NAME, summary_name
+from ..store.layout import INPUT_HASHES_NAME, PACE_DIR, summary_name
 from .batch import attach_batches, batch_control_of
 from .control import RunControl, signal_handlers
 from .engine import Engine
@@ -93,6 +96,7 @@ async def _execute(
     spec, backend, state, cache = prepared.spec, prepared.backend, prepared.state, prepared.cache
     batch = spec.backend.mode == "batch"
     run = spec.run
+    team = _shared_pace(spec, prepared.shard)
     limiter = Limiter(
         rate=None if batch else run.rate_limit,  # the Batch API paces itself
         image_rate=None if batch else run.image_rate_limit,
@@ -101,6 +105,7 @@ async def _execute(
         default_pause_s=run.backoff_base_s,
         max_default_pause_s=run.backoff_max_s,
         learned=await asyncio.to_thread(read_learned_pace, spec, prepared.shard),
+        team=team,
     )
     started_at, t0 = utc_now(), time.monotonic()
     with ManifestWriter(prepared.manifest, fsync_interval_s=run.fsync_interval_s) as writer:
@@ -134,6 +139,7 @@ async def _execute(
             async with (
                 signal_handlers(stop, enabled=install_signals),
                 control.attached(stop),
+                _team_running(team),
                 chain.running(),
             ):
                 await engine.run()
@@ -156,6 +162,21 @@ async def _execute(
         summary=summary,
         message=stop_message(engine),
     )
+
+
+def _shared_pace(spec: Spec, shard: Shard | None) -> SharedPace | None:
+    """The pace this shard shares with its siblings on one key; None when it paces alone
+    (no shard, one shard, one key per shard, or the Batch API's own pace)."""
+    if shard is None or shard.count == 1 or spec.backend.mode == "batch":
+        return None
+    if per_shard_key(spec.backend) or spec.run.rate_limit is None:
+        return None
+    board = PaceBoard(spec.output_dir / PACE_DIR, shard)
+    return SharedPace(board, shard)
+
+
+def _team_running(team: SharedPace | None) -> contextlib.AbstractAsyncContextManager[None]:
+    return contextlib.nullcontext() if team is None else team.running()
 
 
 async def _stage_chain(

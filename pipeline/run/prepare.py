@@ -134,7 +134,7 @@ async def prepare(
     if counts is not None:  # else counted once the searches have found their ids
         items_mod.check_max_items(spec, counts)
     kind = spec.backend.registered
-    api_key = read_api_key(spec.backend)
+    api_key = read_api_key(spec.backend, shard=shard)
     stage_keys = read_stage_keys(spec)  # fails before anything is sent
     watch = BatchWatch()
     options = batch_options(spec, wait, watch) if spec.backend.mode == "batch" else None

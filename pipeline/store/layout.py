@@ -9,6 +9,7 @@ way synthaug replaces a file there.
     OUT/grids/<source>.png, OUT/index.html, OUT/thumbs/   the views (`pipeline.views`)
     OUT/.manifest.jsonl.state, OUT/.inputs.json           disposable caches
     OUT/.synthaug.lock                     held while a run writes
+    OUT/.synthaug.pace/                    the pace shards on one key share (`pipeline.shared_pace`)
 
 Every name above is defined here and nowhere else.
 
@@ -44,6 +45,7 @@ __all__ = [
     "JOB_NAME",
     "LOCK_NAME",
     "MANIFEST_NAME",
+    "PACE_DIR",
     "SEARCH_NAME",
     "SHARD_LOCK",
     "SHARD_MANIFEST",
@@ -80,6 +82,7 @@ INDEX_NAME = "index.html"
 THUMBS_DIR = "thumbs"
 TMP_SUFFIX = ".tmp"
 LOCK_NAME = ".synthaug.lock"
+PACE_DIR = ".synthaug.pace"
 SHARD_MANIFEST = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.jsonl")
 SHARD_LOCK = re.compile(r"\.synthaug\.shard-(\d+)-of-(\d+)\.lock")
 INPUT_HASHES_NAME = ".inputs.json"  # the inputs' hashes by path, size and mtime
