@@ -195,6 +195,7 @@ class SharedPace:
         self._last_write = -math.inf
         self._dirty = asyncio.Event()
         self._rate: float | None = None  # the spec's request rate (the limiter's)
+        self._write_failed = False
 
     # --- what the limiter asks (loop clock) ------------------------------------------
 
@@ -316,8 +317,10 @@ class SharedPace:
             self._last_write = wall
             try:
                 await asyncio.to_thread(self._board.write, self.note(wall))
-            except OSError as exc:
-                log.warning("could not write the shared pace to %s: %s", self._board.path(0), exc)
+            except OSError as exc:  # said once: the siblings pace without this shard's news
+                if not self._write_failed:
+                    log.warning("could not write the shared pace in OUT: %s", exc)
+                self._write_failed = True
 
     def merge(self, notes: list[PaceNote]) -> None:
         """Take what the siblings' `notes` say: members, the newest state, their pauses."""
