@@ -281,6 +281,11 @@ def save_results(section: str, payload: dict[str, Any]) -> None:
     target.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def percent(value: float | None) -> str:
+    """A share as a table cell: ``12.3%``, or ``-`` when not measured."""
+    return "-" if value is None else f"{value:.1%}"
+
+
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A Markdown table (pastes straight into the README)."""
     print(f"\n{title}\n")

@@ -39,6 +39,7 @@ from _common import (
     StatsPoller,
     get_json,
     mock_server,
+    percent,
     print_table,
     run_child,
     save_results,
@@ -147,7 +148,7 @@ def bench_fixed(form: str, args: argparse.Namespace) -> dict[str, Any]:
         Sampler(base) as sampler,
     ):
         asyncio.run(fixed_rate_client(base, args.ask, args.concurrency, args.duration))
-    return _figures("fixed rate, honours Retry-After", form, sampler, args)
+    return figures("fixed rate, honours Retry-After", form, sampler, args)
 
 
 def bench_synthaug(form: str, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
@@ -176,7 +177,7 @@ def bench_synthaug(form: str, args: argparse.Namespace, folder: Path) -> list[di
                     interrupt_after=args.duration,
                 )
             summary = json.loads((spec.parent / "out" / "summary.json").read_text())
-            row = _figures(label, form, sampler, args, offset=before)
+            row = figures(label, form, sampler, args, offset=before)
             limiter = summary["limiter"]
             row.update(
                 exit_code=child.returncode,
@@ -193,7 +194,7 @@ def bench_synthaug(form: str, args: argparse.Namespace, folder: Path) -> list[di
     return rows
 
 
-def _figures(
+def figures(
     label: str,
     form: str,
     sampler: Sampler,
@@ -269,20 +270,16 @@ def _show(rows: list[dict[str, Any]]) -> None:
         [
             r["retry_after"],
             r["client"],
-            _pct(r["of_limit"]),
-            _pct(r["of_limit_steady"]),
-            _pct(r["share_429"]),
-            _pct(r["share_429_steady"]),
+            percent(r["of_limit"]),
+            percent(r["of_limit_steady"]),
+            percent(r["share_429"]),
+            percent(r["share_429_steady"]),
             r.get("learned_rate_per_s", "-"),
             r["requests"],
         ]
         for r in rows
     ]
     print_table("over-asking", header, table)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _common import get_json, mock_server, print_table, run_child, save_results, write_spec
-from overask import FORMS, ITEMS, Sampler
+from _common import get_json, mock_server, percent, print_table, run_child, save_results, write_spec
+from overask import FORMS, ITEMS, Sampler, figures
 
 
 def bench(n: int, form: str, alone: bool, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -73,21 +73,12 @@ def bench(n: int, form: str, alone: bool, args: argparse.Namespace, folder: Path
         if child.returncode not in (0, 130):
             print(child.stderr[-2000:], file=sys.stderr)
     made = [_made(spec.parent / "out", i, n) for i in range(n)]
-    whole, steady = sampler.window(0.0), sampler.window(args.steady_from)
-    last = sampler.samples[-1][1]
-    requests = last["requests"] - before["requests"]
-    limited = last["rate_limited"] - before["rate_limited"]
     even = sum(made) / n if sum(made) else 1
+    pacing = "alone (a key each)" if alone else "shared (OUT/.synthaug.pace)"
     return {
         "shards": n,
-        "pacing": "alone (a key each)" if alone else "shared (OUT/.synthaug.pace)",
-        "retry_after": form,
-        "requests": requests,
-        "ok": last["generations"] - before["generations"],
-        "share_429": round(limited / max(requests, 1), 4),
-        "of_limit": round(whole["ok_per_s"] / args.server_rate, 4) if whole else None,
-        "of_limit_steady": round(steady["ok_per_s"] / args.server_rate, 4) if steady else None,
-        "share_429_steady": round(steady["share_429"], 4) if steady else None,
+        "pacing": pacing,
+        **figures(pacing, form, sampler, args, offset=before),
         "least_shard": round(min(made) / even, 3),
         "most_shard": round(max(made) / even, 3),
         "exit_codes": [c.returncode for c in children],
@@ -148,20 +139,16 @@ def _show(rows: list[dict[str, Any]]) -> None:
             r["shards"],
             r["pacing"],
             r["retry_after"],
-            _pct(r["of_limit"]),
-            _pct(r["of_limit_steady"]),
-            _pct(r["share_429"]),
-            _pct(r["share_429_steady"]),
+            percent(r["of_limit"]),
+            percent(r["of_limit_steady"]),
+            percent(r["share_429"]),
+            percent(r["share_429_steady"]),
             f"{r['least_shard']:.2f} / {r['most_shard']:.2f}",
             r["requests"],
         ]
         for r in rows
     ]
     print_table("shards on one key", header, table)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
 
 
 if __name__ == "__main__":
