@@ -258,3 +258,40 @@ def distinct_png(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
+
+
+@contextlib.contextmanager
+def moto_s3_server() -> Iterator[str]:
+    """moto's S3 API served on 127.0.0.1 (a free port) from a thread; yields its URL.
+
+    Served one request at a time (werkzeug without threads): moto checks a write's
+    conditions (If-None-Match, If-Match) and then writes, which real S3 does atomically,
+    so two racing conditional writes must not interleave inside moto. Each answer closes
+    its connection (HTTP/1.0), so a client's pooled connection never blocks another.
+    """
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    app = DomainDispatcherApplication(create_backend_app)
+    server = make_server("127.0.0.1", 0, app, threaded=False, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, name="moto-s3", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)
+
+
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+"""The standard variables a client needs against `moto_s3_server` (with its
+``AWS_ENDPOINT_URL``)."""
