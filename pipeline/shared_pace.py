@@ -41,7 +41,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .pace import Pace
 from .shard import Shard
@@ -51,6 +51,7 @@ __all__ = [
     "LIVE_S",
     "POLL_S",
     "SWITCH_S",
+    "Board",
     "PaceBoard",
     "PaceNote",
     "SharedPace",
@@ -135,6 +136,19 @@ class PaceNote:
         return (self.factor, self.threshold, self.epoch, self.cut_at, self.writer)
 
 
+class Board(Protocol):
+    """Where the shards' notes are: a folder (`PaceBoard`), or a bucket (an OUT on object
+    storage, `pipeline.run.mirror`)."""
+
+    def read(self) -> list[PaceNote]:
+        """Every readable note of this N."""
+        ...
+
+    def write(self, note: PaceNote) -> None:
+        """Replace this shard's note."""
+        ...
+
+
 class PaceBoard:
     """The notes of the shards of one N, one file each, in `folder` (`OUT/.synthaug.pace`)."""
 
@@ -175,12 +189,16 @@ class SharedPace:
 
     def __init__(
         self,
-        board: PaceBoard,
+        board: Board,
         shard: Shard,
         *,
         wall: Callable[[], float] = time.time,
+        poll_s: float = POLL_S,
     ) -> None:
         self._board = board
+        self._poll_s = poll_s
+        # every sibling reads a new state before it takes effect (a bucket polls slower)
+        self._switch_s = max(SWITCH_S, 1.5 * poll_s + 0.2)
         self._shard = shard
         self._wall = wall
         self._pace: Pace | None = None
@@ -297,8 +315,8 @@ class SharedPace:
         `stop`; then leave the board, the state kept for the next run."""
         try:
             while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._dirty.wait(), POLL_S)
+                with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError before 3.11
+                    await asyncio.wait_for(self._dirty.wait(), self._poll_s)
                 await self.poll()
         finally:
             await asyncio.to_thread(self._leave)
@@ -366,7 +384,7 @@ class SharedPace:
         me = self._shard.index
         old = self._state_at(wall)
         self._previous = old
-        epoch = self._turn_boundary(old, wall + SWITCH_S)
+        epoch = self._turn_boundary(old, wall + self._switch_s)
         self._state = PaceNote(me, factor, threshold, epoch, cut_at, me)
         self._last_publish = wall
         self._dirty.set()
