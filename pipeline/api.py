@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any
 
 from . import balance
 from .errors import UsageError
+from .jobspec.fields import is_object_url
 from .jobspec.load import load_spec as _load_spec_file
 from .jobspec.load import spec_from_data
 from .jobspec.model import Spec
@@ -42,6 +44,7 @@ from .manifest.log import ManifestState
 from .plan import Plan, build_plan
 from .run.control import RunControl
 from .run.job import run_job
+from .run.mirror import merge_remote, pulled_copy
 from .run.prepare import check_key_scheme, check_overlap
 from .run.stats import RunStats
 from .search import apply_recorded, resolve_standalone
@@ -99,6 +102,8 @@ def plan(
     would add to a roboflow_balance source, without recording it; `shard` counts only
     that shard's items (``plan --shard I/N``).
     """
+    if spec.output_url is not None:
+        return _plan_object_out(spec, resolve=resolve, top_up=top_up, shard=shard)
     if not resolve:
         return _plan_from(spec, _read_state(spec), top_up, shard)
     _refuse_running_loop("synthaug.plan(resolve=True)", "synthaug.plan_async()")
@@ -110,11 +115,33 @@ async def plan_async(
 ) -> Plan:
     """`plan` in the running event loop: the manifest is read and the plan built in a
     worker thread (a big job's take seconds), the search (`resolve`) awaited."""
+    if spec.output_url is not None:
+        return await asyncio.to_thread(
+            _plan_object_out, spec, resolve=resolve, top_up=top_up, shard=shard
+        )
     state = await asyncio.to_thread(_read_state, spec)
     if resolve:
         spec = await resolve_standalone(spec)
         spec = await balance.resolve_standalone(spec)
     return await asyncio.to_thread(_plan_from, spec, state, top_up, shard)
+
+
+def _plan_object_out(spec: Spec, *, resolve: bool, top_up: bool, shard: Shard | None) -> Plan:
+    """`plan` of a spec whose OUT is on object storage: against a copy of the bucket's
+    manifests and recorded files (a run on this machine keeps its staging folder)."""
+    if resolve:
+        raise UsageError(
+            "plan --resolve records what it finds in OUT, and this OUT is on object "
+            "storage: `synthaug run` resolves the searches and class counts itself"
+        )
+    url = spec.output_url
+    assert url is not None
+    with (
+        tempfile.TemporaryDirectory(prefix="synthaug-plan-") as tmp,
+        pulled_copy(url, Path(tmp), required=False),
+    ):
+        local = spec.model_copy(update={"output_dir": Path(tmp)})
+        return _plan_from(local, _read_state(local), top_up, shard)
 
 
 def _read_state(spec: Spec) -> ManifestState:
@@ -370,7 +397,10 @@ class Status:
 def merge(out_dir: str | os.PathLike[str]) -> tuple[int, int]:
     """Fold the shards' manifests of `out_dir` into its ``manifest.jsonl``
     (``synthaug merge``); (manifests folded, items). Refused (`OutputError`) while any
-    run holds a lock on it; a kill at any moment loses nothing."""
+    run holds a lock on it; a kill at any moment loses nothing. `out_dir` may be on
+    object storage (``s3://bucket/prefix``): its segments are compacted there."""
+    if isinstance(out_dir, str) and is_object_url(out_dir):
+        return merge_remote(out_dir)
     out = Path(out_dir)
     if not manifest_files(out):
         raise UsageError(f"no manifest in {out}: run `synthaug run SPEC` first")
@@ -379,12 +409,22 @@ def merge(out_dir: str | os.PathLike[str]) -> tuple[int, int]:
         return fold_manifests(out)
 
 
+def remote_status_report(url: str, shard: Shard | None = None) -> dict[str, Any]:
+    """``status`` of an OUT on object storage: its manifests read into a temporary
+    folder (the images stay in the bucket)."""
+    with tempfile.TemporaryDirectory(prefix="synthaug-status-") as tmp, pulled_copy(url, Path(tmp)):
+        return status_report(Path(tmp), shard)
+
+
 def status(out_dir: str | os.PathLike[str]) -> Status:
     """The state of the run in `out_dir`, from its manifest (``synthaug status``).
 
     Reads the manifest with the process's GC left on (unlike the CLI's ``status``,
     which owns its process and pauses it)."""
-    report = status_report(Path(out_dir))
+    if isinstance(out_dir, str) and is_object_url(out_dir):
+        report = remote_status_report(out_dir)
+    else:
+        report = status_report(Path(out_dir))
     by_source = {
         name: SourceStatus(
             ok=int(counts.get("ok", 0)),

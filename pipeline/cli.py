@@ -53,6 +53,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _out_dir(text: str) -> Path | str:
+    """An OUT on the command line: a folder, or object storage (``s3://bucket/prefix``)."""
+    from .jobspec.fields import is_object_url
+
+    return text.strip().rstrip("/") if is_object_url(text) else Path(text)
+
+
+def _local_out_dir(text: str) -> Path:
+    out = _out_dir(text)
+    if isinstance(out, str):
+        raise argparse.ArgumentTypeError(
+            f"{out} is on object storage: this command reads a local OUT; copy the bucket's "
+            "OUT down first (for example `aws s3 sync URL DIR`, then `synthaug merge DIR`)"
+        )
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command line; README's CLI reference is generated from its --help."""
     parser = _Parser(
@@ -85,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rate", metavar="R", help="request starts: N/s, N/min, N/h or per second")
     run.add_argument("--max-attempts", type=int, metavar="N", help="tries per item")
     run.add_argument("--max-images", type=int, metavar="N", help="image budget for this run")
-    run.add_argument("--out", type=Path, metavar="DIR", help="output dir (default from spec)")
+    run.add_argument(
+        "--out", metavar="DIR", help="output dir, or s3://bucket/prefix (default from spec)"
+    )
     run.add_argument(
         "--no-retry-failed",
         action="store_true",
@@ -156,17 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
         "last line per key (an ok one first), then remove the shards' files. Written to a "
         "temporary file and renamed: a kill at any moment loses nothing.",
     )
-    merge.add_argument("out", type=Path, metavar="OUT_DIR")
+    merge.add_argument("out", type=_out_dir, metavar="OUT_DIR")
     _add_log_level(merge)
 
     status = sub.add_parser("status", help="what a run's manifest says: ok / failed / pending")
-    status.add_argument("out", type=Path, metavar="OUT_DIR")
+    status.add_argument("out", type=_out_dir, metavar="OUT_DIR")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--shard", metavar="I/N", help="count only shard I of N's items")
     _add_log_level(status)
 
     grid = sub.add_parser("grid", help="(re)draw contact sheets and index.html from a manifest")
-    grid.add_argument("out", type=Path, metavar="OUT_DIR")
+    grid.add_argument("out", type=_local_out_dir, metavar="OUT_DIR")
     grid.add_argument("--cell", type=int, default=256, metavar="PX", help="cell size in pixels")
     _add_log_level(grid)
 
@@ -180,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR must be new or empty and appears whole at the end. Needs the export extra: "
         "pip install 'synthaug[export]'.",
     )
-    export.add_argument("out", type=Path, metavar="OUT_DIR")
+    export.add_argument("out", type=_local_out_dir, metavar="OUT_DIR")
     export.add_argument(
         "--format", required=True, choices=EXPORT_FORMATS, help="the dataset's format"
     )
@@ -381,13 +400,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(
         f"{spec.name}: {s['ok']} ok, {s['failed']} failed, {s['skipped_ok']} already done, "
         f"{s['requests']} requests, {s['images']} images, {cost} "
-        f"in {s['elapsed_s']:.1f}s -> {spec.output_dir}",
+        f"in {s['elapsed_s']:.1f}s -> {spec.output_url or spec.output_dir}",
         file=sys.stderr,
     )
     if result.message:
         print(f"synthaug: {result.message}", file=sys.stderr)
     if not args.no_grid and result.stop_reason not in ("sigint", "sigterm"):
-        if s["items_seen"] > AUTO_VIEWS_MAX_ITEMS:
+        if spec.output_url is not None:
+            print(
+                "synthaug: contact sheets and index.html are drawn from a local OUT: "
+                f"copy {spec.output_url} down and run `synthaug grid DIR`",
+                file=sys.stderr,
+            )
+        elif s["items_seen"] > AUTO_VIEWS_MAX_ITEMS:
             print(
                 f"synthaug: {s['items_seen']} items: contact sheets and index.html are not drawn "
                 f"automatically above {AUTO_VIEWS_MAX_ITEMS}; run `synthaug grid "
@@ -421,19 +446,24 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .api import merge
 
     files, items = merge(args.out)
-    print(
-        f"merged {files} manifest{'s' if files != 1 else ''} ({items} items) into "
-        f"{args.out / 'manifest.jsonl'}"
+    target = (
+        f"{args.out}/manifest.jsonl" if isinstance(args.out, str) else args.out / "manifest.jsonl"
     )
+    print(f"merged {files} manifest{'s' if files != 1 else ''} ({items} items) into {target}")
     return EXIT_OK
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from .api import remote_status_report
     from .manifest.log import gc_paused
     from .views.report import format_status, status_report
 
+    shard = None if args.shard is None else parse_shard(args.shard)
     with gc_paused():  # the CLI owns its process (the library leaves the GC alone)
-        report = status_report(args.out, None if args.shard is None else parse_shard(args.shard))
+        if isinstance(args.out, str):
+            report = remote_status_report(args.out, shard)
+        else:
+            report = status_report(args.out, shard)
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return EXIT_OK
 

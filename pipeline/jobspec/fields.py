@@ -7,8 +7,11 @@ composes the settings from them.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -42,7 +45,9 @@ __all__ = [
     "Url",
     "VarValues",
     "check_kind",
+    "is_object_url",
     "parse_rate",
+    "staging_folder",
 ]
 
 
@@ -191,3 +196,21 @@ VarValues = Annotated[
     WithJsonSchema({"type": "array", "items": {"type": ["string", "number"]}, "minItems": 1}),
 ]
 Extension = Annotated[str, AfterValidator(_extension)]
+
+
+_OBJECT_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+STAGING_ENV = "SYNTHAUG_STAGING"
+"""Where runs on an object-storage OUT stage their files (default ~/.cache/synthaug/staging)."""
+
+
+def is_object_url(text: str) -> bool:
+    """Whether an ``output_dir`` names object storage (``s3://bucket/prefix``), not a path."""
+    return _OBJECT_URL.fullmatch(text.strip()) is not None
+
+
+def staging_folder(url: str) -> Path:
+    """The local folder a run on the OUT at `url` works in: the same on every run of this
+    machine (a killed run's unsent tail is found again), another for every URL."""
+    root = os.environ.get(STAGING_ENV) or Path.home() / ".cache" / "synthaug" / "staging"
+    digest = hashlib.sha256(url.strip().rstrip("/").encode()).hexdigest()[:16]
+    return Path(root).expanduser().absolute() / digest

@@ -32,7 +32,7 @@ from ..sources import (
     list_globs,
 )
 from .catalog import default_catalog
-from .fields import INPUT_KINDS, parse_rate
+from .fields import INPUT_KINDS, is_object_url, parse_rate
 from .model import (
     BALANCE_CLASS_VAR,
     SEARCH_QUERY_KEYS,
@@ -501,7 +501,9 @@ def apply_overrides(
     if retry_failed is not None:
         sections["run"]["retry_failed"] = retry_failed
     if output_dir is not None:
-        raw["output_dir"] = str(Path(output_dir).expanduser().absolute())
+        text = str(output_dir)
+        url = isinstance(output_dir, str) and is_object_url(text)
+        raw["output_dir"] = text if url else str(Path(output_dir).expanduser().absolute())
     raw.update({key: value for key, value in sections.items() if value or key in raw})
     return _build(raw, spec.spec_dir, spec.spec_file, spec._lines, spec.today)
 

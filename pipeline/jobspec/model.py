@@ -50,6 +50,8 @@ from .fields import (
     Url,
     VarValues,
     check_kind,
+    is_object_url,
+    staging_folder,
 )
 from .stage_settings import CheckSettings, LabelSettings, UploadSettings
 from .yamlfile import line_for
@@ -365,7 +367,10 @@ class Spec(_Model):
 
     version: int
     name: Name
-    output_dir: Path = Field(description="relative to the spec file's folder; default runs/<name>")
+    output_dir: Path = Field(
+        description="relative to the spec file's folder; default runs/<name>; or object "
+        "storage: s3://bucket/prefix (pip install 'synthaug[s3]')"
+    )
     backend: BackendSettings = BackendSettings()
     project_url: str | None = Field(
         default=None, description="Roboflow project receiving the images"
@@ -402,6 +407,15 @@ class Spec(_Model):
     def spec_dir(self) -> Path:
         """The absolute folder of the spec file (base of globs, folders and wildcards)."""
         return self._spec_dir
+
+    @property
+    def output_url(self) -> str | None:
+        """OUT on object storage (``output_dir: s3://bucket/prefix``), else None; then
+        `output_dir` is the local folder the run stages its files in."""
+        value = self._raw.get("output_dir")
+        if isinstance(value, str) and is_object_url(value):
+            return value.strip().rstrip("/")
+        return None
 
     @property
     def today(self) -> dt.date:
@@ -473,6 +487,14 @@ class Spec(_Model):
     def _version(cls, value: int) -> int:
         if value != 1:
             raise ValueError(f"unsupported version {value}: this synthaug reads version 1")
+        return value
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _stage_object_url(cls, value: Any) -> Any:
+        """An OUT on object storage is worked in a local staging folder (`output_url`)."""
+        if isinstance(value, str) and is_object_url(value):
+            return str(staging_folder(value))
         return value
 
     @field_validator("output_dir")

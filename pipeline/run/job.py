@@ -31,6 +31,7 @@ from ..store.layout import INPUT_HASHES_NAME, PACE_DIR, summary_name
 from .batch import attach_batches, batch_control_of
 from .control import RunControl, signal_handlers
 from .engine import Engine
+from .mirror import Mirror, mirrored
 from .pool import RunStop
 from .prepare import Prepared, prepare, read_learned_pace
 from .stages import StageChain, StageContext, open_stages
@@ -40,6 +41,9 @@ from .summary import JobResult, build_summary, stop_message, write_summary
 __all__ = ["JobResult", "run_job"]
 
 log = logging.getLogger("pipeline.runner")
+
+OBJECT_POLL_S = 1.0
+"""How often shards on object storage read each other's pace notes (a GET per sibling)."""
 
 
 async def run_job(
@@ -67,22 +71,27 @@ async def run_job(
     what its classes are still short of (``run --top-up``). `shard` runs only the items
     of that shard (``run --shard I/N``), in its own manifest and lock.
     """
-    async with prepare(
-        spec,
-        spec_path=spec_path,
-        backend=backend,
-        verify=verify,
-        wait=wait,
-        freeze_gc=freeze_gc,
-        top_up=top_up,
-        shard=shard,
-    ) as prepared:
+    async with (
+        mirrored(spec, shard) as mirror,
+        prepare(
+            spec,
+            spec_path=spec_path,
+            backend=backend,
+            verify=verify,
+            wait=wait,
+            freeze_gc=freeze_gc,
+            top_up=top_up,
+            shard=shard,
+            listing=None if mirror is None else mirror.listing,
+        ) as prepared,
+    ):
         return await _execute(
             prepared,
             spec_path,
             on_progress,
             install_signals,
             control or RunControl(),
+            mirror,
         )
 
 
@@ -92,11 +101,12 @@ async def _execute(
     on_progress: Callable[[RunStats], None] | None,
     install_signals: bool,
     control: RunControl,
+    mirror: Mirror | None = None,
 ) -> JobResult:
     spec, backend, state, cache = prepared.spec, prepared.backend, prepared.state, prepared.cache
     batch = spec.backend.mode == "batch"
     run = spec.run
-    team = _shared_pace(spec, prepared.shard)
+    team = _shared_pace(spec, prepared.shard, mirror)
     limiter = Limiter(
         rate=None if batch else run.rate_limit,  # the Batch API paces itself
         image_rate=None if batch else run.image_rate_limit,
@@ -113,7 +123,7 @@ async def _execute(
         await asyncio.to_thread(cache.start, state)
         hashes = HashCache(spec.output_dir / INPUT_HASHES_NAME)  # inputs: not re-read
         stop = RunStop()
-        chain = await _stage_chain(spec, prepared, writer, stop)
+        chain = await _stage_chain(spec, prepared, writer, stop, mirror)
         engine = Engine(
             run,
             out_dir=spec.output_dir,
@@ -140,6 +150,7 @@ async def _execute(
                 signal_handlers(stop, enabled=install_signals),
                 control.attached(stop),
                 _team_running(team),
+                _pushing(mirror),
                 chain.running(),
             ):
                 await engine.run()
@@ -164,23 +175,29 @@ async def _execute(
     )
 
 
-def _shared_pace(spec: Spec, shard: Shard | None) -> SharedPace | None:
+def _shared_pace(spec: Spec, shard: Shard | None, mirror: Mirror | None) -> SharedPace | None:
     """The pace this shard shares with its siblings on one key; None when it paces alone
-    (no shard, one shard, one key per shard, or the Batch API's own pace)."""
+    (no shard, one shard, one key per shard, or the Batch API's own pace). On object
+    storage the notes are in the bucket, read every `OBJECT_POLL_S`."""
     if shard is None or shard.count == 1 or spec.backend.mode == "batch":
         return None
     if per_shard_key(spec.backend) or spec.run.rate_limit is None:
         return None
-    board = PaceBoard(spec.output_dir / PACE_DIR, shard)
-    return SharedPace(board, shard)
+    if mirror is not None:
+        return SharedPace(mirror.pace_board(shard), shard, poll_s=OBJECT_POLL_S)
+    return SharedPace(PaceBoard(spec.output_dir / PACE_DIR, shard), shard)
 
 
 def _team_running(team: SharedPace | None) -> contextlib.AbstractAsyncContextManager[None]:
     return contextlib.nullcontext() if team is None else team.running()
 
 
+def _pushing(mirror: Mirror | None) -> contextlib.AbstractAsyncContextManager[None]:
+    return contextlib.nullcontext() if mirror is None else mirror.pushing()
+
+
 async def _stage_chain(
-    spec: Spec, prepared: Prepared, writer: ManifestWriter, stop: RunStop
+    spec: Spec, prepared: Prepared, writer: ManifestWriter, stop: RunStop, mirror: Mirror | None
 ) -> StageChain:
     """The stages after storage the spec sets, chained behind the engine."""
     context = StageContext(
@@ -196,6 +213,7 @@ async def _stage_chain(
         stop=stop,
         grace_period_s=spec.run.grace_period_s,
         manifest=prepared.manifest,
+        fetch=None if mirror is None else mirror.fetch,
     )
 
 

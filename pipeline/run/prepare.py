@@ -118,15 +118,23 @@ async def prepare(
     freeze_gc: bool = False,
     top_up: bool = False,
     shard: Shard | None = None,
+    listing: Mapping[str, int] | None = None,
 ) -> AsyncIterator[Prepared]:
     """Hold OUT's lock and the open backend while the body runs; see the module docstring.
 
     `freeze_gc` (the CLI's) pauses the process's GC while the manifest loads and freezes
     the loaded state until the run ends. `top_up` adds to a balance source's recorded
     plan what its classes are still short of (``run --top-up``). With `shard` the run
-    holds the shard's lock, appends to its manifest, and owns only its items.
+    holds the shard's lock, appends to its manifest, and owns only its items. With
+    `listing` (an OUT on object storage: the bucket's images by path, with their sizes)
+    the resume check takes the images from it, not from the staging folder.
     """
     spec = check_spec(spec, wait=wait)
+    if verify and listing is not None:
+        raise UsageError(
+            "--verify re-reads every stored image, and an OUT on object storage keeps them "
+            "in the bucket: verify a local copy of it instead"
+        )
     if top_up and balance.balance_source(spec) is None:
         raise UsageError("--top-up needs a roboflow_balance source in the spec")
     unresolved = search.unresolved(spec) or balance.unresolved_balance(spec)
@@ -144,7 +152,7 @@ async def prepare(
     await asyncio.to_thread(outputs.check_writable, out)
     with acquire_lock(out, name=layout.lock_name(shard)):
         check_overlap(out, shard)
-        files = outputs.StoredFiles(out)
+        files = outputs.StoredFiles(out) if listing is None else outputs.ListedFiles(out, listing)
         if not _others_running(out, shard):  # a sibling shard's temp files are in use
             swept = await asyncio.to_thread(files.sweep_temp_files)
             if swept:

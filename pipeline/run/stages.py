@@ -160,8 +160,10 @@ class StageChain:
         stop: RunStop,
         grace_period_s: float,
         manifest: Path,
+        fetch: Callable[[list[ItemRecord]], Awaitable[None]] | None = None,
     ) -> None:
         self._stages = stages
+        self._fetch = fetch  # brings a backlog's images from object storage
         self._writer = writer
         self._stop = stop
         self._manifest = manifest
@@ -235,6 +237,8 @@ class StageChain:
         """Queue the backlog, follow the manifest and start the lanes: before the engine
         writes its first line."""
         backlog = await asyncio.to_thread(self._backlog)
+        if backlog and self._fetch is not None:
+            await self._fetch(backlog)
         for record in backlog:
             self.submit(record)
         if backlog:

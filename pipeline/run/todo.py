@@ -143,7 +143,8 @@ class TodoSource:
             return set()  # --verify re-hashes every file as it decides (`_decide`)
         finished = self._state.finished
         files = sum(map(len, map(itemgetter(1), finished.values())))
-        if self._expand_again is not None and files >= freshness.BACKGROUND_MIN_FILES:
+        big = files >= freshness.BACKGROUND_MIN_FILES
+        if self._expand_again is not None and big and self._files.local:
             self._stat_pass = freshness.StatPass.start(finished, self._files, self._out_dir)
             if self._stat_pass is not None:
                 return set()

@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from itertools import compress, count
 from operator import not_
@@ -37,6 +37,7 @@ __all__ = [
     "TEMP_DIR",
     "FolderSync",
     "ImageInfo",
+    "ListedFiles",
     "Stat",
     "StoredFiles",
     "check_writable",
@@ -252,6 +253,9 @@ class StoredFiles:
     The source folders are looked at on first use: use this under the OUT lock.
     """
 
+    local = True
+    """Whether the files are on this machine's disk (a child process may stat them)."""
+
     def __init__(self, out_dir: Path) -> None:
         self._out = out_dir
         self._shape: re.Pattern[str] | None = None
@@ -327,6 +331,37 @@ class StoredFiles:
         source folder that is a real folder now and a name as `output_path` gives."""
         if self._shape is None:
             sources = "|".join(map(re.escape, _source_folders(self._out / IMAGES_DIR)))
+            shape = f"{IMAGES_DIR}/(?:{sources})/{IMAGE_NAME}"
+            self._shape = re.compile(shape if sources else "(?!)")
+        return self._shape
+
+
+class ListedFiles(StoredFiles):
+    """The stored images of an OUT on object storage, known from the bucket's listing
+    (path -> size): a recorded image is present when the listing has its path with its
+    recorded size. The staging folder's copies are not asked: a new machine has none."""
+
+    local = False
+
+    def __init__(self, out_dir: Path, listing: Mapping[str, int]) -> None:
+        super().__init__(out_dir)
+        self._listing = listing
+
+    def differing(self, paths: Sequence[str], stats: Sequence[Stat | None]) -> list[int]:
+        refused = set(self.refused(paths))
+        listing = self._listing
+        return [
+            index
+            for index, (path, stat) in enumerate(zip(paths, stats, strict=True))
+            if index in refused or stat is None or listing.get(path) != stat[0]
+        ]
+
+    def _shape_re(self) -> re.Pattern[str]:
+        if self._shape is None:
+            folders = {path.split("/")[1] for path in self._listing if path.count("/") == 2}
+            sources = "|".join(
+                map(re.escape, sorted(f for f in folders if _SOURCE_RE.fullmatch(f)))
+            )
             shape = f"{IMAGES_DIR}/(?:{sources})/{IMAGE_NAME}"
             self._shape = re.compile(shape if sources else "(?!)")
         return self._shape

@@ -324,7 +324,8 @@ class ObjectOut:
         heartbeat is older than `stale_after_s`, it is taken over by a write conditional
         on the ETag just read (If-Match): of two takers, one wins and the other finds the
         winner's fresh heartbeat and refuses. Heartbeats are compared with this host's
-        clock: hosts must agree on the time to well within `stale_after_s`.
+        clock: hosts must agree on the time to well within `stale_after_s`. A lock left
+        by a process of this host that is gone is stale at once.
         """
         if not _NAME.fullmatch(name):
             raise ValueError(f"bad lock name {name!r}")
@@ -350,7 +351,7 @@ class ObjectOut:
             if other.get("token") == record["token"]:  # our create, retried after a lost answer
                 return ObjectLock(self, key, record, found[1])
             age = _age(other, self._clock())
-            if age is not None and age < stale_after_s:
+            if age is not None and age < stale_after_s and not _dead_here(other):
                 raise _held(self.url(self._relative(key)), other, age, stale_after_s)
             log.warning(
                 "taking over the stale lock %s of %s (last heartbeat %s)",
@@ -373,8 +374,9 @@ class ObjectOut:
         now = self._clock()
         for key in self._list(root):
             found = self._read(key)
-            age = None if found is None else _age(_parse_lock(found[0]), now)
-            if age is not None and age < stale_after_s:
+            record = {} if found is None else _parse_lock(found[0])
+            age = _age(record, now)
+            if age is not None and age < stale_after_s and not _dead_here(record):
                 held.append(key[len(root) :])
         return sorted(held)
 
@@ -659,13 +661,13 @@ def _open_filesystem(location: ObjectLocation) -> Any:
 
 
 def _quiet_botocore() -> None:
-    """Keep botocore's DEBUG records from being made, unless its level was set on
+    """Keep botocore's DEBUG and INFO records from being made, unless its level was set on
     purpose: they print every signed request, ``AWS_SESSION_TOKEN`` included, and
     ``--log-level DEBUG`` must never show a credential."""
     for name in ("botocore", "aiobotocore"):
         logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO)
+        if logger.level == logging.NOTSET:  # its INFO lines ("Found credentials") are noise
+            logger.setLevel(logging.WARNING)
 
 
 def _remote_errors(s3: bool) -> tuple[type[BaseException], ...]:
@@ -719,6 +721,21 @@ def _parse_lock(data: bytes) -> dict[str, Any]:
     except ValueError:
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def _dead_here(record: dict[str, Any]) -> bool:
+    """Whether the lock's holder was a process of this host that is gone (killed): its
+    lock is stale at once, as a disk's flock is dropped with its process."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, another user's
+    return False
 
 
 def _age(record: dict[str, Any], now: float) -> float | None:
