@@ -60,14 +60,16 @@ def _out_dir(text: str) -> Path | str:
     return text.strip().rstrip("/") if is_object_url(text) else Path(text)
 
 
-def _local_out_dir(text: str) -> Path:
-    out = _out_dir(text)
-    if isinstance(out, str):
-        raise argparse.ArgumentTypeError(
-            f"{out} is on object storage: this command reads a local OUT; copy the bucket's "
-            "OUT down first (for example `aws s3 sync URL DIR`, then `synthaug merge DIR`)"
-        )
-    return out
+def _local_out_dir(out: Path | str) -> Path:
+    """An OUT whose images a command reads: a bucket's is copied down first (manifests,
+    and the images its ok lines name, beside the URL's staging folder)."""
+    if isinstance(out, Path):
+        return out
+    from .run.mirror import local_copy
+
+    folder, fetched = local_copy(out)
+    print(f"synthaug: {out} copied to {folder} ({fetched} images fetched)", file=sys.stderr)
+    return folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_level(status)
 
     grid = sub.add_parser("grid", help="(re)draw contact sheets and index.html from a manifest")
-    grid.add_argument("out", type=_local_out_dir, metavar="OUT_DIR")
+    grid.add_argument("out", type=_out_dir, metavar="OUT_DIR")
     grid.add_argument("--cell", type=int, default=256, metavar="PX", help="cell size in pixels")
     _add_log_level(grid)
 
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR must be new or empty and appears whole at the end. Needs the export extra: "
         "pip install 'synthaug[export]'.",
     )
-    export.add_argument("out", type=_local_out_dir, metavar="OUT_DIR")
+    export.add_argument("out", type=_out_dir, metavar="OUT_DIR")
     export.add_argument(
         "--format", required=True, choices=EXPORT_FORMATS, help="the dataset's format"
     )
@@ -469,11 +471,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
-    from .store.layout import MANIFEST_NAME
+    from .store.layout import MANIFEST_NAME, manifest_files
 
-    if not (args.out / MANIFEST_NAME).exists():
-        raise UsageError(f"{args.out}: no {MANIFEST_NAME} here: run `synthaug run SPEC` first")
-    for path in _draw_views(args.out, cell_px=args.cell):
+    out = _local_out_dir(args.out)
+    if not manifest_files(out):  # manifest.jsonl, or the shards' own
+        raise UsageError(f"{out}: no {MANIFEST_NAME} here: run `synthaug run SPEC` first")
+    for path in _draw_views(out, cell_px=args.cell):
         print(path)
     return EXIT_OK
 
@@ -481,7 +484,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .views.export import export_dataset, format_export
 
-    summary = export_dataset(args.out, args.format, args.to)
+    summary = export_dataset(_local_out_dir(args.out), args.format, args.to)
     print(json.dumps(summary.to_json(), indent=2) if args.json else format_export(summary))
     return EXIT_OK
 

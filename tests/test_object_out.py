@@ -151,6 +151,10 @@ def test_a_run_on_s3_resumes_on_a_new_machine_and_status_reads_it_there(
         assert SECRET not in err  # the storage secret: never in a log, even at DEBUG
         staged = [p for p in (tmp_path / "pod-b").rglob("*") if p.is_file()]
         assert not [p for p in staged if SECRET.encode() in p.read_bytes()]
+        code, _, err = finish(cli(["run", str(spec), "--verify"], tmp_path / "pod-b", s3_env))
+        assert code == 2, err  # it would re-read every image: refused, nothing sent
+        assert "--verify" in err
+        assert stats(base)["requests"] == paid
         code, out, err = finish(cli(["status", url, "--json"], tmp_path / "pod-c", s3_env))
     assert code == 0, err
     status = json.loads(out)
@@ -213,6 +217,13 @@ def test_two_shards_at_once_on_s3_then_merge(
             assert code == 0, err
         assert stats(base)["generations"] == 24
         assert stats(base)["duplicates"] == 0
+        # the contact sheet of the shards' OUT, drawn from a copy of the bucket
+        code, out, err = finish(cli(["grid", url], tmp_path / "viewer", s3_env))
+        assert code == 0, err
+        assert "24 images fetched" in err
+        sheet = Path(out.splitlines()[0])
+        assert sheet.name == "grid.png"
+        assert sheet.is_file()
         code, out, err = finish(cli(["merge", url], tmp_path / "merger", s3_env))
         assert code == 0, err
         assert "24 items" in out

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError, UsageError
+from ..jobspec.fields import staging_folder
 from ..jobspec.model import Spec
 from ..manifest.folded import merge as fold_manifests
 from ..records import ItemRecord
@@ -44,7 +45,15 @@ from ..shared_pace import PaceNote
 from ..store import layout
 from ..store.objects import ObjectLock, ObjectOut, parse_object_url
 
-__all__ = ["PUSH_EVERY_S", "Mirror", "ObjectPaceBoard", "merge_remote", "mirrored", "pulled_copy"]
+__all__ = [
+    "PUSH_EVERY_S",
+    "Mirror",
+    "ObjectPaceBoard",
+    "local_copy",
+    "merge_remote",
+    "mirrored",
+    "pulled_copy",
+]
 
 log = logging.getLogger("pipeline.runner")
 
@@ -336,6 +345,29 @@ def pulled_copy(url: str, folder: Path, *, required: bool = True) -> Iterator[Ob
         if bucket.exists(name):
             bucket.download(name, folder / name)
     yield bucket
+
+
+def local_copy(url: str) -> tuple[Path, int]:
+    """A local copy of the OUT at `url` for what reads its images (`grid`, `export`):
+    its manifests, small files and the images its ok lines name, in a folder beside the
+    URL's staging folder (a run on this machine keeps its own); (folder, images fetched).
+    Images already there with the bucket's size are not fetched again."""
+    folder = staging_folder(url).with_name(staging_folder(url).name + "-copy")
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in layout.manifest_files(folder):
+        stale.unlink()  # the bucket's streams replace them (a merge may have folded some)
+    with pulled_copy(url, folder) as bucket:
+        listing = bucket.list_files(layout.IMAGES_DIR + "/")
+        fetched = 0
+        for path in layout.manifest_files(folder):
+            for relpath in _image_paths(path.read_bytes().splitlines()):
+                local = folder / relpath
+                size = listing.get(relpath)
+                if size is None or (local.exists() and local.stat().st_size == size):
+                    continue
+                if bucket.download(relpath, local):
+                    fetched += 1
+    return folder, fetched
 
 
 def merge_remote(url: str) -> tuple[int, int]:
