@@ -282,3 +282,34 @@ def test_a_second_run_of_the_same_shard_refuses_while_the_first_holds_the_lock(
         finally:
             first.send_signal(signal.SIGINT)
             first.communicate(timeout=60)
+
+
+def test_a_run_whose_lock_was_taken_over_stops(
+    tmp_path: Path, bucket: str, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose heartbeat went stale and whose lock another run took over stops at its
+    next beat (exit 3, saying so): two runs of one shard would pay twice."""
+    import boto3
+
+    from pipeline.jobspec.load import load_spec
+    from pipeline.run.mirror import Mirror, open_object_out
+    from pipeline.run.pool import RunStop
+
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "stage"))
+    spec = load_spec(write_spec(tmp_path, "http://127.0.0.1:9", f"s3://{bucket}/taken", 2))
+    assert spec.output_url is not None
+    mirror = Mirror(open_object_out(spec.output_url), spec.output_dir, None)
+    mirror.pull()
+    stop = RunStop()
+    mirror.heartbeat(stop)
+    assert stop.reason is None  # still ours
+    taker = {"holder": "other-host:7", "host": "other-host", "pid": 7, "token": "t"}
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).put_object(
+        Bucket=bucket, Key="taken/locks/synthaug.lock", Body=json.dumps(taker).encode()
+    )
+    mirror.heartbeat(stop)
+    assert stop.reason == "disk"  # a clean stop, exit 3
+    assert "lost the lock" in str(stop.output_error)
+    assert "other-host:7" in str(stop.output_error)
+    mirror.finish()  # releases nothing it no longer holds
+    assert "taken/locks/synthaug.lock" in keys_in(bucket, "taken/locks/")

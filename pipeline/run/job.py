@@ -150,7 +150,7 @@ async def _execute(
                 signal_handlers(stop, enabled=install_signals),
                 control.attached(stop),
                 _team_running(team),
-                _pushing(mirror),
+                _pushing(mirror, stop),
                 chain.running(),
             ):
                 await engine.run()
@@ -192,8 +192,8 @@ def _team_running(team: SharedPace | None) -> contextlib.AbstractAsyncContextMan
     return contextlib.nullcontext() if team is None else team.running()
 
 
-def _pushing(mirror: Mirror | None) -> contextlib.AbstractAsyncContextManager[None]:
-    return contextlib.nullcontext() if mirror is None else mirror.pushing()
+def _pushing(mirror: Mirror | None, stop: RunStop) -> contextlib.AbstractAsyncContextManager[None]:
+    return contextlib.nullcontext() if mirror is None else mirror.pushing(stop)
 
 
 async def _stage_chain(

@@ -44,6 +44,7 @@ from ..shard import Shard
 from ..shared_pace import PaceNote
 from ..store import layout
 from ..store.objects import ObjectLock, ObjectOut, parse_object_url
+from .pool import RunStop
 
 __all__ = [
     "PUSH_EVERY_S",
@@ -209,21 +210,22 @@ class Mirror:
                 self._sent[name] = stamp
 
     @contextlib.asynccontextmanager
-    async def pushing(self) -> AsyncIterator[None]:
-        """Push every `PUSH_EVERY_S` and keep the lock alive while the body runs.
+    async def pushing(self, run_stop: RunStop) -> AsyncIterator[None]:
+        """Push every `PUSH_EVERY_S` and keep the lock alive while the body runs; a lock
+        taken over by another run (this one's heartbeat went stale) stops the run.
 
         job.json goes up first, before anything is paid: a machine that resumes needs it
         to read the manifest (its key scheme)."""
         await asyncio.to_thread(self.push_small_files)
         stop = asyncio.Event()
-        task = asyncio.create_task(self._push_loop(stop), name="mirror")
+        task = asyncio.create_task(self._push_loop(stop, run_stop), name="mirror")
         try:
             yield
         finally:
             stop.set()
             await task
 
-    async def _push_loop(self, stop: asyncio.Event) -> None:
+    async def _push_loop(self, stop: asyncio.Event, run_stop: RunStop) -> None:
         beat = 0.0
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError before 3.11
@@ -231,12 +233,29 @@ class Mirror:
             try:
                 await asyncio.to_thread(self.push)
                 await asyncio.to_thread(self.push_small_files)
-                beat += PUSH_EVERY_S
-                if beat >= HEARTBEAT_S and self._lock is not None:
-                    beat = 0.0
-                    await asyncio.to_thread(self._lock.refresh)
-            except Exception as exc:
+            except Exception as exc:  # the next push sends it again
                 log.warning("could not send the manifest to %s: %s", self._bucket.url, exc)
+            beat += PUSH_EVERY_S
+            if beat >= HEARTBEAT_S:
+                beat = 0.0
+                await asyncio.to_thread(self.heartbeat, run_stop)
+
+    def heartbeat(self, run_stop: RunStop) -> None:
+        """Say the run is alive in its lock. A lock another run took over stops this run
+        (exit 3: two runs of one shard would pay twice); a bucket that does not answer is
+        tried again at the next beat."""
+        lock = self._lock
+        if lock is None:
+            return
+        try:
+            lock.refresh()
+        except Exception as exc:  # lost, or the bucket did not answer
+            if lock.held:
+                log.warning("could not refresh the lock in %s: %s", self._bucket.url, exc)
+                return
+            log.error("%s", exc)
+            error = exc if isinstance(exc, OutputError) else OutputError(str(exc))
+            run_stop.disk(error, self._staging)
 
     async def fetch(self, records: Iterable[ItemRecord]) -> None:
         """Bring down the stored images of `records` the staging folder lacks (a stage
