@@ -17,6 +17,7 @@ __all__ = [
     "BATCH_LOGGER",
     "ITEM_STATUSES",
     "PLAN_LOGGER",
+    "STAGE_FIELDS",
     "BatchRef",
     "ErrorInfo",
     "GeneratedImage",
@@ -136,6 +137,11 @@ class Generation:
     rate_limit: RateLimitHint | None = None
     batch: BatchRef | None = None
     price_factor: float = 1.0
+
+
+STAGE_FIELDS = frozenset({"phash", "flags", "labels", "upload"})
+"""The fields of an output record that stages after storage add (`OutputFile`): a line
+holding none of them carries nothing a stage found."""
 
 
 @dataclass(frozen=True, slots=True)

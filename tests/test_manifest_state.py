@@ -113,10 +113,9 @@ def _run(path: Path, lines: list[tuple[str, str, str, int]], *, killed: bool = F
     cache.close()
 
 
-def _view(state: ManifestState) -> tuple[dict[str, object], dict[str, object]]:
-    return dict(state.finished), {
-        k: (e.status, e.pending, e.error_kind, e.attempts) for k, e in state.open.items()
-    }
+def _view(state: ManifestState) -> tuple[dict[str, object], dict[str, object], bool]:
+    open_ = {k: (e.status, e.pending, e.error_kind, e.attempts) for k, e in state.open.items()}
+    return dict(state.finished), open_, state.staged
 
 
 @settings(
@@ -173,7 +172,7 @@ def test_writer_lines_take_the_fast_path(tmp_path: Path, prompt: str) -> None:
     _write(path, [(KEYS[0], "ok", prompt, 3)])  # with an upload and a failed upload
     paths = tuple(f"images/src/{KEYS[0][:16]}-{i}.png" for i in range(3))
     stats = ((100, MTIME_NS), (101, MTIME_NS + 1), (102, MTIME_NS + 2))
-    assert _fast_ok(path.read_bytes()) == (KEYS[0], "src", paths, stats)
+    assert _fast_ok(path.read_bytes()) == (KEYS[0], "src", paths, stats, True)
 
 
 def test_state_cache_survives_a_copy_that_keeps_mtimes(tmp_path: Path) -> None:
@@ -336,3 +335,16 @@ def test_a_hand_edited_line_reads_as_what_is_left(tmp_path: Path) -> None:
     )
     (record,) = read_records(path).values()
     assert (record.vars, record.repeat, record.outputs[0].path) == ({}, 0, "5")
+
+
+@pytest.mark.parametrize("images", [1, 2])
+def test_state_says_whether_a_stage_result_was_read(tmp_path: Path, images: int) -> None:
+    """`staged` is set by an ok line holding a stage's result (here the upload on a second
+    output), read fast, in full or from the cache, and stays set after later plain lines."""
+    path = tmp_path / "manifest.jsonl"
+    _run(path, [(KEYS[0], "ok", "a", images), (KEYS[1], "ok", "b", 1), (KEYS[2], "ok", "c", 1)])
+    _write(path, [(KEYS[3], "ok", "d", 1)])  # after the cache
+    expected = images == 2
+    assert load_state(path).staged is expected
+    assert load_state(path, with_hashes=True).staged is expected
+    assert load_cached_state(path).staged is expected

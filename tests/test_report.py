@@ -292,3 +292,35 @@ def test_python_status_carries_the_stage_counts(staged_out: Path) -> None:
     found = synthaug.status(staged_out)
     assert (found.checked, found.labelled, found.annotated) == (4, 2, 1)
     assert dict(found.flagged) == {"duplicate": 2, "unchanged": 1, "no_detection": 1}
+
+
+def test_status_counts_stages_recorded_in_the_state_cache(tmp_path: Path) -> None:
+    """A run's state cache says which parts of the manifest hold stage results: status
+    still counts them when they lie in an early cache segment and later ones hold none."""
+    from pipeline.manifest.cache import StateCache
+
+    out = tmp_path / "out"
+    manifest = out / "manifest.jsonl"
+    records = [
+        _staged(1, {"phash": "0" * 16, "flags": ("duplicate",), "labels": LABELS}),
+        _staged(2, {"upload": UploadRecord("p", id="img2", annotated=True)}),
+        *(_record(i, "ok") for i in range(3, 9)),  # later segments: nothing staged
+    ]
+    cache = StateCache(manifest, segment_lines=2)
+    with ManifestWriter(manifest) as writer:
+        writer.add_append_hook(cache.add)
+        cache.start(cache.load())
+        for record in records:
+            writer.append(record)
+    cache.close()
+    check = StateCache(manifest)
+    check.load()
+    assert check._cached is not None and check._cached.segments >= 4  # read from the cache
+    report = status_report(out)
+    assert (report["ok"], report["checked"], report["labelled"], report["annotated"]) == (
+        8,
+        1,
+        1,
+        1,
+    )
+    assert report["flagged"] == {"duplicate": 1}

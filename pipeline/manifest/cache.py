@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 
 SEGMENT_LINES = 8192  # manifest lines per segment: ~3 MB of state held while a run writes
 MAX_SEGMENTS = 256  # past this many, a run starts by writing the whole state as one
-_FORMAT = 5  # 4: an ok key's files carry their stats; 5: submitted keys their batch
+_FORMAT = 6  # 4: an ok key's files carry their stats; 5: submitted keys their batch;
+# 6: each segment says whether a line it covers holds a stage's result (`staged`)
 _BLOCK = 4096  # bytes per sample of a manifest's fingerprint
 _SAMPLES = 16  # evenly spaced samples, plus the last block
 _PYTHON = f"{sys.implementation.name}-{sys.version_info[0]}.{sys.version_info[1]}"  # marshal
@@ -190,6 +191,7 @@ class StateCache:
             "manifest_mtime_ns": self._manifest.stat().st_mtime_ns,
             "payload_bytes": len(payload),
             "payload_crc32": zlib.crc32(payload),
+            "staged": state.staged,
         }
         fh.write(json.dumps(header).encode() + b"\n" + payload)
         fh.flush()
@@ -246,6 +248,7 @@ def _segments(data: memoryview) -> tuple[_Cached | None, dict[str, Any] | None]:
         segment = _state_from(payload)
         if segment is None:
             break
+        segment.staged = header.get("staged") is True
         if cached is None:
             cached = _Cached(segment, 0, 0, 0)
         else:
@@ -299,6 +302,7 @@ def _merge(state: ManifestState, later: ManifestState) -> None:
     for key in later.open:
         state.finished.pop(key, None)
     state.open.update(later.open)
+    state.staged = state.staged or later.staged
 
 
 def _fingerprint(manifest: Path, covered: int) -> str:

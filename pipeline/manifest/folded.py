@@ -77,6 +77,7 @@ def fold_states(states: Iterable[ManifestState]) -> ManifestState:
         for key, finished in state.finished.items():
             folded.finished[key] = finished
             folded.open.pop(key, None)
+        folded.staged = folded.staged or state.staged
     return folded
 
 

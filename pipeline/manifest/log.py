@@ -22,6 +22,7 @@ from typing import Any
 
 from ..records import (
     ITEM_STATUSES,
+    STAGE_FIELDS,
     BatchRef,
     GeneratedImage,
     ItemRecord,
@@ -146,6 +147,10 @@ class ManifestState:
     open: dict[str, Entry] = field(default_factory=dict)
     hashes: dict[str, tuple[str, ...]] | None = None
     offset: int = 0  # manifest bytes read into this state: up to the end of a whole line
+    # Some ok line read into this state holds a stage's result (`phash`, `flags`,
+    # `labels`, `upload`): a hint that lets `status` skip its stage pass over a job
+    # without stages. Never cleared by a later line (a false "yes" costs one more pass).
+    staged: bool = False
 
     def status(self, key: str) -> ItemStatus | None:
         """The status of the key's last line, or None when the manifest never saw it."""
@@ -188,7 +193,7 @@ _OUTPUT = (
     rb'\{"path":"(' + _IMAGES + rb"/[A-Za-z0-9._-]+/" + IMAGE_NAME.encode() + rb')",'
     rb'"sha256":"[0-9a-f]*","width":[0-9]+,"height":[0-9]+,'
     rb'"url":(?:null|' + _JSON_STR + rb'),"id":(?:null|' + _JSON_STR + rb"),"
-    rb'"bytes":([0-9]+)(?:,"mtime_ns":(?:([0-9]+)|null))?' + _STAGE_FIELDS + rb"\}"
+    rb'"bytes":([0-9]+)(?:,"mtime_ns":(?:([0-9]+)|null))?(' + _STAGE_FIELDS + rb")\}"
 )
 _FAST_OUTPUT = re.compile(_OUTPUT)
 _FAST_OUTPUTS = re.compile(_OUTPUT + rb"(?:," + _OUTPUT + rb")*")  # a whole outputs list
@@ -216,10 +221,12 @@ def read_more(path: Path, state: ManifestState) -> None:
             state.offset = offset + len(raw)
         fast = fast_ok(raw)
         if fast is not None:
-            key, source, paths, stats = fast
+            key, source, paths, stats, staged = fast
             finished[key] = (sources.setdefault(source, source), paths, stats)
             if open_:
                 open_.pop(key, None)
+            if staged:
+                state.staged = True
             continue
         record = _parse_line(raw)
         if record is None:
@@ -252,9 +259,11 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _fast_ok(raw: bytes) -> tuple[str, str, tuple[str, ...], tuple[Stat | None, ...]] | None:
-    """Key, source, file paths and stats of a canonical `ok` line, or None to parse it in
-    full.
+def _fast_ok(
+    raw: bytes,
+) -> tuple[str, str, tuple[str, ...], tuple[Stat | None, ...], bool] | None:
+    """Key, source, file paths and stats of a canonical `ok` line, and whether a file
+    holds a stage's result, or None to parse it in full.
 
     Exact for the lines `ManifestWriter` writes: outside JSON strings a quote is never
     escaped and inside them always is, so the markers below cannot match string
@@ -278,12 +287,14 @@ def _fast_ok(raw: bytes) -> tuple[str, str, tuple[str, ...], tuple[Stat | None, 
     prefix = b"%s/%s/%s-" % (IMAGES_DIR.encode(), source, key[:16])
     paths: list[str] = []
     stats: list[Stat | None] = []
-    for path, size, mtime in found:
+    staged = False
+    for path, size, mtime, stage_fields in found:
         if not path.startswith(prefix):
             return None
         paths.append(path.decode())
         stats.append((int(size), int(mtime)) if mtime else None)
-    return key.decode(), source.decode(), tuple(paths), tuple(stats)
+        staged = staged or bool(stage_fields)
+    return key.decode(), source.decode(), tuple(paths), tuple(stats), staged
 
 
 def apply_line(state: ManifestState, record: Mapping[str, Any], source: str) -> None:
@@ -293,6 +304,8 @@ def apply_line(state: ManifestState, record: Mapping[str, Any], source: str) -> 
         outputs = [o for o in record.get("outputs") or () if isinstance(o, Mapping)]
         paths = tuple(str(o.get("path", "")) for o in outputs)
         state.finished[key] = (source, paths, tuple(_recorded_stat(o) for o in outputs))
+        if not state.staged and any(STAGE_FIELDS.intersection(o) for o in outputs):
+            state.staged = True
         state.open.pop(key, None)
         if state.hashes is not None:
             state.hashes[key] = tuple(str(o.get("sha256", "")) for o in outputs)

@@ -5,9 +5,10 @@ Built from the manifest alone (last line per key wins; a torn last line is ignor
 (how the last run ended) when they exist. Neither file is required: a manifest is.
 
 What the stages after storage found (hashes, labels, annotations, flags) is not in the
-compact state the counts come from: it takes one more pass over the manifest that parses
-only the lines holding a stage field, and only when one search of the whole file (at
-memory speed) finds any, so a job without stages pays nothing more.
+compact state the counts come from: it takes one more pass over the manifests that parses
+only the lines holding a stage field, and only when the state says some line holds one
+(`ManifestState.staged`, kept in the state cache), so a job without stages pays nothing
+more.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from ..balance import class_progress, read_balance
 from ..errors import UsageError
 from ..job_record import JobRecord
 from ..manifest.folded import load_all_states, read_all_records
-from ..records import ItemStatus
+from ..manifest.log import ManifestState
+from ..records import STAGE_FIELDS, ItemStatus
 from ..shard import Shard
 from ..store.layout import SUMMARY_NAME, manifest_files, read_job, read_json
 
@@ -39,7 +41,7 @@ _Tally: TypeAlias = tuple[ItemStatus, str, int, str | None, str | None]
 # (checked, labelled, annotated, each flagged output's flags) of an ok key's outputs
 _Staged: TypeAlias = tuple[int, int, int, tuple[frozenset[str], ...]]
 # how a stage field starts in a line (inside a JSON string a quote is escaped: no false hit)
-_STAGE_MARKS = (b'"phash"', b'"flags"', b'"labels"', b'"upload"')
+_STAGE_MARKS = tuple(b'"%s"' % name.encode() for name in sorted(STAGE_FIELDS))
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,9 @@ def status_report(out_dir: Path, shard: Shard | None = None) -> dict[str, Any]:
     errors: Counter[str] = Counter()
     batches: Counter[str] = Counter()
     owns = (lambda _key: True) if shard is None else shard.owns
-    for status, source, images, kind, batch in _latest_per_key(out_dir, owns):
+    state = load_all_states(out_dir)
+    staged = _staged_all(manifests) if state.staged else {}
+    for status, source, images, kind, batch in _latest_per_key(state, owns):
         counts = by_source.get(source)
         if counts is None:
             counts = by_source[source] = _empty_counts()
@@ -92,7 +96,7 @@ def status_report(out_dir: Path, shard: Shard | None = None) -> dict[str, Any]:
         "items": sum(
             c["ok"] + c["failed"] + c["generated"] + c["submitted"] for c in by_source.values()
         ),
-        **_stage_counts(v for k, v in _staged_all(manifests).items() if owns(k)),
+        **_stage_counts(v for k, v in staged.items() if owns(k)),
     }
     if shard is not None:
         report["shard"] = str(shard)
@@ -131,10 +135,9 @@ def _shard_runs(out_dir: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _latest_per_key(out_dir: Path, owns: Callable[[str], bool]) -> Iterator[_Tally]:
+def _latest_per_key(state: ManifestState, owns: Callable[[str], bool]) -> Iterator[_Tally]:
     """The last line of each key `owns` accepts (over every manifest of OUT), reduced to
     what status needs."""
-    state = load_all_states(out_dir)
     for key, (source, paths, _stats) in state.finished.items():
         if owns(key):
             yield "ok", source, len(paths), None, None
