@@ -382,6 +382,18 @@ class ObjectOut:
 
     # -- the primitives, on S3 or any fsspec filesystem ---------------------------------
 
+    def _put(self, key: str, data: bytes, **condition: str) -> dict[str, Any]:
+        """One S3 PUT of `data` at `key` under `condition` (``IfNoneMatch``/``IfMatch``)."""
+        answer: dict[str, Any] = self._fs.call_s3(
+            "put_object",
+            Bucket=self._loc.bucket,
+            Key=key,
+            Body=data,
+            ContentType=_content_type(key),
+            **condition,
+        )
+        return answer
+
     def _create(self, key: str, data: bytes) -> str | None:
         """Create `key` holding `data` if absent: its ETag, or None when present."""
         with self._failing("writing", key):
@@ -393,14 +405,7 @@ class ObjectOut:
                 return _digest(data)
             for attempt in range(_MAX_TRIES):
                 try:
-                    answer = self._fs.call_s3(
-                        "put_object",
-                        Bucket=self._loc.bucket,
-                        Key=key,
-                        Body=data,
-                        ContentType=_content_type(key),
-                        IfNoneMatch="*",
-                    )
+                    answer = self._put(key, data, IfNoneMatch="*")
                 except FileExistsError:
                     return None
                 except OSError as exc:
@@ -426,14 +431,7 @@ class ObjectOut:
                 self._fs.pipe_file(self._path(key), data)
                 return _digest(data)
             try:
-                answer = self._fs.call_s3(
-                    "put_object",
-                    Bucket=self._loc.bucket,
-                    Key=key,
-                    Body=data,
-                    ContentType=_content_type(key),
-                    IfMatch=etag,
-                )
+                answer = self._put(key, data, IfMatch=etag)
             except FileNotFoundError as exc:
                 _reraise_missing_bucket(exc)
                 return None
