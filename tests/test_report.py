@@ -315,7 +315,8 @@ def test_status_counts_stages_recorded_in_the_state_cache(tmp_path: Path) -> Non
     cache.close()
     check = StateCache(manifest)
     check.load()
-    assert check._cached is not None and check._cached.segments >= 4  # read from the cache
+    assert check._cached is not None  # read from the cache
+    assert check._cached.segments >= 4
     report = status_report(out)
     assert (report["ok"], report["checked"], report["labelled"], report["annotated"]) == (
         8,
