@@ -34,7 +34,6 @@ from typing import Any
 
 from . import balance
 from .errors import UsageError
-from .jobspec.fields import is_object_url
 from .jobspec.load import load_spec as _load_spec_file
 from .jobspec.load import spec_from_data
 from .jobspec.model import Spec
@@ -49,7 +48,7 @@ from .run.prepare import check_key_scheme, check_overlap
 from .run.stats import RunStats
 from .search import apply_recorded, resolve_standalone
 from .shard import Shard, parse_shard
-from .store.layout import manifest_files
+from .store.layout import is_object_url, manifest_files
 from .store.lock import acquire_lock
 from .views.report import status_report
 

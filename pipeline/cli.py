@@ -8,7 +8,6 @@ becomes one line on stderr and its exit code; a traceback appears only with
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import datetime as dt
 import json
@@ -18,16 +17,18 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._version import __version__
 from .errors import EXIT_OK, EXIT_USAGE, PipelineError, UsageError
-from .jobspec.model import Spec
 from .records import BATCH_LOGGER, PLAN_LOGGER
 from .registry import BACKENDS
 from .shard import parse_shard
 from .store.lock import check_platform
 from .views.export import EXPORT_FORMATS
+
+if TYPE_CHECKING:
+    from .jobspec.model import Spec
 
 __all__ = ["build_parser", "main"]
 
@@ -55,7 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _out_dir(text: str) -> Path | str:
     """An OUT on the command line: a folder, or object storage (``s3://bucket/prefix``)."""
-    from .jobspec.fields import is_object_url
+    from .store.layout import is_object_url
 
     return text.strip().rstrip("/") if is_object_url(text) else Path(text)
 
@@ -371,6 +372,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from .api import run_async
     from .jobspec.load import apply_overrides
 
@@ -456,13 +459,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .api import remote_status_report
     from .manifest.log import gc_paused
     from .views.report import format_status, status_report
 
     shard = None if args.shard is None else parse_shard(args.shard)
     with gc_paused():  # the CLI owns its process (the library leaves the GC alone)
         if isinstance(args.out, str):
+            from .api import remote_status_report  # the whole API: only for a bucket
+
             report = remote_status_report(args.out, shard)
         else:
             report = status_report(args.out, shard)
@@ -556,6 +560,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2) if args.json else format_models(report))
         return EXIT_OK
     spec = _load(args.spec, today=args.date)
+    import asyncio
+
     answers = asyncio.run(ask_spec_api(spec))
     report = models_report(
         default_catalog(),

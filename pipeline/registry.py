@@ -14,7 +14,6 @@ proxies=...)`` and used as an async context manager that yields the `Backend`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 from collections.abc import AsyncIterator, Mapping
@@ -86,6 +85,8 @@ class BackendKind:
 
         Its class is imported in a thread: the first import (aiohttp's) takes about
         100 ms, which must not hold the event loop."""
+        import asyncio  # here, not at the top: `synthaug status` imports this module
+
         backend_class = await asyncio.to_thread(self.open_backend_class)
         async with backend_class(
             base_url, api_key, concurrency=1, timeout_s=timeout_s, proxies=proxies

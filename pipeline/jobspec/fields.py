@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from ..registry import BACKENDS, DEFAULT_KIND, backend_kind
+from ..store.layout import is_object_url
 from .yamlfile import show_value
 
 __all__ = [
@@ -198,14 +199,8 @@ VarValues = Annotated[
 Extension = Annotated[str, AfterValidator(_extension)]
 
 
-_OBJECT_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
 STAGING_ENV = "SYNTHAUG_STAGING"
 """Where runs on an object-storage OUT stage their files (default ~/.cache/synthaug/staging)."""
-
-
-def is_object_url(text: str) -> bool:
-    """Whether an ``output_dir`` names object storage (``s3://bucket/prefix``), not a path."""
-    return _OBJECT_URL.fullmatch(text.strip()) is not None
 
 
 def staging_folder(url: str) -> Path:

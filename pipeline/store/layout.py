@@ -54,6 +54,7 @@ __all__ = [
     "TMP_SUFFIX",
     "fsync_dir",
     "image_name",
+    "is_object_url",
     "lock_files",
     "lock_name",
     "manifest_files",
@@ -70,6 +71,15 @@ __all__ = [
     "write_job",
     "write_json_atomic",
 ]
+
+_OBJECT_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+
+
+def is_object_url(text: str) -> bool:
+    """Whether an OUT (``output_dir``, ``--out``) names object storage
+    (``s3://bucket/prefix``), not a folder."""
+    return _OBJECT_URL.fullmatch(text.strip()) is not None
+
 
 MANIFEST_NAME = "manifest.jsonl"
 IMAGES_DIR = "images"

@@ -22,14 +22,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from ..balance import class_progress, read_balance
 from ..errors import UsageError
 from ..job_record import JobRecord
 from ..manifest.folded import load_all_states, read_all_records
 from ..manifest.log import ManifestState
 from ..records import STAGE_FIELDS, ItemStatus
 from ..shard import Shard
-from ..store.layout import SUMMARY_NAME, manifest_files, read_job, read_json
+from ..store.layout import BALANCE_NAME, SUMMARY_NAME, manifest_files, read_job, read_json
 
 __all__ = ["format_status", "status_report"]
 
@@ -252,6 +251,10 @@ def _stage_counts(staged: Iterable[_Staged]) -> dict[str, Any]:
 def _balance(out_dir: Path, job: JobRecord | None) -> dict[str, dict[str, int]]:
     """Each class of the job's balance source with its progress (the manifest read
     whole, only for such a job); empty without one."""
+    if not (out_dir / BALANCE_NAME).exists():
+        return {}  # not a balance job: status need not import the spec model either
+    from ..balance import class_progress, read_balance
+
     recorded = read_balance(out_dir)
     names = [name for name, _ in _job_sources(job)] or list(recorded)
     source = next((name for name in names if name in recorded), None)
