@@ -115,6 +115,9 @@ def paint(
     ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
     canvas = Image.new("RGB", (width, height), color)
     draw = ImageDraw.Draw(canvas)
+    # Text without anti-aliasing: its pixels are exactly `ink` (black or white, which no
+    # class colour is), never a blend that might equal a class colour and pass for a shape.
+    draw.fontmode = "1"
     for shape in plan_shapes(prompt, index, width, height, classes, color):
         box = shape.box
         corners = (box.left, box.top, box.left + box.width - 1, box.top + box.height - 1)
