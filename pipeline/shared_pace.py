@@ -55,6 +55,8 @@ __all__ = [
     "PaceBoard",
     "PaceNote",
     "SharedPace",
+    "note_name",
+    "read_notes",
 ]
 
 log = logging.getLogger("pipeline.limiter")
@@ -149,6 +151,26 @@ class Board(Protocol):
         ...
 
 
+def note_name(shard: Shard, index: int) -> str:
+    """The name of shard `index`'s note among the shards of `shard`'s N."""
+    return f"shard-{index}-of-{shard.count}.json"
+
+
+def read_notes(shard: Shard, fetch: Callable[[str], str | bytes | None]) -> list[PaceNote]:
+    """Every readable note of `shard`'s N, each fetched by its name (None: absent); a
+    torn or foreign note is skipped. The board's one reading rule, wherever it lives."""
+    notes = []
+    for index in range(shard.count):
+        raw = fetch(note_name(shard, index))
+        if raw is None:
+            continue
+        with contextlib.suppress(ValueError):
+            note = PaceNote.from_json(json.loads(raw))
+            if note is not None and note.shard == index:
+                notes.append(note)
+    return notes
+
+
 class PaceBoard:
     """The notes of the shards of one N, one file each, in `folder` (`OUT/.synthaug.pace`)."""
 
@@ -157,21 +179,17 @@ class PaceBoard:
         self._shard = shard
 
     def path(self, index: int) -> Path:
-        return self._folder / f"shard-{index}-of-{self._shard.count}.json"
+        return self._folder / note_name(self._shard, index)
 
     def read(self) -> list[PaceNote]:
         """Every readable note of this N (a missing or torn file is skipped)."""
-        notes = []
-        for index in range(self._shard.count):
-            try:
-                text = self.path(index).read_text(encoding="utf-8")
-            except OSError:
-                continue
-            with contextlib.suppress(ValueError):
-                note = PaceNote.from_json(json.loads(text))
-                if note is not None and note.shard == index:
-                    notes.append(note)
-        return notes
+        return read_notes(self._shard, self._read_file)
+
+    def _read_file(self, name: str) -> str | None:
+        try:
+            return (self._folder / name).read_text(encoding="utf-8")
+        except OSError:
+            return None
 
     def write(self, note: PaceNote) -> None:
         """Replace this shard's note (atomically: a reader sees the old note or the new)."""

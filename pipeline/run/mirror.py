@@ -41,7 +41,7 @@ from ..jobspec.model import Spec
 from ..manifest.folded import merge as fold_manifests
 from ..records import ItemRecord
 from ..shard import Shard
-from ..shared_pace import PaceNote
+from ..shared_pace import PaceNote, note_name, read_notes
 from ..store import layout
 from ..store.objects import ObjectLock, ObjectOut, parse_object_url
 from .pool import RunStop
@@ -295,23 +295,15 @@ class ObjectPaceBoard:
         self._bucket = bucket
         self._shard = shard
 
-    def _name(self, index: int) -> str:
-        return f"{layout.PACE_DIR}/shard-{index}-of-{self._shard.count}.json"
-
     def read(self) -> list[PaceNote]:
-        notes = []
-        for index in range(self._shard.count):
-            data = self._bucket.get_bytes(self._name(index))
-            if data is None:
-                continue
-            with contextlib.suppress(ValueError):
-                note = PaceNote.from_json(json.loads(data))
-                if note is not None and note.shard == index:
-                    notes.append(note)
-        return notes
+        return read_notes(self._shard, self._get)
 
     def write(self, note: PaceNote) -> None:
-        self._bucket.put_bytes(self._name(note.shard), json.dumps(note.to_json()).encode())
+        name = note_name(self._shard, note.shard)
+        self._bucket.put_bytes(f"{layout.PACE_DIR}/{name}", json.dumps(note.to_json()).encode())
+
+    def _get(self, name: str) -> bytes | None:
+        return self._bucket.get_bytes(f"{layout.PACE_DIR}/{name}")
 
 
 def _image_paths(lines: Iterable[bytes]) -> list[str]:
