@@ -329,7 +329,7 @@ async def mirrored(spec: Spec, shard: Shard | None) -> AsyncIterator[Mirror | No
     if url is None:
         yield None
         return
-    bucket = open_object_out(url)
+    bucket = await asyncio.to_thread(open_object_out, url)  # imports s3fs: not on the loop
     mirror = Mirror(bucket, spec.output_dir, shard)
     await asyncio.to_thread(mirror.pull)
     try:
